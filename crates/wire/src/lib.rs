@@ -1,1 +1,450 @@
-//! livemig wire
+//! livemig's wire protocol between the `send` and `receive` agents.
+//!
+//! Every message is a frame: a fixed 16-byte little-endian header followed by `len` bytes of
+//! payload. The header carries the frame kind (`Invalid = 0` is reserved and rejected, unknown
+//! kinds are rejected), the payload length (capped at [`MAX_PAYLOAD`] *before* anything is
+//! allocated) and a 64-bit xxh3 checksum of the payload seeded with the kind and length, so a
+//! corrupted header or payload is detected.
+//!
+//! Control messages travel as JSON payloads ([`Message`]); page batches and QEMU's device-state
+//! stream travel as raw bytes and never go through serde.
+
+use std::io::{self, Read, Write};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use thiserror::Error;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Version of the protocol spoken by this build. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Oldest peer version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// Largest payload accepted from the wire (a batch of pages plus its record headers).
+pub const MAX_PAYLOAD: u32 = 4 * 1024 * 1024;
+/// Largest JSON control message accepted.
+pub const MAX_CONTROL_PAYLOAD: u32 = 1024 * 1024;
+/// Magic of the first 8 bytes a sender writes, before the first frame.
+pub const MAGIC: [u8; 8] = *b"LIVEMIG\0";
+
+/// Kind of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum FrameKind {
+    /// Reserved: never sent, always rejected.
+    Invalid = 0,
+    /// A JSON [`Message`].
+    Control = 1,
+    /// A batch of encoded pages (format owned by `livemig-compact`).
+    Pages = 2,
+    /// A chunk of QEMU's device-state migration stream.
+    DeviceState = 3,
+}
+
+impl FrameKind {
+    fn from_u16(v: u16) -> Option<Self> {
+        match v {
+            1 => Some(Self::Control),
+            2 => Some(Self::Pages),
+            3 => Some(Self::DeviceState),
+            _ => None,
+        }
+    }
+}
+
+/// The fixed frame header as it is on the wire.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct FrameHeader {
+    kind: U16,
+    flags: U16,
+    len: U32,
+    checksum: U64,
+}
+
+/// Size of [`FrameHeader`] on the wire.
+pub const HEADER_LEN: usize = 16;
+const _: () = assert!(std::mem::size_of::<FrameHeader>() == HEADER_LEN);
+
+fn checksum(kind: u16, len: u32, payload: &[u8]) -> u64 {
+    let seed = (u64::from(kind) << 32) | u64::from(len);
+    xxhash_rust::xxh3::xxh3_64_with_seed(payload, seed)
+}
+
+/// Errors of the wire layer.
+#[derive(Debug, Error)]
+pub enum WireError {
+    /// The connection failed or timed out.
+    #[error("connection failed while {what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer closed the connection.
+    #[error("the peer closed the connection")]
+    Closed,
+    /// The peer is not a livemig agent.
+    #[error("the peer is not a livemig agent (bad magic {0:02x?})")]
+    BadMagic([u8; 8]),
+    /// Unknown or reserved frame kind.
+    #[error("received a frame of unknown kind {0}")]
+    UnknownKind(u16),
+    /// Reserved flags set.
+    #[error("received a frame with unknown flags {0:#x}")]
+    UnknownFlags(u16),
+    /// Length beyond the cap.
+    #[error("received a frame of {len} bytes, more than the limit of {max}")]
+    TooLong {
+        /// Announced length.
+        len: u32,
+        /// Cap for that kind.
+        max: u32,
+    },
+    /// Checksum mismatch.
+    #[error("received a corrupted {kind:?} frame of {len} bytes (checksum mismatch)")]
+    Corrupt {
+        /// Kind of the frame.
+        kind: FrameKind,
+        /// Its length.
+        len: u32,
+    },
+    /// A control message that does not parse.
+    #[error("received a malformed control message")]
+    BadMessage(#[source] serde_json::Error),
+    /// A frame of another kind than expected.
+    #[error("expected {expected} but received {got}")]
+    Unexpected {
+        /// What the protocol state expected.
+        expected: &'static str,
+        /// What arrived.
+        got: String,
+    },
+}
+
+impl WireError {
+    fn io(what: &'static str, source: io::Error) -> Self {
+        if source.kind() == io::ErrorKind::UnexpectedEof {
+            WireError::Closed
+        } else {
+            WireError::Io { what, source }
+        }
+    }
+}
+
+/// A frame read from the wire, payload checked.
+#[derive(Debug)]
+pub struct Frame {
+    /// Its kind.
+    pub kind: FrameKind,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// Parses the payload of a control frame.
+    pub fn message(&self) -> Result<Message, WireError> {
+        if self.kind != FrameKind::Control {
+            return Err(WireError::Unexpected {
+                expected: "a control message",
+                got: format!("a {:?} frame", self.kind),
+            });
+        }
+        serde_json::from_slice(&self.payload).map_err(WireError::BadMessage)
+    }
+}
+
+/// Writes one frame.
+pub fn write_frame<W: Write + ?Sized>(w: &mut W, kind: FrameKind, payload: &[u8]) -> Result<(), WireError> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|&l| l <= MAX_PAYLOAD)
+        .ok_or(WireError::TooLong {
+            len: u32::try_from(payload.len()).unwrap_or(u32::MAX),
+            max: MAX_PAYLOAD,
+        })?;
+    let kind16 = kind as u16;
+    let header = FrameHeader {
+        kind: U16::new(kind16),
+        flags: U16::new(0),
+        len: U32::new(len),
+        checksum: U64::new(checksum(kind16, len, payload)),
+    };
+    w.write_all(header.as_bytes()).map_err(|e| WireError::io("sending a frame", e))?;
+    w.write_all(payload).map_err(|e| WireError::io("sending a frame", e))?;
+    Ok(())
+}
+
+/// Serialises and writes a control message.
+pub fn write_message<W: Write + ?Sized>(w: &mut W, msg: &Message) -> Result<(), WireError> {
+    let payload = serde_json::to_vec(msg).map_err(WireError::BadMessage)?;
+    write_frame(w, FrameKind::Control, &payload)?;
+    w.flush().map_err(|e| WireError::io("sending a frame", e))
+}
+
+/// Reads one frame; the length is checked against the cap of its kind before any allocation.
+pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Frame, WireError> {
+    let mut raw = [0u8; HEADER_LEN];
+    r.read_exact(&mut raw).map_err(|e| WireError::io("receiving a frame", e))?;
+    let header = FrameHeader::read_from_bytes(&raw).map_err(|_| WireError::UnknownKind(0))?;
+    let kind_raw = header.kind.get();
+    let kind = FrameKind::from_u16(kind_raw).ok_or(WireError::UnknownKind(kind_raw))?;
+    if header.flags.get() != 0 {
+        return Err(WireError::UnknownFlags(header.flags.get()));
+    }
+    let len = header.len.get();
+    let max = if kind == FrameKind::Control { MAX_CONTROL_PAYLOAD } else { MAX_PAYLOAD };
+    if len > max {
+        return Err(WireError::TooLong { len, max });
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload).map_err(|e| WireError::io("receiving a frame", e))?;
+    if checksum(kind_raw, len, &payload) != header.checksum.get() {
+        return Err(WireError::Corrupt { kind, len });
+    }
+    Ok(Frame { kind, payload })
+}
+
+/// Reads a frame that must be a control message.
+pub fn read_message<R: Read + ?Sized>(r: &mut R) -> Result<Message, WireError> {
+    read_frame(r)?.message()
+}
+
+/// Writes the connection magic.
+pub fn write_magic<W: Write + ?Sized>(w: &mut W) -> Result<(), WireError> {
+    w.write_all(&MAGIC).map_err(|e| WireError::io("sending the greeting", e))
+}
+
+/// Reads and checks the connection magic.
+pub fn read_magic<R: Read + ?Sized>(r: &mut R) -> Result<(), WireError> {
+    let mut m = [0u8; 8];
+    r.read_exact(&mut m).map_err(|e| WireError::io("receiving the greeting", e))?;
+    if m != MAGIC {
+        return Err(WireError::BadMagic(m));
+    }
+    Ok(())
+}
+
+/// One RAM region as both sides must have it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionInfo {
+    /// QEMU memdev id.
+    pub id: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The control messages. Each is tagged by `type` in JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Message {
+    /// Source -> destination, first message.
+    Hello {
+        /// Highest protocol version the sender speaks.
+        version: u32,
+        /// Lowest version it still speaks.
+        min_version: u32,
+        /// livemig version string, for error messages.
+        software: String,
+        /// Page size in bytes.
+        page_size: u32,
+        /// The source VM's RAM regions.
+        regions: Vec<RegionInfo>,
+    },
+    /// Destination -> source: accepted, with the version both speak.
+    Welcome {
+        /// Negotiated version.
+        version: u32,
+        /// livemig version string.
+        software: String,
+    },
+    /// End of one pre-copy iteration (or the final one).
+    IterationEnd {
+        /// Iteration index.
+        index: u32,
+        /// Pages sent in it.
+        pages: u64,
+        /// True for the last iteration, sent with the source paused.
+        last: bool,
+    },
+    /// Source -> destination: all pages sent, source paused; digest of the source memory.
+    Switchover {
+        /// Digest of the source memory at switchover (see `livemig-track`).
+        digest: String,
+        /// Number of pages the digest covers.
+        pages: u64,
+    },
+    /// Destination -> source: result of the memory verification.
+    Verified {
+        /// True when the destination digest equals the source digest.
+        ok: bool,
+        /// The destination's digest.
+        digest: String,
+    },
+    /// Source -> destination: the device-state stream is complete.
+    DeviceStateEnd {
+        /// Bytes of the stream.
+        bytes: u64,
+    },
+    /// Destination -> source: QEMU loaded the device state; the destination is paused and ready.
+    Loaded,
+    /// Source -> destination: resume the destination. After this the source never resumes.
+    Commit,
+    /// Destination -> source: the destination VM runs.
+    Resumed,
+    /// Either side: the migration is abandoned, with the reason.
+    Abort {
+        /// Why, one sentence.
+        reason: String,
+    },
+}
+
+impl Message {
+    /// Short name for error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Welcome { .. } => "welcome",
+            Message::IterationEnd { .. } => "iteration-end",
+            Message::Switchover { .. } => "switchover",
+            Message::Verified { .. } => "verified",
+            Message::DeviceStateEnd { .. } => "device-state-end",
+            Message::Loaded => "loaded",
+            Message::Commit => "commit",
+            Message::Resumed => "resumed",
+            Message::Abort { .. } => "abort",
+        }
+    }
+}
+
+/// Parses a JSON value into a type, for callers with their own message structures.
+pub fn from_json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireError> {
+    serde_json::from_slice(payload).map_err(WireError::BadMessage)
+}
+
+/// Negotiates the protocol version from a peer's range: the highest both speak.
+pub fn negotiate(peer_min: u32, peer_max: u32) -> Option<u32> {
+    let v = peer_max.min(PROTOCOL_VERSION);
+    (v >= peer_min.max(MIN_PROTOCOL_VERSION)).then_some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Cursor;
+
+    fn roundtrip(kind: FrameKind, payload: &[u8]) -> Frame {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, kind, payload).unwrap();
+        assert_eq!(buf.len(), HEADER_LEN + payload.len());
+        read_frame(&mut Cursor::new(buf)).unwrap()
+    }
+
+    #[test]
+    fn message_roundtrip() {
+        let msgs = vec![
+            Message::Hello {
+                version: 1,
+                min_version: 1,
+                software: "x".into(),
+                page_size: 4096,
+                regions: vec![RegionInfo { id: "mem0".into(), size: 1 << 29 }],
+            },
+            Message::Commit,
+            Message::Abort { reason: "because".into() },
+            Message::Switchover { digest: "ab".into(), pages: 3 },
+        ];
+        for m in msgs {
+            let mut buf = Vec::new();
+            write_message(&mut buf, &m).unwrap();
+            assert_eq!(read_message(&mut Cursor::new(buf)).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn rejects_invalid_and_unknown_kinds() {
+        for k in [0u16, 4, 0xffff] {
+            let mut buf = Vec::new();
+            write_frame(&mut buf, FrameKind::Pages, b"abc").unwrap();
+            buf[0..2].copy_from_slice(&k.to_le_bytes());
+            assert!(matches!(read_frame(&mut Cursor::new(buf)), Err(WireError::UnknownKind(x)) if x == k));
+        }
+    }
+
+    #[test]
+    fn rejects_oversized_length_before_allocating() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, FrameKind::Pages, b"").unwrap();
+        buf[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        match read_frame(&mut Cursor::new(buf)) {
+            Err(WireError::TooLong { len, max }) => {
+                assert_eq!(len, u32::MAX);
+                assert_eq!(max, MAX_PAYLOAD);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // control frames have a smaller cap
+        let mut buf = Vec::new();
+        write_frame(&mut buf, FrameKind::Control, b"").unwrap();
+        buf[4..8].copy_from_slice(&(MAX_CONTROL_PAYLOAD + 1).to_le_bytes());
+        assert!(matches!(read_frame(&mut Cursor::new(buf)), Err(WireError::TooLong { .. })));
+    }
+
+    #[test]
+    fn truncated_frame_is_closed() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, FrameKind::DeviceState, &[7u8; 100]).unwrap();
+        buf.truncate(50);
+        assert!(matches!(read_frame(&mut Cursor::new(buf)), Err(WireError::Closed)));
+    }
+
+    #[test]
+    fn bad_magic_and_json() {
+        assert!(matches!(read_magic(&mut Cursor::new(b"GET / HT".to_vec())), Err(WireError::BadMagic(_))));
+        let mut buf = Vec::new();
+        write_frame(&mut buf, FrameKind::Control, br#"{"type":"nonsense"}"#).unwrap();
+        assert!(matches!(read_message(&mut Cursor::new(buf)), Err(WireError::BadMessage(_))));
+    }
+
+    #[test]
+    fn negotiation() {
+        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(1, 7), Some(PROTOCOL_VERSION));
+        assert_eq!(negotiate(2, 9), None);
+        assert_eq!(negotiate(0, 0), None);
+    }
+
+    proptest! {
+        #[test]
+        fn frames_roundtrip(kind in 1u16..=3, payload in proptest::collection::vec(any::<u8>(), 0..5000)) {
+            let kind = FrameKind::from_u16(kind).unwrap();
+            let f = roundtrip(kind, &payload);
+            prop_assert_eq!(f.kind, kind);
+            prop_assert_eq!(f.payload, payload);
+        }
+
+        #[test]
+        fn any_corruption_is_detected(payload in proptest::collection::vec(any::<u8>(), 1..2000), pos in any::<usize>(), bit in 0u8..8) {
+            let mut buf = Vec::new();
+            write_frame(&mut buf, FrameKind::Pages, &payload).unwrap();
+            let pos = pos % buf.len();
+            buf[pos] ^= 1 << bit;
+            // Must be an error (never a panic, never the wrong payload accepted).
+            match read_frame(&mut Cursor::new(buf)) {
+                Ok(f) => prop_assert!(false, "corruption accepted: kind {:?} len {}", f.kind, f.payload.len()),
+                Err(_) => {}
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut c = Cursor::new(bytes);
+            for _ in 0..4 {
+                if read_frame(&mut c).is_err() { break; }
+            }
+        }
+    }
+}
