@@ -10,6 +10,7 @@ use livemig_qmp::Qmp;
 pub const T: Duration = Duration::from_secs(10);
 
 /// A QEMU child process; killed and reaped on drop, also when a test panics.
+#[derive(Debug)]
 pub struct Qemu {
     pub child: Child,
     pub dir: tempfile::TempDir,
