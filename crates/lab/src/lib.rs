@@ -1,1 +1,559 @@
-//! livemig lab
+//! livemig lab: starts test VMs (QEMU, TCG) running the guest built by `guest/build.sh`.
+//!
+//! The guest prints machine-readable lines on its serial console (see `guest/README.md`):
+//! `LIVEMIG-BOOT ok`, `LIVEMIG-READY ...`, `LIVEMIG-VERIFY ...`, `LIVEMIG-BAD ...`,
+//! `LIVEMIG-HEARTBEAT ...`, `LIVEMIG-CACHE ...`. [`Vm`] gives access to the console log and
+//! parses them.
+//!
+//! Files of a VM go to `<run_dir>/<name>.qmp.sock`, `<name>.console.log`, `<name>.qemu.log`,
+//! so a migration source and destination can share a run dir if their names differ.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of the lab.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("test guest not built: {missing} not found in {dir} (run `guest/build.sh`)")]
+    NotBuilt { dir: PathBuf, missing: String },
+    #[error("guest/build.sh ({script}) failed with {status}:\n{output}")]
+    BuildFailed { script: PathBuf, status: String, output: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    #[error("QEMU ({name}) exited with {status} while {waiting}\nqemu.log:\n{qemu_log}\nconsole (last lines):\n{console}")]
+    QemuExited { name: String, status: String, waiting: String, qemu_log: String, console: String },
+    #[error("timeout after {secs:.1} s waiting for {what} ({name})\nconsole (last lines):\n{console}")]
+    Timeout { name: String, what: String, secs: f64, console: String },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> LabError {
+    let context = context.into();
+    move |source| LabError::Io { context, source }
+}
+
+/// Cache dir of the built guest: `$LIVEMIG_CACHE/guest` or `$HOME/.cache/livemig/guest`
+/// (the same rule as `guest/build.sh`).
+pub fn guest_cache_dir() -> PathBuf {
+    match std::env::var_os("LIVEMIG_CACHE") {
+        Some(c) if !c.is_empty() => PathBuf::from(c).join("guest"),
+        _ => {
+            let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+            home.join(".cache/livemig/guest")
+        }
+    }
+}
+
+/// Path of `guest/build.sh`: `$LIVEMIG_GUEST_SCRIPT`, else relative to this crate's source.
+pub fn guest_build_script() -> PathBuf {
+    match std::env::var_os("LIVEMIG_GUEST_SCRIPT") {
+        Some(s) if !s.is_empty() => PathBuf::from(s),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/build.sh"),
+    }
+}
+
+/// The contents of `manifest.json` written by `guest/build.sh`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub kernel_package: String,
+    pub kernel_package_version: String,
+    pub kernel_version: String,
+    pub inputs_hash: String,
+    pub files: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub root_dirs: String,
+}
+
+/// Kernel, initramfs and root disk of the test guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub disk: PathBuf,
+}
+
+static BUILD_LOCK: Mutex<()> = Mutex::new(());
+
+impl GuestImage {
+    /// Finds the built guest in the cache dir; error telling to run `guest/build.sh` if absent.
+    pub fn find() -> Result<GuestImage, LabError> {
+        let dir = guest_cache_dir();
+        let img = GuestImage {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initramfs.img"),
+            disk: dir.join("root.raw"),
+        };
+        for p in [&img.kernel, &img.initrd, &img.disk] {
+            if !p.is_file() {
+                return Err(LabError::NotBuilt {
+                    dir: dir.clone(),
+                    missing: p.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+                });
+            }
+        }
+        Ok(img)
+    }
+
+    /// Runs `guest/build.sh` (idempotent, quick when up to date), then [`GuestImage::find`].
+    pub fn build() -> Result<GuestImage, LabError> {
+        let _g = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let script = guest_build_script();
+        let out = Command::new("bash")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io_err(format!("running {}", script.display())))?;
+        if !out.status.success() {
+            let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+            output.push_str(&String::from_utf8_lossy(&out.stderr));
+            return Err(LabError::BuildFailed { script, status: out.status.to_string(), output: tail(&output, 40) });
+        }
+        GuestImage::find()
+    }
+
+    /// The build manifest next to the kernel, if readable.
+    pub fn manifest(&self) -> Option<Manifest> {
+        let p = self.kernel.parent()?.join("manifest.json");
+        serde_json::from_slice(&fs::read(p).ok()?).ok()
+    }
+}
+
+/// Where the guest RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RamBackend {
+    /// `memory-backend-memfd,share=on`
+    Memfd,
+    /// `memory-backend-file,share=on,mem-path=<path>`
+    File(PathBuf),
+    /// Plain `-m`: no shared memory (for error tests).
+    Anonymous,
+}
+
+/// Configuration of one test VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Used in file names (`<run_dir>/<name>.console.log` ...) and as QEMU's `-name`.
+    pub name: String,
+    pub mem_mib: u64,
+    pub backend: RamBackend,
+    /// Adds `-incoming defer -S`.
+    pub incoming: bool,
+    /// `lm.KEY=VALUE` kernel parameters, e.g. `("mode", "dirty")`.
+    pub workload: Vec<(String, String)>,
+    /// Attach the root disk read-only as virtio `/dev/vda`.
+    pub with_disk: bool,
+    /// Where qmp.sock, console.log and qemu.log go (created if missing).
+    pub run_dir: PathBuf,
+    /// Extra QEMU arguments (appended; keep source and destination identical).
+    pub extra_qemu_args: Vec<String>,
+}
+
+impl VmConfig {
+    /// Defaults: 512 MiB, memfd, not incoming, heartbeat workload, with disk.
+    pub fn new(name: impl Into<String>, run_dir: impl Into<PathBuf>) -> VmConfig {
+        VmConfig {
+            name: name.into(),
+            mem_mib: 512,
+            backend: RamBackend::Memfd,
+            incoming: false,
+            workload: Vec::new(),
+            with_disk: true,
+            run_dir: run_dir.into(),
+            extra_qemu_args: Vec::new(),
+        }
+    }
+
+    /// Adds one `lm.KEY=VALUE` parameter (builder style).
+    pub fn param(mut self, key: &str, value: impl fmt::Display) -> VmConfig {
+        self.workload.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// The same configuration as an incoming (destination) VM named `name`.
+    pub fn as_incoming(&self, name: impl Into<String>) -> VmConfig {
+        VmConfig { name: name.into(), incoming: true, ..self.clone() }
+    }
+
+    pub fn qmp_path(&self) -> PathBuf {
+        self.run_dir.join(format!("{}.qmp.sock", self.name))
+    }
+    pub fn console_path(&self) -> PathBuf {
+        self.run_dir.join(format!("{}.console.log", self.name))
+    }
+    pub fn qemu_log_path(&self) -> PathBuf {
+        self.run_dir.join(format!("{}.qemu.log", self.name))
+    }
+
+    /// Kernel command line.
+    pub fn append(&self) -> String {
+        let mut s = String::from("console=ttyS0 quiet panic=-1");
+        for (k, v) in &self.workload {
+            s.push_str(&format!(" lm.{k}={v}"));
+        }
+        s
+    }
+
+    /// The full QEMU argument list (without the program name).
+    pub fn qemu_args(&self, image: &GuestImage) -> Result<Vec<String>, LabError> {
+        if self.name.is_empty() || self.name.contains(['/', ' ', ',']) {
+            return Err(LabError::Config(format!("bad VM name {:?}", self.name)));
+        }
+        for (k, v) in &self.workload {
+            if k.is_empty() || k.contains(char::is_whitespace) || k.contains('=') || v.contains(char::is_whitespace) || v.contains('"') {
+                return Err(LabError::Config(format!("bad workload parameter {k:?}={v:?}")));
+            }
+        }
+        if self.mem_mib == 0 {
+            return Err(LabError::Config("mem_mib is 0".into()));
+        }
+        let qmp = self.qmp_path();
+        if qmp.as_os_str().len() >= 108 {
+            return Err(LabError::Config(format!("QMP socket path too long for a unix socket: {}", qmp.display())));
+        }
+        let p = |p: &Path| p.to_string_lossy().into_owned();
+        let m = self.mem_mib;
+        let mut a: Vec<String> = vec!["-name".into(), self.name.clone(), "-accel".into(), "tcg".into()];
+        match &self.backend {
+            RamBackend::Memfd => a.extend([
+                "-machine".into(),
+                "q35,memory-backend=mem0".into(),
+                "-m".into(),
+                format!("{m}M"),
+                "-object".into(),
+                format!("memory-backend-memfd,id=mem0,size={m}M,share=on"),
+            ]),
+            RamBackend::File(path) => {
+                let ps = p(path);
+                if ps.contains(',') {
+                    return Err(LabError::Config(format!("memory file path contains ',': {ps}")));
+                }
+                a.extend([
+                    "-machine".into(),
+                    "q35,memory-backend=mem0".into(),
+                    "-m".into(),
+                    format!("{m}M"),
+                    "-object".into(),
+                    format!("memory-backend-file,id=mem0,size={m}M,mem-path={ps},share=on"),
+                ]);
+            }
+            RamBackend::Anonymous => a.extend(["-machine".into(), "q35".into(), "-m".into(), format!("{m}M")]),
+        }
+        a.extend(
+            [
+                "-nodefaults", "-vga", "none", "-display", "none", "-no-user-config", "-cpu", "max", "-smp", "1",
+                "-no-reboot",
+            ]
+            .map(String::from),
+        );
+        a.extend([
+            "-chardev".into(),
+            format!("file,id=con0,path={}", p(&self.console_path())),
+            "-serial".into(),
+            "chardev:con0".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", p(&qmp)),
+            "-kernel".into(),
+            p(&image.kernel),
+            "-initrd".into(),
+            p(&image.initrd),
+            "-append".into(),
+            self.append(),
+        ]);
+        if self.with_disk {
+            a.extend(["-drive".into(), format!("file={},format=raw,if=virtio,readonly=on", p(&image.disk))]);
+        }
+        if self.incoming {
+            a.extend(["-incoming".into(), "defer".into(), "-S".into()]);
+        }
+        a.extend(self.extra_qemu_args.iter().cloned());
+        Ok(a)
+    }
+}
+
+/// One parsed `LIVEMIG-VERIFY pass=<n> pages=<count> bad=<count> writes=<n>` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyLine {
+    pub pass: u64,
+    pub pages: u64,
+    pub bad: u64,
+    pub writes: u64,
+}
+
+impl VerifyLine {
+    /// Parses a console line; `None` if it is not a well-formed `LIVEMIG-VERIFY` line.
+    pub fn parse(line: &str) -> Option<VerifyLine> {
+        let rest = line.trim_end().strip_prefix("LIVEMIG-VERIFY ")?;
+        let get = |k: &str| kv(rest, k).and_then(|v| v.parse::<u64>().ok());
+        Some(VerifyLine { pass: get("pass")?, pages: get("pages")?, bad: get("bad")?, writes: get("writes")? })
+    }
+}
+
+/// Value of `key=value` in a space-separated line.
+pub fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A running QEMU process. Dropping it kills QEMU (SIGKILL) and reaps it.
+#[derive(Debug)]
+pub struct Vm {
+    name: String,
+    child: Mutex<Child>,
+    pid: u32,
+    qmp: PathBuf,
+    console: PathBuf,
+    qemu_log: PathBuf,
+    args: Vec<String>,
+}
+
+const QEMU_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Vm {
+    /// Starts QEMU; returns when its QMP socket accepts connections.
+    /// The QEMU binary is `$LIVEMIG_QEMU` or `qemu-system-x86_64`.
+    pub fn start(image: &GuestImage, cfg: &VmConfig) -> Result<Vm, LabError> {
+        let args = cfg.qemu_args(image)?;
+        fs::create_dir_all(&cfg.run_dir).map_err(io_err(format!("creating {}", cfg.run_dir.display())))?;
+        let qmp = cfg.qmp_path();
+        let console = cfg.console_path();
+        let qemu_log = cfg.qemu_log_path();
+        for f in [&qmp, &console] {
+            match fs::remove_file(f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(format!("removing {}", f.display()))(e)),
+            }
+        }
+        let log = fs::File::create(&qemu_log).map_err(io_err(format!("creating {}", qemu_log.display())))?;
+        let log2 = log.try_clone().map_err(io_err("dup qemu.log"))?;
+        let qemu = std::env::var_os("LIVEMIG_QEMU").unwrap_or_else(|| "qemu-system-x86_64".into());
+        let child = Command::new(&qemu)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(io_err(format!("starting {}", PathBuf::from(&qemu).display())))?;
+        let vm = Vm {
+            name: cfg.name.clone(),
+            pid: child.id(),
+            child: Mutex::new(child),
+            qmp,
+            console,
+            qemu_log,
+            args,
+        };
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = vm.exit_status() {
+                return Err(vm.exited_error(st, "waiting for the QMP socket"));
+            }
+            if vm.qmp.exists() && UnixStream::connect(&vm.qmp).is_ok() {
+                return Ok(vm);
+            }
+            if t0.elapsed() > QEMU_START_TIMEOUT {
+                return Err(vm.timeout_error("the QMP socket", t0.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn qmp_path(&self) -> &Path {
+        &self.qmp
+    }
+    pub fn console_path(&self) -> &Path {
+        &self.console
+    }
+    pub fn qemu_log_path(&self) -> &Path {
+        &self.qemu_log
+    }
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+    /// The QEMU arguments this VM was started with.
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
+    /// Whole console log so far (lossy UTF-8).
+    pub fn console(&self) -> String {
+        fs::read(&self.console).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    /// Current length in bytes of the console log: a mark for [`Vm::wait_console_from`].
+    pub fn console_mark(&self) -> usize {
+        fs::metadata(&self.console).map_or(0, |m| usize::try_from(m.len()).unwrap_or(usize::MAX))
+    }
+
+    pub fn qemu_log(&self) -> String {
+        fs::read(&self.qemu_log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    /// Waits until a complete console line satisfies `pred`; returns that line. Error on
+    /// timeout or if QEMU exited (with the last console lines).
+    pub fn wait_console(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String, LabError> {
+        self.wait_console_from(0, timeout, pred)
+    }
+
+    /// Like [`Vm::wait_console`] but only looks at lines starting at byte `mark` or later
+    /// (see [`Vm::console_mark`]).
+    pub fn wait_console_from(
+        &self,
+        mark: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String, LabError> {
+        let t0 = Instant::now();
+        let mut scanned = mark; // bytes of complete lines already checked
+        loop {
+            let exited = self.exit_status();
+            let data = fs::read(&self.console).unwrap_or_default();
+            if data.len() > scanned {
+                let new = &data[scanned..];
+                if let Some(last_nl) = new.iter().rposition(|&b| b == b'\n') {
+                    for line in String::from_utf8_lossy(&new[..last_nl]).split('\n') {
+                        let line = line.trim_end_matches('\r');
+                        if pred(line) {
+                            return Ok(line.to_string());
+                        }
+                    }
+                    scanned += last_nl + 1;
+                }
+            }
+            if let Some(st) = exited {
+                return Err(self.exited_error(st, "waiting for a console line"));
+            }
+            if t0.elapsed() > timeout {
+                return Err(self.timeout_error("a console line", t0.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Parsed `LIVEMIG-VERIFY` lines seen so far.
+    pub fn verify_lines(&self) -> Vec<VerifyLine> {
+        self.console().lines().filter_map(VerifyLine::parse).collect()
+    }
+
+    /// `LIVEMIG-BAD` lines seen so far.
+    pub fn bad_lines(&self) -> Vec<String> {
+        self.console().lines().filter(|l| l.starts_with("LIVEMIG-BAD ")).map(String::from).collect()
+    }
+
+    fn exit_status(&self) -> Option<ExitStatus> {
+        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        c.try_wait().ok().flatten()
+    }
+
+    pub fn is_alive(&mut self) -> bool {
+        self.exit_status().is_none()
+    }
+
+    /// Waits up to `timeout` for QEMU to exit by itself (e.g. after QMP `quit`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.exit_status() {
+                return Some(st);
+            }
+            if t0.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill(&mut self) {
+        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(None) = c.try_wait() {
+            let _ = c.kill();
+        }
+        let _ = c.wait();
+    }
+
+    fn console_tail(&self) -> String {
+        tail(&self.console(), 20)
+    }
+
+    fn exited_error(&self, st: ExitStatus, waiting: &str) -> LabError {
+        LabError::QemuExited {
+            name: self.name.clone(),
+            status: st.to_string(),
+            waiting: waiting.to_string(),
+            qemu_log: tail(&self.qemu_log(), 20),
+            console: self.console_tail(),
+        }
+    }
+
+    fn timeout_error(&self, what: &str, took: Duration) -> LabError {
+        LabError::Timeout {
+            name: self.name.clone(),
+            what: what.to_string(),
+            secs: took.as_secs_f64(),
+            console: self.console_tail(),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_verify_line() {
+        let v = VerifyLine::parse("LIVEMIG-VERIFY pass=3 pages=16384 bad=0 writes=12345").unwrap();
+        assert_eq!(v, VerifyLine { pass: 3, pages: 16384, bad: 0, writes: 12345 });
+        assert!(VerifyLine::parse("LIVEMIG-VERIFY pass=x pages=1 bad=0 writes=1").is_none());
+        assert!(VerifyLine::parse("LIVEMIG-HEARTBEAT n=1 uptime_ms=3").is_none());
+        assert_eq!(kv("LIVEMIG-BAD page=4 reason=checksum", "reason"), Some("checksum"));
+    }
+
+    #[test]
+    fn command_line() {
+        let img = GuestImage { kernel: "/k".into(), initrd: "/i".into(), disk: "/d".into() };
+        let cfg = VmConfig::new("src", "/tmp/x").param("mode", "dirty").param("mib", 64);
+        let a = cfg.qemu_args(&img).unwrap().join(" ");
+        assert!(a.contains("-append console=ttyS0 quiet panic=-1 lm.mode=dirty lm.mib=64"), "{a}");
+        assert!(a.contains("memory-backend-memfd,id=mem0,size=512M,share=on"));
+        assert!(a.contains("file=/d,format=raw,if=virtio,readonly=on"));
+        assert!(!a.contains("-incoming"));
+        let dst = cfg.as_incoming("dst");
+        let b = dst.qemu_args(&img).unwrap().join(" ");
+        assert!(b.ends_with("-incoming defer -S"));
+        // Identical except name/paths and -incoming.
+        let norm = |s: &str, n: &str| s.replace(n, "NAME").replace(" -incoming defer -S", "");
+        assert_eq!(norm(&a, "src"), norm(&b, "dst"));
+        let mut anon = cfg.clone();
+        anon.backend = RamBackend::Anonymous;
+        let c = anon.qemu_args(&img).unwrap().join(" ");
+        assert!(!c.contains("memory-backend"));
+        assert!(VmConfig::new("a", "/t").param("mode", "a b").qemu_args(&img).is_err());
+    }
+}
