@@ -395,9 +395,11 @@ impl Vm {
         &self.args
     }
 
-    /// Whole console log so far (lossy UTF-8).
+    /// Whole console log so far (lossy UTF-8, "\r\n" turned into "\n").
     pub fn console(&self) -> String {
-        fs::read(&self.console).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+        fs::read(&self.console)
+            .map(|b| String::from_utf8_lossy(&b).replace("\r\n", "\n"))
+            .unwrap_or_default()
     }
 
     /// Current length in bytes of the console log: a mark for [`Vm::wait_console_from`].
@@ -409,35 +411,36 @@ impl Vm {
         fs::read(&self.qemu_log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
-    /// Waits until a complete console line satisfies `pred`; returns that line. Error on
+    /// Waits until a complete console line satisfies `pred`; returns that line (without the
+    /// line ending). Looks at the whole log, also at lines printed before the call. Error on
     /// timeout or if QEMU exited (with the last console lines).
     pub fn wait_console(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String, LabError> {
-        self.wait_console_from(0, timeout, pred)
+        let mut mark = 0;
+        self.wait_console_from(&mut mark, timeout, pred)
     }
 
-    /// Like [`Vm::wait_console`] but only looks at lines starting at byte `mark` or later
-    /// (see [`Vm::console_mark`]).
+    /// Like [`Vm::wait_console`] but only looks at lines starting at byte offset `*mark` of
+    /// the console log or later, and on success moves `*mark` past the returned line. Start
+    /// with [`Vm::console_mark`] to wait for lines printed from now on; call repeatedly with
+    /// `|_| true` to read the console line by line.
     pub fn wait_console_from(
         &self,
-        mark: usize,
+        mark: &mut usize,
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Result<String, LabError> {
         let t0 = Instant::now();
-        let mut scanned = mark; // bytes of complete lines already checked
         loop {
             let exited = self.exit_status();
             let data = fs::read(&self.console).unwrap_or_default();
-            if data.len() > scanned {
-                let new = &data[scanned..];
-                if let Some(last_nl) = new.iter().rposition(|&b| b == b'\n') {
-                    for line in String::from_utf8_lossy(&new[..last_nl]).split('\n') {
-                        let line = line.trim_end_matches('\r');
-                        if pred(line) {
-                            return Ok(line.to_string());
-                        }
-                    }
-                    scanned += last_nl + 1;
+            while *mark < data.len() {
+                let Some(nl) = data[*mark..].iter().position(|&b| b == b'\n') else { break };
+                let raw = &data[*mark..*mark + nl];
+                *mark += nl + 1;
+                let line = String::from_utf8_lossy(raw);
+                let line = line.trim_end_matches('\r');
+                if pred(line) {
+                    return Ok(line.to_string());
                 }
             }
             if let Some(st) = exited {
