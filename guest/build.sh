@@ -191,6 +191,7 @@ build_initramfs() {
     depmod -b "$st" "$KVER"
     log "initramfs modules: ${names[*]:-(none, all built in)}"
 
+    find "$st" -exec touch -h -d @1700000000 {} +
     (cd "$st" && find . -mindepth 1 | sort | cpio -o -H newc -R 0:0 --reproducible --quiet) \
         | gzip -n -6 >"$CACHE/initramfs.img.tmp"
     mv "$CACHE/initramfs.img.tmp" "$CACHE/initramfs.img"
@@ -252,6 +253,8 @@ build_root() {
         (cd / && find "$@" -name __pycache__ -prune -o \( -type f -o -type d -o -type l \) \
             -print0 2>/dev/null | cpio -0 -pdm --quiet "$st") || true
     fi
+    # Fixed mtimes (ctimes still differ between builds, so the image is not bit-identical).
+    find "$st" -exec touch -h -d @1700000000 {} +
     local bytes files size_mib
     bytes=$(du -sb "$st" | awk '{print $1}')
     files=$(find "$st" | wc -l)
