@@ -75,3 +75,57 @@ fn exited_qemu_is_reported() {
     assert!(msg.contains("no-such-option"), "{msg}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// End to end: corrupting workload pages in the shared RAM file is seen by the guest verifier.
+#[test]
+fn guest_verifier_detects_host_corruption() {
+    use std::os::unix::fs::FileExt;
+    const MAGIC: u64 = 0x4c4d_5047_5041_4745;
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let image = GuestImage::build().expect("guest build");
+    let dir = run_dir("corrupt");
+    let ram = dir.join("ram");
+    let mut cfg = VmConfig::new("corrupt", &dir)
+        .param("mode", "dirty")
+        .param("mib", 16)
+        .param("rate", 1)
+        .param("verify-secs", 1);
+    cfg.mem_mib = 256;
+    cfg.with_disk = false;
+    cfg.backend = RamBackend::File(ram.clone());
+    let vm = Vm::start(&image, &cfg).expect("start");
+    vm.wait_console(Duration::from_secs(90), |l| l.starts_with("LIVEMIG-READY")).expect("ready");
+    let mut mark = vm.console_mark();
+    vm.wait_console_from(&mut mark, Duration::from_secs(30), |l| l.starts_with("LIVEMIG-VERIFY") && l.contains(" bad=0 "))
+        .expect("clean pass");
+
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&ram).unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut corrupted = 0;
+    let mut off = 0u64;
+    while off < len && corrupted < 16 {
+        f.read_exact_at(&mut buf, off).unwrap();
+        for (i, page) in buf.chunks_exact(4096).enumerate() {
+            if u64::from_le_bytes(page[0..8].try_into().unwrap()) == MAGIC && corrupted < 16 {
+                let at = off + i as u64 * 4096 + 1000;
+                let mut b = [0u8; 1];
+                f.read_exact_at(&mut b, at).unwrap();
+                f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+                corrupted += 1;
+            }
+        }
+        off += buf.len() as u64;
+    }
+    assert_eq!(corrupted, 16, "workload pages not found in the RAM file");
+    let mark2 = vm.console_mark();
+    let mut m = mark2;
+    let line = vm
+        .wait_console_from(&mut m, Duration::from_secs(30), |l| l.starts_with("LIVEMIG-VERIFY"))
+        .expect("verify after corruption");
+    let v = livemig_lab::VerifyLine::parse(&line).unwrap();
+    assert!(v.bad >= 1, "{line}");
+    assert!(vm.bad_lines().iter().any(|l| l.contains("reason=checksum")), "{:?}", vm.bad_lines());
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+}
