@@ -1,1 +1,232 @@
-fn main() {}
+//! `livemig`: live migration of QEMU VMs with memory compaction and adaptive downtime control.
+
+mod demo;
+mod progress;
+mod signal;
+mod units;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use livemig_agent::{AgentError, PolicyKind, ReceiveOptions, Report, SendOptions};
+use livemig_control::Limits;
+
+/// Exit codes, documented in the README.
+pub mod exit {
+    /// The migration completed: the destination runs.
+    pub const OK: u8 = 0;
+    /// It failed; the source VM runs (or was left as it was), the destination was not resumed.
+    pub const FAILED: u8 = 1;
+    /// Bad command line.
+    pub const USAGE: u8 = 2;
+    /// Cancelled by the operator (Ctrl-C / SIGTERM); the source VM runs.
+    pub const CANCELLED: u8 = 3;
+    /// The destination was told to resume but did not confirm: the source stays paused.
+    pub const UNKNOWN: u8 = 4;
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "livemig", version, about = "Live-migrate running QEMU VMs: pre-copy with memory compaction and adaptive downtime control")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Migrate the VM behind a QMP socket to a `livemig receive` (source side).
+    Send(SendArgs),
+    /// Accept a migration into a QEMU started with `-incoming defer` (destination side).
+    Receive(ReceiveArgs),
+    /// Boot a test VM on this machine, migrate it through send/receive, check the guest, report.
+    Demo(demo::DemoArgs),
+    /// The test guest.
+    Guest {
+        #[command(subcommand)]
+        command: GuestCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GuestCommand {
+    /// Build (or confirm up to date) the test guest: kernel, initramfs, root disk, workload.
+    Build,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Policy {
+    /// QEMU's rule: switch over when the rest fits --max-downtime, else iterate up to the cap and fail.
+    Fixed,
+    /// Fit the writable-working-set trend and switch over at the best downtime within --max-downtime.
+    Adaptive,
+}
+
+#[derive(Args, Debug, Clone)]
+struct TransportArgs {
+    /// Use plain, unauthenticated TCP. Required: this build has no TLS yet.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl TransportArgs {
+    fn check(&self) -> anyhow::Result<()> {
+        if !self.insecure {
+            bail!("this build speaks plain TCP only and needs --insecure on both sides (TLS is not implemented yet); the stream carries the whole guest memory, so use it only on a trusted network");
+        }
+        eprintln!("warning: --insecure: the migration stream (the whole guest memory) is neither encrypted nor authenticated");
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct SendArgs {
+    /// QMP socket of the running source QEMU.
+    #[arg(long)]
+    qmp: PathBuf,
+    /// Address of the receiver, HOST:PORT.
+    #[arg(long)]
+    to: String,
+    #[command(flatten)]
+    transport: TransportArgs,
+    /// Downtime policy.
+    #[arg(long, value_enum, default_value_t = Policy::Adaptive)]
+    policy: Policy,
+    /// Longest acceptable downtime (e.g. 300ms, 2s).
+    #[arg(long, default_value = "300ms", value_parser = units::parse_duration_ms)]
+    max_downtime: f64,
+    /// Most pre-copy iterations before the policy must switch over or give up.
+    #[arg(long, default_value_t = 30)]
+    max_iterations: u32,
+    /// Cap the wire rate (e.g. 100mbit, 1gbit, 50MiB/s).
+    #[arg(long, value_parser = units::parse_rate)]
+    bandwidth: Option<u64>,
+    /// Longest wait for the peer or QEMU at any step.
+    #[arg(long, default_value = "60s", value_parser = units::parse_duration_ms)]
+    timeout: f64,
+    /// How long to retry connecting while the receiver is not listening yet.
+    #[arg(long, default_value = "30s", value_parser = units::parse_duration_ms)]
+    connect_timeout: f64,
+    /// Send pages uncompressed.
+    #[arg(long)]
+    no_compress: bool,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ReceiveArgs {
+    /// Address to listen on, HOST:PORT.
+    #[arg(long)]
+    listen: String,
+    /// QMP socket of the destination QEMU (started with `-incoming defer`).
+    #[arg(long)]
+    qmp: PathBuf,
+    #[command(flatten)]
+    transport: TransportArgs,
+    /// Longest wait for the peer or QEMU at any step once connected.
+    #[arg(long, default_value = "60s", value_parser = units::parse_duration_ms)]
+    timeout: f64,
+    /// Longest wait for the sender to connect.
+    #[arg(long, default_value = "10m", value_parser = units::parse_duration_ms)]
+    accept_timeout: f64,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+fn dur(ms: f64) -> Duration {
+    Duration::from_secs_f64(ms / 1000.0)
+}
+
+fn write_report(path: Option<&PathBuf>, report: &Report) -> anyhow::Result<()> {
+    if let Some(p) = path {
+        let json = serde_json::to_string_pretty(report)?;
+        std::fs::write(p, json).with_context(|| format!("cannot write the report to {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn finish(role: &str, report: &Report, result: Result<(), AgentError>, path: Option<&PathBuf>) -> u8 {
+    eprint!("{}", report.summary());
+    if let Err(e) = write_report(path, report) {
+        eprintln!("livemig {role}: {e:#}");
+    }
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            let code = match e {
+                AgentError::Cancelled => exit::CANCELLED,
+                AgentError::Unconfirmed(_) => exit::UNKNOWN,
+                _ => exit::FAILED,
+            };
+            let after = match (role, code) {
+                ("send", exit::UNKNOWN) => "the source VM stays paused",
+                ("send", _) => "the source VM keeps running",
+                _ => "the destination VM was not resumed",
+            };
+            eprintln!("livemig {role}: {} ({after})", report.error.as_deref().unwrap_or("failed"));
+            code
+        }
+    }
+}
+
+fn run_send(a: &SendArgs) -> anyhow::Result<u8> {
+    a.transport.check()?;
+    let mut o = SendOptions::new(a.qmp.clone(), a.to.clone());
+    o.policy = match a.policy {
+        Policy::Fixed => PolicyKind::Fixed,
+        Policy::Adaptive => PolicyKind::Adaptive,
+    };
+    o.limits = Limits { max_downtime_ms: a.max_downtime, max_iterations: a.max_iterations, ..Limits::default() };
+    o.bandwidth = a.bandwidth;
+    o.timeout = dur(a.timeout);
+    o.connect_timeout = dur(a.connect_timeout);
+    o.compress = !a.no_compress;
+    o.cancel = signal::cancel_flag();
+    let mut obs = progress::LiveLine::new("send");
+    let (report, result) = livemig_agent::send(&o, &mut obs);
+    Ok(finish("send", &report, result, a.report.as_ref()))
+}
+
+fn run_receive(a: &ReceiveArgs) -> anyhow::Result<u8> {
+    a.transport.check()?;
+    let mut o = ReceiveOptions::new(a.listen.clone(), a.qmp.clone());
+    o.timeout = dur(a.timeout);
+    o.accept_timeout = dur(a.accept_timeout);
+    o.cancel = signal::cancel_flag();
+    let mut obs = progress::LiveLine::new("receive");
+    let (report, result) = livemig_agent::receive(&o, &mut obs);
+    Ok(finish("receive", &report, result, a.report.as_ref()))
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
+    let r = match &cli.command {
+        Command::Send(a) => run_send(a),
+        Command::Receive(a) => run_receive(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Guest { command: GuestCommand::Build } => livemig_lab::GuestImage::build()
+            .map(|g| {
+                println!("guest ready: kernel {}, initramfs {}, disk {}", g.kernel.display(), g.initrd.display(), g.disk.display());
+                exit::OK
+            })
+            .map_err(anyhow::Error::from),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("livemig: {e:#}");
+            ExitCode::from(exit::FAILED)
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The connection between the agents: a writer thread with an optional rate cap, a reader thread,
+//! both joined to the agent by bounded channels.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use livemig_wire::{read_frame, write_frame, write_message, Frame, FrameKind, Message, WireError};
+
+use crate::error::AgentError;
+
+/// Caps the rate of a writer (token bucket over a sliding window that restarts after idle time,
+/// so a pause in sending does not buy a burst).
+#[derive(Debug)]
+pub struct RateLimited<W> {
+    inner: W,
+    rate: Option<u64>,
+    window_start: Instant,
+    window_bytes: u64,
+    last: Instant,
+}
+
+impl<W: Write> RateLimited<W> {
+    /// Wraps `inner`; `rate` in bytes per second, `None` for no cap.
+    pub fn new(inner: W, rate: Option<u64>) -> Self {
+        let now = Instant::now();
+        RateLimited { inner, rate, window_start: now, window_bytes: 0, last: now }
+    }
+}
+
+const CHUNK: usize = 64 * 1024;
+
+impl<W: Write> Write for RateLimited<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(rate) = self.rate else { return self.inner.write(buf) };
+        let now = Instant::now();
+        if now.duration_since(self.last) > Duration::from_millis(100) {
+            self.window_start = now;
+            self.window_bytes = 0;
+        }
+        let due = self.window_start + Duration::from_secs_f64(self.window_bytes as f64 / rate as f64);
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let n = self.inner.write(&buf[..buf.len().min(CHUNK)])?;
+        self.window_bytes += n as u64;
+        self.last = Instant::now();
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Something for the writer thread to send.
+#[derive(Debug)]
+pub enum Out {
+    /// A raw frame.
+    Frame(FrameKind, Vec<u8>),
+    /// A control message.
+    Message(Message),
+    /// Flush and report what was written since the previous marker.
+    Marker,
+}
+
+/// What the writer did between two markers.
+#[derive(Debug, Clone, Copy)]
+pub struct MarkerAck {
+    /// Bytes written.
+    pub bytes: u64,
+    /// From the first write after the previous marker to this one.
+    pub active: Duration,
+}
+
+/// The sending half, run by a thread.
+#[derive(Debug)]
+pub struct Writer {
+    tx: Option<Sender<Out>>,
+    acks: Receiver<MarkerAck>,
+    total: Arc<AtomicU64>,
+    handle: Option<JoinHandle<Result<(), WireError>>>,
+}
+
+impl Writer {
+    /// Starts the writer thread.
+    pub fn spawn(stream: Box<dyn Write + Send>, rate: Option<u64>) -> Writer {
+        let (tx, rx) = bounded::<Out>(16);
+        let (ack_tx, acks) = bounded::<MarkerAck>(4);
+        let total = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&total);
+        let handle = std::thread::Builder::new()
+            .name("livemig-writer".into())
+            .spawn(move || {
+                let mut w = CountingWriter { inner: RateLimited::new(stream, rate), count: counter };
+                let mut since_marker = 0u64;
+                let mut first: Option<Instant> = None;
+                for item in rx {
+                    let before = w.count.load(Ordering::Relaxed);
+                    let t0 = Instant::now();
+                    match item {
+                        Out::Frame(kind, payload) => write_frame(&mut w, kind, &payload)?,
+                        Out::Message(m) => write_message(&mut w, &m)?,
+                        Out::Marker => {
+                            w.flush().map_err(|source| WireError::Io { what: "sending", source })?;
+                            let active = first.map_or(Duration::ZERO, |f| f.elapsed());
+                            let _ = ack_tx.send(MarkerAck { bytes: since_marker, active });
+                            since_marker = 0;
+                            first = None;
+                            continue;
+                        }
+                    }
+                    first.get_or_insert(t0);
+                    since_marker += w.count.load(Ordering::Relaxed) - before;
+                }
+                w.flush().map_err(|source| WireError::Io { what: "sending", source })?;
+                Ok(())
+            })
+            .expect("spawn writer thread");
+        Writer { tx: Some(tx), acks, total, handle: Some(handle) }
+    }
+
+    /// Queues an item; fails with the writer's own error if it stopped.
+    pub fn send(&mut self, out: Out) -> Result<(), AgentError> {
+        let ok = self.tx.as_ref().is_some_and(|tx| tx.send(out).is_ok());
+        if ok {
+            Ok(())
+        } else {
+            Err(self.failure())
+        }
+    }
+
+    /// Waits until everything queued before is written; returns what was written since the last marker.
+    pub fn marker(&mut self, timeout: Duration) -> Result<MarkerAck, AgentError> {
+        self.send(Out::Marker)?;
+        match self.acks.recv_timeout(timeout) {
+            Ok(a) => Ok(a),
+            Err(RecvTimeoutError::Timeout) => {
+                Err(AgentError::Timeout { what: "the connection to drain".into(), secs: timeout.as_secs_f64() })
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(self.failure()),
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn total_bytes(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    fn failure(&mut self) -> AgentError {
+        self.tx = None;
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(Err(e))) => AgentError::Wire(e),
+            Some(Err(_)) => AgentError::Wire(WireError::Closed),
+            _ => AgentError::Wire(WireError::Closed),
+        }
+    }
+
+    /// Flushes and stops the thread.
+    pub fn finish(mut self) -> Result<(), AgentError> {
+        self.tx = None;
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r.map_err(AgentError::Wire),
+            Some(Err(_)) => Err(AgentError::Wire(WireError::Closed)),
+            None => Ok(()),
+        }
+    }
+}
+
+struct CountingWriter<W> {
+    inner: W,
+    count: Arc<AtomicU64>,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Frames from the peer, read by a thread.
+#[derive(Debug)]
+pub struct Inbox {
+    rx: Receiver<Result<Frame, WireError>>,
+    peer: &'static str,
+}
+
+impl Inbox {
+    /// Starts the reader thread.
+    pub fn spawn(mut stream: Box<dyn Read + Send>, peer: &'static str) -> Inbox {
+        let (tx, rx) = bounded(64);
+        std::thread::Builder::new()
+            .name("livemig-reader".into())
+            .spawn(move || loop {
+                let r = read_frame(&mut stream);
+                let stop = r.is_err();
+                if tx.send(r).is_err() || stop {
+                    break;
+                }
+            })
+            .expect("spawn reader thread");
+        Inbox { rx, peer }
+    }
+
+    fn convert(&self, r: Result<Frame, WireError>) -> Result<Message, AgentError> {
+        let m = r?.message()?;
+        if let Message::Abort { reason } = m {
+            return Err(AgentError::PeerAborted { peer: self.peer, reason });
+        }
+        Ok(m)
+    }
+
+    /// The next control message; an `Abort` from the peer becomes an error.
+    pub fn next(&self, timeout: Duration, what: &str) -> Result<Message, AgentError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(r) => self.convert(r),
+            Err(RecvTimeoutError::Timeout) => {
+                Err(AgentError::Timeout { what: what.to_string(), secs: timeout.as_secs_f64() })
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(AgentError::Wire(WireError::Closed)),
+        }
+    }
+
+    /// Fails if the peer has aborted or the connection broke; does not wait.
+    pub fn check(&self) -> Result<(), AgentError> {
+        match self.rx.try_recv() {
+            Ok(r) => self.convert(r).and_then(|m| {
+                Err(AgentError::Protocol { expected: "nothing".into(), got: m.name().into() })
+            }),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// Connects to `addr`, retrying while the peer is not listening yet, until `timeout`.
+pub fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, AgentError> {
+    let deadline = Instant::now() + timeout;
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|source| AgentError::Network { what: format!("cannot resolve {addr}"), source })?
+        .collect();
+    let first = *addrs.first().ok_or_else(|| AgentError::Incompatible(format!("{addr} resolves to no address")))?;
+    loop {
+        match TcpStream::connect_timeout(&first, Duration::from_secs(2)) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() < deadline && matches!(e.kind(), io::ErrorKind::ConnectionRefused) => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(source) => {
+                return Err(AgentError::Network { what: format!("cannot connect to the receiver at {addr}"), source })
+            }
+        }
+    }
+}
+
+/// Socket settings both agents use.
+pub fn tune(s: &TcpStream, timeout: Duration) -> Result<(), AgentError> {
+    let net = |source| AgentError::Network { what: "cannot configure the socket".into(), source };
+    s.set_nodelay(true).map_err(net)?;
+    s.set_read_timeout(Some(timeout)).map_err(net)?;
+    s.set_write_timeout(Some(timeout)).map_err(net)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_holds_the_rate() {
+        // 2 MB at 8 MB/s takes at least ~0.25 s (a lower bound, not a timing threshold on speed)
+        let mut w = RateLimited::new(io::sink(), Some(8_000_000));
+        let t = Instant::now();
+        let buf = vec![0u8; 100_000];
+        for _ in 0..20 {
+            w.write_all(&buf).unwrap();
+        }
+        assert!(t.elapsed() >= Duration::from_millis(240), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn writer_reports_bytes_between_markers() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut w = Writer::spawn(Box::new(a), None);
+        let reader = std::thread::spawn(move || {
+            let mut b = b;
+            let mut v = Vec::new();
+            b.read_to_end(&mut v).unwrap();
+            v.len()
+        });
+        w.send(Out::Frame(FrameKind::Pages, vec![1; 1000])).unwrap();
+        let ack = w.marker(Duration::from_secs(5)).unwrap();
+        assert_eq!(ack.bytes, 1000 + 16);
+        w.send(Out::Message(Message::Commit)).unwrap();
+        let ack = w.marker(Duration::from_secs(5)).unwrap();
+        assert!(ack.bytes > 16);
+        let total = w.total_bytes();
+        w.finish().unwrap();
+        assert_eq!(reader.join().unwrap() as u64, total);
+    }
+
+    #[test]
+    fn writer_error_surfaces() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(b);
+        let mut w = Writer::spawn(Box::new(a), None);
+        let mut failed = false;
+        for _ in 0..100 {
+            if w.send(Out::Frame(FrameKind::Pages, vec![0; 100_000])).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed || w.marker(Duration::from_secs(5)).is_err());
+    }
+}

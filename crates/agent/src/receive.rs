@@ -1,0 +1,339 @@
+//! The `receive` role: writes the pages into the destination VM's RAM, proves the memory equals
+//! the source's, feeds QEMU the device state and resumes the destination only when the source
+//! commits. On any failure the destination is never resumed.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use livemig_compact::{decode_batch, is_zero};
+use livemig_control::{Decision, IterationStats};
+use livemig_memory::{GuestMemory, PageBuf};
+use livemig_qmp::Qmp;
+use livemig_track::{hash_page, Digest, Ledger};
+use livemig_wire::{negotiate, read_frame, FrameKind, Message, RegionInfo, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+
+use crate::error::AgentError;
+use crate::link;
+use crate::report::{IterationRecord, Report};
+use crate::{Observer, Progress, TempDir, SOFTWARE};
+
+/// What `receive` needs.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// Address to listen on, `host:port` (port 0 picks one; it is reported).
+    pub listen: String,
+    /// QMP socket of the destination QEMU (started with `-incoming defer`).
+    pub qmp: PathBuf,
+    /// Longest wait for the peer or QEMU at any step once connected.
+    pub timeout: Duration,
+    /// Longest wait for the sender to connect.
+    pub accept_timeout: Duration,
+    /// Set by a signal handler to cancel.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl ReceiveOptions {
+    /// Options with defaults for everything but the endpoints.
+    pub fn new(listen: String, qmp: PathBuf) -> Self {
+        ReceiveOptions {
+            listen,
+            qmp,
+            timeout: Duration::from_secs(60),
+            accept_timeout: Duration::from_secs(600),
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// Migrates in. Returns the report in every case; the destination VM runs only on `Ok`.
+pub fn receive(opts: &ReceiveOptions, obs: &mut dyn Observer) -> (Report, Result<(), AgentError>) {
+    let start = Instant::now();
+    let mut report = Report { role: "receive".into(), transport: "tcp-insecure".into(), tracker: "content".into(), ..Report::default() };
+    let mut qmp: Option<Qmp> = None;
+    let mut conn: Option<TcpStream> = None;
+    let result = run(opts, obs, &mut report, &mut qmp, &mut conn);
+    report.outcome = match &result {
+        Ok(()) => "completed",
+        Err(AgentError::Cancelled) => "cancelled",
+        Err(_) => "failed",
+    }
+    .into();
+    if let Err(e) = &result {
+        report.error = Some(e.chain());
+        if let Some(c) = conn.as_mut() {
+            if !matches!(e, AgentError::PeerAborted { .. } | AgentError::Wire(_)) {
+                let _ = livemig_wire::write_message(c, &Message::Abort { reason: format!("destination: {}", e.chain()) });
+            }
+        }
+    }
+    if let Some(q) = qmp.as_mut() {
+        report.destination_state = Some(match q.query_status() {
+            Ok(s) => s.status,
+            Err(e) => format!("unknown ({e})"),
+        });
+    }
+    report.total_time_ms = start.elapsed().as_secs_f64() * 1000.0;
+    (report, result)
+}
+
+/// Counts bytes read from the peer.
+struct Counting<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+fn run(
+    opts: &ReceiveOptions,
+    obs: &mut dyn Observer,
+    report: &mut Report,
+    qmp_slot: &mut Option<Qmp>,
+    conn_slot: &mut Option<TcpStream>,
+) -> Result<(), AgentError> {
+    let listener = TcpListener::bind(&opts.listen)
+        .map_err(|source| AgentError::Network { what: format!("cannot listen on {}", opts.listen), source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| AgentError::Network { what: "cannot read the listening address".into(), source })?;
+    obs.progress(Progress::Listening(local));
+
+    let qmp = qmp_slot.insert(
+        Qmp::connect(&opts.qmp, opts.timeout)
+            .map_err(AgentError::qmp(format!("cannot reach the destination QEMU's QMP socket {}", opts.qmp.display())))?,
+    );
+    let status = qmp.query_status().map_err(AgentError::qmp("cannot query the destination VM's state"))?;
+    if status.status != "inmigrate" {
+        return Err(AgentError::Incompatible(format!(
+            "the destination QEMU is in state `{}`; start it with `-incoming defer` (it must not have run)",
+            status.status
+        )));
+    }
+    let mem = GuestMemory::open(qmp)?;
+    let total = mem.total_pages();
+    report.ram_bytes = mem.layout().iter().map(|(_, s)| s).sum();
+    obs.progress(Progress::Phase("preparing destination memory"));
+    let cleared = clear_memory(&mem)?;
+    if cleared > 0 {
+        obs.progress(Progress::Phase("destination memory held data: cleared it"));
+    }
+    let mut ledger = Ledger::zeroed(total);
+    qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
+        .map_err(AgentError::qmp("cannot enable x-ignore-shared on the destination QEMU"))?;
+    let dir = TempDir::new("receive")?;
+    let incoming = dir.path().join("incoming.sock");
+    qmp.migrate_incoming(&format!("unix:{}", incoming.display()))
+        .map_err(AgentError::qmp("the destination QEMU refused migrate-incoming"))?;
+
+    obs.progress(Progress::Phase("waiting for the sender"));
+    let stream = accept(&listener, opts)?;
+    link::tune(&stream, opts.timeout)?;
+    let mut writer = stream
+        .try_clone()
+        .map_err(|source| AgentError::Network { what: "cannot share the connection".into(), source })?;
+    let conn = conn_slot.insert(stream);
+    let count = Arc::new(AtomicU64::new(0));
+    let mut reader = Counting {
+        inner: conn.try_clone().map_err(|source| AgentError::Network { what: "cannot share the connection".into(), source })?,
+        count: Arc::clone(&count),
+    };
+    livemig_wire::read_magic(&mut reader)?;
+    handshake(&mut reader, &mut writer, &mem)?;
+
+    let mut dev: Option<UnixStream> = None;
+    let mut dev_bytes = 0u64;
+    let mut loaded = false;
+    let mut iter_start = Instant::now();
+    let mut iter_bytes_mark = count.load(Ordering::Relaxed);
+    loop {
+        if opts.cancel.load(Ordering::Relaxed) {
+            return Err(AgentError::Cancelled);
+        }
+        let frame = read_frame(&mut reader)?;
+        report.wire_bytes = count.load(Ordering::Relaxed);
+        match frame.kind {
+            FrameKind::Pages => {
+                decode_batch::<AgentError>(&frame.payload, total, |page, class, data| {
+                    mem.write_page(page, data)?;
+                    ledger.record(page, hash_page(data));
+                    report.count_page(class.name(), 0);
+                    Ok(())
+                })?;
+                *report.page_bytes.entry("batches".into()).or_default() += frame.payload.len() as u64;
+            }
+            FrameKind::DeviceState => {
+                if dev.is_none() {
+                    obs.progress(Progress::Phase("loading device state into the destination QEMU"));
+                    dev = Some(UnixStream::connect(&incoming).map_err(|source| AgentError::Network {
+                        what: "cannot connect to the destination QEMU's incoming migration socket".into(),
+                        source,
+                    })?);
+                }
+                let d = dev.as_mut().expect("just connected");
+                d.write_all(&frame.payload).map_err(|source| AgentError::Network {
+                    what: "the destination QEMU stopped reading the device state".into(),
+                    source,
+                })?;
+                dev_bytes += frame.payload.len() as u64;
+            }
+            FrameKind::Invalid => {
+                return Err(AgentError::Protocol { expected: "a valid frame".into(), got: "an invalid frame".into() })
+            }
+            FrameKind::Control => match frame.message()? {
+                Message::IterationEnd { index, pages, last } => {
+                    let now = count.load(Ordering::Relaxed);
+                    let dur = iter_start.elapsed();
+                    let stats = IterationStats {
+                        index,
+                        dirty_pages: pages,
+                        sent_pages: pages,
+                        wire_bytes: now - iter_bytes_mark,
+                        duration_ms: dur.as_secs_f64() * 1000.0,
+                        scan_ms: 0.0,
+                        rate_bytes_per_s: (now - iter_bytes_mark) as f64 / dur.as_secs_f64().max(1e-6),
+                    };
+                    let d = Decision::Continue { predicted_downtime_ms: f64::NAN, reason: "received".into() };
+                    let rec = IterationRecord::new(stats, &d, None, last);
+                    obs.progress(Progress::Iteration(&rec));
+                    report.iterations.push(rec);
+                    iter_start = Instant::now();
+                    iter_bytes_mark = now;
+                }
+                Message::Switchover { digest, pages } => {
+                    let ours = ledger.digest();
+                    let theirs: Option<Digest> = digest.parse().ok();
+                    let ok = theirs == Some(ours) && pages == total;
+                    report.verification.source_digest = Some(digest.clone());
+                    report.verification.destination_digest = Some(ours.to_string());
+                    report.verification.ok = ok;
+                    livemig_wire::write_message(&mut writer, &Message::Verified { ok, digest: ours.to_string() })?;
+                    if !ok {
+                        return Err(AgentError::VerifyMismatch { source_digest: digest, destination_digest: ours.to_string() });
+                    }
+                    obs.progress(Progress::Phase("memory verified: digests equal"));
+                }
+                Message::DeviceStateEnd { bytes } => {
+                    if bytes != dev_bytes || !report.verification.ok {
+                        return Err(AgentError::Protocol {
+                            expected: format!("{bytes} bytes of device state after verified memory"),
+                            got: format!("{dev_bytes} bytes"),
+                        });
+                    }
+                    drop(dev.take());
+                    report.device_state_bytes = dev_bytes;
+                    let info = qmp.wait_migration(opts.timeout).map_err(AgentError::qmp("cannot follow the destination's migration"))?;
+                    if info.status.as_deref() != Some("completed") {
+                        return Err(AgentError::DeviceState(info.error_desc.unwrap_or_else(|| {
+                            format!("the destination's migration ended in status {}", info.status.unwrap_or_default())
+                        })));
+                    }
+                    let s = qmp.query_status().map_err(AgentError::qmp("cannot query the destination VM's state"))?;
+                    if s.running {
+                        return Err(AgentError::Incompatible("the destination VM started running before the commit".into()));
+                    }
+                    loaded = true;
+                    livemig_wire::write_message(&mut writer, &Message::Loaded)?;
+                }
+                Message::Commit => {
+                    if !loaded {
+                        return Err(AgentError::Protocol { expected: "device state before commit".into(), got: "commit".into() });
+                    }
+                    qmp.cont().map_err(AgentError::qmp("cannot resume the destination VM"))?;
+                    let _ = livemig_wire::write_message(&mut writer, &Message::Resumed);
+                    obs.progress(Progress::Phase("completed: the destination VM runs"));
+                    report.wire_bytes = count.load(Ordering::Relaxed);
+                    return Ok(());
+                }
+                Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
+                other => {
+                    return Err(AgentError::Protocol { expected: "pages or a switchover message".into(), got: other.name().into() })
+                }
+            },
+        }
+    }
+}
+
+fn accept(listener: &TcpListener, opts: &ReceiveOptions) -> Result<TcpStream, AgentError> {
+    let net = |source| AgentError::Network { what: "cannot accept the sender's connection".into(), source };
+    listener.set_nonblocking(true).map_err(net)?;
+    let deadline = Instant::now() + opts.accept_timeout;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).map_err(net)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if opts.cancel.load(Ordering::Relaxed) {
+                    return Err(AgentError::Cancelled);
+                }
+                if Instant::now() > deadline {
+                    return Err(AgentError::Timeout { what: "the sender to connect".into(), secs: opts.accept_timeout.as_secs_f64() });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(net(e)),
+        }
+    }
+}
+
+fn handshake(reader: &mut impl Read, writer: &mut impl Write, mem: &GuestMemory) -> Result<(), AgentError> {
+    let hello = livemig_wire::read_message(reader)?;
+    let Message::Hello { version, min_version, software, page_size, regions } = hello else {
+        return Err(AgentError::Protocol { expected: "hello".into(), got: hello.name().into() });
+    };
+    let refuse = |writer: &mut dyn Write, reason: String| -> AgentError {
+        let _ = livemig_wire::write_message(writer, &Message::Abort { reason: reason.clone() });
+        AgentError::Incompatible(reason)
+    };
+    let Some(v) = negotiate(min_version, version) else {
+        return Err(refuse(
+            writer,
+            format!(
+                "protocol version mismatch: the source ({software}) speaks {min_version}..{version}, this destination {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}"
+            ),
+        ));
+    };
+    if page_size != 4096 {
+        return Err(refuse(writer, format!("the source uses {page_size}-byte pages; this destination 4096")));
+    }
+    let ours: Vec<RegionInfo> = mem.layout().into_iter().map(|(id, size)| RegionInfo { id, size }).collect();
+    if ours != regions {
+        let show = |r: &[RegionInfo]| {
+            r.iter().map(|x| format!("{} {} MiB", x.id, x.size >> 20)).collect::<Vec<_>>().join(", ")
+        };
+        return Err(refuse(
+            writer,
+            format!("RAM layout differs: source has {}, destination has {}", show(&regions), show(&ours)),
+        ));
+    }
+    livemig_wire::write_message(writer, &Message::Welcome { version: v, software: SOFTWARE.into() })?;
+    Ok(())
+}
+
+/// Zeroes every page of the destination that is not zero, so the destination starts from the
+/// state the source assumes. Returns the pages cleared.
+fn clear_memory(mem: &GuestMemory) -> Result<u64, AgentError> {
+    let mut buf = Box::new(PageBuf::zeroed());
+    let zero = Box::new(PageBuf::zeroed());
+    let mut cleared = 0;
+    for p in 0..mem.total_pages() {
+        mem.read_page(p, &mut buf)?;
+        if !is_zero(&buf.0) {
+            mem.write_page(p, &zero.0)?;
+            cleared += 1;
+        }
+    }
+    Ok(cleared)
+}

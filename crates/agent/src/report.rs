@@ -1,0 +1,149 @@
+//! The migration report: what the operator reads at the end and what `--report FILE` holds.
+
+use std::collections::BTreeMap;
+
+use livemig_control::{Decision, Fit, IterationStats};
+use serde::Serialize;
+
+/// One pre-copy iteration as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct IterationRecord {
+    /// Iteration statistics (index, dirty_pages, sent_pages, wire_bytes, duration_ms, scan_ms, rate_bytes_per_s).
+    #[serde(flatten)]
+    pub stats: IterationStats,
+    /// What the controller decided after this iteration's scan.
+    pub decision: String,
+    /// Why.
+    pub reason: String,
+    /// Downtime predicted for a switchover at that point.
+    pub predicted_downtime_ms: Option<f64>,
+    /// The WWS trend fit, for policies that fit one.
+    pub fit: Option<Fit>,
+    /// True for the final iteration, sent with the source paused.
+    pub last: bool,
+}
+
+impl IterationRecord {
+    /// A record from stats and the decision taken after its scan.
+    pub fn new(stats: IterationStats, decision: &Decision, fit: Option<Fit>, last: bool) -> Self {
+        let (name, reason) = match decision {
+            Decision::Continue { reason, .. } | Decision::Switchover { reason, .. } | Decision::Abort { reason, .. } => {
+                (decision.name(), reason.clone())
+            }
+        };
+        let p = decision.predicted_downtime_ms();
+        IterationRecord {
+            stats,
+            decision: if last { "final".into() } else { name.into() },
+            reason,
+            predicted_downtime_ms: p.is_finite().then_some(p),
+            fit,
+            last,
+        }
+    }
+}
+
+/// Memory verification at switchover.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Verification {
+    /// Digest of the source memory.
+    pub source_digest: Option<String>,
+    /// Digest of the destination memory.
+    pub destination_digest: Option<String>,
+    /// Whether they matched.
+    pub ok: bool,
+}
+
+/// The whole report of one agent.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    /// `send` or `receive`.
+    pub role: String,
+    /// `completed`, `failed`, `cancelled`, or `unknown` (destination did not confirm its resume).
+    pub outcome: String,
+    /// The error, when not completed.
+    pub error: Option<String>,
+    /// State the source VM was left in (`running`, `paused`, ...), as QEMU reports it.
+    pub source_state: Option<String>,
+    /// State of the destination VM at the end, as QEMU reports it.
+    pub destination_state: Option<String>,
+    /// From the start of the agent to the end.
+    pub total_time_ms: f64,
+    /// From the source's `stop` to the destination's confirmed `cont`.
+    pub downtime_ms: Option<f64>,
+    /// Downtime the controller predicted for the switchover.
+    pub predicted_downtime_ms: Option<f64>,
+    /// Bytes of guest RAM.
+    pub ram_bytes: u64,
+    /// Bytes of livemig's stream, frames and headers included.
+    pub wire_bytes: u64,
+    /// Bytes of QEMU's device-state stream carried inside it.
+    pub device_state_bytes: u64,
+    /// Pages sent, by class.
+    pub pages: BTreeMap<String, u64>,
+    /// Wire bytes of page records, by class.
+    pub page_bytes: BTreeMap<String, u64>,
+    /// Bytes the dirty pages sent would have taken as whole pages / wire bytes of pages.
+    pub compaction_ratio: Option<f64>,
+    /// Every iteration.
+    pub iterations: Vec<IterationRecord>,
+    /// Memory verification.
+    pub verification: Verification,
+    /// Downtime policy.
+    pub policy: String,
+    /// Tracker.
+    pub tracker: String,
+    /// Operator's maximum downtime.
+    pub max_downtime_ms: Option<f64>,
+    /// Wire rate cap, bytes per second.
+    pub bandwidth_bytes_per_s: Option<u64>,
+    /// Transport (`tcp-insecure`).
+    pub transport: String,
+}
+
+impl Report {
+    /// Counts one page of a class taking `bytes` on the wire.
+    pub fn count_page(&mut self, class: &str, bytes: usize) {
+        *self.pages.entry(class.to_string()).or_default() += 1;
+        *self.page_bytes.entry(class.to_string()).or_default() += bytes as u64;
+    }
+
+    /// The human summary, a few lines.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let _ = writeln!(s, "outcome:      {}", self.outcome);
+        if let Some(e) = &self.error {
+            let _ = writeln!(s, "error:        {e}");
+        }
+        let _ = writeln!(s, "total time:   {:.0} ms", self.total_time_ms);
+        if let Some(d) = self.downtime_ms {
+            let pred = self.predicted_downtime_ms.map(|p| format!(" (predicted {p:.0} ms)")).unwrap_or_default();
+            let _ = writeln!(s, "downtime:     {d:.0} ms{pred}");
+        }
+        let _ = writeln!(s, "guest RAM:    {:.0} MiB", mib(self.ram_bytes));
+        let _ = writeln!(
+            s,
+            "on the wire:  {:.1} MiB (device state {:.0} KiB)",
+            mib(self.wire_bytes),
+            self.device_state_bytes as f64 / 1024.0
+        );
+        let classes: Vec<String> = self.pages.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(s, "pages:        {}", classes.join(", "));
+        if let Some(r) = self.compaction_ratio {
+            let _ = writeln!(s, "compaction:   {r:.2}x");
+        }
+        let _ = writeln!(s, "iterations:   {}", self.iterations.len());
+        if self.verification.source_digest.is_some() || self.verification.destination_digest.is_some() {
+            let _ = writeln!(s, "verification: {}", if self.verification.ok { "memory digests equal" } else { "FAILED or not reached" });
+        }
+        if let Some(st) = &self.source_state {
+            let _ = writeln!(s, "source VM:    {st}");
+        }
+        if let Some(st) = &self.destination_state {
+            let _ = writeln!(s, "destination:  {st}");
+        }
+        s
+    }
+}
