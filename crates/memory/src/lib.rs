@@ -98,7 +98,7 @@ pub enum MemoryError {
         pid: u32,
     },
     /// Several memfds could be the memdev's and nothing tells them apart.
-    #[error("cannot tell which memfd belongs to memdev {ids}: {candidates} memfds of QEMU have its size of {size} bytes; give memfd memdevs distinct sizes or use memory-backend-file")]
+    #[error("cannot tell which memfd belongs to which memdev ({ids}): {candidates} memfds of QEMU have their size of {size} bytes; give memfd memdevs distinct sizes or use memory-backend-file")]
     AmbiguousMemfd {
         /// The memdev id(s) of that size, comma separated.
         ids: String,
@@ -150,7 +150,7 @@ pub enum MemoryError {
 
 fn not_shared_message(id: Option<&str>) -> String {
     let what = match id {
-        Some(id) => format!("memdev `{id}` of the VM is not shared (share=off)"),
+        Some(id) => format!("memdev `{id}` of the VM is not shared (share=off, or the default private RAM of a plain `-m`)"),
         None => "the VM has no memory backend (memdev), so its RAM is private to QEMU".to_owned(),
     };
     format!(
@@ -440,7 +440,8 @@ impl GuestMemory {
         }
         if !memfd_sizes.is_empty() {
             let mut memfds = memfds_of(pid)?;
-            for (size, ids) in memfd_sizes {
+            for (size, mut ids) in memfd_sizes {
+                ids.sort();
                 let mut fitting: Vec<MemfdCandidate> = Vec::new();
                 let mut rest = Vec::new();
                 for c in memfds {
