@@ -126,7 +126,8 @@ build_workload() {
         return
     fi
     log "building the static workload"
-    RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -q \
+    RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_DEBUG=0 \
+        CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --release -q \
         --manifest-path "$REPO/Cargo.toml" -p livemig-workload \
         --target x86_64-unknown-linux-gnu --target-dir "$CACHE/target"
     local bin="$CACHE/target/x86_64-unknown-linux-gnu/release/workload"
