@@ -20,6 +20,10 @@ use serde_json::{json, Value};
 /// Longest single QMP message accepted, so a broken peer cannot make us allocate without bound.
 pub const MAX_LINE: usize = 16 << 20;
 
+/// Most events kept queued; beyond that the oldest are dropped, so a peer that floods events
+/// cannot make the queue grow without bound.
+pub const MAX_QUEUED_EVENTS: usize = 4096;
+
 /// Interval between two `query-migrate` polls in [`Qmp::wait_migration`].
 const MIGRATION_POLL: Duration = Duration::from_millis(20);
 
@@ -414,7 +418,7 @@ impl Qmp {
         let ours = |rid: &Option<Value>| !matches!(rid, Some(r) if r.as_u64() != Some(id));
         loop {
             match self.read_message(deadline, &what)? {
-                Message::Event(ev) => self.events.push_back(ev),
+                Message::Event(ev) => self.queue(ev),
                 Message::Return { id: rid, value } if ours(&rid) => return Ok(value),
                 Message::Error {
                     id: rid,
@@ -433,6 +437,13 @@ impl Qmp {
         }
     }
 
+    fn queue(&mut self, ev: Event) {
+        if self.events.len() >= MAX_QUEUED_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(ev);
+    }
+
     /// Runs a command and deserializes its reply.
     fn execute_as<T: DeserializeOwned>(
         &mut self,
@@ -444,7 +455,7 @@ impl Qmp {
             .map_err(|e| QmpError::Protocol(format!("unexpected reply to `{command}`: {e}")))
     }
 
-    /// Takes every queued event, oldest first.
+    /// Takes every queued event, oldest first (at most [`MAX_QUEUED_EVENTS`], the newest).
     pub fn take_events(&mut self) -> Vec<Event> {
         self.events.drain(..).collect()
     }
@@ -462,7 +473,7 @@ impl Qmp {
         loop {
             match self.read_message(deadline, &what)? {
                 Message::Event(ev) if ev.name == name => return Ok(ev),
-                Message::Event(ev) => self.events.push_back(ev),
+                Message::Event(ev) => self.queue(ev),
                 Message::Return { .. } | Message::Error { .. } => {}
             }
         }

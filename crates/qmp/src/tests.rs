@@ -410,3 +410,21 @@ impl Server {
         }
     }
 }
+
+#[test]
+fn event_queue_is_bounded() {
+    let (mut q, h) = connected(|mut s| {
+        let (id, _) = s.expect("stop");
+        for i in 0..MAX_QUEUED_EVENTS + 10 {
+            s.send(&format!(
+                r#"{{"timestamp": {{"seconds": {i}, "microseconds": 0}}, "event": "E"}}"#
+            ));
+        }
+        s.reply(&id, json!({}));
+    });
+    q.stop().unwrap();
+    let evs = q.take_events();
+    assert_eq!(evs.len(), MAX_QUEUED_EVENTS);
+    assert_eq!(evs[0].timestamp.0, 10);
+    h.join().unwrap();
+}
