@@ -1,0 +1,232 @@
+//! Shared set-up of the VM tests: a source and a destination VM, the `livemig` binary run as the
+//! operator runs it, and checks of both VMs' states.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use livemig_lab::{GuestImage, RamBackend, Vm, VmConfig};
+use livemig_qmp::Qmp;
+use serde_json::Value;
+
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+/// Serialises the VM tests: a pair of TCG guests takes both cores.
+pub fn vm_lock() -> MutexGuard<'static, ()> {
+    VM_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Workload parameters of a guest that rewrites `mib` MiB at `rate` MiB/s (0: flat out).
+pub fn dirty_guest(mib: u64, rate: u64) -> Vec<(String, String)> {
+    [("mode", "dirty".to_string()), ("mib", mib.to_string()), ("rate", rate.to_string()), ("pattern", "uniform".into()), ("verify-secs", "2".into())]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+fn image() -> GuestImage {
+    GuestImage::find().expect("the test guest is built (run `livemig guest build` or .ci/run)")
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("livemig-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A source VM running a workload and a destination VM waiting with `-incoming defer`.
+pub struct Pair {
+    pub src: Vm,
+    pub dst: Vm,
+    pub dir: PathBuf,
+}
+
+impl Pair {
+    pub fn start(name: &str, workload: Vec<(String, String)>, dst_cfg: impl FnOnce(VmConfig) -> VmConfig) -> Pair {
+        Self::start_with_backend(name, workload, RamBackend::Memfd, dst_cfg)
+    }
+
+    pub fn start_with_backend(
+        name: &str,
+        workload: Vec<(String, String)>,
+        backend: RamBackend,
+        dst_cfg: impl FnOnce(VmConfig) -> VmConfig,
+    ) -> Pair {
+        let dir = workdir(name);
+        let image = image();
+        let mut cfg = VmConfig::new("source", &dir);
+        cfg.mem_mib = 384;
+        cfg.backend = backend;
+        cfg.workload = workload;
+        cfg.with_disk = false;
+        let src = Vm::start(&image, &cfg).expect("source VM starts");
+        src.wait_console(Duration::from_secs(180), |l| l.contains("LIVEMIG-VERIFY"))
+            .expect("the source guest runs its verifier");
+        let mut dcfg = dst_cfg(cfg.as_incoming("destination"));
+        if matches!(dcfg.backend, RamBackend::Anonymous) {
+            dcfg.backend = RamBackend::Memfd;
+        }
+        let dst = Vm::start(&image, &dcfg).expect("destination VM starts");
+        Pair { src, dst, dir }
+    }
+
+    fn status(path: &std::path::Path) -> String {
+        match Qmp::connect(path, Duration::from_secs(10)).and_then(|mut q| q.query_status()) {
+            Ok(s) => s.status,
+            Err(e) => format!("unreachable: {e}"),
+        }
+    }
+
+    pub fn status_of_source(&self) -> String {
+        Self::status(self.src.qmp_path())
+    }
+
+    pub fn status_of_destination(&self) -> String {
+        Self::status(self.dst.qmp_path())
+    }
+
+    fn assert_guest_verifies(vm: &Vm, from: usize, passes: usize, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            let lines = vm.verify_lines();
+            let new = &lines[from.min(lines.len())..];
+            let bad: Vec<_> = new.iter().filter(|l| l.bad > 0).collect();
+            assert!(bad.is_empty(), "{what}: the guest verifier found bad pages: {bad:?} {:?}", vm.bad_lines());
+            if new.len() >= passes {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: only {} verifier passes; console:\n{}", new.len(), vm.console());
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The destination guest runs its verifier `passes` times after the switchover, no bad page.
+    pub fn assert_destination_guest_verifies(&self, passes: usize) {
+        Self::assert_guest_verifies(&self.dst, 0, passes, "destination");
+    }
+
+    /// The source guest, still running, passes `passes` more verifier passes with no bad page.
+    pub fn assert_source_guest_still_verifies(&self, passes: usize) {
+        let seen = self.src.verify_lines().len();
+        Self::assert_guest_verifies(&self.src, seen, passes, "source");
+    }
+}
+
+/// One `livemig send` + `livemig receive` run.
+pub struct Migration {
+    pub send_code: i32,
+    pub recv_code: i32,
+    pub send_stderr: String,
+    pub recv_stderr: String,
+    pub send_report: Value,
+    pub recv_report: Value,
+}
+
+/// Handle given to a test while the migration runs.
+pub struct Running {
+    receiver: Child,
+    send_log: PathBuf,
+}
+
+impl Running {
+    /// Waits until the sender's output contains `text`.
+    pub fn wait_send_progress(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = std::fs::read_to_string(&self.send_log).unwrap_or_default();
+            if s.contains(text) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "send never printed {text:?}:\n{s}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill_receiver(&mut self) {
+        self.receiver.kill().expect("kill receiver");
+    }
+}
+
+fn wait(c: &mut Child, what: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            panic!("{what} did not finish in 600 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn read(p: &PathBuf) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(p) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+impl Migration {
+    pub fn run(pair: &Pair, send_args: &[&str], recv_args: &[&str]) -> Migration {
+        Self::run_with(pair, send_args, recv_args, |_| {})
+    }
+
+    pub fn run_with(pair: &Pair, send_args: &[&str], recv_args: &[&str], during: impl FnOnce(&mut Running)) -> Migration {
+        let exe = env!("CARGO_BIN_EXE_livemig");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let d = &pair.dir;
+        let (send_log, recv_log) = (d.join("send.log"), d.join("receive.log"));
+        let (send_json, recv_json) = (d.join("send.json"), d.join("receive.json"));
+        let receiver = Command::new(exe)
+            .args(["receive", "--insecure", "--listen", &addr, "--timeout", "30s", "--accept-timeout", "20s", "--qmp"])
+            .arg(pair.dst.qmp_path())
+            .arg("--report")
+            .arg(&recv_json)
+            .args(recv_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&recv_log).unwrap())
+            .spawn()
+            .expect("start livemig receive");
+        let mut sender = Command::new(exe)
+            .args(["send", "--insecure", "--to", &addr, "--timeout", "30s", "--qmp"])
+            .arg(pair.src.qmp_path())
+            .arg("--report")
+            .arg(&send_json)
+            .args(send_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&send_log).unwrap())
+            .spawn()
+            .expect("start livemig send");
+        let mut running = Running { receiver, send_log: send_log.clone() };
+        during(&mut running);
+        let send_code = wait(&mut sender, "send");
+        let recv_code = wait(&mut running.receiver, "receive");
+        let parse = |p: &PathBuf| serde_json::from_str(&read(p)).unwrap_or(Value::Null);
+        let m = Migration {
+            send_code,
+            recv_code,
+            send_stderr: read(&send_log),
+            recv_stderr: read(&recv_log),
+            send_report: parse(&send_json),
+            recv_report: parse(&recv_json),
+        };
+        eprintln!("--- send (exit {}):\n{}--- receive (exit {}):\n{}", m.send_code, m.send_stderr, m.recv_code, m.recv_stderr);
+        m
+    }
+
+    pub fn assert_completed(&self) {
+        assert_eq!(self.send_code, 0, "send failed:\n{}", self.send_stderr);
+        assert_eq!(self.recv_code, 0, "receive failed:\n{}", self.recv_stderr);
+        assert_eq!(self.send_report["outcome"], "completed");
+        assert_eq!(self.recv_report["outcome"], "completed");
+    }
+}

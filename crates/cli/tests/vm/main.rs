@@ -1,0 +1,113 @@
+//! End-to-end tests with real QEMU guests (TCG), real sockets and the real `livemig` binary.
+//! They need the test guest (`livemig guest build`, done by `.ci/run`) and run one at a time
+//! (a pair of TCG guests takes both cores).
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::{Migration, Pair};
+use serde_json::Value;
+
+/// The foundation: a guest rewriting 48 MiB at 20 MiB/s moves through livemig; the destination
+/// runs, the source is paused, memory verification passed, and the guest's verifier finds no bad
+/// page in several passes after the switchover.
+#[test]
+fn migrates_a_guest_that_writes_memory() {
+    let _g = harness::vm_lock();
+    let pair = Pair::start("dirty", harness::dirty_guest(48, 20), |d| d);
+    let m = Migration::run(&pair, &[], &[]);
+    m.assert_completed();
+    let send = &m.send_report;
+    assert_eq!(send["verification"]["ok"], Value::Bool(true), "{send:#}");
+    assert_eq!(send["verification"]["source_digest"], send["verification"]["destination_digest"]);
+    assert!(send["iterations"].as_array().unwrap().len() >= 2, "at least one live and one final iteration");
+    assert!(send["downtime_ms"].as_f64().unwrap() > 0.0);
+    for key in ["outcome", "total_time_ms", "downtime_ms", "ram_bytes", "wire_bytes", "pages", "iterations"] {
+        assert!(send.get(key).is_some(), "report lacks {key}");
+    }
+    for it in send["iterations"].as_array().unwrap() {
+        for key in ["index", "dirty_pages", "sent_pages", "wire_bytes", "duration_ms", "rate_bytes_per_s", "decision"] {
+            assert!(it.get(key).is_some(), "iteration lacks {key}: {it}");
+        }
+    }
+    assert_eq!(pair.status_of_source(), "postmigrate");
+    assert_eq!(pair.status_of_destination(), "running");
+    pair.assert_destination_guest_verifies(3);
+}
+
+/// The receiver dies in the middle of the first iteration: `send` fails with a clear message and
+/// the source VM keeps running with its memory intact; the destination never runs.
+#[test]
+fn receiver_killed_mid_migration_leaves_the_source_running() {
+    let _g = harness::vm_lock();
+    let pair = Pair::start("killrecv", harness::dirty_guest(48, 10), |d| d);
+    // A slow link so the first iteration lasts long enough to be interrupted.
+    let m = Migration::run_with(&pair, &["--bandwidth", "40mbit"], &[], |m| {
+        m.wait_send_progress("iteration 0");
+        std::thread::sleep(Duration::from_secs(2));
+        m.kill_receiver();
+    });
+    assert_eq!(m.send_code, 1, "send must fail: {}", m.send_stderr);
+    assert!(
+        m.send_stderr.contains("connection") || m.send_stderr.contains("closed"),
+        "the error names the lost connection: {}",
+        m.send_stderr
+    );
+    assert!(m.send_stderr.contains("the source VM keeps running"), "{}", m.send_stderr);
+    assert_eq!(m.send_report["outcome"], "failed");
+    assert_eq!(pair.status_of_source(), "running");
+    assert_ne!(pair.status_of_destination(), "running");
+    pair.assert_source_guest_still_verifies(2);
+}
+
+/// A VM without shared memory is refused with an error that says how to start it.
+#[test]
+fn vm_without_shared_memory_is_refused_clearly() {
+    let _g = harness::vm_lock();
+    let pair = Pair::start_with_backend("anon", harness::dirty_guest(16, 5), livemig_lab::RamBackend::Anonymous, |d| d);
+    let m = Migration::run(&pair, &[], &[]);
+    assert_eq!(m.send_code, 1);
+    assert!(m.send_stderr.contains("share=on"), "{}", m.send_stderr);
+    assert_eq!(m.recv_code, 1, "the receiver gives up when no sender comes");
+    assert!(m.recv_stderr.contains("timed out"), "{}", m.recv_stderr);
+    assert_eq!(pair.status_of_source(), "running");
+    assert_ne!(pair.status_of_destination(), "running");
+}
+
+/// Different RAM sizes: the destination refuses in the handshake, before any page is sent.
+#[test]
+fn ram_size_mismatch_is_refused_before_any_page() {
+    let _g = harness::vm_lock();
+    let pair = Pair::start("sizes", harness::dirty_guest(16, 5), |mut d| {
+        d.mem_mib = 256;
+        d
+    });
+    let m = Migration::run(&pair, &[], &[]);
+    assert_eq!(m.send_code, 1);
+    assert_eq!(m.recv_code, 1);
+    assert!(m.send_stderr.contains("RAM layout differs"), "{}", m.send_stderr);
+    assert!(m.recv_stderr.contains("RAM layout differs"), "{}", m.recv_stderr);
+    assert_eq!(m.send_report["wire_bytes"].as_u64().unwrap_or(0), 0, "no page was sent");
+    assert_eq!(pair.status_of_source(), "running");
+    assert_ne!(pair.status_of_destination(), "running");
+}
+
+/// The fixed policy with a link slower than the guest's dirty rate never converges: it gives up
+/// at its iteration cap and the source keeps running.
+#[test]
+fn fixed_policy_that_cannot_converge_gives_up_and_source_runs() {
+    let _g = harness::vm_lock();
+    let pair = Pair::start("fixed", harness::dirty_guest(48, 0), |d| d);
+    let m = Migration::run(
+        &pair,
+        &["--policy", "fixed", "--max-downtime", "50ms", "--max-iterations", "3", "--bandwidth", "100mbit"],
+        &[],
+    );
+    assert_eq!(m.send_code, 1, "{}", m.send_stderr);
+    assert!(m.send_stderr.contains("did not converge"), "{}", m.send_stderr);
+    assert_eq!(m.send_report["outcome"], "failed");
+    assert_eq!(pair.status_of_source(), "running");
+    assert_ne!(pair.status_of_destination(), "running");
+    pair.assert_source_guest_still_verifies(1);
+}
