@@ -243,7 +243,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            *b = if compressible { (i % 7) as u8 ^ seed } else { x.to_le_bytes()[0] };
+            *b = if compressible { u8::try_from(i % 7).unwrap() ^ seed } else { x.to_le_bytes()[0] };
         }
         p
     }

@@ -182,6 +182,9 @@ impl ContentTracker {
     }
 }
 
+/// Dirty pages found in each chunk a scanning thread handled, by chunk number.
+type ChunkResults = Result<Vec<(u64, Vec<u64>)>, TrackError>;
+
 /// Pages per work unit handed to a scanning thread.
 const CHUNK_PAGES: u64 = 4096;
 
@@ -198,7 +201,7 @@ impl Tracker for ContentTracker {
         }
         let chunks = total.div_ceil(CHUNK_PAGES);
         let next = std::sync::atomic::AtomicU64::new(0);
-        let results: Vec<Result<Vec<(u64, Vec<u64>)>, TrackError>> = std::thread::scope(|s| {
+        let results: Vec<ChunkResults> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..self.threads)
                 .map(|_| {
                     s.spawn(|| {
