@@ -192,6 +192,8 @@ fn run(
             }
             FrameKind::Control => match frame.message()? {
                 Message::IterationEnd { index, pages, last } => {
+                    // The destination QEMU must still be there to take the device state.
+                    qmp.query_status().map_err(AgentError::qmp("the destination QEMU is gone"))?;
                     let now = count.load(Ordering::Relaxed);
                     let dur = iter_start.elapsed();
                     let stats = IterationStats {

@@ -27,9 +27,9 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     let v: f64 = num.parse().map_err(|_| format!("`{s}` is not a rate (try 100mbit, 1gbit, 50MiB/s)"))?;
     let unit = unit.trim().trim_end_matches("/s").trim_end_matches("ps");
     let bytes_per_s = match unit {
-        "kbit" | "Kbit" | "kb" => v * 1e3 / 8.0,
-        "mbit" | "Mbit" | "mb" => v * 1e6 / 8.0,
-        "gbit" | "Gbit" | "gb" => v * 1e9 / 8.0,
+        "kbit" | "Kbit" | "kb" | "Kb" => v * 1e3 / 8.0,
+        "mbit" | "Mbit" | "mb" | "Mb" => v * 1e6 / 8.0,
+        "gbit" | "Gbit" | "gb" | "Gb" => v * 1e9 / 8.0,
         "B" | "" => v,
         "KB" | "kB" => v * 1e3,
         "MB" => v * 1e6,

@@ -42,6 +42,7 @@ pub struct Pair {
     pub src: Vm,
     pub dst: Vm,
     pub dir: PathBuf,
+    dst_cfg: VmConfig,
 }
 
 impl Pair {
@@ -70,7 +71,22 @@ impl Pair {
             dcfg.backend = RamBackend::Memfd;
         }
         let dst = Vm::start(&image, &dcfg).expect("destination VM starts");
-        Pair { src, dst, dir }
+        Pair { src, dst, dir, dst_cfg: dcfg }
+    }
+
+    /// Replaces the destination VM by a fresh one (after a failed attempt it has consumed its
+    /// `migrate-incoming`).
+    pub fn restart_destination(&mut self) {
+        let image = image();
+        let cfg = self.dst_cfg.clone();
+        self.dst.kill();
+        self.dst = Vm::start(&image, &cfg).expect("destination VM restarts");
+    }
+
+    /// Kills the destination QEMU (SIGKILL), as a crash would.
+    pub fn kill_destination_qemu(pid: u32) {
+        let ok = Command::new("kill").args(["-9", &pid.to_string()]).status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "kill -9 {pid}");
     }
 
     fn status(path: &std::path::Path) -> String {
