@@ -225,8 +225,14 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
         .map_err(|source| AgentError::Network { what: "cannot share the connection".into(), source })?;
     let inbox = Inbox::spawn(Box::new(reader), "destination");
     let mut writer = Writer::spawn(Box::new(stream), opts.bandwidth);
-    let r = precopy_and_switchover(opts, obs, report, st, &mem, total, &inbox, &mut writer);
+    let mut r = precopy_and_switchover(opts, obs, report, st, &mem, total, &inbox, &mut writer);
     report.wire_bytes = writer.total_bytes();
+    if let Err(AgentError::Wire(_)) = &r {
+        // A broken connection is often the receiver giving up: prefer the reason it sent.
+        if let Err(e @ AgentError::PeerAborted { .. }) = inbox.next(Duration::from_secs(1), "the receiver's reason") {
+            r = Err(e);
+        }
+    }
     if let Err(e) = &r {
         // Tell the destination why, unless the connection is what failed.
         if !matches!(e, AgentError::Wire(_)) {
