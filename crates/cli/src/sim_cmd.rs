@@ -37,6 +37,10 @@ pub(crate) struct SimulateArgs {
     /// Longest acceptable downtime: the fixed policy's limit, the adaptive policy's maximum.
     #[arg(long, default_value = "300ms", value_parser = units::parse_duration_ms)]
     max_downtime: f64,
+    /// The fixed policy's limit when it should differ from --max-downtime (e.g. QEMU's 300ms
+    /// against an adaptive maximum of 2s).
+    #[arg(long, value_parser = units::parse_duration_ms)]
+    fixed_max_downtime: Option<f64>,
     /// Most pre-copy iterations before the policy must switch over or give up.
     #[arg(long, default_value_t = 30)]
     max_iterations: u32,
@@ -62,8 +66,8 @@ struct Row {
     result: SimResult,
 }
 
-fn controllers(which: SimPolicy, limits: Limits) -> Vec<Box<dyn DowntimeController>> {
-    let fixed = || Box::new(FixedPolicy { limits }) as Box<dyn DowntimeController>;
+fn controllers(which: SimPolicy, limits: Limits, fixed_limits: Limits) -> Vec<Box<dyn DowntimeController>> {
+    let fixed = || Box::new(FixedPolicy { limits: fixed_limits }) as Box<dyn DowntimeController>;
     let adaptive = || Box::new(AdaptivePolicy::new(limits)) as Box<dyn DowntimeController>;
     match which {
         SimPolicy::Fixed => vec![fixed()],
@@ -76,9 +80,10 @@ fn table(rows: &[Row], a: &SimulateArgs) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "link {:.1} Mbit/s, max downtime {:.0} ms, at most {} iterations",
+        "link {:.1} Mbit/s, max downtime {:.0} ms{}, at most {} iterations",
         a.bandwidth as f64 * 8.0 / 1e6,
         a.max_downtime,
+        a.fixed_max_downtime.map_or_else(String::new, |f| format!(" (fixed policy: {f:.0} ms)")),
         a.max_iterations
     );
     let width = rows.iter().map(|r| r.trace.len()).max().unwrap_or(5).max(5);
@@ -113,12 +118,13 @@ fn table(rows: &[Row], a: &SimulateArgs) -> String {
 /// `livemig simulate`.
 pub(crate) fn run_simulate(a: &SimulateArgs) -> anyhow::Result<u8> {
     let limits = Limits { max_downtime_ms: a.max_downtime, max_iterations: a.max_iterations, ..Limits::default() };
+    let fixed_limits = Limits { max_downtime_ms: a.fixed_max_downtime.unwrap_or(a.max_downtime), ..limits };
     let mut rows = Vec::new();
     for path in &a.traces {
         let trace = Trace::load(path)?;
         let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
         let link = LinkModel::for_trace(&trace, a.bandwidth as f64);
-        for mut c in controllers(a.policy, limits) {
+        for mut c in controllers(a.policy, limits, fixed_limits) {
             let result = simulate(&trace, c.as_mut(), link)
                 .with_context(|| format!("cannot simulate {} with the {} policy", path.display(), c.name()))?;
             rows.push(Row { trace: name.clone(), result });
@@ -164,6 +170,10 @@ mod tests {
         assert_eq!(t.a.bandwidth, 125_000_000);
         assert!((t.a.max_downtime - 2000.0).abs() < 1e-9);
         assert_eq!(t.a.policy, SimPolicy::All);
+        assert_eq!(t.a.fixed_max_downtime, None);
+        let t = T::try_parse_from(["x", "--trace", "a", "--fixed-max-downtime", "300ms", "--policy", "fixed"]).unwrap();
+        assert_eq!(t.a.fixed_max_downtime, Some(300.0));
+        assert_eq!(t.a.policy, SimPolicy::Fixed);
         assert!(T::try_parse_from(["x"]).is_err(), "--trace is required");
         assert!(T::try_parse_from(["x", "--trace", "a", "--bandwidth", "fast"]).is_err());
     }
