@@ -223,6 +223,12 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     let reader = stream
         .try_clone()
         .map_err(|source| AgentError::Network { what: "cannot share the connection".into(), source })?;
+    // The reader thread waits as long as the migration lasts (the receiver is silent during
+    // pre-copy); every wait for an answer is bounded by `Inbox::next`'s own timeout instead.
+    // SO_RCVTIMEO is per socket, the writer's SO_SNDTIMEO stays.
+    reader
+        .set_read_timeout(None)
+        .map_err(|source| AgentError::Network { what: "cannot configure the socket".into(), source })?;
     let inbox = Inbox::spawn(Box::new(reader), "destination");
     let mut writer = Writer::spawn(Box::new(stream), opts.bandwidth);
     let mut r = precopy_and_switchover(opts, obs, report, st, &mem, total, &inbox, &mut writer);

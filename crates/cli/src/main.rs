@@ -3,6 +3,7 @@
 mod demo;
 mod progress;
 mod signal;
+mod sim_cmd;
 mod units;
 
 use std::path::PathBuf;
@@ -29,7 +30,7 @@ pub mod exit {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "livemig", version, about = "Live-migrate running QEMU VMs: pre-copy with memory compaction and adaptive downtime control")]
+#[command(name = "livemig", version, args_override_self = true, about = "Live-migrate running QEMU VMs: pre-copy with memory compaction and adaptive downtime control")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,6 +44,10 @@ enum Command {
     Receive(ReceiveArgs),
     /// Boot a test VM on this machine, migrate it through send/receive, check the guest, report.
     Demo(demo::DemoArgs),
+    /// Replay WWS traces through the downtime policies over a modelled link and compare them.
+    Simulate(sim_cmd::SimulateArgs),
+    /// Plot the writable working set per iteration of a send report as SVG.
+    Plot(sim_cmd::PlotArgs),
     /// The test guest.
     Guest {
         #[command(subcommand)]
@@ -215,6 +220,8 @@ fn main() -> ExitCode {
         Command::Send(a) => run_send(a),
         Command::Receive(a) => run_receive(a),
         Command::Demo(a) => demo::run(a),
+        Command::Simulate(a) => sim_cmd::run_simulate(a),
+        Command::Plot(a) => sim_cmd::run_plot(a),
         Command::Guest { command: GuestCommand::Build } => livemig_lab::GuestImage::build()
             .map(|g| {
                 println!("guest ready: kernel {}, initramfs {}, disk {}", g.kernel.display(), g.initrd.display(), g.disk.display());

@@ -86,6 +86,12 @@ pub enum WireError {
     /// The peer closed the connection.
     #[error("the peer closed the connection")]
     Closed,
+    /// Nothing arrived within the socket's timeout.
+    #[error("the peer sent nothing within the timeout while {what}")]
+    TimedOut {
+        /// What was being done.
+        what: &'static str,
+    },
     /// The peer is not a livemig agent.
     #[error("the peer is not a livemig agent (bad magic {0:02x?})")]
     BadMagic([u8; 8]),
@@ -128,6 +134,8 @@ impl WireError {
     fn io(what: &'static str, source: io::Error) -> Self {
         if source.kind() == io::ErrorKind::UnexpectedEof {
             WireError::Closed
+        } else if matches!(source.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            WireError::TimedOut { what }
         } else {
             WireError::Io { what, source }
         }
@@ -407,6 +415,13 @@ mod tests {
         let mut buf = Vec::new();
         write_frame(&mut buf, FrameKind::Control, br#"{"type":"nonsense"}"#).unwrap();
         assert!(matches!(read_message(&mut Cursor::new(buf)), Err(WireError::BadMessage(_))));
+    }
+
+    #[test]
+    fn socket_timeout_is_a_timeout_error() {
+        let (mut a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_read_timeout(Some(std::time::Duration::from_millis(20))).unwrap();
+        assert!(matches!(read_frame(&mut a), Err(WireError::TimedOut { .. })));
     }
 
     #[test]

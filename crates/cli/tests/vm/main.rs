@@ -152,7 +152,9 @@ fn hot_guest_fixed_gives_up_adaptive_completes_within_its_maximum() {
 
     pair.restart_destination();
     let adaptive =
-        Migration::run(&pair, &["--policy", "adaptive", "--max-downtime", "2s", "--bandwidth", "100mbit"], &[]);
+        // --timeout 3s: the first iteration lasts longer than that while the receiver says
+        // nothing; waits are per answer, not per silence (a regression test).
+        Migration::run(&pair, &["--policy", "adaptive", "--max-downtime", "2s", "--bandwidth", "100mbit", "--timeout", "3s"], &[]);
     adaptive.assert_completed();
     let r = &adaptive.send_report;
     let downtime = r["downtime_ms"].as_f64().unwrap();
