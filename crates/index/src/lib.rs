@@ -1,0 +1,232 @@
+//! 128-bit fingerprints of 4 KiB blocks of disk images, their persisted index, the compact
+//! identity both agents exchange, and verified block reads on the receiving side.
+//!
+//! Memory compaction: a guest's page cache holds copies of blocks of its root disk. When the
+//! destination holds the same image, a page equal to a disk block goes as a reference (block
+//! number + [`Fingerprint`]); the receiver reads the block from its own copy with a
+//! [`BlockReader`], which checks the fingerprint, so a block changed since (the guest writes its
+//! disk) is detected and the page can be requested again.
+//!
+//! - [`DiskIndex::build`] scans a raw image with several threads: every 4 KiB-aligned non-zero
+//!   block's fingerprint maps to its first block number. Zero blocks are not indexed (zero pages
+//!   are compacted elsewhere); a trailing partial block is not indexed either.
+//! - [`DiskIndex::load_or_build`] keeps the index in a cache directory and rebuilds it when the
+//!   image changed (size, mtime, ctime, inode, device or a content sample differ) or the index
+//!   file is unreadable, truncated or corrupted.
+//! - [`DiskIndex::identity`] is the [`ImageIdentity`] both sides compare in the handshake.
+
+mod build;
+mod error;
+mod file;
+mod reader;
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use xxhash_rust::xxh3::xxh3_128;
+
+pub use build::BuildProgress;
+pub use error::IndexError;
+pub use file::{cache_file_name, Origin};
+pub use reader::BlockReader;
+
+/// Size of a page of guest memory and of an indexed disk block.
+pub const BLOCK_SIZE: usize = 4096;
+/// [`BLOCK_SIZE`] as u64, for offsets.
+pub const BLOCK_SIZE_U64: u64 = 4096;
+/// Most blocks an index addresses (block numbers are stored in 32 bits): 16 TiB of image.
+pub const MAX_BLOCKS: u64 = u32::MAX as u64;
+
+static ZERO_BLOCK: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+
+/// Whether a block (or page) holds only zero bytes.
+pub fn is_zero(block: &[u8]) -> bool {
+    block.chunks(BLOCK_SIZE).all(|c| c == &ZERO_BLOCK[..c.len()])
+}
+
+/// xxh3-128 of a 4 KiB page or block.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint(pub u128);
+
+impl Fingerprint {
+    /// The fingerprint of a 4 KiB block.
+    pub fn of(block: &[u8; BLOCK_SIZE]) -> Self {
+        Fingerprint(xxh3_128(block))
+    }
+
+    /// The fingerprint of a page given as a slice; `None` unless it is exactly 4 KiB.
+    pub fn of_slice(page: &[u8]) -> Option<Self> {
+        <&[u8; BLOCK_SIZE]>::try_from(page).ok().map(Self::of)
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({:032x})", self.0)
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl Serialize for Fingerprint {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        hex128::serialize(&self.0, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Fingerprint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        hex128::deserialize(d).map(Fingerprint)
+    }
+}
+
+/// What both agents exchange in the handshake to know they hold the same image: its size, a
+/// hash of a sample of its blocks, and the hash of its whole index (every fingerprint with the
+/// first block that holds it). Equal identities mean every reference the sender can make
+/// resolves on the receiver (as of the time both indexed their copy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageIdentity {
+    /// Image size in bytes.
+    pub size: u64,
+    /// xxh3-128 of the size and of a few blocks spread over the image.
+    #[serde(with = "hex128")]
+    pub sample_hash: u128,
+    /// xxh3-128 of the index body (sorted fingerprints and block numbers).
+    #[serde(with = "hex128")]
+    pub index_hash: u128,
+}
+
+/// Fingerprint -> first block number of every non-zero 4 KiB block of a raw disk image.
+///
+/// Held as sorted fingerprints with a parallel array of block numbers, and a directory on the
+/// top bits of the fingerprint (about two entries per bucket), so a lookup reads one directory
+/// slot and searches a handful of keys.
+pub struct DiskIndex {
+    keys: Vec<u128>,
+    blocks: Vec<u32>,
+    dir: Vec<u32>,
+    shift: u32,
+    meta: Meta,
+}
+
+/// What an index knows of the image it was built from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub(crate) stamp: file::Stamp,
+    pub(crate) sample_hash: u128,
+    pub(crate) index_hash: u128,
+    pub(crate) zero_blocks: u64,
+}
+
+impl fmt::Debug for DiskIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiskIndex")
+            .field("image_size", &self.meta.stamp.size)
+            .field("fingerprints", &self.keys.len())
+            .field("zero_blocks", &self.meta.zero_blocks)
+            .field("index_hash", &format_args!("{:032x}", self.meta.index_hash))
+            .finish_non_exhaustive()
+    }
+}
+
+impl DiskIndex {
+    /// From sorted, unique keys with their blocks.
+    pub(crate) fn from_sorted(keys: Vec<u128>, blocks: Vec<u32>, meta: Meta) -> Self {
+        debug_assert_eq!(keys.len(), blocks.len());
+        // About two entries per bucket; at most 2^26 buckets (256 MiB of directory would be silly).
+        let bits = keys.len().checked_ilog2().unwrap_or(0).saturating_sub(1).min(26);
+        let shift = 128 - bits;
+        let buckets = 1usize << bits;
+        let mut dir = vec![0u32; buckets + 1];
+        for &k in &keys {
+            if let Some(slot) = dir.get_mut(bucket(k, shift) + 1) {
+                *slot += 1;
+            }
+        }
+        for i in 1..dir.len() {
+            dir[i] += dir[i - 1];
+        }
+        DiskIndex { keys, blocks, dir, shift, meta }
+    }
+
+    /// The first block holding a page with this fingerprint, if any.
+    #[inline]
+    pub fn lookup(&self, fp: &Fingerprint) -> Option<u64> {
+        let b = bucket(fp.0, self.shift);
+        let lo = *self.dir.get(b)? as usize;
+        let hi = *self.dir.get(b + 1)? as usize;
+        let i = self.keys.get(lo..hi)?.binary_search(&fp.0).ok()?;
+        self.blocks.get(lo + i).map(|&n| u64::from(n))
+    }
+
+    /// Number of distinct non-zero fingerprints indexed.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether the image had no non-zero block.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Size of the image in bytes.
+    pub fn image_size(&self) -> u64 {
+        self.meta.stamp.size
+    }
+
+    /// Number of whole 4 KiB blocks of the image (a trailing partial block is not counted).
+    pub fn image_blocks(&self) -> u64 {
+        self.meta.stamp.size / BLOCK_SIZE_U64
+    }
+
+    /// Number of all-zero blocks of the image.
+    pub fn zero_blocks(&self) -> u64 {
+        self.meta.zero_blocks
+    }
+
+    /// The summary to exchange in the handshake.
+    pub fn identity(&self) -> ImageIdentity {
+        ImageIdentity { size: self.meta.stamp.size, sample_hash: self.meta.sample_hash, index_hash: self.meta.index_hash }
+    }
+
+    /// Bytes of memory held by the index.
+    pub fn memory_bytes(&self) -> usize {
+        self.keys.capacity() * 16 + self.blocks.capacity() * 4 + self.dir.capacity() * 4
+    }
+
+    /// Iterates over (fingerprint, block) in fingerprint order.
+    pub fn iter(&self) -> impl Iterator<Item = (Fingerprint, u64)> + '_ {
+        self.keys.iter().zip(&self.blocks).map(|(&k, &b)| (Fingerprint(k), u64::from(b)))
+    }
+}
+
+#[inline]
+fn bucket(key: u128, shift: u32) -> usize {
+    // shift is 128 - bits with bits <= 26: the result fits any usize; 128 means one bucket.
+    key.checked_shr(shift).and_then(|b| usize::try_from(b).ok()).unwrap_or(0)
+}
+
+/// Serde of a u128 as 32 lowercase hex digits (JSON numbers lose precision beyond 2^53 in
+/// many readers).
+mod hex128 {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:032x}"))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        if s.len() != 32 {
+            return Err(D::Error::custom(format!("expected 32 hex digits, got {} characters", s.len())));
+        }
+        u128::from_str_radix(&s, 16).map_err(|e| D::Error::custom(format!("expected 32 hex digits: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,328 @@
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// A non-zero block whose content depends on `seed`.
+fn block(seed: u64) -> [u8; BLOCK_SIZE] {
+    let mut b = [0u8; BLOCK_SIZE];
+    for (j, c) in b.chunks_exact_mut(8).enumerate() {
+        let v = (seed + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (j as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        c.copy_from_slice(&v.to_le_bytes());
+    }
+    b
+}
+
+/// Writes an image whose block i is `block(seeds[i])`, or zero where `seeds[i]` is None.
+fn image(dir: &Path, seeds: &[Option<u64>]) -> PathBuf {
+    let p = dir.join("disk.raw");
+    let mut f = fs::File::create(&p).unwrap();
+    for s in seeds {
+        f.write_all(&s.map_or([0u8; BLOCK_SIZE], block)).unwrap();
+    }
+    p
+}
+
+fn fp(seed: u64) -> Fingerprint {
+    Fingerprint::of(&block(seed))
+}
+
+fn quiet() -> impl FnMut(BuildProgress) {
+    |_| {}
+}
+
+#[test]
+fn build_and_lookup_round_trip_over_several_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 9000u64; // three 16 MiB segments
+    let img = image(dir.path(), &(0..n).map(Some).collect::<Vec<_>>());
+    let mut calls = Vec::new();
+    let idx = DiskIndex::build_with_threads(&img, 3, &mut |p| calls.push(p)).unwrap();
+    assert_eq!(idx.len(), 9000);
+    assert_eq!(idx.image_blocks(), n);
+    assert_eq!(idx.zero_blocks(), 0);
+    for i in 0..n {
+        assert_eq!(idx.lookup(&fp(i)), Some(i), "block {i}");
+    }
+    assert_eq!(idx.lookup(&fp(n + 1)), None);
+    let last = calls.last().unwrap();
+    assert_eq!(last.done_bytes, last.total_bytes);
+    assert_eq!(last.total_bytes, n * BLOCK_SIZE_U64);
+}
+
+#[test]
+fn duplicates_map_to_first_block_and_zero_blocks_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut seeds: Vec<Option<u64>> = (0..9000).map(|i| Some(1000 + i)).collect();
+    // seed 7 at 8500, 4200 and 300: first is 300, in the first segment, found by whichever thread.
+    seeds[8500] = Some(7);
+    seeds[4200] = Some(7);
+    seeds[300] = Some(7);
+    seeds[5] = None;
+    seeds[8999] = None;
+    let img = image(dir.path(), &seeds);
+    let mut hashes = Vec::new();
+    for threads in [1, 2, 4] {
+        let idx = DiskIndex::build_with_threads(&img, threads, &mut quiet()).unwrap();
+        assert_eq!(idx.lookup(&fp(7)), Some(300));
+        assert_eq!(idx.lookup(&Fingerprint::of(&[0u8; BLOCK_SIZE])), None);
+        assert_eq!(idx.zero_blocks(), 2);
+        assert_eq!(idx.len(), 9000 - 2 - 2);
+        assert_eq!(idx.lookup(&fp(1000 + 6)), Some(6));
+        hashes.push(idx.identity());
+    }
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "identity independent of threads: {hashes:?}");
+}
+
+#[test]
+fn empty_and_partial_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("empty.raw");
+    fs::write(&p, b"").unwrap();
+    let idx = DiskIndex::build(&p, &mut quiet()).unwrap();
+    assert!(idx.is_empty());
+    assert_eq!(idx.image_blocks(), 0);
+
+    let p = dir.path().join("partial.raw");
+    let mut data = Vec::new();
+    data.extend_from_slice(&block(1));
+    data.extend_from_slice(&block(2));
+    data.extend_from_slice(&block(3)[..100]);
+    fs::write(&p, &data).unwrap();
+    let cache = dir.path().join("cache");
+    let (idx, o) = DiskIndex::load_or_build(&p, &cache, &mut quiet()).unwrap();
+    assert!(o.built());
+    assert_eq!(idx.len(), 2);
+    assert_eq!(idx.image_size(), 2 * 4096 + 100);
+    let (again, o) = DiskIndex::load_or_build(&p, &cache, &mut quiet()).unwrap();
+    assert!(!o.built(), "{o:?}");
+    assert_eq!(again.identity(), idx.identity());
+}
+
+#[test]
+fn a_directory_is_not_an_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = DiskIndex::build(dir.path(), &mut quiet()).unwrap_err();
+    assert!(matches!(e, IndexError::NotAFile { .. }), "{e}");
+}
+
+fn seeds(n: u64) -> Vec<Option<u64>> {
+    (0..n).map(|i| if i % 10 == 3 { None } else { Some(i % 700) }).collect()
+}
+
+#[test]
+fn persisted_index_reloads_without_rebuilding() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), &seeds(2000));
+    let cache = dir.path().join("c/index");
+    let (a, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+    assert!(matches!(o, Origin::Built { previous: None, .. }), "{o:?}");
+    assert!(o.file().exists());
+    let mut progress_calls = 0;
+    let (b, o) = DiskIndex::load_or_build(&img, &cache, &mut |_| progress_calls += 1).unwrap();
+    assert!(matches!(o, Origin::Loaded { .. }), "{o:?}");
+    assert_eq!(progress_calls, 0);
+    assert_eq!(a.identity(), b.identity());
+    assert_eq!(a.zero_blocks(), b.zero_blocks());
+    assert_eq!(a.iter().collect::<Vec<_>>(), b.iter().collect::<Vec<_>>());
+    for s in 0..700 {
+        assert_eq!(a.lookup(&fp(s)), if s % 10 == 3 { None } else { Some(s) });
+        assert_eq!(b.lookup(&fp(s)), a.lookup(&fp(s)));
+    }
+    // The file is named after the canonical path: another spelling of the path finds it.
+    let other = dir.path().join("c/../disk.raw");
+    let (_, o) = DiskIndex::load_or_build(&other, &cache, &mut quiet()).unwrap();
+    assert!(!o.built(), "{o:?}");
+}
+
+#[test]
+fn a_modified_block_triggers_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), &seeds(2000));
+    let cache = dir.path().join("cache");
+    let (a, _) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+    let f = OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&block(99_999), 1500 * BLOCK_SIZE_U64).unwrap();
+    drop(f);
+    let (b, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+    assert!(matches!(o, Origin::Built { previous: Some(IndexError::Stale { .. }), .. }), "{o:?}");
+    assert_eq!(b.lookup(&fp(99_999)), Some(1500));
+    assert_ne!(a.identity().index_hash, b.identity().index_hash);
+    let (_, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+    assert!(!o.built());
+}
+
+#[test]
+fn a_touched_image_triggers_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), &seeds(100));
+    let cache = dir.path().join("cache");
+    DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+    let f = OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_modified(SystemTime::now() + Duration::from_secs(3600)).unwrap();
+    drop(f);
+    let (_, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+    match o {
+        Origin::Built { previous: Some(IndexError::Stale { what, .. }), .. } => assert!(what == "mtime" || what == "ctime"),
+        o => panic!("expected a rebuild, got {o:?}"),
+    }
+}
+
+#[test]
+fn a_replaced_image_triggers_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), &seeds(100));
+    let cache = dir.path().join("cache");
+    DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+    let copy = dir.path().join("copy.raw");
+    fs::copy(&img, &copy).unwrap();
+    fs::rename(&copy, &img).unwrap();
+    let (_, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+    assert!(o.built(), "{o:?}");
+}
+
+fn built_then_file(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let img = image(dir, &seeds(3000));
+    let cache = dir.join("cache");
+    let (_, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+    (img, cache, o.file().to_path_buf())
+}
+
+#[test]
+fn truncated_index_files_trigger_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, cache, file) = built_then_file(dir.path());
+    let good = fs::read(&file).unwrap();
+    for len in [0, 7, 8, 100, 119, 120, 135, 136, 137, 1000, good.len() - 17, good.len() - 16, good.len() - 1] {
+        fs::write(&file, &good[..len]).unwrap();
+        assert!(DiskIndex::load(&img, &file).is_err(), "truncated to {len}");
+        let (_, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+        assert!(matches!(o, Origin::Built { previous: Some(IndexError::Invalid { .. }), .. }), "len {len}: {o:?}");
+        assert_eq!(fs::read(&file).unwrap(), good);
+    }
+    // Longer than announced.
+    let mut long = good.clone();
+    long.extend_from_slice(&[0; 20]);
+    fs::write(&file, &long).unwrap();
+    assert!(matches!(DiskIndex::load(&img, &file), Err(IndexError::Invalid { .. })));
+}
+
+#[test]
+fn corrupted_index_files_trigger_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, cache, file) = built_then_file(dir.path());
+    let good = fs::read(&file).unwrap();
+    // A huge entry count must be refused before any allocation.
+    let mut bad = good.clone();
+    bad[112..120].copy_from_slice(&u64::MAX.to_le_bytes());
+    fs::write(&file, &bad).unwrap();
+    let e = DiskIndex::load(&img, &file).unwrap_err();
+    assert!(matches!(e, IndexError::Invalid { .. }), "{e}");
+    // A flipped bit in the body.
+    let mut bad = good.clone();
+    bad[120 + 20 * 50 + 3] ^= 0x10;
+    fs::write(&file, &bad).unwrap();
+    let e = DiskIndex::load(&img, &file).unwrap_err();
+    assert!(e.to_string().contains("invalid"), "{e}");
+    let (_, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+    assert!(o.built());
+    // Garbage of the right length.
+    fs::write(&file, vec![0xa5; good.len()]).unwrap();
+    let (_, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+    assert!(o.built());
+    assert_eq!(fs::read(&file).unwrap(), good);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn any_corruption_is_an_error_not_a_panic(pos in 0usize..1_000_000, xor in 1u8..=255, cut in proptest::option::of(0usize..1_000_000)) {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path(), &seeds(60));
+        let file = dir.path().join("i.idx");
+        DiskIndex::build(&img, &mut quiet()).unwrap().save(&file).unwrap();
+        let mut bytes = fs::read(&file).unwrap();
+        let p = pos % bytes.len();
+        bytes[p] ^= xor;
+        if let Some(c) = cut {
+            bytes.truncate(c % bytes.len());
+        }
+        fs::write(&file, &bytes).unwrap();
+        prop_assert!(DiskIndex::load(&img, &file).is_err());
+    }
+
+    #[test]
+    fn lookup_finds_exactly_the_keys(keys in proptest::collection::btree_set(any::<u128>(), 0..3000), probes in proptest::collection::vec(any::<u128>(), 0..200)) {
+        let map: BTreeMap<u128, u32> = keys.iter().enumerate().map(|(i, &k)| (k, u32::try_from(i).unwrap())).collect();
+        let (k, b): (Vec<u128>, Vec<u32>) = map.iter().map(|(&k, &b)| (k, b)).unzip();
+        let meta = Meta { stamp: file::Stamp { size: 0, mtime: (0, 0), ctime: (0, 0), ino: 0, dev: 0 }, sample_hash: 0, index_hash: 0, zero_blocks: 0 };
+        let idx = DiskIndex::from_sorted(k, b, meta);
+        for (&k, &b) in &map {
+            prop_assert_eq!(idx.lookup(&Fingerprint(k)), Some(u64::from(b)));
+        }
+        for p in probes {
+            prop_assert_eq!(idx.lookup(&Fingerprint(p)), map.get(&p).map(|&b| u64::from(b)));
+        }
+    }
+}
+
+#[test]
+fn block_reader_verifies_fingerprints() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), &seeds(50));
+    let idx = DiskIndex::build(&img, &mut quiet()).unwrap();
+    let r = BlockReader::open(&img).unwrap();
+    assert_eq!(r.blocks().unwrap(), 50);
+    let mut buf = [0u8; BLOCK_SIZE];
+    let by_block: HashMap<u64, Fingerprint> = idx.iter().map(|(f, b)| (b, f)).collect();
+    for (&b, &f) in &by_block {
+        r.read_block(b, f, &mut buf).unwrap();
+        assert_eq!(Fingerprint::of(&buf), f);
+    }
+    // The image changes under the receiver: block 20 gets new content.
+    let expected = by_block[&20];
+    OpenOptions::new().write(true).open(&img).unwrap().write_all_at(&block(4242), 20 * BLOCK_SIZE_U64).unwrap();
+    let e = r.read_block(20, expected, &mut buf).unwrap_err();
+    assert!(e.needs_resend());
+    match e {
+        IndexError::BlockMismatch { block, expected: x, found, .. } => {
+            assert_eq!((block, x, found), (20, expected, fp(4242)));
+        }
+        e => panic!("expected a mismatch, got {e}"),
+    }
+    let e = r.read_block(50, expected, &mut buf).unwrap_err();
+    assert!(matches!(e, IndexError::BlockOutOfRange { block: 50, blocks: 50, .. }), "{e}");
+    let e = r.read_block(u64::MAX, expected, &mut buf).unwrap_err();
+    assert!(matches!(e, IndexError::BlockOutOfRange { .. }), "{e}");
+}
+
+#[test]
+fn identity_serialises_compactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), &seeds(10));
+    let id = DiskIndex::build(&img, &mut quiet()).unwrap().identity();
+    let json = serde_json::to_string(&id).unwrap();
+    assert!(json.len() < 120, "{json}");
+    assert_eq!(serde_json::from_str::<ImageIdentity>(&json).unwrap(), id);
+    assert!(serde_json::from_str::<ImageIdentity>(r#"{"size":1,"sample_hash":"12","index_hash":"zz"}"#).is_err());
+    let f = fp(3);
+    assert_eq!(serde_json::from_str::<Fingerprint>(&serde_json::to_string(&f).unwrap()).unwrap(), f);
+}
+
+#[test]
+fn fingerprints_and_zero() {
+    assert!(is_zero(&[0u8; BLOCK_SIZE]));
+    assert!(!is_zero(&block(0)));
+    let mut b = [0u8; BLOCK_SIZE];
+    b[4095] = 1;
+    assert!(!is_zero(&b));
+    assert_eq!(Fingerprint::of_slice(&block(5)), Some(fp(5)));
+    assert_eq!(Fingerprint::of_slice(&[1u8; 100]), None);
+}
