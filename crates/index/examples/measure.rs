@@ -65,7 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut found = 0u64;
     for _ in 0..rounds {
         for p in &hits {
-            found += u64::from(map.get(black_box(&p.0)).is_some());
+            found += u64::from(map.contains_key(black_box(&p.0)));
         }
     }
     let n = (rounds * hits.len()) as f64;

@@ -22,7 +22,8 @@ const SAMPLES: u64 = 16;
 /// How often the progress callback runs during a build.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
-/// Progress of a build, given to the callback about ten times a second and once at the end.
+/// Progress of a build, given to the callback at the start, about ten times a second and once
+/// at the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BuildProgress {
     /// Bytes of the image fingerprinted so far.
@@ -59,6 +60,7 @@ impl DiskIndex {
         let done = AtomicU64::new(0);
         let abort = AtomicBool::new(false);
         let threads = threads.clamp(1, usize::try_from(segments).unwrap_or(usize::MAX).max(1));
+        progress(BuildProgress { done_bytes: 0, total_bytes });
 
         let results: Vec<Result<(Vec<SegmentResult>, u64), IndexError>> = thread::scope(|s| {
             let mut handles = Vec::with_capacity(threads);
