@@ -330,6 +330,26 @@ impl Vm {
     /// The QEMU binary is `$LIVEMIG_QEMU` or `qemu-system-x86_64`.
     pub fn start(image: &GuestImage, cfg: &VmConfig) -> Result<Vm, LabError> {
         let args = cfg.qemu_args(image)?;
+        Self::spawn(cfg, args)
+    }
+
+    /// Starts a QEMU that runs no guest code (`-S`, no kernel): `-accel tcg -S -nodefaults
+    /// -display none`, its QMP socket in `run_dir`, then `args`. For tests of QMP and of guest
+    /// memory access, which need a real QEMU but no guest.
+    pub fn start_paused(name: &str, run_dir: &Path, args: &[&str]) -> Result<Vm, LabError> {
+        let cfg = VmConfig::new(name, run_dir);
+        let mut all: Vec<String> = ["-accel", "tcg", "-S", "-nodefaults", "-display", "none", "-qmp"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        all.push(format!("unix:{},server=on,wait=off", cfg.qmp_path().display()));
+        all.extend(args.iter().map(|a| (*a).to_string()));
+        Self::spawn(&cfg, all)
+    }
+
+    /// Spawns QEMU with `args` (which must put its QMP socket at `cfg.qmp_path()`) and waits
+    /// until the socket accepts connections.
+    fn spawn(cfg: &VmConfig, args: Vec<String>) -> Result<Vm, LabError> {
         fs::create_dir_all(&cfg.run_dir).map_err(io_err(format!("creating {}", cfg.run_dir.display())))?;
         let qmp = cfg.qmp_path();
         let console = cfg.console_path();

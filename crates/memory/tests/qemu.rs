@@ -1,9 +1,19 @@
 //! Integration tests against a real `qemu-system-x86_64` (TCG, paused with -S, no guest code).
 
-mod common;
+use std::path::Path;
+use std::time::Duration;
 
-use common::Qemu;
+use livemig_lab::Vm;
 use livemig_memory::{Backend, GuestMemory, MemoryError, PageBuf, PAGE_SIZE};
+use livemig_qmp::Qmp;
+
+/// Longest wait for QEMU.
+const T: Duration = Duration::from_secs(10);
+
+/// A QEMU running no guest code, killed and reaped when dropped.
+fn start(dir: &Path, args: &[&str]) -> Vm {
+    Vm::start_paused("qemu", dir, args).expect("QEMU starts")
+}
 
 const MIB: u64 = 1 << 20;
 
@@ -28,15 +38,19 @@ fn guest_bytes(q: &mut livemig_qmp::Qmp, addr: u64) -> String {
 
 #[test]
 fn memfd_region_is_found_and_shared_with_the_guest() {
-    let qemu = Qemu::start(&[
-        "-m",
-        "256",
-        "-machine",
-        "q35,memory-backend=mem0",
-        "-object",
-        "memory-backend-memfd,id=mem0,size=256M,share=on",
-    ]);
-    let mut q = qemu.qmp();
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = start(
+        dir.path(),
+        &[
+            "-m",
+            "256",
+            "-machine",
+            "q35,memory-backend=mem0",
+            "-object",
+            "memory-backend-memfd,id=mem0,size=256M,share=on",
+        ],
+    );
+    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
     let mem = GuestMemory::open(&mut q).unwrap();
     assert_eq!(mem.layout(), vec![("mem0".to_owned(), 256 * MIB)]);
     assert_eq!(mem.regions[0].backend(), &Backend::Memfd);
@@ -70,15 +84,19 @@ fn file_region_is_found_and_writes_reach_the_file() {
         "memory-backend-file,id=mem0,size=256M,share=on,mem-path={}",
         ram.display()
     );
-    let qemu = Qemu::start(&[
-        "-m",
-        "256",
-        "-machine",
-        "q35,memory-backend=mem0",
-        "-object",
-        &object,
-    ]);
-    let mut q = qemu.qmp();
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = start(
+        dir.path(),
+        &[
+            "-m",
+            "256",
+            "-machine",
+            "q35,memory-backend=mem0",
+            "-object",
+            &object,
+        ],
+    );
+    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
     let mem = GuestMemory::open(&mut q).unwrap();
     assert_eq!(mem.layout(), vec![("mem0".to_owned(), 256 * MIB)]);
     assert_eq!(mem.regions[0].backend(), &Backend::File(ram.clone()));
@@ -106,19 +124,23 @@ fn several_memdevs_are_sorted_by_id() {
         "memory-backend-file,id=a-file,size=32M,share=on,mem-path={}",
         dir.path().join("a.ram").display()
     );
-    let qemu = Qemu::start(&[
-        "-m",
-        "256",
-        "-machine",
-        "q35,memory-backend=mem0",
-        "-object",
-        "memory-backend-memfd,id=mem0,size=256M,share=on",
-        "-object",
-        "memory-backend-memfd,id=mem1,size=64M,share=on",
-        "-object",
-        &file,
-    ]);
-    let mut q = qemu.qmp();
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = start(
+        dir.path(),
+        &[
+            "-m",
+            "256",
+            "-machine",
+            "q35,memory-backend=mem0",
+            "-object",
+            "memory-backend-memfd,id=mem0,size=256M,share=on",
+            "-object",
+            "memory-backend-memfd,id=mem1,size=64M,share=on",
+            "-object",
+            &file,
+        ],
+    );
+    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
     let mem = GuestMemory::open(&mut q).unwrap();
     assert_eq!(
         mem.layout(),
@@ -137,17 +159,21 @@ fn several_memdevs_are_sorted_by_id() {
 
 #[test]
 fn same_size_memfds_are_ambiguous() {
-    let qemu = Qemu::start(&[
-        "-m",
-        "256",
-        "-machine",
-        "q35,memory-backend=mem0",
-        "-object",
-        "memory-backend-memfd,id=mem0,size=256M,share=on",
-        "-object",
-        "memory-backend-memfd,id=mem1,size=256M,share=on",
-    ]);
-    let mut q = qemu.qmp();
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = start(
+        dir.path(),
+        &[
+            "-m",
+            "256",
+            "-machine",
+            "q35,memory-backend=mem0",
+            "-object",
+            "memory-backend-memfd,id=mem0,size=256M,share=on",
+            "-object",
+            "memory-backend-memfd,id=mem1,size=256M,share=on",
+        ],
+    );
+    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
     let e = GuestMemory::open(&mut q).unwrap_err();
     assert!(
         matches!(e, MemoryError::AmbiguousMemfd { candidates: 2, .. }),
@@ -158,8 +184,9 @@ fn same_size_memfds_are_ambiguous() {
 
 #[test]
 fn plain_ram_is_not_shared() {
-    let qemu = Qemu::start(&["-m", "256", "-machine", "q35"]);
-    let mut q = qemu.qmp();
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = start(dir.path(), &["-m", "256", "-machine", "q35"]);
+    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
     let e = GuestMemory::open(&mut q).unwrap_err();
     eprintln!("{e}");
     assert!(matches!(e, MemoryError::NotShared { .. }), "{e:?}");
@@ -168,15 +195,19 @@ fn plain_ram_is_not_shared() {
 
 #[test]
 fn share_off_is_not_shared() {
-    let qemu = Qemu::start(&[
-        "-m",
-        "256",
-        "-machine",
-        "q35,memory-backend=mem0",
-        "-object",
-        "memory-backend-memfd,id=mem0,size=256M,share=off",
-    ]);
-    let mut q = qemu.qmp();
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = start(
+        dir.path(),
+        &[
+            "-m",
+            "256",
+            "-machine",
+            "q35,memory-backend=mem0",
+            "-object",
+            "memory-backend-memfd,id=mem0,size=256M,share=off",
+        ],
+    );
+    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
     let e = GuestMemory::open(&mut q).unwrap_err();
     assert!(
         matches!(e, MemoryError::NotShared { id: Some(ref id) } if id == "mem0"),
@@ -187,15 +218,19 @@ fn share_off_is_not_shared() {
 
 #[test]
 fn shared_anonymous_ram_is_unsupported() {
-    let qemu = Qemu::start(&[
-        "-m",
-        "256",
-        "-machine",
-        "q35,memory-backend=mem0",
-        "-object",
-        "memory-backend-ram,id=mem0,size=256M,share=on",
-    ]);
-    let mut q = qemu.qmp();
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = start(
+        dir.path(),
+        &[
+            "-m",
+            "256",
+            "-machine",
+            "q35,memory-backend=mem0",
+            "-object",
+            "memory-backend-ram,id=mem0,size=256M,share=on",
+        ],
+    );
+    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
     let e = GuestMemory::open(&mut q).unwrap_err();
     assert!(
         matches!(e, MemoryError::UnsupportedBackend { ref backend, .. } if backend == "memory-backend-ram"),

@@ -1,11 +1,18 @@
 //! Integration tests against a real `qemu-system-x86_64` (TCG, paused with -S, no guest code).
 
-mod common;
-
+use std::path::Path;
 use std::time::Duration;
 
-use common::{Qemu, T};
-use livemig_qmp::QmpError;
+use livemig_lab::Vm;
+use livemig_qmp::{Qmp, QmpError};
+
+/// Longest wait for QEMU.
+const T: Duration = Duration::from_secs(10);
+
+/// A QEMU running no guest code, killed and reaped when dropped.
+fn start(dir: &Path, args: &[&str]) -> Vm {
+    Vm::start_paused("qemu", dir, args).expect("QEMU starts")
+}
 
 const MEMFD_ARGS: &[&str] = &[
     "-m",
@@ -18,8 +25,9 @@ const MEMFD_ARGS: &[&str] = &[
 
 #[test]
 fn real_qemu_status_memdev_stop_cont_quit() {
-    let mut qemu = Qemu::start(MEMFD_ARGS);
-    let mut q = qemu.qmp();
+    let dir = tempfile::tempdir().unwrap();
+    let mut qemu = start(dir.path(), MEMFD_ARGS);
+    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
     assert_eq!(q.greeting()["version"]["qemu"]["major"], 7);
     assert_eq!(q.peer_pid().unwrap(), qemu.pid());
 
@@ -58,7 +66,7 @@ fn real_qemu_status_memdev_stop_cont_quit() {
         .unwrap();
 
     q.quit().unwrap();
-    assert!(qemu.wait_exit(T), "QEMU did not exit after quit");
+    assert!(qemu.wait_exit(T).is_some(), "QEMU did not exit after quit");
     // The connection is gone now.
     let e = q.query_status().unwrap_err();
     assert!(matches!(e, QmpError::Closed | QmpError::Io(_)), "{e:?}");
@@ -66,8 +74,9 @@ fn real_qemu_status_memdev_stop_cont_quit() {
 
 #[test]
 fn real_qemu_unknown_command_and_bad_arguments() {
-    let qemu = Qemu::start(MEMFD_ARGS);
-    let mut q = qemu.qmp();
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = start(dir.path(), MEMFD_ARGS);
+    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
     match q.execute("no-such-command", None).unwrap_err() {
         QmpError::Command { class, desc, .. } => {
             assert_eq!(class, "CommandNotFound");
@@ -85,11 +94,12 @@ fn real_qemu_unknown_command_and_bad_arguments() {
 #[test]
 fn real_qemu_migration_to_file_completes() {
     // Migration of a paused VM into a file: exercises migrate + wait_migration end to end.
-    let qemu = Qemu::start(MEMFD_ARGS);
-    let mut q = qemu.qmp();
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = start(dir.path(), MEMFD_ARGS);
+    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
     q.migrate_set_capabilities(&[("x-ignore-shared", true)])
         .unwrap();
-    let out = qemu.dir.path().join("state");
+    let out = dir.path().join("state");
     q.migrate(&format!("exec:cat > {}", out.display())).unwrap();
     let info = q.wait_migration(Duration::from_secs(30)).unwrap();
     assert_eq!(info.status.as_deref(), Some("completed"), "{info:?}");
