@@ -265,10 +265,13 @@ impl Region {
     /// Copies page `index` into `buf`. The guest may write the page meanwhile; the copy is
     /// then a mix of old and new bytes.
     pub fn read_page(&self, index: u64, buf: &mut PageBuf) -> Result<(), MemoryError> {
+        self.read_page_into(index, &mut buf.0)
+    }
+
+    /// Copies page `index` into any page-sized buffer (no alignment needed).
+    pub fn read_page_into(&self, index: u64, dst: &mut [u8; PAGE_SIZE]) -> Result<(), MemoryError> {
         let off = self.offset(index)?;
-        self.map
-            .read(off, &mut buf.0)
-            .ok_or_else(|| self.out_of_range(index))
+        self.map.read(off, dst).ok_or_else(|| self.out_of_range(index))
     }
 
     /// Writes `data` into page `index`.
@@ -520,8 +523,13 @@ impl GuestMemory {
 
     /// Copies global page `global` into `buf`.
     pub fn read_page(&self, global: u64, buf: &mut PageBuf) -> Result<(), MemoryError> {
+        self.read_page_into(global, &mut buf.0)
+    }
+
+    /// Copies global page `global` into any page-sized buffer (no alignment needed).
+    pub fn read_page_into(&self, global: u64, dst: &mut [u8; PAGE_SIZE]) -> Result<(), MemoryError> {
         let (r, index) = self.region_of(global)?;
-        r.read_page(index, buf)
+        r.read_page_into(index, dst)
     }
 
     /// Writes `data` into global page `global`.
