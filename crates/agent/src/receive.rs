@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use livemig_compact::{decode_batch, is_zero};
-use livemig_control::{Decision, IterationStats};
+use livemig_control::IterationStats;
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_qmp::Qmp;
 use livemig_track::{hash_page, Digest, Ledger};
@@ -20,7 +20,7 @@ use livemig_wire::{negotiate, read_frame, FrameKind, Message, RegionInfo, MIN_PR
 use crate::error::AgentError;
 use crate::link;
 use crate::report::{IterationRecord, Report};
-use crate::{Observer, Progress, TempDir, SOFTWARE};
+use crate::{Observer, Progress, SOFTWARE};
 
 /// What `receive` needs.
 #[derive(Debug, Clone)]
@@ -77,6 +77,7 @@ pub fn receive(opts: &ReceiveOptions, obs: &mut dyn Observer) -> (Report, Result
             Err(e) => format!("unknown ({e})"),
         });
     }
+    report.compute_compaction_ratio();
     report.total_time_ms = start.elapsed().as_secs_f64() * 1000.0;
     (report, result)
 }
@@ -131,7 +132,7 @@ fn run(
     let mut ledger = Ledger::zeroed(total);
     qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
         .map_err(AgentError::qmp("cannot enable x-ignore-shared on the destination QEMU"))?;
-    let dir = TempDir::new("receive")?;
+    let dir = crate::private_dir("receive")?;
     let incoming = dir.path().join("incoming.sock");
     qmp.migrate_incoming(&format!("unix:{}", incoming.display()))
         .map_err(AgentError::qmp("the destination QEMU refused migrate-incoming"))?;
@@ -164,13 +165,12 @@ fn run(
         report.wire_bytes = count.load(Ordering::Relaxed);
         match frame.kind {
             FrameKind::Pages => {
-                decode_batch::<AgentError>(&frame.payload, total, |page, class, data| {
+                decode_batch::<AgentError>(&frame.payload, total, |page, class, data, bytes| {
                     mem.write_page(page, data)?;
                     ledger.record(page, hash_page(data));
-                    report.count_page(class.name(), 0);
+                    report.count_page(class.name(), bytes);
                     Ok(())
                 })?;
-                *report.page_bytes.entry("batches".into()).or_default() += frame.payload.len() as u64;
             }
             FrameKind::DeviceState => {
                 if dev.is_none() {
@@ -205,8 +205,14 @@ fn run(
                         scan_ms: 0.0,
                         rate_bytes_per_s: (now - iter_bytes_mark) as f64 / dur.as_secs_f64().max(1e-6),
                     };
-                    let d = Decision::Continue { predicted_downtime_ms: f64::NAN, reason: "received".into() };
-                    let rec = IterationRecord::new(stats, &d, None, last);
+                    let rec = IterationRecord {
+                        stats,
+                        decision: if last { "final" } else { "received" }.into(),
+                        reason: String::new(),
+                        predicted_downtime_ms: None,
+                        fit: None,
+                        last,
+                    };
                     obs.progress(Progress::Iteration(&rec));
                     report.iterations.push(rec);
                     iter_start = Instant::now();

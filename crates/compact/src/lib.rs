@@ -178,12 +178,14 @@ impl BatchEncoder {
     }
 }
 
-/// Decodes a batch received from the peer, calling `sink(page, class, bytes)` for every page in
-/// order. Stops at the first invalid record; pages before it have been delivered.
+/// Decodes a batch received from the peer, calling `sink(page, class, bytes, record_len)` for
+/// every page in order, where `record_len` is the bytes its record took in the batch (as the
+/// encoder's `push` reports it). Stops at the first invalid record; pages before it have been
+/// delivered.
 pub fn decode_batch<E: From<CompactError>>(
     payload: &[u8],
     total_pages: u64,
-    mut sink: impl FnMut(u64, PageClass, &[u8; PAGE_SIZE]) -> Result<(), E>,
+    mut sink: impl FnMut(u64, PageClass, &[u8; PAGE_SIZE], usize) -> Result<(), E>,
 ) -> Result<u64, E> {
     let zero = [0u8; PAGE_SIZE];
     let mut out = [0u8; PAGE_SIZE];
@@ -205,27 +207,19 @@ pub fn decode_batch<E: From<CompactError>>(
         let start = pos + RECORD_HEADER;
         let data = payload.get(start..start + ulen).ok_or(CompactError::Truncated(pos))?;
         pos = start + ulen;
-        match class {
-            PageClass::Zero => {
-                if ulen != 0 {
-                    return Err(CompactError::BadLength { class: class.name(), len }.into());
-                }
-                sink(page, class, &zero)?;
-            }
+        let decoded: &[u8; PAGE_SIZE] = match class {
+            PageClass::Zero if ulen == 0 => &zero,
             PageClass::Raw => {
-                let data: &[u8; PAGE_SIZE] =
-                    data.try_into().map_err(|_| CompactError::BadLength { class: class.name(), len })?;
-                sink(page, class, data)?;
+                data.try_into().map_err(|_| CompactError::BadLength { class: class.name(), len })?
             }
-            PageClass::Lz4 => {
-                match lz4_flex::block::decompress_into(data, &mut out) {
-                    Ok(PAGE_SIZE) => {}
-                    _ => return Err(CompactError::BadCompressed(page).into()),
-                }
-                sink(page, class, &out)?;
-            }
+            PageClass::Lz4 => match lz4_flex::block::decompress_into(data, &mut out) {
+                Ok(PAGE_SIZE) => &out,
+                _ => return Err(CompactError::BadCompressed(page).into()),
+            },
+            PageClass::Zero => return Err(CompactError::BadLength { class: class.name(), len }.into()),
             PageClass::Invalid => return Err(CompactError::UnknownClass(0).into()),
-        }
+        };
+        sink(page, class, decoded, RECORD_HEADER + ulen)?;
         count += 1;
     }
     Ok(count)
@@ -250,7 +244,7 @@ mod tests {
 
     fn decode_all(payload: &[u8], total: u64) -> Result<Vec<(u64, PageClass, Vec<u8>)>, CompactError> {
         let mut v = Vec::new();
-        decode_batch::<CompactError>(payload, total, |p, c, d| {
+        decode_batch::<CompactError>(payload, total, |p, c, d, _| {
             v.push((p, c, d.to_vec()));
             Ok(())
         })?;
@@ -263,10 +257,19 @@ mod tests {
         let zero = [0u8; PAGE_SIZE];
         let text = page_from(3, true);
         let random = page_from(5, false);
-        assert_eq!(e.push(10, &zero).0, PageClass::Zero);
-        assert_eq!(e.push(11, &text).0, PageClass::Lz4);
-        assert_eq!(e.push(12, &random).0, PageClass::Raw);
+        let pushed = [e.push(10, &zero), e.push(11, &text), e.push(12, &random)];
+        let classes: Vec<PageClass> = pushed.iter().map(|p| p.0).collect();
+        assert_eq!(classes, [PageClass::Zero, PageClass::Lz4, PageClass::Raw]);
         let batch = e.take();
+        // The decoder reports the same record sizes as the encoder, so both sides count alike.
+        let mut lens = Vec::new();
+        decode_batch::<CompactError>(&batch, 100, |_, _, _, n| {
+            lens.push(n);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(lens, pushed.iter().map(|p| p.1).collect::<Vec<_>>());
+        assert_eq!(lens.iter().sum::<usize>(), batch.len());
         let got = decode_all(&batch, 100).unwrap();
         assert_eq!(got.len(), 3);
         assert_eq!(got[0], (10, PageClass::Zero, zero.to_vec()));
