@@ -84,6 +84,9 @@ pub enum AgentError {
     /// The operator cancelled.
     #[error("cancelled by the operator")]
     Cancelled,
+    /// The migration failed and putting the source VM back failed too.
+    #[error("{0}")]
+    SourceNotRestored(String),
     /// The destination was told to resume but did not confirm.
     #[error("the destination was told to resume but did not confirm ({0}); the source stays paused: check the destination before resuming either VM")]
     Unconfirmed(String),

@@ -6,9 +6,7 @@ pub mod receive;
 pub mod report;
 pub mod send;
 
-use std::path::{Path, PathBuf};
-
-use livemig_memory::{GuestMemory, PageBuf};
+use livemig_memory::GuestMemory;
 use livemig_track::{PageSource, SourceError, PAGE_SIZE};
 
 pub use error::AgentError;
@@ -63,32 +61,14 @@ impl PageSource for MemSource<'_> {
         self.0.total_pages()
     }
     fn read_page(&self, page: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<(), SourceError> {
-        let mut b = PageBuf::zeroed();
-        self.0.read_page(page, &mut b)?;
-        buf.copy_from_slice(&b.0);
-        Ok(())
+        Ok(self.0.read_page_into(page, buf)?)
     }
 }
 
 /// A private directory for sockets, removed on drop.
-#[derive(Debug)]
-pub(crate) struct TempDir(PathBuf);
-
-impl TempDir {
-    pub(crate) fn new(tag: &str) -> Result<TempDir, AgentError> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let p = std::env::temp_dir().join(format!("livemig-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&p)
-            .map_err(|source| AgentError::Network { what: format!("cannot create {}", p.display()), source })?;
-        Ok(TempDir(p))
-    }
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+pub(crate) fn private_dir(tag: &str) -> Result<tempfile::TempDir, AgentError> {
+    tempfile::Builder::new()
+        .prefix(&format!("livemig-{tag}-"))
+        .tempdir()
+        .map_err(|source| AgentError::Network { what: "cannot create a private directory for sockets".into(), source })
 }

@@ -26,16 +26,11 @@ pub struct IterationRecord {
 impl IterationRecord {
     /// A record from stats and the decision taken after its scan.
     pub fn new(stats: IterationStats, decision: &Decision, fit: Option<Fit>, last: bool) -> Self {
-        let (name, reason) = match decision {
-            Decision::Continue { reason, .. } | Decision::Switchover { reason, .. } | Decision::Abort { reason, .. } => {
-                (decision.name(), reason.clone())
-            }
-        };
         let p = decision.predicted_downtime_ms();
         IterationRecord {
             stats,
-            decision: if last { "final".into() } else { name.into() },
-            reason,
+            decision: if last { "final" } else { decision.name() }.into(),
+            reason: decision.reason().to_string(),
             predicted_downtime_ms: p.is_finite().then_some(p),
             fit,
             last,
@@ -106,6 +101,14 @@ impl Report {
     pub fn count_page(&mut self, class: &str, bytes: usize) {
         *self.pages.entry(class.to_string()).or_default() += 1;
         *self.page_bytes.entry(class.to_string()).or_default() += bytes as u64;
+    }
+
+    /// Sets `compaction_ratio` from the page counts: bytes of the pages as whole pages over the
+    /// bytes their records took on the wire.
+    pub fn compute_compaction_ratio(&mut self) {
+        let pages: u64 = self.pages.values().sum();
+        let wire: u64 = self.page_bytes.values().sum();
+        self.compaction_ratio = (wire > 0).then(|| pages as f64 * 4096.0 / wire as f64);
     }
 
     /// The human summary, a few lines.

@@ -20,7 +20,7 @@ use livemig_wire::{FrameKind, Message, RegionInfo, MIN_PROTOCOL_VERSION, PROTOCO
 use crate::error::AgentError;
 use crate::link::{self, Inbox, Out, Writer};
 use crate::report::{IterationRecord, Report};
-use crate::{MemSource, Observer, Progress, TempDir, SOFTWARE};
+use crate::{MemSource, Observer, Progress, SOFTWARE};
 
 /// Which downtime controller drives the iterations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +156,7 @@ pub fn send(opts: &SendOptions, obs: &mut dyn Observer) -> (Report, Result<(), A
             obs.progress(Progress::Phase("migration failed: restoring the source VM"));
             if let Err(re) = st.recover() {
                 msg.push_str(&format!("; AND restoring the source VM failed: {}", re.chain()));
-                result = Err(AgentError::Incompatible(msg.clone()));
+                result = Err(AgentError::SourceNotRestored(msg.clone()));
             }
         }
         report.error = Some(msg);
@@ -167,11 +167,7 @@ pub fn send(opts: &SendOptions, obs: &mut dyn Observer) -> (Report, Result<(), A
             Err(e) => format!("unknown ({e})"),
         });
     }
-    let sent: u64 = report.pages.values().sum();
-    let page_wire: u64 = report.page_bytes.values().sum();
-    if page_wire > 0 {
-        report.compaction_ratio = Some(sent as f64 * 4096.0 / page_wire as f64);
-    }
+    report.compute_compaction_ratio();
     report.total_time_ms = ms(start.elapsed());
     (report, result)
 }
@@ -295,7 +291,6 @@ fn precopy_and_switchover(
         let record = IterationRecord::new(stats.clone(), &decision, controller.fit(), false);
         obs.progress(Progress::Iteration(&record));
         report.iterations.push(record);
-        report.wire_bytes = writer.total_bytes();
         history.push(stats);
         index += 1;
     };
@@ -337,7 +332,7 @@ fn precopy_and_switchover(
     }
 
     obs.progress(Progress::Phase("switchover: migrating device state"));
-    let dir = TempDir::new("send")?;
+    let dir = crate::private_dir("send")?;
     let sock = dir.path().join("device-state.sock");
     let listener = UnixListener::bind(&sock)
         .map_err(|source| AgentError::Network { what: format!("cannot listen on {}", sock.display()), source })?;
@@ -409,7 +404,6 @@ fn precopy_and_switchover(
         Err(e) => return Err(AgentError::Unconfirmed(e.chain())),
     }
     report.downtime_ms = Some(ms(t_stop.elapsed()));
-    report.wire_bytes = writer.total_bytes();
     obs.progress(Progress::Phase("completed: the destination VM runs"));
     Ok(())
 }

@@ -104,6 +104,12 @@ impl Decision {
             | Decision::Abort { predicted_downtime_ms, .. } => *predicted_downtime_ms,
         }
     }
+    /// Why the controller decided so.
+    pub fn reason(&self) -> &str {
+        match self {
+            Decision::Continue { reason, .. } | Decision::Switchover { reason, .. } | Decision::Abort { reason, .. } => reason,
+        }
+    }
     /// Short name for reports.
     pub fn name(&self) -> &'static str {
         match self {
