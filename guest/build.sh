@@ -303,6 +303,16 @@ EOF
     mv "$CACHE/manifest.json.tmp" "$CACHE/manifest.json"
 }
 
+# Hash of everything the guest is built from: kernel version, this script, init, and the
+# workload ($1) and root-disk ($2) input hashes.
+inputs_hash() {
+    {
+        echo "$KVER"
+        sha256sum "$SCRIPT_DIR/build.sh" "$SCRIPT_DIR/init" | cut -c1-64
+        echo "$1" "$2"
+    } | sha
+}
+
 main() {
     local t0=$SECONDS
     ensure_packages
@@ -311,11 +321,7 @@ main() {
     wl_hash=$(workload_inputs_hash)
     mapfile -t root_dirs < <(if [ -f "$CACHE/kernel/$KVER/stamp" ]; then select_root_dirs; fi)
     root_hash=$(root_inputs_hash "${root_dirs[@]}")
-    inputs=$({
-        echo "$KVER"
-        sha256sum "$SCRIPT_DIR/build.sh" "$SCRIPT_DIR/init" | cut -c1-64
-        echo "$wl_hash" "$root_hash"
-    } | sha)
+    inputs=$(inputs_hash "$wl_hash" "$root_hash")
     if [ -f "$CACHE/manifest.json" ] && grep -q "\"inputs_hash\": \"$inputs\"" "$CACHE/manifest.json" \
         && [ -f "$CACHE/vmlinuz" ] && [ -f "$CACHE/initramfs.img" ] && [ -f "$CACHE/root.raw" ]; then
         log "guest is up to date ($CACHE, kernel $KVER)"
@@ -326,11 +332,7 @@ main() {
         # First build: the module tree exists only now.
         mapfile -t root_dirs < <(select_root_dirs)
         root_hash=$(root_inputs_hash "${root_dirs[@]}")
-        inputs=$({
-            echo "$KVER"
-            sha256sum "$SCRIPT_DIR/build.sh" "$SCRIPT_DIR/init" | cut -c1-64
-            echo "$wl_hash" "$root_hash"
-        } | sha)
+        inputs=$(inputs_hash "$wl_hash" "$root_hash")
     fi
     cp "$CACHE/kernel/$KVER/tree/boot/vmlinuz-$KVER" "$CACHE/vmlinuz.tmp"
     mv "$CACHE/vmlinuz.tmp" "$CACHE/vmlinuz"
