@@ -1,6 +1,7 @@
 //! `livemig`: live migration of QEMU VMs with memory compaction and adaptive downtime control.
 
 mod demo;
+mod index_cmd;
 mod progress;
 mod signal;
 mod sim_cmd;
@@ -44,6 +45,8 @@ enum Command {
     Receive(ReceiveArgs),
     /// Boot a test VM on this machine, migrate it through send/receive, check the guest, report.
     Demo(demo::DemoArgs),
+    /// Build (or confirm up to date) the fingerprint index of a raw disk image.
+    Index(index_cmd::IndexArgs),
     /// Replay WWS traces through the downtime policies over a modelled link and compare them.
     Simulate(sim_cmd::SimulateArgs),
     /// Plot the writable working set per iteration of a send report as SVG.
@@ -220,6 +223,7 @@ fn main() -> ExitCode {
         Command::Send(a) => run_send(a),
         Command::Receive(a) => run_receive(a),
         Command::Demo(a) => demo::run(a),
+        Command::Index(a) => index_cmd::run(a),
         Command::Simulate(a) => sim_cmd::run_simulate(a),
         Command::Plot(a) => sim_cmd::run_plot(a),
         Command::Guest { command: GuestCommand::Build } => livemig_lab::GuestImage::build()
