@@ -321,6 +321,8 @@ pub struct Vm {
     console: PathBuf,
     qemu_log: PathBuf,
     args: Vec<String>,
+    /// A run directory the VM owns (paused test VMs); removed after QEMU is killed.
+    private_dir: Option<tempfile::TempDir>,
 }
 
 const QEMU_START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -334,17 +336,23 @@ impl Vm {
     }
 
     /// Starts a QEMU that runs no guest code (`-S`, no kernel): `-accel tcg -S -nodefaults
-    /// -display none`, its QMP socket in `run_dir`, then `args`. For tests of QMP and of guest
-    /// memory access, which need a real QEMU but no guest.
-    pub fn start_paused(name: &str, run_dir: &Path, args: &[&str]) -> Result<Vm, LabError> {
-        let cfg = VmConfig::new(name, run_dir);
+    /// -display none`, its QMP socket in a private run directory (removed with the VM), then
+    /// `args`. For tests of QMP and of guest memory access, which need a real QEMU but no guest.
+    pub fn start_paused(name: &str, args: &[&str]) -> Result<Vm, LabError> {
+        let dir = tempfile::Builder::new()
+            .prefix("livemig-qemu-")
+            .tempdir()
+            .map_err(io_err("creating a run directory"))?;
+        let cfg = VmConfig::new(name, dir.path());
         let mut all: Vec<String> = ["-accel", "tcg", "-S", "-nodefaults", "-display", "none", "-qmp"]
             .into_iter()
             .map(String::from)
             .collect();
         all.push(format!("unix:{},server=on,wait=off", cfg.qmp_path().display()));
         all.extend(args.iter().map(|a| (*a).to_string()));
-        Self::spawn(&cfg, all)
+        let mut vm = Self::spawn(&cfg, all)?;
+        vm.private_dir = Some(dir);
+        Ok(vm)
     }
 
     /// Spawns QEMU with `args` (which must put its QMP socket at `cfg.qmp_path()`) and waits
@@ -379,6 +387,7 @@ impl Vm {
             console,
             qemu_log,
             args,
+            private_dir: None,
         };
         let t0 = Instant::now();
         loop {

@@ -1,6 +1,5 @@
 //! Integration tests against a real `qemu-system-x86_64` (TCG, paused with -S, no guest code).
 
-use std::path::Path;
 use std::time::Duration;
 
 use livemig_lab::Vm;
@@ -10,9 +9,19 @@ use livemig_qmp::Qmp;
 /// Longest wait for QEMU.
 const T: Duration = Duration::from_secs(10);
 
-/// A QEMU running no guest code, killed and reaped when dropped.
-fn start(dir: &Path, args: &[&str]) -> Vm {
-    Vm::start_paused("qemu", dir, args).expect("QEMU starts")
+/// A QMP connection to a QEMU running no guest code; the QEMU is killed when the Vm drops.
+fn connect(vm: Vm) -> (Vm, Qmp) {
+    let q = Qmp::connect(vm.qmp_path(), T).expect("QMP connects");
+    (vm, q)
+}
+
+/// A paused QEMU whose 256 MiB of RAM is memdev `mem0`, with the given `-object`s.
+fn qemu_with(objects: &[&str]) -> (Vm, Qmp) {
+    let mut args = vec!["-m", "256", "-machine", "q35,memory-backend=mem0"];
+    for o in objects {
+        args.extend(["-object", o]);
+    }
+    connect(Vm::start_paused("qemu", &args).expect("QEMU starts"))
 }
 
 const MIB: u64 = 1 << 20;
@@ -38,19 +47,7 @@ fn guest_bytes(q: &mut livemig_qmp::Qmp, addr: u64) -> String {
 
 #[test]
 fn memfd_region_is_found_and_shared_with_the_guest() {
-    let dir = tempfile::tempdir().unwrap();
-    let qemu = start(
-        dir.path(),
-        &[
-            "-m",
-            "256",
-            "-machine",
-            "q35,memory-backend=mem0",
-            "-object",
-            "memory-backend-memfd,id=mem0,size=256M,share=on",
-        ],
-    );
-    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
+    let (_qemu, mut q) = qemu_with(&["memory-backend-memfd,id=mem0,size=256M,share=on"]);
     let mem = GuestMemory::open(&mut q).unwrap();
     assert_eq!(mem.layout(), vec![("mem0".to_owned(), 256 * MIB)]);
     assert_eq!(mem.regions[0].backend(), &Backend::Memfd);
@@ -84,19 +81,7 @@ fn file_region_is_found_and_writes_reach_the_file() {
         "memory-backend-file,id=mem0,size=256M,share=on,mem-path={}",
         ram.display()
     );
-    let dir = tempfile::tempdir().unwrap();
-    let qemu = start(
-        dir.path(),
-        &[
-            "-m",
-            "256",
-            "-machine",
-            "q35,memory-backend=mem0",
-            "-object",
-            &object,
-        ],
-    );
-    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
+    let (_qemu, mut q) = qemu_with(&[&object]);
     let mem = GuestMemory::open(&mut q).unwrap();
     assert_eq!(mem.layout(), vec![("mem0".to_owned(), 256 * MIB)]);
     assert_eq!(mem.regions[0].backend(), &Backend::File(ram.clone()));
@@ -124,23 +109,11 @@ fn several_memdevs_are_sorted_by_id() {
         "memory-backend-file,id=a-file,size=32M,share=on,mem-path={}",
         dir.path().join("a.ram").display()
     );
-    let dir = tempfile::tempdir().unwrap();
-    let qemu = start(
-        dir.path(),
-        &[
-            "-m",
-            "256",
-            "-machine",
-            "q35,memory-backend=mem0",
-            "-object",
-            "memory-backend-memfd,id=mem0,size=256M,share=on",
-            "-object",
-            "memory-backend-memfd,id=mem1,size=64M,share=on",
-            "-object",
-            &file,
-        ],
-    );
-    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
+    let (_qemu, mut q) = qemu_with(&[
+        "memory-backend-memfd,id=mem0,size=256M,share=on",
+        "memory-backend-memfd,id=mem1,size=64M,share=on",
+        &file,
+    ]);
     let mem = GuestMemory::open(&mut q).unwrap();
     assert_eq!(
         mem.layout(),
@@ -159,21 +132,10 @@ fn several_memdevs_are_sorted_by_id() {
 
 #[test]
 fn same_size_memfds_are_ambiguous() {
-    let dir = tempfile::tempdir().unwrap();
-    let qemu = start(
-        dir.path(),
-        &[
-            "-m",
-            "256",
-            "-machine",
-            "q35,memory-backend=mem0",
-            "-object",
-            "memory-backend-memfd,id=mem0,size=256M,share=on",
-            "-object",
-            "memory-backend-memfd,id=mem1,size=256M,share=on",
-        ],
-    );
-    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
+    let (_qemu, mut q) = qemu_with(&[
+        "memory-backend-memfd,id=mem0,size=256M,share=on",
+        "memory-backend-memfd,id=mem1,size=256M,share=on",
+    ]);
     let e = GuestMemory::open(&mut q).unwrap_err();
     assert!(
         matches!(e, MemoryError::AmbiguousMemfd { candidates: 2, .. }),
@@ -184,9 +146,8 @@ fn same_size_memfds_are_ambiguous() {
 
 #[test]
 fn plain_ram_is_not_shared() {
-    let dir = tempfile::tempdir().unwrap();
-    let qemu = start(dir.path(), &["-m", "256", "-machine", "q35"]);
-    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
+    let (_qemu, mut q) =
+        connect(Vm::start_paused("qemu", &["-m", "256", "-machine", "q35"]).expect("QEMU starts"));
     let e = GuestMemory::open(&mut q).unwrap_err();
     eprintln!("{e}");
     assert!(matches!(e, MemoryError::NotShared { .. }), "{e:?}");
@@ -195,19 +156,7 @@ fn plain_ram_is_not_shared() {
 
 #[test]
 fn share_off_is_not_shared() {
-    let dir = tempfile::tempdir().unwrap();
-    let qemu = start(
-        dir.path(),
-        &[
-            "-m",
-            "256",
-            "-machine",
-            "q35,memory-backend=mem0",
-            "-object",
-            "memory-backend-memfd,id=mem0,size=256M,share=off",
-        ],
-    );
-    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
+    let (_qemu, mut q) = qemu_with(&["memory-backend-memfd,id=mem0,size=256M,share=off"]);
     let e = GuestMemory::open(&mut q).unwrap_err();
     assert!(
         matches!(e, MemoryError::NotShared { id: Some(ref id) } if id == "mem0"),
@@ -218,19 +167,7 @@ fn share_off_is_not_shared() {
 
 #[test]
 fn shared_anonymous_ram_is_unsupported() {
-    let dir = tempfile::tempdir().unwrap();
-    let qemu = start(
-        dir.path(),
-        &[
-            "-m",
-            "256",
-            "-machine",
-            "q35,memory-backend=mem0",
-            "-object",
-            "memory-backend-ram,id=mem0,size=256M,share=on",
-        ],
-    );
-    let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
+    let (_qemu, mut q) = qemu_with(&["memory-backend-ram,id=mem0,size=256M,share=on"]);
     let e = GuestMemory::open(&mut q).unwrap_err();
     assert!(
         matches!(e, MemoryError::UnsupportedBackend { ref backend, .. } if backend == "memory-backend-ram"),

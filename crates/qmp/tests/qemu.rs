@@ -1,6 +1,5 @@
 //! Integration tests against a real `qemu-system-x86_64` (TCG, paused with -S, no guest code).
 
-use std::path::Path;
 use std::time::Duration;
 
 use livemig_lab::Vm;
@@ -10,8 +9,8 @@ use livemig_qmp::{Qmp, QmpError};
 const T: Duration = Duration::from_secs(10);
 
 /// A QEMU running no guest code, killed and reaped when dropped.
-fn start(dir: &Path, args: &[&str]) -> Vm {
-    Vm::start_paused("qemu", dir, args).expect("QEMU starts")
+fn start(args: &[&str]) -> Vm {
+    Vm::start_paused("qemu", args).expect("QEMU starts")
 }
 
 const MEMFD_ARGS: &[&str] = &[
@@ -25,8 +24,7 @@ const MEMFD_ARGS: &[&str] = &[
 
 #[test]
 fn real_qemu_status_memdev_stop_cont_quit() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut qemu = start(dir.path(), MEMFD_ARGS);
+    let mut qemu = start(MEMFD_ARGS);
     let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
     assert_eq!(q.greeting()["version"]["qemu"]["major"], 7);
     assert_eq!(q.peer_pid().unwrap(), qemu.pid());
@@ -74,8 +72,7 @@ fn real_qemu_status_memdev_stop_cont_quit() {
 
 #[test]
 fn real_qemu_unknown_command_and_bad_arguments() {
-    let dir = tempfile::tempdir().unwrap();
-    let qemu = start(dir.path(), MEMFD_ARGS);
+    let qemu = start(MEMFD_ARGS);
     let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
     match q.execute("no-such-command", None).unwrap_err() {
         QmpError::Command { class, desc, .. } => {
@@ -94,11 +91,11 @@ fn real_qemu_unknown_command_and_bad_arguments() {
 #[test]
 fn real_qemu_migration_to_file_completes() {
     // Migration of a paused VM into a file: exercises migrate + wait_migration end to end.
-    let dir = tempfile::tempdir().unwrap();
-    let qemu = start(dir.path(), MEMFD_ARGS);
+    let qemu = start(MEMFD_ARGS);
     let mut q = Qmp::connect(qemu.qmp_path(), T).expect("QMP connects");
     q.migrate_set_capabilities(&[("x-ignore-shared", true)])
         .unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("state");
     q.migrate(&format!("exec:cat > {}", out.display())).unwrap();
     let info = q.wait_migration(Duration::from_secs(30)).unwrap();
