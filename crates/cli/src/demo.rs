@@ -58,17 +58,13 @@ fn read_json(p: &Path) -> Value {
 }
 
 fn wait_child(c: &mut Child, limit: Duration) -> anyhow::Result<i32> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(s) = c.try_wait()? {
-            return Ok(s.code().unwrap_or(-1));
-        }
-        if Instant::now() > deadline {
+    match livemig_lab::wait_timeout(c, limit)? {
+        Some(s) => Ok(s.code().unwrap_or(-1)),
+        None => {
             let _ = c.kill();
             let _ = c.wait();
             bail!("a livemig process did not finish within {} s", limit.as_secs());
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -503,16 +503,8 @@ impl Vm {
 
     /// Waits up to `timeout` for QEMU to exit by itself (e.g. after QMP `quit`).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.exit_status() {
-                return Some(st);
-            }
-            if t0.elapsed() > timeout {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        wait_timeout(&mut c, timeout).ok().flatten()
     }
 
     /// SIGKILL and wait.
@@ -545,6 +537,20 @@ impl Vm {
             secs: took.as_secs_f64(),
             console: self.console_tail(),
         }
+    }
+}
+
+/// Waits up to `limit` for `child` to exit; `None` if it still runs then.
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> io::Result<Option<ExitStatus>> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(Some(st));
+        }
+        if t0.elapsed() > limit {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

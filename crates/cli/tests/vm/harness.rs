@@ -167,16 +167,12 @@ impl Running {
 }
 
 fn wait(c: &mut Child, what: &str) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        if let Some(s) = c.try_wait().unwrap() {
-            return s.code().unwrap_or(-1);
-        }
-        if Instant::now() > deadline {
+    match livemig_lab::wait_timeout(c, Duration::from_secs(600)).unwrap() {
+        Some(s) => s.code().unwrap_or(-1),
+        None => {
             let _ = c.kill();
             panic!("{what} did not finish in 600 s");
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
