@@ -62,6 +62,9 @@ pub enum AgentError {
     /// The controller gave up.
     #[error("migration did not converge: {0}")]
     NotConverged(String),
+    /// Throttling the source VM failed.
+    #[error("throttling the source VM failed: {0}")]
+    Throttle(String),
     /// QEMU's device-state migration failed.
     #[error("QEMU's device-state migration failed: {0}")]
     DeviceState(String),

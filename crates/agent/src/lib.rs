@@ -5,6 +5,7 @@ pub mod link;
 pub mod receive;
 pub mod report;
 pub mod send;
+pub mod throttle;
 
 use livemig_memory::GuestMemory;
 use livemig_track::{PageSource, SourceError, PAGE_SIZE};

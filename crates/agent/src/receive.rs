@@ -204,6 +204,7 @@ fn run(
                         duration_ms: dur.as_secs_f64() * 1000.0,
                         scan_ms: 0.0,
                         rate_bytes_per_s: (now - iter_bytes_mark) as f64 / dur.as_secs_f64().max(1e-6),
+                        throttle: 0.0,
                     };
                     let rec = IterationRecord {
                         stats,

@@ -38,6 +38,17 @@ impl IterationRecord {
     }
 }
 
+/// How much the source guest was slowed to make the migration converge.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ThrottleReport {
+    /// Highest fraction of CPU time taken away.
+    pub max: f64,
+    /// Time the vCPUs were stunned in total.
+    pub stunned_ms: f64,
+    /// Stun slices.
+    pub slices: u64,
+}
+
 /// Memory verification at switchover.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Verification {
@@ -82,6 +93,8 @@ pub struct Report {
     pub compaction_ratio: Option<f64>,
     /// Every iteration.
     pub iterations: Vec<IterationRecord>,
+    /// Throttling applied to the source guest, if any.
+    pub throttle: Option<ThrottleReport>,
     /// Memory verification.
     pub verification: Verification,
     /// Downtime policy.
@@ -138,6 +151,15 @@ impl Report {
             let _ = writeln!(s, "compaction:   {r:.2}x");
         }
         let _ = writeln!(s, "iterations:   {}", self.iterations.len());
+        if let Some(t) = &self.throttle {
+            let _ = writeln!(
+                s,
+                "throttle:     up to {:.0}% of guest CPU time taken away, stunned {:.0} ms in {} slices",
+                t.max * 100.0,
+                t.stunned_ms,
+                t.slices
+            );
+        }
         if self.verification.source_digest.is_some() || self.verification.destination_digest.is_some() {
             let _ = writeln!(s, "verification: {}", if self.verification.ok { "memory digests equal" } else { "FAILED or not reached" });
         }

@@ -5,12 +5,12 @@ use std::io::Read;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use livemig_compact::{BatchEncoder, EncodeOptions};
 use livemig_control::{
-    AdaptivePolicy, Decision, DowntimeController, FixedPolicy, IterationStats, Limits, Pending,
+    AdaptivePolicy, Decision, DowntimeController, FixedPolicy, IterationStats, Limits, OnNoConverge, Pending,
 };
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_qmp::Qmp;
@@ -19,7 +19,8 @@ use livemig_wire::{FrameKind, Message, RegionInfo, MIN_PROTOCOL_VERSION, PROTOCO
 
 use crate::error::AgentError;
 use crate::link::{self, Inbox, Out, Writer};
-use crate::report::{IterationRecord, Report};
+use crate::report::{IterationRecord, Report, ThrottleReport};
+use crate::throttle::{self, Throttler};
 use crate::{MemSource, Observer, Progress, SOFTWARE};
 
 /// Which downtime controller drives the iterations.
@@ -32,10 +33,10 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
-    fn controller(self, limits: Limits) -> Box<dyn DowntimeController> {
+    fn controller(self, limits: Limits, on: OnNoConverge) -> Box<dyn DowntimeController> {
         match self {
             PolicyKind::Fixed => Box::new(FixedPolicy { limits }),
-            PolicyKind::Adaptive => Box::new(AdaptivePolicy::new(limits)),
+            PolicyKind::Adaptive => Box::new(AdaptivePolicy::new(limits).on_no_converge(on)),
         }
     }
 }
@@ -51,6 +52,8 @@ pub struct SendOptions {
     pub policy: PolicyKind,
     /// Operator's bounds.
     pub limits: Limits,
+    /// What the adaptive policy does when the trend does not fit the maximum downtime.
+    pub on_no_converge: OnNoConverge,
     /// Wire rate cap in bytes per second.
     pub bandwidth: Option<u64>,
     /// Longest wait for the peer or QEMU at any step.
@@ -73,6 +76,7 @@ impl SendOptions {
             to,
             policy: PolicyKind::Adaptive,
             limits: Limits::default(),
+            on_no_converge: OnNoConverge::default(),
             bandwidth: None,
             timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
@@ -86,7 +90,7 @@ impl SendOptions {
 /// What has been done to the source VM, so a failure can be undone.
 #[derive(Default)]
 struct SourceState {
-    qmp: Option<Qmp>,
+    qmp: Option<Arc<Mutex<Qmp>>>,
     was_running: bool,
     stopped: bool,
     migrating: bool,
@@ -94,13 +98,14 @@ struct SourceState {
 }
 
 impl SourceState {
-    fn qmp(&mut self) -> &mut Qmp {
-        self.qmp.as_mut().expect("QMP connected before use")
+    fn qmp(&self) -> MutexGuard<'_, Qmp> {
+        throttle::lock(self.qmp.as_ref().expect("QMP connected before use"))
     }
 
     /// Puts the source back as it was: cancels QEMU's migration, resumes the vCPUs.
     fn recover(&mut self) -> Result<(), AgentError> {
-        let Some(qmp) = self.qmp.as_mut() else { return Ok(()) };
+        let Some(qmp) = self.qmp.as_ref() else { return Ok(()) };
+        let mut qmp = throttle::lock(qmp);
         if self.migrating {
             let info = qmp.query_migrate().map_err(AgentError::qmp("cannot query the source's migration"))?;
             if !matches!(info.status.as_deref(), Some("completed" | "failed" | "cancelled") | None) {
@@ -161,8 +166,8 @@ pub fn send(opts: &SendOptions, obs: &mut dyn Observer) -> (Report, Result<(), A
         }
         report.error = Some(msg);
     }
-    if let Some(qmp) = st.qmp.as_mut() {
-        report.source_state = Some(match qmp.query_status() {
+    if let Some(qmp) = st.qmp.as_ref() {
+        report.source_state = Some(match throttle::lock(qmp).query_status() {
             Ok(s) => s.status,
             Err(e) => format!("unknown ({e})"),
         });
@@ -180,7 +185,7 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     obs.progress(Progress::Phase("connecting to the source QEMU"));
     let qmp = Qmp::connect(&opts.qmp, opts.timeout)
         .map_err(AgentError::qmp(format!("cannot reach the source QEMU's QMP socket {}", opts.qmp.display())))?;
-    st.qmp = Some(qmp);
+    st.qmp = Some(Arc::new(Mutex::new(qmp)));
     let status = st.qmp().query_status().map_err(AgentError::qmp("cannot query the source VM's state"))?;
     if !matches!(status.status.as_str(), "running" | "paused") {
         return Err(AgentError::Incompatible(format!(
@@ -189,7 +194,7 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
         )));
     }
     st.was_running = status.running;
-    let mem = GuestMemory::open(st.qmp())?;
+    let mem = GuestMemory::open(&mut st.qmp())?;
     let total = mem.total_pages();
     report.ram_bytes = mem.layout().iter().map(|(_, s)| s).sum();
     st.qmp()
@@ -260,12 +265,19 @@ fn precopy_and_switchover(
     let src = MemSource(mem);
     let mut ledger = Ledger::zeroed(total);
     let mut tracker = ContentTracker::new(opts.threads);
-    let mut controller = opts.policy.controller(opts.limits);
+    let mut controller = opts.policy.controller(opts.limits, opts.on_no_converge);
     let mut history: Vec<IterationStats> = Vec::new();
     let mut index: u32 = 0;
+    // Started only for a running guest; stopped (the guest running again) before the switchover
+    // and on every early return (drop).
+    let mut throttler = st.was_running.then(|| Throttler::start(Arc::clone(st.qmp.as_ref().expect("QMP connected"))));
     let predicted = loop {
         check_cancel(opts)?;
         inbox.check()?;
+        if let Some(t) = throttler.as_mut() {
+            t.check()?;
+        }
+        let throttle_level = throttler.as_ref().map_or(0.0, Throttler::level);
         let scan = tracker.scan(&src, &ledger)?;
         let scan_ms = ms(scan.duration);
         let pending = Pending { index, dirty_pages: scan.dirty.len() as u64, scan_ms };
@@ -274,20 +286,34 @@ fn precopy_and_switchover(
             Decision::Switchover { predicted_downtime_ms, .. } => break *predicted_downtime_ms,
             Decision::Abort { reason, .. } => {
                 report.iterations.push(IterationRecord::new(
-                    IterationStats { index, dirty_pages: pending.dirty_pages, sent_pages: 0, wire_bytes: 0, duration_ms: scan_ms, scan_ms, rate_bytes_per_s: 0.0 },
+                    IterationStats {
+                        index,
+                        dirty_pages: pending.dirty_pages,
+                        sent_pages: 0,
+                        wire_bytes: 0,
+                        duration_ms: scan_ms,
+                        scan_ms,
+                        rate_bytes_per_s: 0.0,
+                        throttle: throttle_level,
+                    },
                     &decision,
                     controller.fit(),
                     false,
                 ));
                 return Err(AgentError::NotConverged(reason.clone()));
             }
+            Decision::Throttle { fraction, .. } => match throttler.as_ref() {
+                Some(t) => t.set(*fraction),
+                None => return Err(AgentError::NotConverged(format!("{}; the VM is paused, so it cannot be throttled", decision.reason()))),
+            },
             Decision::Continue { .. } => {}
         }
+        let throttle_level = throttler.as_ref().map_or(0.0, Throttler::level);
         let t0 = Instant::now();
         let sent = send_pages(opts, obs, report, mem, &scan.dirty, &mut ledger, writer, index)?;
         writer.send(Out::Message(Message::IterationEnd { index, pages: sent, last: false }))?;
         let ack = writer.marker(opts.timeout)?;
-        let stats = iteration_stats(index, &pending, sent, ack, scan_ms + ms(t0.elapsed()));
+        let stats = iteration_stats(index, &pending, sent, ack, scan_ms + ms(t0.elapsed()), throttle_level);
         let record = IterationRecord::new(stats.clone(), &decision, controller.fit(), false);
         obs.progress(Progress::Iteration(&record));
         report.iterations.push(record);
@@ -295,6 +321,16 @@ fn precopy_and_switchover(
         index += 1;
     };
     report.predicted_downtime_ms = Some(predicted);
+    let final_throttle = throttler.as_ref().map_or(0.0, Throttler::level);
+    if let Some(t) = throttler.take() {
+        let stats = t.finish()?;
+        report.throttle = Some(ThrottleReport {
+            max: report.iterations.iter().map(|i| i.stats.throttle).fold(0.0, f64::max),
+            stunned_ms: ms(stats.stunned),
+            slices: stats.slices,
+        })
+        .filter(|r| r.slices > 0);
+    }
 
     // Switchover: from here the source is paused until the destination runs or we resume it.
     check_cancel(opts)?;
@@ -312,7 +348,7 @@ fn precopy_and_switchover(
     let digest = ledger.digest();
     writer.send(Out::Message(Message::Switchover { digest: digest.to_string(), pages: total }))?;
     let ack = writer.marker(opts.timeout)?;
-    let stats = iteration_stats(index, &pending, sent, ack, ms(t_stop.elapsed()));
+    let stats = iteration_stats(index, &pending, sent, ack, ms(t_stop.elapsed()), final_throttle);
     let final_decision = Decision::Switchover { predicted_downtime_ms: predicted, reason: "final pass with the source paused".into() };
     let record = IterationRecord::new(stats, &final_decision, controller.fit(), true);
     obs.progress(Progress::Iteration(&record));
@@ -408,7 +444,14 @@ fn precopy_and_switchover(
     Ok(())
 }
 
-fn iteration_stats(index: u32, pending: &Pending, sent: u64, ack: link::MarkerAck, duration_ms: f64) -> IterationStats {
+fn iteration_stats(
+    index: u32,
+    pending: &Pending,
+    sent: u64,
+    ack: link::MarkerAck,
+    duration_ms: f64,
+    throttle: f64,
+) -> IterationStats {
     // A burst too small to fill the socket buffers says nothing about the link.
     let rate = if ack.bytes >= 256 * 1024 && ack.active > Duration::from_millis(1) {
         ack.bytes as f64 / ack.active.as_secs_f64()
@@ -423,6 +466,7 @@ fn iteration_stats(index: u32, pending: &Pending, sent: u64, ack: link::MarkerAc
         duration_ms,
         scan_ms: pending.scan_ms,
         rate_bytes_per_s: rate,
+        throttle,
     }
 }
 

@@ -5,6 +5,7 @@ mod index_cmd;
 mod progress;
 mod signal;
 mod sim_cmd;
+mod trace_cmd;
 mod units;
 
 use std::path::PathBuf;
@@ -51,6 +52,8 @@ enum Command {
     Simulate(sim_cmd::SimulateArgs),
     /// Plot the writable working set per iteration of a send report as SVG.
     Plot(sim_cmd::PlotArgs),
+    /// Write a WWS trace for `simulate`: from a migration report, or by observing a running VM.
+    Trace(trace_cmd::TraceArgs),
     /// The test guest.
     Guest {
         #[command(subcommand)]
@@ -108,6 +111,11 @@ pub(crate) struct SendArgs {
     /// Most pre-copy iterations before the policy must switch over or give up.
     #[arg(long, default_value_t = 30)]
     max_iterations: u32,
+    /// When even the best downtime the WWS trend allows exceeds --max-downtime (adaptive policy):
+    /// `throttle` stuns the guest's vCPUs in short slices, step by step, until it fits; `fail`
+    /// leaves the guest untouched and gives up at the iteration cap.
+    #[arg(long, value_enum, default_value_t = sim_cmd::NoConverge::Throttle)]
+    on_no_converge: sim_cmd::NoConverge,
     /// Cap the wire rate (e.g. 100mbit, 1gbit, 50MiB/s).
     #[arg(long, value_parser = units::parse_rate)]
     bandwidth: Option<u64>,
@@ -120,7 +128,7 @@ pub(crate) struct SendArgs {
     /// Send pages uncompressed.
     #[arg(long)]
     no_compress: bool,
-    /// Write the JSON report here.
+    /// Write the JSON report here, and a plot of the WWS per iteration next to it (same name, .svg).
     #[arg(long)]
     report: Option<PathBuf>,
 }
@@ -154,6 +162,11 @@ fn write_report(path: Option<&PathBuf>, report: &Report) -> anyhow::Result<()> {
     if let Some(p) = path {
         let json = serde_json::to_string_pretty(report)?;
         std::fs::write(p, json).with_context(|| format!("cannot write the report to {}", p.display()))?;
+        if report.role == "send" && !report.iterations.is_empty() {
+            let svg = p.with_extension("svg");
+            livemig_sim::plot_report_svg(&serde_json::to_value(report)?, &svg)
+                .with_context(|| format!("cannot plot the report to {}", svg.display()))?;
+        }
     }
     Ok(())
 }
@@ -190,6 +203,7 @@ fn run_send(a: &SendArgs) -> anyhow::Result<u8> {
         Policy::Adaptive => PolicyKind::Adaptive,
     };
     o.limits = Limits { max_downtime_ms: a.max_downtime, max_iterations: a.max_iterations, ..Limits::default() };
+    o.on_no_converge = a.on_no_converge.into();
     o.bandwidth = a.bandwidth;
     o.timeout = dur(a.timeout);
     o.connect_timeout = dur(a.connect_timeout);
@@ -226,6 +240,7 @@ fn main() -> ExitCode {
         Command::Index(a) => index_cmd::run(a),
         Command::Simulate(a) => sim_cmd::run_simulate(a),
         Command::Plot(a) => sim_cmd::run_plot(a),
+        Command::Trace(a) => trace_cmd::run(a),
         Command::Guest { command: GuestCommand::Build } => livemig_lab::GuestImage::build()
             .map(|g| {
                 println!("guest ready: kernel {}, initramfs {}, disk {}", g.kernel.display(), g.initrd.display(), g.disk.display());

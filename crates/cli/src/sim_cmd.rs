@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use livemig_control::{AdaptivePolicy, DowntimeController, FixedPolicy, Limits};
+use livemig_control::{AdaptivePolicy, DowntimeController, FixedPolicy, Limits, OnNoConverge};
 use livemig_sim::{simulate, LinkModel, Outcome, SimResult, Trace};
 use serde::Serialize;
 
@@ -21,6 +21,24 @@ pub(crate) enum SimPolicy {
     Adaptive,
     /// Both, side by side.
     All,
+}
+
+/// What the adaptive policy does when the trend does not reach --max-downtime.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum NoConverge {
+    /// Slow the guest (stun its vCPUs in short slices) step by step until the trend fits.
+    Throttle,
+    /// Leave the guest untouched and give up at the iteration cap.
+    Fail,
+}
+
+impl From<NoConverge> for OnNoConverge {
+    fn from(n: NoConverge) -> Self {
+        match n {
+            NoConverge::Throttle => OnNoConverge::Throttle,
+            NoConverge::Fail => OnNoConverge::Fail,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -44,6 +62,9 @@ pub(crate) struct SimulateArgs {
     /// Most pre-copy iterations before the policy must switch over or give up.
     #[arg(long, default_value_t = 30)]
     max_iterations: u32,
+    /// What the adaptive policy does when even the best downtime exceeds --max-downtime.
+    #[arg(long, value_enum, default_value_t = NoConverge::Throttle)]
+    on_no_converge: NoConverge,
     /// Print the results (with every iteration and decision) as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -66,9 +87,9 @@ struct Row {
     result: SimResult,
 }
 
-fn controllers(which: SimPolicy, limits: Limits, fixed_limits: Limits) -> Vec<Box<dyn DowntimeController>> {
+fn controllers(which: SimPolicy, limits: Limits, fixed_limits: Limits, on: NoConverge) -> Vec<Box<dyn DowntimeController>> {
     let fixed = || Box::new(FixedPolicy { limits: fixed_limits }) as Box<dyn DowntimeController>;
-    let adaptive = || Box::new(AdaptivePolicy::new(limits)) as Box<dyn DowntimeController>;
+    let adaptive = || Box::new(AdaptivePolicy::new(limits).on_no_converge(on.into())) as Box<dyn DowntimeController>;
     match which {
         SimPolicy::Fixed => vec![fixed()],
         SimPolicy::Adaptive => vec![adaptive()],
@@ -80,31 +101,37 @@ fn table(rows: &[Row], a: &SimulateArgs) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "link {:.1} Mbit/s, max downtime {:.0} ms{}, at most {} iterations",
+        "link {:.1} Mbit/s, max downtime {:.0} ms{}, at most {} iterations, adaptive on no convergence: {}",
         a.bandwidth as f64 * 8.0 / 1e6,
         a.max_downtime,
         a.fixed_max_downtime.map_or_else(String::new, |f| format!(" (fixed policy: {f:.0} ms)")),
-        a.max_iterations
+        a.max_iterations,
+        match a.on_no_converge {
+            NoConverge::Throttle => "throttle",
+            NoConverge::Fail => "fail",
+        }
     );
     let width = rows.iter().map(|r| r.trace.len()).max().unwrap_or(5).max(5);
     let _ = writeln!(
         s,
-        "{:<width$}  {:<8}  {:<9}  {:>10}  {:>12}  {:>11}  {:>9}",
-        "trace", "policy", "outcome", "iterations", "total time", "downtime", "wire MB"
+        "{:<width$}  {:<8}  {:<9}  {:>10}  {:>12}  {:>11}  {:>9}  {:>8}",
+        "trace", "policy", "outcome", "iterations", "total time", "downtime", "wire MB", "throttle"
     );
     for r in rows {
         let x = &r.result;
         let downtime = x.downtime_ms.map_or_else(|| "-".to_string(), |d| format!("{d:.0} ms"));
+        let throttle = x.iterations.iter().map(|i| i.stats.throttle).fold(0.0, f64::max);
         let _ = writeln!(
             s,
-            "{:<width$}  {:<8}  {:<9}  {:>10}  {:>12}  {:>11}  {:>9.1}",
+            "{:<width$}  {:<8}  {:<9}  {:>10}  {:>12}  {:>11}  {:>9.1}  {:>7.0}%",
             r.trace,
             x.policy,
             x.outcome.name(),
             x.precopy_iterations,
             format!("{:.1} s", x.total_time_ms / 1000.0),
             downtime,
-            x.wire_bytes as f64 / 1e6
+            x.wire_bytes as f64 / 1e6,
+            throttle * 100.0
         );
     }
     for r in rows {
@@ -124,7 +151,7 @@ pub(crate) fn run_simulate(a: &SimulateArgs) -> anyhow::Result<u8> {
         let trace = Trace::load(path)?;
         let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
         let link = LinkModel::for_trace(&trace, a.bandwidth as f64);
-        for mut c in controllers(a.policy, limits, fixed_limits) {
+        for mut c in controllers(a.policy, limits, fixed_limits, a.on_no_converge) {
             let result = simulate(&trace, c.as_mut(), link)
                 .with_context(|| format!("cannot simulate {} with the {} policy", path.display(), c.name()))?;
             rows.push(Row { trace: name.clone(), result });

@@ -58,8 +58,13 @@ pub fn plot_wws_svg(
         .y_label_area_size(70)
         .build_cartesian_2d((x_min - 0.5)..(x_max + 0.5), y_min..y_max)
         .map_err(plot_err)?;
+    // One label per iteration (up to 20): the default spacing repeats rounded labels.
+    let span = x_max - x_min + 2.0;
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let x_labels = span.clamp(2.0, 20.0) as usize;
     chart
         .configure_mesh()
+        .x_labels(x_labels)
         .x_desc("iteration")
         .y_desc("dirty pages (WWS)")
         .x_label_formatter(&|x| format!("{x:.0}"))
@@ -75,6 +80,20 @@ pub fn plot_wws_svg(
     chart
         .draw_series(points.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))
         .map_err(plot_err)?;
+    let throttled: Vec<(f64, f64, f64)> = shown
+        .iter()
+        .filter(|s| s.throttle > 0.0)
+        .map(|s| (f64::from(s.index), s.dirty_pages as f64, s.throttle))
+        .collect();
+    if !throttled.is_empty() {
+        let orange = RGBColor(230, 120, 0);
+        let most = throttled.iter().map(|t| t.2).fold(0.0, f64::max);
+        chart
+            .draw_series(throttled.iter().map(|&(x, y, _)| TriangleMarker::new((x, y), 7, orange.filled())))
+            .map_err(plot_err)?
+            .label(format!("guest throttled during the iteration (up to {:.0}%)", most * 100.0))
+            .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 6, orange.filled()));
+    }
     if !fit_line.is_empty() {
         chart
             .draw_series(LineSeries::new(fit_line.iter().copied(), RED.stroke_width(2)))
@@ -137,6 +156,7 @@ mod tests {
             duration_ms: 100.0,
             scan_ms: 10.0,
             rate_bytes_per_s: 12.5e6,
+            throttle: 0.0,
         }
     }
 
@@ -159,6 +179,14 @@ mod tests {
         let s = looks_like_svg(&p);
         assert!(s.contains("iteration"), "axis label missing");
         assert!(s.contains("dirty pages"), "axis label missing");
+        assert!(!s.contains("throttled"), "no throttle, no throttle legend");
+        // throttled iterations are marked, with the level in the legend
+        let mut it = it;
+        it[3].throttle = 0.5;
+        it[4].throttle = 0.75;
+        plot_wws_svg(&it, fit, Some(4), &p).unwrap();
+        let s = looks_like_svg(&p);
+        assert!(s.contains("throttled during the iteration (up to 75%)"), "throttle legend missing");
     }
 
     #[test]

@@ -193,7 +193,8 @@ fn round_u64(v: f64) -> u64 {
 /// guest then dirties, during simulated iteration k of duration T, min(cap, rate_k * T) pages,
 /// where rate_k is the trace's dirty rate during its iteration k (its WWS of k+1 over the
 /// duration of k), cycling through the trace's iterations after 0 when the simulation runs
-/// longer, and cap is the trace's largest WWS after iteration 0.
+/// longer, and cap is the trace's largest WWS after iteration 0. A throttle decided by the
+/// controller scales the guest's running time by the share of CPU time left to it.
 pub fn simulate(trace: &Trace, policy: &mut dyn DowntimeController, link: LinkModel) -> Result<SimResult, SimError> {
     trace.validate()?;
     link.check()?;
@@ -205,6 +206,7 @@ pub fn simulate(trace: &Trace, policy: &mut dyn DowntimeController, link: LinkMo
     let mut dirty = trace.iterations[0].dirty_pages;
     let mut index: u32 = 0;
     let scan_ms = link.scan_ms;
+    let mut throttle = 0.0;
     loop {
         let pending = Pending { index, dirty_pages: dirty, scan_ms };
         let decision = policy.decide(&history, &pending);
@@ -224,6 +226,7 @@ pub fn simulate(trace: &Trace, policy: &mut dyn DowntimeController, link: LinkMo
                     duration_ms: downtime,
                     scan_ms,
                     rate_bytes_per_s: link.bandwidth_bytes_per_s,
+                    throttle,
                 };
                 iterations.push(SimIteration { stats, decision, fit: policy.fit(), last: true });
                 return Ok(SimResult {
@@ -247,10 +250,12 @@ pub fn simulate(trace: &Trace, policy: &mut dyn DowntimeController, link: LinkMo
                     duration_ms: scan_ms,
                     scan_ms,
                     rate_bytes_per_s: 0.0,
+                    throttle,
                 };
                 iterations.push(SimIteration { stats, decision, fit: policy.fit(), last: false });
                 return Ok(aborted(policy.name(), reason, index, total_time_ms, wire_bytes, iterations));
             }
+            Decision::Throttle { fraction, .. } => throttle = fraction,
             Decision::Continue { .. } => {}
         }
         if index >= MAX_SIM_ITERATIONS {
@@ -267,13 +272,15 @@ pub fn simulate(trace: &Trace, policy: &mut dyn DowntimeController, link: LinkMo
             duration_ms,
             scan_ms,
             rate_bytes_per_s: if bytes >= MIN_RATE_BURST_BYTES { link.bandwidth_bytes_per_s } else { 0.0 },
+            throttle,
         };
         iterations.push(SimIteration { stats: stats.clone(), decision, fit: policy.fit(), last: false });
         history.push(stats);
         total_time_ms += duration_ms;
         wire_bytes += bytes;
         let k = usize::try_from(index).unwrap_or(usize::MAX);
-        dirty = guest.dirtied(k, duration_ms);
+        // A throttled guest runs only the share of the time left to it.
+        dirty = guest.dirtied(k, duration_ms * (1.0 - throttle));
         index += 1;
     }
 }
@@ -322,6 +329,7 @@ mod tests {
                     wire_bytes: None,
                     sent_pages: None,
                     scan_ms: None,
+                    throttle: None,
                 })
                 .collect(),
         }

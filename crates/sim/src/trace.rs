@@ -28,6 +28,9 @@ pub struct TraceIteration {
     /// Part of the duration spent scanning, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scan_ms: Option<f64>,
+    /// Fraction of the guest's CPU time taken away during the iteration, when it was throttled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<f64>,
 }
 
 /// A WWS trace: `{ "version": 1, "source": "...", "page_size": 4096, "ram_pages": N, "iterations": [...] }`.
@@ -115,6 +118,13 @@ impl Trace {
                     it.dirty_pages, self.ram_pages
                 )));
             }
+            if let Some(t) = it.throttle {
+                if !(0.0..1.0).contains(&t) {
+                    return Err(SimError::Invalid(format!(
+                        "iteration {i} has throttle {t}; it must lie in [0, 1)"
+                    )));
+                }
+            }
             if let Some(s) = it.scan_ms {
                 if !s.is_finite() || s < 0.0 || s > it.duration_ms {
                     return Err(SimError::Invalid(format!(
@@ -153,6 +163,7 @@ impl Trace {
                 wire_bytes: Some(r.wire_bytes),
                 sent_pages: Some(r.sent_pages),
                 scan_ms: Some(r.scan_ms.min(r.duration_ms)),
+                throttle: (r.throttle > 0.0).then_some(r.throttle),
             })
             .collect();
         let trace = Trace {
@@ -193,10 +204,14 @@ impl Trace {
         self.iterations.iter().skip(1).map(|it| it.dirty_pages).max().unwrap_or(0)
     }
 
-    /// Dirty rate (pages per ms) during each iteration but the last: the pages the next scan
-    /// found dirty over this iteration's duration.
+    /// Dirty rate (pages per ms) of the untouched guest during each iteration but the last: the
+    /// pages the next scan found dirty over the time the guest ran in this iteration (its
+    /// duration less the share a throttle took away).
     pub fn dirty_rates_per_ms(&self) -> Vec<f64> {
-        self.iterations.windows(2).map(|w| w[1].dirty_pages as f64 / w[0].duration_ms).collect()
+        self.iterations
+            .windows(2)
+            .map(|w| w[1].dirty_pages as f64 / (w[0].duration_ms * (1.0 - w[0].throttle.unwrap_or(0.0))))
+            .collect()
     }
 }
 
