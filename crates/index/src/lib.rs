@@ -19,6 +19,7 @@ mod build;
 mod error;
 mod file;
 mod reader;
+pub mod snapshot;
 
 use std::fmt;
 
@@ -29,6 +30,7 @@ pub use build::BuildProgress;
 pub use error::IndexError;
 pub use file::{cache_file_name, Origin};
 pub use reader::BlockReader;
+pub use snapshot::{save_from, Snapshot, SnapshotError, SnapshotInfo, SnapshotStore, SnapshotWriter};
 
 /// Size of a page of guest memory and of an indexed disk block.
 pub const BLOCK_SIZE: usize = 4096;
