@@ -62,6 +62,9 @@ pub enum AgentError {
     /// The controller gave up.
     #[error("migration did not converge: {0}")]
     NotConverged(String),
+    /// A disk image or memory snapshot could not be used.
+    #[error("{0}")]
+    Holdings(String),
     /// Throttling the source VM failed.
     #[error("throttling the source VM failed: {0}")]
     Throttle(String),

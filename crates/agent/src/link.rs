@@ -229,13 +229,13 @@ impl Inbox {
         }
     }
 
-    /// Fails if the peer has aborted or the connection broke; does not wait.
-    pub fn check(&self) -> Result<(), AgentError> {
+    /// The next control message if one has arrived; does not wait. An `Abort` or a broken
+    /// connection is an error.
+    pub fn poll(&self) -> Result<Option<Message>, AgentError> {
         match self.rx.try_recv() {
-            Ok(r) => self.convert(r).and_then(|m| {
-                Err(AgentError::Protocol { expected: "nothing".into(), got: m.name().into() })
-            }),
-            Err(_) => Ok(()),
+            Ok(r) => self.convert(r).map(Some),
+            Err(crossbeam_channel::TryRecvError::Empty) => Ok(None),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => Err(AgentError::Wire(WireError::Closed)),
         }
     }
 }

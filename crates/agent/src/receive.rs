@@ -10,14 +10,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use livemig_compact::{decode_batch, is_zero};
+use livemig_compact::{decode_batch, is_zero, ClassStats, DiskRef, PageClass, PAGE_SIZE};
+use livemig_index::snapshot::{Snapshot, SnapshotStore, SnapshotWriter};
 use livemig_control::IterationStats;
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_qmp::Qmp;
 use livemig_track::{hash_page, Digest, Ledger};
-use livemig_wire::{negotiate, read_frame, FrameKind, Message, RegionInfo, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use livemig_wire::{
+    negotiate, read_frame, FrameKind, Message, RegionInfo, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 
 use crate::error::AgentError;
+use crate::holdings::{self, ReceiverDisks};
 use crate::link;
 use crate::report::{IterationRecord, Report};
 use crate::{Observer, Progress, SOFTWARE};
@@ -35,6 +39,14 @@ pub struct ReceiveOptions {
     pub accept_timeout: Duration,
     /// Set by a signal handler to cancel.
     pub cancel: Arc<AtomicBool>,
+    /// Raw disk images this host holds (the guest's disks) that references may name.
+    pub disk_images: Vec<PathBuf>,
+    /// Where disk indexes are cached.
+    pub index_cache: PathBuf,
+    /// Memory snapshots: offered to the sender, and one kept after a successful migration.
+    pub snapshot_dir: Option<PathBuf>,
+    /// Byte budget of the snapshot directory (oldest evicted).
+    pub snapshot_max_bytes: u64,
 }
 
 impl ReceiveOptions {
@@ -46,6 +58,10 @@ impl ReceiveOptions {
             timeout: Duration::from_secs(60),
             accept_timeout: Duration::from_secs(600),
             cancel: Arc::new(AtomicBool::new(false)),
+            disk_images: Vec::new(),
+            index_cache: holdings::default_index_cache(),
+            snapshot_dir: None,
+            snapshot_max_bytes: crate::send::DEFAULT_SNAPSHOT_BUDGET,
         }
     }
 }
@@ -130,6 +146,17 @@ fn run(
         obs.progress(Progress::Phase("destination memory held data: cleared it"));
     }
     let mut ledger = Ledger::zeroed(total);
+    if !opts.disk_images.is_empty() {
+        obs.progress(Progress::Phase("indexing the disk images"));
+    }
+    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
+    let store = match &opts.snapshot_dir {
+        Some(d) => Some(
+            SnapshotStore::open(d, opts.snapshot_max_bytes)
+                .map_err(|e| AgentError::Holdings(format!("cannot open the snapshot directory {}: {e}", d.display())))?,
+        ),
+        None => None,
+    };
     qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
         .map_err(AgentError::qmp("cannot enable x-ignore-shared on the destination QEMU"))?;
     let dir = crate::private_dir("receive")?;
@@ -150,7 +177,33 @@ fn run(
         count: Arc::clone(&count),
     };
     livemig_wire::read_magic(&mut reader)?;
-    handshake(&mut reader, &mut writer, &mem)?;
+    let peer = handshake(&mut reader, &mut writer, &mem, &opts.disk_images, &indexes, store.as_ref())?;
+    report.vm = peer.vm.clone();
+    report.disk_images_used = peer.disks_held;
+    let snapshot: Option<Snapshot> = match livemig_wire::read_message(&mut reader)? {
+        Message::Plan { snapshot: None } => None,
+        Message::Plan { snapshot: Some(id) } => {
+            let (Some(store), Some(vm)) = (&store, &peer.vm) else {
+                return Err(AgentError::Protocol { expected: "no snapshot (none was offered)".into(), got: format!("snapshot {id}") });
+            };
+            report.snapshot_used = Some(id.clone());
+            Some(holdings::open_snapshot(store, vm, holdings::parse_id(&id)?)?)
+        }
+        Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
+        other => return Err(AgentError::Protocol { expected: "plan".into(), got: other.name().into() }),
+    };
+    // The received memory, kept as a snapshot of the VM once it runs here.
+    let mut keep: Option<SnapshotWriter<'_>> = match (&store, &peer.vm) {
+        (Some(store), Some(vm)) => match store.writer(vm, total) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                report.warnings.push(format!("no memory snapshot will be kept: {e}"));
+                None
+            }
+        },
+        _ => None,
+    };
+    let mut stats = ClassStats::default();
 
     let mut dev: Option<UnixStream> = None;
     let mut dev_bytes = 0u64;
@@ -165,12 +218,27 @@ fn run(
         report.wire_bytes = count.load(Ordering::Relaxed);
         match frame.kind {
             FrameKind::Pages => {
-                decode_batch::<AgentError>(&frame.payload, total, |page, class, data, bytes| {
-                    mem.write_page(page, data)?;
-                    ledger.record(page, hash_page(data));
-                    report.count_page(class.name(), bytes);
-                    Ok(())
-                })?;
+                let mut dest = Dest {
+                    mem: &mem,
+                    ledger: &mut ledger,
+                    stats: &mut stats,
+                    disks: &peer.disks,
+                    snapshot: snapshot.as_ref(),
+                    keep: keep.as_mut(),
+                    keep_error: None,
+                };
+                let summary = decode_batch(&frame.payload, total, &mut dest)?;
+                if let Some(e) = dest.keep_error.take() {
+                    report.warnings.push(format!("no memory snapshot will be kept: {e}"));
+                    keep = None;
+                }
+                if !summary.misses.is_empty() {
+                    report.resent_pages += summary.misses.len() as u64;
+                    let pages: Vec<u64> = summary.misses.iter().map(|m| m.page).collect();
+                    for chunk in pages.chunks(MAX_RESEND_PAGES) {
+                        livemig_wire::write_message(&mut writer, &Message::Resend { pages: chunk.to_vec() })?;
+                    }
+                }
             }
             FrameKind::DeviceState => {
                 if dev.is_none() {
@@ -218,6 +286,9 @@ fn run(
                     report.iterations.push(rec);
                     iter_start = Instant::now();
                     iter_bytes_mark = now;
+                    if last {
+                        livemig_wire::write_message(&mut writer, &Message::EndAck { index })?;
+                    }
                 }
                 Message::Switchover { digest, pages } => {
                     let ours = ledger.digest();
@@ -262,6 +333,14 @@ fn run(
                     let _ = livemig_wire::write_message(&mut writer, &Message::Resumed);
                     obs.progress(Progress::Phase("completed: the destination VM runs"));
                     report.wire_bytes = count.load(Ordering::Relaxed);
+                    report.set_class_stats(&stats);
+                    if let Some(w) = keep.take() {
+                        obs.progress(Progress::Phase("keeping a memory snapshot of the VM"));
+                        match w.finish(ledger.digest().0) {
+                            Ok(info) => report.snapshot_kept = Some(format!("{:032x}", info.id)),
+                            Err(e) => report.warnings.push(format!("the memory snapshot was not kept: {e}")),
+                        }
+                    }
                     return Ok(());
                 }
                 Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
@@ -297,9 +376,23 @@ fn accept(listener: &TcpListener, opts: &ReceiveOptions) -> Result<TcpStream, Ag
     }
 }
 
-fn handshake(reader: &mut impl Read, writer: &mut impl Write, mem: &GuestMemory) -> Result<(), AgentError> {
+/// What the handshake settled with the sender.
+struct Peer {
+    vm: Option<String>,
+    disks: ReceiverDisks,
+    disks_held: usize,
+}
+
+fn handshake(
+    reader: &mut impl Read,
+    writer: &mut impl Write,
+    mem: &GuestMemory,
+    images: &[PathBuf],
+    indexes: &[livemig_index::DiskIndex],
+    store: Option<&SnapshotStore>,
+) -> Result<Peer, AgentError> {
     let hello = livemig_wire::read_message(reader)?;
-    let Message::Hello { version, min_version, software, page_size, regions } = hello else {
+    let Message::Hello { version, min_version, software, page_size, regions, vm, disks } = hello else {
         return Err(AgentError::Protocol { expected: "hello".into(), got: hello.name().into() });
     };
     let refuse = |writer: &mut dyn Write, reason: String| -> AgentError {
@@ -327,8 +420,62 @@ fn handshake(reader: &mut impl Read, writer: &mut impl Write, mem: &GuestMemory)
             format!("RAM layout differs: source has {}, destination has {}", show(&regions), show(&ours)),
         ));
     }
-    livemig_wire::write_message(writer, &Message::Welcome { version: v, software: SOFTWARE.into() })?;
-    Ok(())
+    let (rdisks, held) = match ReceiverDisks::answer(&disks, images, indexes) {
+        Ok(x) => x,
+        Err(e) => return Err(refuse(writer, e.chain())),
+    };
+    let vm = vm.filter(|v| !v.is_empty() && v.len() <= 256);
+    let snapshots = match (store, &vm) {
+        (Some(store), Some(vm)) => holdings::snapshot_ids(store, vm)?,
+        _ => Vec::new(),
+    };
+    let disks_held = held.len();
+    livemig_wire::write_message(
+        writer,
+        &Message::Welcome { version: v, software: SOFTWARE.into(), holds: holdings::holdings(held, snapshots) },
+    )?;
+    Ok(Peer { vm, disks: rdisks, disks_held })
+}
+
+/// The destination as the page decoder sees it: guest RAM, the disk images, the snapshot named
+/// by the plan, and the snapshot being kept.
+struct Dest<'a, 'w> {
+    mem: &'a GuestMemory,
+    ledger: &'a mut Ledger,
+    stats: &'a mut ClassStats,
+    disks: &'a ReceiverDisks,
+    snapshot: Option<&'a Snapshot>,
+    keep: Option<&'a mut SnapshotWriter<'w>>,
+    keep_error: Option<String>,
+}
+
+impl livemig_compact::Destination for Dest<'_, '_> {
+    type Error = AgentError;
+
+    fn read_page(&mut self, page: u64, out: &mut [u8; PAGE_SIZE]) -> bool {
+        self.mem.read_page_into(page, out).is_ok()
+    }
+
+    fn read_disk_block(&mut self, r: DiskRef, out: &mut [u8; PAGE_SIZE]) -> bool {
+        self.disks.read(r, out)
+    }
+
+    fn read_snapshot_page(&mut self, page: u64, out: &mut [u8; PAGE_SIZE]) -> bool {
+        self.snapshot.is_some_and(|s| s.read_page(page, out).is_ok())
+    }
+
+    fn write_page(&mut self, page: u64, class: PageClass, data: &[u8; PAGE_SIZE], record_len: usize) -> Result<(), AgentError> {
+        self.mem.write_page(page, data)?;
+        self.ledger.record(page, hash_page(data));
+        self.stats.add(class, record_len);
+        if let Some(w) = self.keep.as_mut() {
+            if let Err(e) = w.write_page(page, data) {
+                self.keep_error = Some(e.to_string());
+                self.keep = None;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Zeroes every page of the destination that is not zero, so the destination starts from the

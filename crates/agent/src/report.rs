@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use livemig_compact::ClassStats;
 use livemig_control::{Decision, Fit, IterationStats};
 use serde::Serialize;
 
@@ -85,12 +86,29 @@ pub struct Report {
     pub wire_bytes: u64,
     /// Bytes of QEMU's device-state stream carried inside it.
     pub device_state_bytes: u64,
-    /// Pages sent, by class.
+    /// Pages sent, by class (`zero`, `dup`, `disk_ref`, `snapshot_ref`, `delta`, `raw`; `raw`
+    /// includes compressed whole pages).
     pub pages: BTreeMap<String, u64>,
-    /// Wire bytes of page records, by class.
+    /// Wire bytes of page records (headers included), by class.
     pub page_bytes: BTreeMap<String, u64>,
-    /// Bytes the dirty pages sent would have taken as whole pages / wire bytes of pages.
+    /// Bytes of the non-zero pages sent, as whole uncompacted pages (4096 each).
+    pub uncompacted_bytes: u64,
+    /// `uncompacted_bytes` / wire bytes of page records.
     pub compaction_ratio: Option<f64>,
+    /// `wire_bytes` (the whole stream) / `uncompacted_bytes`.
+    pub wire_fraction: Option<f64>,
+    /// Pages the destination could not resolve (reference or delta miss) and got again whole.
+    pub resent_pages: u64,
+    /// Identity of the VM for snapshots.
+    pub vm: Option<String>,
+    /// Disk images the destination holds and references may name.
+    pub disk_images_used: usize,
+    /// The memory snapshot references named, if any.
+    pub snapshot_used: Option<String>,
+    /// The memory snapshot kept after this migration, if any.
+    pub snapshot_kept: Option<String>,
+    /// Things that did not stop the migration but the operator should know.
+    pub warnings: Vec<String>,
     /// Every iteration.
     pub iterations: Vec<IterationRecord>,
     /// Throttling applied to the source guest, if any.
@@ -110,18 +128,21 @@ pub struct Report {
 }
 
 impl Report {
-    /// Counts one page of a class taking `bytes` on the wire.
-    pub fn count_page(&mut self, class: &str, bytes: usize) {
-        *self.pages.entry(class.to_string()).or_default() += 1;
-        *self.page_bytes.entry(class.to_string()).or_default() += bytes as u64;
+    /// Sets the per-class counts from the codec's.
+    pub fn set_class_stats(&mut self, stats: &ClassStats) {
+        for (name, c) in stats.by_report_name() {
+            self.pages.insert(name.to_string(), c.pages);
+            self.page_bytes.insert(name.to_string(), c.wire_bytes);
+        }
+        self.uncompacted_bytes = stats.whole_page_bytes();
     }
 
-    /// Sets `compaction_ratio` from the page counts: bytes of the pages as whole pages over the
-    /// bytes their records took on the wire.
+    /// Sets `compaction_ratio` and `wire_fraction` from the counts and `wire_bytes`.
     pub fn compute_compaction_ratio(&mut self) {
-        let pages: u64 = self.pages.values().sum();
         let wire: u64 = self.page_bytes.values().sum();
-        self.compaction_ratio = (wire > 0).then(|| pages as f64 * 4096.0 / wire as f64);
+        let whole = self.uncompacted_bytes as f64;
+        self.compaction_ratio = (wire > 0).then(|| whole / wire as f64);
+        self.wire_fraction = (self.uncompacted_bytes > 0).then(|| self.wire_bytes as f64 / whole);
     }
 
     /// The human summary, a few lines.
@@ -145,10 +166,27 @@ impl Report {
             mib(self.wire_bytes),
             self.device_state_bytes as f64 / 1024.0
         );
-        let classes: Vec<String> = self.pages.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let classes: Vec<String> = self.pages.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(s, "pages:        {}", classes.join(", "));
-        if let Some(r) = self.compaction_ratio {
-            let _ = writeln!(s, "compaction:   {r:.2}x");
+        if let (Some(r), Some(f)) = (self.compaction_ratio, self.wire_fraction) {
+            let _ = writeln!(
+                s,
+                "compaction:   {r:.2}x ({:.1} MiB of non-zero pages took {:.1} MiB on the wire: {f:.3}x)",
+                mib(self.uncompacted_bytes),
+                mib(self.wire_bytes)
+            );
+        }
+        if self.resent_pages > 0 {
+            let _ = writeln!(s, "resent:       {} pages the destination could not resolve", self.resent_pages);
+        }
+        if let Some(id) = &self.snapshot_used {
+            let _ = writeln!(s, "snapshot:     references to snapshot {}", &id[..12.min(id.len())]);
+        }
+        if let Some(id) = &self.snapshot_kept {
+            let _ = writeln!(s, "kept:         memory snapshot {}", &id[..12.min(id.len())]);
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "warning:      {w}");
         }
         let _ = writeln!(s, "iterations:   {}", self.iterations.len());
         if let Some(t) = &self.throttle {

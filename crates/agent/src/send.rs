@@ -8,16 +8,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use livemig_compact::{BatchEncoder, EncodeOptions};
+use std::collections::BTreeSet;
+
+use livemig_compact::{Compressor, EncodeOptions, Encoder, PageRef};
+use livemig_index::snapshot::SnapshotStore;
 use livemig_control::{
     AdaptivePolicy, Decision, DowntimeController, FixedPolicy, IterationStats, Limits, OnNoConverge, Pending,
 };
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_qmp::Qmp;
 use livemig_track::{hash_page, ContentTracker, Ledger, Tracker};
-use livemig_wire::{FrameKind, Message, RegionInfo, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use livemig_wire::{FrameKind, Holdings, Message, RegionInfo, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use crate::error::AgentError;
+use crate::holdings::{self, SenderDisks, SenderSnapshot};
 use crate::link::{self, Inbox, Out, Writer};
 use crate::report::{IterationRecord, Report, ThrottleReport};
 use crate::throttle::{self, Throttler};
@@ -60,8 +64,20 @@ pub struct SendOptions {
     pub timeout: Duration,
     /// How long to retry connecting to a receiver that is not listening yet.
     pub connect_timeout: Duration,
-    /// Compress pages.
-    pub compress: bool,
+    /// Compressor of whole pages.
+    pub compressor: Compressor,
+    /// Raw disk images both hosts hold (the guest's disks): pages equal to one of their blocks
+    /// go as references.
+    pub disk_images: Vec<PathBuf>,
+    /// Where disk indexes are cached.
+    pub index_cache: PathBuf,
+    /// Memory snapshots: used for references when the destination holds one of this VM, and
+    /// one kept here after a successful migration.
+    pub snapshot_dir: Option<PathBuf>,
+    /// Byte budget of the snapshot directory (oldest evicted).
+    pub snapshot_max_bytes: u64,
+    /// Identity of the VM for snapshots (default: QEMU's `-name`, else its UUID).
+    pub vm_id: Option<String>,
     /// Scan threads.
     pub threads: usize,
     /// Set by a signal handler to cancel.
@@ -80,11 +96,28 @@ impl SendOptions {
             bandwidth: None,
             timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
-            compress: true,
+            compressor: Compressor::Lz4,
+            disk_images: Vec::new(),
+            index_cache: holdings::default_index_cache(),
+            snapshot_dir: None,
+            snapshot_max_bytes: DEFAULT_SNAPSHOT_BUDGET,
+            vm_id: None,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
+}
+
+/// Default byte budget of a snapshot directory.
+pub const DEFAULT_SNAPSHOT_BUDGET: u64 = 16 << 30;
+
+/// The VM's identity from QEMU: `-name`, else a non-nil UUID.
+pub(crate) fn vm_identity(qmp: &mut Qmp) -> Option<String> {
+    let name = qmp.execute("query-name", None).ok().and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_string));
+    name.filter(|n| !n.is_empty()).or_else(|| {
+        let uuid = qmp.execute("query-uuid", None).ok()?.get("UUID")?.as_str()?.to_string();
+        (uuid != "00000000-0000-0000-0000-000000000000").then_some(uuid)
+    })
 }
 
 /// What has been done to the source VM, so a failure can be undone.
@@ -201,6 +234,24 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
         .migrate_set_capabilities(&[("x-ignore-shared", true)])
         .map_err(AgentError::qmp("cannot enable x-ignore-shared on the source QEMU"))?;
 
+    let vm = opts.vm_id.clone().or_else(|| opts.snapshot_dir.as_ref().and_then(|_| vm_identity(&mut st.qmp())));
+    report.vm = vm.clone();
+    let store = match &opts.snapshot_dir {
+        Some(d) if vm.is_some() => Some(
+            SnapshotStore::open(d, opts.snapshot_max_bytes)
+                .map_err(|e| AgentError::Holdings(format!("cannot open the snapshot directory {}: {e}", d.display())))?,
+        ),
+        Some(_) => {
+            obs.progress(Progress::Phase("no snapshot: the VM has no -name or UUID; give --vm-id"));
+            None
+        }
+        None => None,
+    };
+    if !opts.disk_images.is_empty() {
+        obs.progress(Progress::Phase("indexing the disk images"));
+    }
+    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
+
     obs.progress(Progress::Phase("connecting to the receiver"));
     let mut stream = link::connect(&opts.to, opts.connect_timeout)?;
     link::tune(&stream, opts.timeout)?;
@@ -214,13 +265,32 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
             software: SOFTWARE.into(),
             page_size: 4096,
             regions,
+            vm: vm.clone().filter(|_| store.is_some()),
+            disks: holdings::offers(&indexes)?,
         },
     )?;
-    match livemig_wire::read_message(&mut stream)? {
-        Message::Welcome { .. } => {}
+    let holds: Holdings = match livemig_wire::read_message(&mut stream)? {
+        Message::Welcome { holds, .. } => holds,
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
         other => return Err(AgentError::Protocol { expected: "welcome".into(), got: other.name().into() }),
+    };
+    let mut encoder = Encoder::new(total, EncodeOptions { compressor: opts.compressor, ..EncodeOptions::for_ram(report.ram_bytes) });
+    report.disk_images_used = holds.disks.len();
+    if let Some(d) = SenderDisks::new(indexes, &holds.disks) {
+        encoder.set_disk_lookup(d);
     }
+    // The newest snapshot of the VM both sides hold.
+    let mut plan = None;
+    if let (Some(store), Some(vm)) = (&store, &vm) {
+        let ours = holdings::snapshot_ids(store, vm)?;
+        if let Some(id) = holds.snapshots.iter().find(|id| ours.contains(id)) {
+            let snap = holdings::open_snapshot(store, vm, holdings::parse_id(id)?)?;
+            encoder.set_snapshot_lookup(Arc::new(SenderSnapshot(snap.lookup_table())));
+            report.snapshot_used = Some(id.clone());
+            plan = Some(id.clone());
+        }
+    }
+    livemig_wire::write_message(&mut stream, &Message::Plan { snapshot: plan })?;
     let reader = stream
         .try_clone()
         .map_err(|source| AgentError::Network { what: "cannot share the connection".into(), source })?;
@@ -232,8 +302,9 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
         .map_err(|source| AgentError::Network { what: "cannot configure the socket".into(), source })?;
     let inbox = Inbox::spawn(Box::new(reader), "destination");
     let mut writer = Writer::spawn(Box::new(stream), opts.bandwidth);
-    let mut r = precopy_and_switchover(opts, obs, report, st, &mem, total, &inbox, &mut writer);
+    let mut r = precopy_and_switchover(opts, obs, report, st, &mem, total, &inbox, &mut writer, &mut encoder);
     report.wire_bytes = writer.total_bytes();
+    report.set_class_stats(encoder.stats());
     if let Err(AgentError::Wire(_)) = &r {
         // A broken connection is often the receiver giving up: prefer the reason it sent.
         if let Err(e @ AgentError::PeerAborted { .. }) = inbox.next(Duration::from_secs(1), "the receiver's reason") {
@@ -248,6 +319,21 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
         }
     }
     let _ = writer.finish();
+    if r.is_ok() {
+        if let (Some(store), Some(vm), Some(digest)) = (&store, &vm, &report.verification.source_digest) {
+            // The source is paused in `postmigrate`: its memory is what the destination holds.
+            obs.progress(Progress::Phase("keeping a memory snapshot of the VM"));
+            match digest.parse::<livemig_track::Digest>() {
+                Ok(d) => match livemig_index::save_from(store, vm, d.0, total, |p, buf| {
+                    mem.read_page_into(p, buf).map_err(std::io::Error::other)
+                }) {
+                    Ok(info) => report.snapshot_kept = Some(format!("{:032x}", info.id)),
+                    Err(e) => report.warnings.push(format!("the memory snapshot was not kept: {e}")),
+                },
+                Err(_) => report.warnings.push("the memory snapshot was not kept: unreadable digest".into()),
+            }
+        }
+    }
     r
 }
 
@@ -261,8 +347,11 @@ fn precopy_and_switchover(
     total: u64,
     inbox: &Inbox,
     writer: &mut Writer,
+    encoder: &mut Encoder,
 ) -> Result<(), AgentError> {
     let src = MemSource(mem);
+    // Pages the destination could not resolve: sent whole in the next pass.
+    let mut forced: BTreeSet<u64> = BTreeSet::new();
     let mut ledger = Ledger::zeroed(total);
     let mut tracker = ContentTracker::new(opts.threads);
     let mut controller = opts.policy.controller(opts.limits, opts.on_no_converge);
@@ -273,7 +362,7 @@ fn precopy_and_switchover(
     let mut throttler = st.was_running.then(|| Throttler::start(Arc::clone(st.qmp.as_ref().expect("QMP connected"))));
     let predicted = loop {
         check_cancel(opts)?;
-        inbox.check()?;
+        take_resends(inbox, encoder, &mut forced, total, report)?;
         if let Some(t) = throttler.as_mut() {
             t.check()?;
         }
@@ -310,7 +399,7 @@ fn precopy_and_switchover(
         }
         let throttle_level = throttler.as_ref().map_or(0.0, Throttler::level);
         let t0 = Instant::now();
-        let sent = send_pages(opts, obs, report, mem, &scan.dirty, &mut ledger, writer, index)?;
+        let sent = send_pages(opts, obs, mem, &scan.dirty, &mut forced, &mut ledger, writer, encoder, index)?;
         writer.send(Out::Message(Message::IterationEnd { index, pages: sent, last: false }))?;
         let ack = writer.marker(opts.timeout)?;
         let stats = iteration_stats(index, &pending, sent, ack, scan_ms + ms(t0.elapsed()), throttle_level);
@@ -343,8 +432,26 @@ fn precopy_and_switchover(
     let scan = tracker.scan(&src, &ledger)?;
     let scan_ms = ms(scan.duration);
     let pending = Pending { index, dirty_pages: scan.dirty.len() as u64, scan_ms };
-    let sent = send_pages(opts, obs, report, mem, &scan.dirty, &mut ledger, writer, index)?;
-    writer.send(Out::Message(Message::IterationEnd { index, pages: sent, last: true }))?;
+    take_resends(inbox, encoder, &mut forced, total, report)?;
+    let mut sent = send_pages(opts, obs, mem, &scan.dirty, &mut forced, &mut ledger, writer, encoder, index)?;
+    // The destination acknowledges the final pass once applied; pages it could not resolve come
+    // before the acknowledgement and are sent whole until none is left.
+    let mut end = index;
+    for round in 0.. {
+        writer.send(Out::Message(Message::IterationEnd { index: end, pages: sent, last: true }))?;
+        wait_end_ack(opts, inbox, encoder, &mut forced, total, report, end)?;
+        if forced.is_empty() {
+            break;
+        }
+        if round >= 3 {
+            return Err(AgentError::Protocol {
+                expected: "pages sent whole to be applied".into(),
+                got: format!("{} pages reported unresolved again", forced.len()),
+            });
+        }
+        end += 1;
+        sent = send_pages(opts, obs, mem, &[], &mut forced, &mut ledger, writer, encoder, end)?;
+    }
     let digest = ledger.digest();
     writer.send(Out::Message(Message::Switchover { digest: digest.to_string(), pages: total }))?;
     let ack = writer.marker(opts.timeout)?;
@@ -470,38 +577,107 @@ fn iteration_stats(
     }
 }
 
+/// Pages the destination could not resolve, reported so far: forgotten by the encoder and
+/// queued to go whole.
+fn take_resends(
+    inbox: &Inbox,
+    encoder: &mut Encoder,
+    forced: &mut BTreeSet<u64>,
+    total: u64,
+    report: &mut Report,
+) -> Result<(), AgentError> {
+    while let Some(m) = inbox.poll()? {
+        match m {
+            Message::Resend { pages } => queue_resend(&pages, encoder, forced, total, report)?,
+            other => return Err(AgentError::Protocol { expected: "nothing or a resend request".into(), got: other.name().into() }),
+        }
+    }
+    Ok(())
+}
+
+fn queue_resend(
+    pages: &[u64],
+    encoder: &mut Encoder,
+    forced: &mut BTreeSet<u64>,
+    total: u64,
+    report: &mut Report,
+) -> Result<(), AgentError> {
+    if pages.len() > MAX_RESEND_PAGES {
+        return Err(AgentError::Protocol { expected: format!("at most {MAX_RESEND_PAGES} pages in a resend request"), got: pages.len().to_string() });
+    }
+    for &p in pages {
+        if p >= total {
+            return Err(AgentError::Protocol { expected: format!("a page below {total}"), got: format!("resend of page {p}") });
+        }
+        encoder.invalidate(p);
+        forced.insert(p);
+    }
+    report.resent_pages += pages.len() as u64;
+    Ok(())
+}
+
+/// Waits for the acknowledgement of final pass `index`, queueing the resend requests before it.
+fn wait_end_ack(
+    opts: &SendOptions,
+    inbox: &Inbox,
+    encoder: &mut Encoder,
+    forced: &mut BTreeSet<u64>,
+    total: u64,
+    report: &mut Report,
+    index: u32,
+) -> Result<(), AgentError> {
+    loop {
+        match inbox.next(opts.timeout, "the destination to apply the final pages")? {
+            Message::Resend { pages } => queue_resend(&pages, encoder, forced, total, report)?,
+            Message::EndAck { index: i } if i == index => return Ok(()),
+            other => return Err(AgentError::Protocol { expected: format!("end-ack of iteration {index}"), got: other.name().into() }),
+        }
+    }
+}
+
+/// Pages read and encoded together (prepared on `opts.threads` threads).
+const CHUNK_PAGES: usize = 256;
+
+/// Sends the `dirty` pages and the `forced` ones (whole), in page order, and records in the
+/// ledger the hash of exactly the bytes sent: a write racing with the copy shows up as a changed
+/// page in the next scan.
 #[allow(clippy::too_many_arguments)]
 fn send_pages(
     opts: &SendOptions,
     obs: &mut dyn Observer,
-    report: &mut Report,
     mem: &GuestMemory,
     dirty: &[u64],
+    forced: &mut BTreeSet<u64>,
     ledger: &mut Ledger,
     writer: &mut Writer,
+    encoder: &mut Encoder,
     iteration: u32,
 ) -> Result<u64, AgentError> {
-    let mut enc = BatchEncoder::new(EncodeOptions { compress: opts.compress });
-    let mut buf = Box::new(PageBuf::zeroed());
+    let whole = std::mem::take(forced);
+    let mut list: Vec<(u64, bool)> = dirty.iter().filter(|p| !whole.contains(p)).map(|&p| (p, false)).collect();
+    list.extend(whole.iter().map(|&p| (p, true)));
+    list.sort_unstable();
+    let n = list.len() as u64;
+    let mut bufs: Vec<PageBuf> = (0..CHUNK_PAGES.min(list.len())).map(|_| PageBuf::zeroed()).collect();
     let mut sent = 0u64;
-    for &page in dirty {
-        mem.read_page(page, &mut buf)?;
-        // The hash recorded is of exactly the bytes sent: a write racing with the copy shows up
-        // as a changed page in the next scan.
-        let hash = hash_page(&buf.0);
-        let (class, bytes) = enc.push(page, &buf.0);
-        ledger.record(page, hash);
-        report.count_page(class.name(), bytes);
-        sent += 1;
-        if enc.is_full() {
-            writer.send(Out::Frame(FrameKind::Pages, enc.take()))?;
-            obs.progress(Progress::Sending { iteration, sent, dirty: dirty.len() as u64, wire_bytes: writer.total_bytes() });
+    for chunk in list.chunks(CHUNK_PAGES) {
+        for (&(page, _), buf) in chunk.iter().zip(bufs.iter_mut()) {
+            mem.read_page(page, buf)?;
+            ledger.record(page, hash_page(&buf.0));
+        }
+        let items: Vec<PageRef<'_>> =
+            chunk.iter().zip(bufs.iter()).map(|(&(page, whole), buf)| PageRef { page, data: &buf.0, whole }).collect();
+        encoder.push_many(&items, opts.threads);
+        sent += chunk.len() as u64;
+        if encoder.is_full() {
+            writer.send(Out::Frame(FrameKind::Pages, encoder.take()))?;
+            obs.progress(Progress::Sending { iteration, sent, dirty: n, wire_bytes: writer.total_bytes() });
             check_cancel(opts)?;
         }
     }
-    if !enc.is_empty() {
-        writer.send(Out::Frame(FrameKind::Pages, enc.take()))?;
+    if !encoder.is_empty() {
+        writer.send(Out::Frame(FrameKind::Pages, encoder.take()))?;
     }
-    obs.progress(Progress::Sending { iteration, sent, dirty: dirty.len() as u64, wire_bytes: writer.total_bytes() });
+    obs.progress(Progress::Sending { iteration, sent, dirty: n, wire_bytes: writer.total_bytes() });
     Ok(sent)
 }

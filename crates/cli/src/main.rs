@@ -125,9 +125,17 @@ pub(crate) struct SendArgs {
     /// How long to retry connecting while the receiver is not listening yet.
     #[arg(long, default_value = "30s", value_parser = units::parse_duration_ms)]
     connect_timeout: f64,
-    /// Send pages uncompressed.
+    /// Compressor of whole pages: lz4 (fast), zstd (smaller, about 2x the CPU) or none.
+    #[arg(long, value_enum, default_value_t = CompressorArg::Lz4)]
+    compressor: CompressorArg,
+    /// Send whole pages uncompressed (same as --compressor none).
     #[arg(long)]
     no_compress: bool,
+    /// Identity of the VM for memory snapshots (default: QEMU's -name, else its UUID).
+    #[arg(long)]
+    vm_id: Option<String>,
+    #[command(flatten)]
+    holdings: HoldingsArgs,
     /// Write the JSON report here, and a plot of the WWS per iteration next to it (same name, .svg).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -149,9 +157,37 @@ pub(crate) struct ReceiveArgs {
     /// Longest wait for the sender to connect.
     #[arg(long, default_value = "10m", value_parser = units::parse_duration_ms)]
     accept_timeout: f64,
+    #[command(flatten)]
+    holdings: HoldingsArgs,
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CompressorArg {
+    Lz4,
+    Zstd,
+    None,
+}
+
+/// What a host holds besides the guest RAM: disk images and memory snapshots.
+#[derive(Args, Debug, Clone)]
+struct HoldingsArgs {
+    /// A raw disk image of the guest that both hosts hold (shared storage or a copy); pages equal
+    /// to one of its 4 KiB blocks go as references. Repeat for several.
+    #[arg(long = "disk-image", value_name = "PATH")]
+    disk_images: Vec<PathBuf>,
+    /// Where disk-image indexes are cached (default ~/.cache/livemig/index, as `livemig index`).
+    #[arg(long, value_name = "DIR")]
+    index_cache: Option<PathBuf>,
+    /// Keep a memory snapshot of the VM here after a successful migration, and use one (if both
+    /// hosts hold it) for references in a later migration of the same VM.
+    #[arg(long, value_name = "DIR")]
+    snapshot_dir: Option<PathBuf>,
+    /// Byte budget of --snapshot-dir; the oldest snapshots are evicted.
+    #[arg(long, default_value = "16GiB", value_parser = units::parse_size)]
+    snapshot_max_size: u64,
 }
 
 fn dur(ms: f64) -> Duration {
@@ -207,7 +243,18 @@ fn run_send(a: &SendArgs) -> anyhow::Result<u8> {
     o.bandwidth = a.bandwidth;
     o.timeout = dur(a.timeout);
     o.connect_timeout = dur(a.connect_timeout);
-    o.compress = !a.no_compress;
+    o.compressor = match (a.no_compress, a.compressor) {
+        (true, _) | (_, CompressorArg::None) => livemig_compact::Compressor::None,
+        (_, CompressorArg::Lz4) => livemig_compact::Compressor::Lz4,
+        (_, CompressorArg::Zstd) => livemig_compact::Compressor::Zstd,
+    };
+    o.vm_id = a.vm_id.clone();
+    o.disk_images = a.holdings.disk_images.clone();
+    if let Some(c) = &a.holdings.index_cache {
+        o.index_cache = c.clone();
+    }
+    o.snapshot_dir = a.holdings.snapshot_dir.clone();
+    o.snapshot_max_bytes = a.holdings.snapshot_max_size;
     o.cancel = signal::cancel_flag();
     let mut obs = progress::LiveLine::new("send");
     let (report, result) = livemig_agent::send(&o, &mut obs);
@@ -219,6 +266,12 @@ fn run_receive(a: &ReceiveArgs) -> anyhow::Result<u8> {
     let mut o = ReceiveOptions::new(a.listen.clone(), a.qmp.clone());
     o.timeout = dur(a.timeout);
     o.accept_timeout = dur(a.accept_timeout);
+    o.disk_images = a.holdings.disk_images.clone();
+    if let Some(c) = &a.holdings.index_cache {
+        o.index_cache = c.clone();
+    }
+    o.snapshot_dir = a.holdings.snapshot_dir.clone();
+    o.snapshot_max_bytes = a.holdings.snapshot_max_size;
     o.cancel = signal::cancel_flag();
     let mut obs = progress::LiveLine::new("receive");
     let (report, result) = livemig_agent::receive(&o, &mut obs);

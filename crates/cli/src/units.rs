@@ -51,6 +51,33 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     Ok(bytes_per_s.round() as u64)
 }
 
+/// Parses a size in bytes (`512MiB`, `16GiB`, `1G`, `4096`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("`{s}` is not a size (try 512MiB, 16GiB)"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1.0,
+        "K" | "KiB" | "k" => 1024.0,
+        "M" | "MiB" => 1024.0 * 1024.0,
+        "G" | "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "T" | "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        other => return Err(format!("unknown size unit `{other}` in `{s}` (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+    };
+    let b = v * mult;
+    if !b.is_finite() || !(1.0..=1e18).contains(&b) {
+        return Err(format!("`{s}` must be a positive size"));
+    }
+    // In range after the check above.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Ok(b.round() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +92,18 @@ mod tests {
         assert!(parse_duration_ms("0s").is_err());
         assert!(parse_duration_ms("fast").is_err());
         assert!(parse_duration_ms("3h").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("16GiB").unwrap(), 16 << 30);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("big").is_err());
+        assert!(parse_size("3 parsecs").is_err());
     }
 
     #[test]

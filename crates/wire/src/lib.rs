@@ -17,9 +17,9 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Version of the protocol spoken by this build. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Oldest peer version this build still speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 1;
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
 /// Largest payload accepted from the wire (a batch of pages plus its record headers).
 pub const MAX_PAYLOAD: u32 = 4 * 1024 * 1024;
 /// Largest JSON control message accepted.
@@ -244,6 +244,45 @@ pub struct RegionInfo {
     pub size: u64,
 }
 
+/// A disk image the sender can reference, identified by its index (see `livemig-index`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskOffer {
+    /// Id used in references.
+    pub id: u16,
+    /// Image size in bytes.
+    pub size: u64,
+    /// Hash of the image's whole fingerprint index (32 hex digits).
+    pub index_hash: String,
+}
+
+/// What the destination holds, in the handshake: a few ids, never a list of fingerprints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Holdings {
+    /// Offered disk ids it has an image for: `same` true when its index hash is equal (every
+    /// reference resolves), false when only the size matches (each reference is checked and a
+    /// changed block is resent).
+    pub disks: Vec<DiskHeld>,
+    /// Ids of the memory snapshots of the VM it holds (32 hex digits each), newest first.
+    pub snapshots: Vec<String>,
+}
+
+/// One offered disk image the destination has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskHeld {
+    /// The offer's id.
+    pub id: u16,
+    /// Same index hash as offered.
+    pub same: bool,
+}
+
+/// Most pages in one `Resend`.
+pub const MAX_RESEND_PAGES: usize = 16 * 1024;
+/// Most disk images offered, and snapshot ids listed, in a handshake.
+pub const MAX_HANDSHAKE_ITEMS: usize = 64;
+
 /// The control messages. Each is tagged by `type` in JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -260,6 +299,12 @@ pub enum Message {
         page_size: u32,
         /// The source VM's RAM regions.
         regions: Vec<RegionInfo>,
+        /// Identity of the VM, for memory snapshots (none: no snapshot is used or kept).
+        #[serde(default)]
+        vm: Option<String>,
+        /// Disk images the sender can reference blocks of.
+        #[serde(default)]
+        disks: Vec<DiskOffer>,
     },
     /// Destination -> source: accepted, with the version both speak.
     Welcome {
@@ -267,6 +312,26 @@ pub enum Message {
         version: u32,
         /// livemig version string.
         software: String,
+        /// What the destination holds: the offered disk images it has, and its snapshots of the VM.
+        #[serde(default)]
+        holds: Holdings,
+    },
+    /// Source -> destination, after `Welcome`: the memory snapshot references will name.
+    Plan {
+        /// Snapshot id (32 hex digits), if any.
+        snapshot: Option<String>,
+    },
+    /// Destination -> source: pages it could not resolve (a reference or delta that did not
+    /// match); the sender sends them whole again.
+    Resend {
+        /// Guest pages, at most [`MAX_RESEND_PAGES`].
+        pages: Vec<u64>,
+    },
+    /// Destination -> source: everything up to the end of the given final iteration is applied;
+    /// any `Resend` for it came before.
+    EndAck {
+        /// Iteration index.
+        index: u32,
     },
     /// End of one pre-copy iteration (or the final one).
     IterationEnd {
@@ -315,6 +380,9 @@ impl Message {
         match self {
             Message::Hello { .. } => "hello",
             Message::Welcome { .. } => "welcome",
+            Message::Plan { .. } => "plan",
+            Message::Resend { .. } => "resend",
+            Message::EndAck { .. } => "end-ack",
             Message::IterationEnd { .. } => "iteration-end",
             Message::Switchover { .. } => "switchover",
             Message::Verified { .. } => "verified",
@@ -360,7 +428,17 @@ mod tests {
                 software: "x".into(),
                 page_size: 4096,
                 regions: vec![RegionInfo { id: "mem0".into(), size: 1 << 29 }],
+                vm: Some("vm1".into()),
+                disks: vec![DiskOffer { id: 0, size: 1 << 30, index_hash: "00ff".into() }],
             },
+            Message::Welcome {
+                version: 2,
+                software: "y".into(),
+                holds: Holdings { disks: vec![DiskHeld { id: 0, same: false }], snapshots: vec!["ab".into()] },
+            },
+            Message::Plan { snapshot: None },
+            Message::Resend { pages: vec![1, 2, 3] },
+            Message::EndAck { index: 4 },
             Message::Commit,
             Message::Abort { reason: "because".into() },
             Message::Switchover { digest: "ab".into(), pages: 3 },
@@ -426,9 +504,11 @@ mod tests {
 
     #[test]
     fn negotiation() {
-        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(2, 2), Some(2));
         assert_eq!(negotiate(1, 7), Some(PROTOCOL_VERSION));
-        assert_eq!(negotiate(2, 9), None);
+        // a version-1 peer (before compaction references) is refused
+        assert_eq!(negotiate(1, 1), None);
+        assert_eq!(negotiate(3, 9), None);
         assert_eq!(negotiate(0, 0), None);
     }
 

@@ -1,0 +1,166 @@
+//! What each side holds besides the guest RAM: disk images (blocks the guest has in its page
+//! cache) and memory snapshots of earlier migrations, and how the handshake agrees on them.
+//!
+//! The summary the destination sends is a few ids (`Holdings`): for a disk, the hash of its whole
+//! fingerprint index (which both sides compute from their own copy); for a snapshot, its id (the
+//! memory digest at the end of the migration that made it, equal on both sides). Never a list of
+//! fingerprints.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use livemig_compact::{DiskLookup, DiskRef, SnapshotLookup};
+use livemig_index::snapshot::{Snapshot, SnapshotStore};
+use livemig_index::{DiskIndex, Fingerprint};
+use livemig_wire::{DiskHeld, DiskOffer, Holdings, MAX_HANDSHAKE_ITEMS};
+
+use crate::error::AgentError;
+
+/// Where disk indexes are cached unless told otherwise: `$XDG_CACHE_HOME/livemig/index` or
+/// `~/.cache/livemig/index` (as `livemig index`).
+pub fn default_index_cache() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("livemig/index");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/livemig/index")
+}
+
+/// Loads (or builds and caches) the index of every image.
+pub(crate) fn load_indexes(images: &[PathBuf], cache: &Path) -> Result<Vec<DiskIndex>, AgentError> {
+    images
+        .iter()
+        .map(|p| {
+            DiskIndex::load_or_build(p, cache, &mut |_| {})
+                .map(|(i, _)| i)
+                .map_err(|e| AgentError::Holdings(format!("cannot index the disk image {}: {e}", p.display())))
+        })
+        .collect()
+}
+
+/// The sender's offer of its images.
+pub(crate) fn offers(indexes: &[DiskIndex]) -> Result<Vec<DiskOffer>, AgentError> {
+    if indexes.len() > MAX_HANDSHAKE_ITEMS {
+        return Err(AgentError::Incompatible(format!("at most {MAX_HANDSHAKE_ITEMS} disk images can be offered")));
+    }
+    Ok(indexes
+        .iter()
+        .enumerate()
+        .map(|(i, x)| DiskOffer {
+            id: u16::try_from(i).unwrap_or(u16::MAX),
+            size: x.image_size(),
+            index_hash: format!("{:032x}", x.identity().index_hash),
+        })
+        .collect())
+}
+
+/// The sender's disk lookup over the images the destination holds.
+pub(crate) struct SenderDisks {
+    images: Vec<(u16, DiskIndex)>,
+}
+
+impl SenderDisks {
+    /// Keeps the indexes of the images the destination said it holds.
+    pub(crate) fn new(indexes: Vec<DiskIndex>, held: &[DiskHeld]) -> Option<Arc<Self>> {
+        let images: Vec<(u16, DiskIndex)> = indexes
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, x)| {
+                let id = u16::try_from(i).ok()?;
+                held.iter().any(|h| h.id == id).then_some((id, x))
+            })
+            .collect();
+        (!images.is_empty()).then(|| Arc::new(SenderDisks { images }))
+    }
+}
+
+impl DiskLookup for SenderDisks {
+    fn lookup_disk(&self, fp: u128) -> Option<DiskRef> {
+        let f = Fingerprint(fp);
+        self.images.iter().find_map(|(id, x)| x.lookup(&f).map(|block| DiskRef { image: *id, block }))
+    }
+}
+
+/// The sender's snapshot lookup: fingerprint -> a page of the snapshot holding it.
+pub(crate) struct SenderSnapshot(pub(crate) std::collections::HashMap<u128, u64>);
+
+impl SnapshotLookup for SenderSnapshot {
+    fn lookup_snapshot(&self, fp: u128) -> Option<u64> {
+        self.0.get(&fp).copied()
+    }
+}
+
+/// Ids (32 hex digits) of the snapshots of `vm` in `store`, newest first.
+pub(crate) fn snapshot_ids(store: &SnapshotStore, vm: &str) -> Result<Vec<String>, AgentError> {
+    let mut list: Vec<_> = store
+        .list()
+        .map_err(|e| AgentError::Holdings(format!("cannot list the snapshots in {}: {e}", store.dir().display())))?
+        .into_iter()
+        .filter(|s| s.vm == vm)
+        .collect();
+    list.sort_by_key(|s| std::cmp::Reverse(s.created_unix_nanos));
+    Ok(list.into_iter().take(MAX_HANDSHAKE_ITEMS).map(|s| format!("{:032x}", s.id)).collect())
+}
+
+/// Parses a snapshot id from the peer.
+pub(crate) fn parse_id(s: &str) -> Result<u128, AgentError> {
+    if s.len() != 32 {
+        return Err(AgentError::Incompatible(format!("malformed snapshot id {s:?}")));
+    }
+    u128::from_str_radix(s, 16).map_err(|_| AgentError::Incompatible(format!("malformed snapshot id {s:?}")))
+}
+
+/// The destination's images, opened for block reads, by offered id.
+pub(crate) struct ReceiverDisks {
+    files: Vec<(u16, File)>,
+}
+
+impl ReceiverDisks {
+    /// Matches the offers against the local images: an image with the same index hash is the same
+    /// image; else the image at the offer's position with the same size is taken, every
+    /// reference into it being checked against its fingerprint.
+    pub(crate) fn answer(
+        offers: &[DiskOffer],
+        images: &[PathBuf],
+        indexes: &[DiskIndex],
+    ) -> Result<(ReceiverDisks, Vec<DiskHeld>), AgentError> {
+        if offers.len() > MAX_HANDSHAKE_ITEMS {
+            return Err(AgentError::Incompatible(format!("the sender offers {} disk images, more than {MAX_HANDSHAKE_ITEMS}", offers.len())));
+        }
+        let mut files = Vec::new();
+        let mut held = Vec::new();
+        for o in offers {
+            let same = indexes.iter().position(|x| format!("{:032x}", x.identity().index_hash) == o.index_hash);
+            let pick = same.or_else(|| {
+                let i = usize::from(o.id);
+                indexes.get(i).filter(|x| x.image_size() == o.size).map(|_| i)
+            });
+            if let Some(i) = pick {
+                let f = File::open(&images[i])
+                    .map_err(|e| AgentError::Holdings(format!("cannot open the disk image {}: {e}", images[i].display())))?;
+                files.push((o.id, f));
+                held.push(DiskHeld { id: o.id, same: same.is_some() });
+            }
+        }
+        Ok((ReceiverDisks { files }, held))
+    }
+
+    /// Reads block `r.block` of image `r.image`; false if there is no such image or block.
+    pub(crate) fn read(&self, r: DiskRef, out: &mut [u8; 4096]) -> bool {
+        let Some((_, f)) = self.files.iter().find(|(id, _)| *id == r.image) else { return false };
+        let Some(off) = r.block.checked_mul(4096) else { return false };
+        f.read_exact_at(out, off).is_ok()
+    }
+}
+
+/// Holdings answer of the destination.
+pub(crate) fn holdings(disks: Vec<DiskHeld>, snapshots: Vec<String>) -> Holdings {
+    Holdings { disks, snapshots }
+}
+
+/// Opens the snapshot `id` of `vm`.
+pub(crate) fn open_snapshot(store: &SnapshotStore, vm: &str, id: u128) -> Result<Snapshot, AgentError> {
+    store.get(vm, id).map_err(|e| AgentError::Holdings(format!("cannot open snapshot {id:032x} of {vm}: {e}")))
+}
