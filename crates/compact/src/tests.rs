@@ -573,3 +573,35 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn recycled_buffers_and_compressor_switch() {
+    let mut e = Encoder::new(600, EncodeOptions::default());
+    let mut d = MemDest::new(600);
+    let text = page_from(3, true);
+    assert_eq!(e.push(0, &text).0, PageClass::Lz4);
+    e.set_compressor(Compressor::None);
+    assert_eq!(e.push(1, &mutate(&text, 1, 300)).0, PageClass::Raw);
+    e.set_compressor(Compressor::Zstd);
+    assert_eq!(e.push(2, &mutate(&text, 2, 300)).0, PageClass::Zstd);
+    let mut batches = 0;
+    let unique = |i: u64| {
+        let mut p = page_from(u8::try_from(i % 251).unwrap(), false);
+        p[..8].copy_from_slice(&i.to_le_bytes());
+        p
+    };
+    for i in 3..600u64 {
+        e.push(i, &unique(i));
+        if e.is_full() {
+            let b = e.take();
+            assert!(decode_batch(&b, 600, &mut d).unwrap().misses.is_empty());
+            e.recycle(b);
+            batches += 1;
+        }
+    }
+    assert!(batches >= 2);
+    let b = e.take();
+    assert!(decode_batch(&b, 600, &mut d).unwrap().misses.is_empty());
+    assert_eq!(d.ram[2], mutate(&text, 2, 300));
+    assert_eq!(d.ram[599], unique(599));
+}
