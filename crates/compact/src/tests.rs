@@ -544,6 +544,27 @@ proptest! {
         }
     }
 
+    /// A valid batch of every class with one byte changed: never a panic.
+    #[test]
+    fn corrupted_batches_never_panic(at in any::<prop::sample::Index>(), xor in 1u8..=255, comp in 0u8..3) {
+        let (mut e, mut d) = setup(GUEST, EncodeOptions { compressor: compressor_of(comp), ..EncodeOptions::default() });
+        let a = page_from(1, false);
+        e.push(0, &a);
+        e.push(1, &page_from(2, true));
+        decode_batch(&e.take(), GUEST as u64, &mut d).unwrap();
+        e.push(2, &a);
+        e.push(3, &disk_block(1));
+        e.push(4, &snap_page(2));
+        e.push(0, &mutate(&a, 1, 5));
+        e.push(5, &[0u8; PAGE_SIZE]);
+        e.push(6, &page_from(9, true));
+        e.push(7, &page_from(9, false));
+        let mut batch = e.take();
+        let i = at.index(batch.len());
+        batch[i] ^= xor;
+        let _ = decode_batch(&batch, GUEST as u64, &mut d);
+    }
+
     #[test]
     fn arbitrary_batches_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
         let mut d = MemDest::new(64);
