@@ -37,6 +37,25 @@
 //!   look clean. Guest RAM must not be reclaimed while tracking (no swap, or QEMU
 //!   `-overcommit mem-lock=on`).
 //! * `clear_refs` clears the bits of the whole process, not only of the guest RAM ranges.
+//!
+//! # Testing
+//!
+//! The unit tests track pages of the test process itself and hold on any kernel: the probe must
+//! agree with a direct observation of bit 55, and the tracker must report exactly the written
+//! pages where the kernel sets the bit (nothing where it does not). The build machine's kernel
+//! lacks CONFIG_MEM_SOFT_DIRTY; to run the positive path, boot the test guest's Debian cloud
+//! kernel with a static test binary as its workload:
+//!
+//! ```text
+//! RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=/tmp/sdtarget \
+//!     cargo test -p livemig-track --no-run --target x86_64-unknown-linux-gnu
+//! # unpack ~/.cache/livemig/guest/initramfs.img, add the binary as /bin/sdtest, make
+//! # /bin/workload a script running `/bin/sdtest --test-threads=1 softdirty; poweroff -f`, repack
+//! qemu-system-x86_64 -accel tcg -m 512 -nographic -no-reboot -kernel ~/.cache/livemig/guest/vmlinuz \
+//!     -initrd initramfs.img -append "console=ttyS0 panic=-1"
+//! ```
+//!
+//! (On 6.12.117+deb12-cloud-amd64: probe Ok, every softdirty test passed.)
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};

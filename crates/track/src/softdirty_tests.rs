@@ -168,3 +168,80 @@ fn guest_ram_ranges_reads_a_real_maps_file() {
     assert_eq!(guest_ram_ranges(std::process::id(), dev, ino, 0).unwrap(), Vec::new());
     assert!(matches!(guest_ram_ranges(0, dev, ino, 0), Err(SoftDirtyError::Proc { .. })));
 }
+
+/// The union of the guest pages the ranges cover, as sorted disjoint intervals.
+fn covered(ranges: &[RamRange]) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = ranges.iter().map(|r| (r.first_guest_page, r.first_guest_page + r.len / 4096)).collect();
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in v {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// A real QEMU (paused, no guest code) with a 64 MiB memfd and a 32 MiB file memdev: the ranges
+/// found in its /proc/PID/maps cover exactly each memdev's pages, and a tracker reads them.
+#[test]
+fn guest_ram_ranges_of_a_real_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let ram_file = dir.path().join("b.ram");
+    let file_obj = format!("memory-backend-file,id=b,size=32M,mem-path={},share=on", ram_file.display());
+    let args = [
+        "-m",
+        "64",
+        "-machine",
+        "q35,memory-backend=mem0",
+        "-object",
+        "memory-backend-memfd,id=mem0,size=64M,share=on",
+        "-object",
+        &file_obj,
+    ];
+    let vm = livemig_lab::Vm::start_paused("softdirty", &args).expect("QEMU starts");
+    let pid = vm.pid();
+
+    // QEMU opens its QMP socket before it creates the memory backends: wait for the memfd.
+    let mut memfd = None;
+    let t0 = std::time::Instant::now();
+    while memfd.is_none() && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+            let p = e.unwrap().path();
+            let is_memfd = std::fs::read_link(&p).is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:"));
+            if let (true, Ok(m)) = (is_memfd, std::fs::metadata(&p)) {
+                if m.len() == 64 << 20 {
+                    memfd = Some(file_identity(&File::open(&p).unwrap()).unwrap());
+                }
+            }
+        }
+    }
+    let (dev, ino) = memfd.expect("QEMU holds a 64 MiB memfd");
+    // and for the file backend to be created and mapped
+    let t0 = std::time::Instant::now();
+    let ranges = || {
+        let mem0 = guest_ram_ranges(pid, dev, ino, 0).unwrap();
+        let b = File::open(&ram_file)
+            .ok()
+            .map(|f| file_identity(&f).unwrap())
+            .map_or_else(Vec::new, |(fdev, fino)| guest_ram_ranges(pid, fdev, fino, 16384).unwrap());
+        (mem0, b)
+    };
+    let (mut mem0, mut b) = ranges();
+    while (mem0.is_empty() || b.is_empty()) && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        (mem0, b) = ranges();
+    }
+    assert_eq!(covered(&mem0), vec![(0, 16384)], "{mem0:?}");
+    assert_eq!(covered(&b), vec![(16384, 16384 + 8192)], "{b:?}");
+
+    let all: Vec<(u64, u64, u64)> = mem0.iter().chain(&b).map(|r| (r.host_va, r.len, r.first_guest_page)).collect();
+    let mut t = SoftDirtyTracker::new(pid, all).unwrap();
+    assert_eq!(t.covered_pages(), 16384 + 8192);
+    t.clear().unwrap();
+    let dirty = t.dirty_pages().unwrap();
+    assert!(dirty.iter().all(|&p| p < t.covered_pages()));
+    assert!(dirty.windows(2).all(|w| w[0] < w[1]));
+}
