@@ -19,7 +19,8 @@
 //! the read of its entry and the clear would be lost), so **the caller pauses the guest (QMP
 //! `stop`) around every call after the first**; that is the agent's job. The bits are only a
 //! superset of the changed pages (a page written with the same content is dirty), which is
-//! harmless. `TrackError` has no variant for a soft-dirty failure yet, so `scan` returns
+//! harmless. Unlike the content tracker, a page is reported once: the caller must send (or
+//! remember) every page a scan returns, since the next scan only reports later writes. `TrackError` has no variant for a soft-dirty failure yet, so `scan` returns
 //! [`SoftDirtyError`]; an `impl Tracker` is three lines once `TrackError` wraps it.
 //!
 //! # What counts as dirty
