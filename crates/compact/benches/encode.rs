@@ -143,9 +143,25 @@ fn encoder(w: &Workload, opts: EncodeOptions) -> Encoder {
     e.set_disk_lookup(w.disk.clone());
     for (p, d) in &w.first {
         e.push(*p, d);
+        if e.is_full() {
+            let b = e.take();
+            e.recycle(b);
+        }
     }
-    e.take();
+    let b = e.take();
+    e.recycle(b);
     e
+}
+
+/// Encodes one page at a time and recycles full batches, as the sender does.
+fn push_all(e: &mut Encoder, pages: &[(u64, Page)]) {
+    for (p, d) in pages {
+        black_box(e.push(*p, d));
+        if e.is_full() {
+            let b = e.take();
+            e.recycle(b);
+        }
+    }
 }
 
 fn bench_classes(c: &mut Criterion) {
@@ -181,11 +197,7 @@ fn bench_classes(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter_batched_ref(
                 || encoder(&w, opts),
-                |e| {
-                    for (p, d) in &w.second {
-                        black_box(e.push(*p, d));
-                    }
-                },
+                |e| push_all(e, &w.second),
                 BatchSize::LargeInput,
             )
         });
@@ -216,26 +228,30 @@ fn bench_mix(c: &mut Criterion) {
     for (name, compressor) in [("lz4", Compressor::Lz4), ("zstd1", Compressor::Zstd)] {
         let opts = EncodeOptions { compressor, ..EncodeOptions::default() };
         let mut e = encoder(&w, opts);
+        let before = *e.stats();
         for (p, d) in &w.second {
             e.push(*p, d);
         }
-        let wire = e.stats().wire_bytes();
+        let s = *e.stats();
+        let (pages, whole, wire) = (
+            s.pages() - before.pages(),
+            s.whole_page_bytes() - before.whole_page_bytes(),
+            s.wire_bytes() - before.wire_bytes(),
+        );
+        let by: Vec<(&str, u64, u64)> = s
+            .by_report_name()
+            .iter()
+            .zip(before.by_report_name().iter())
+            .map(|(a, b)| (a.0, a.1.pages - b.1.pages, a.1.wire_bytes - b.1.wire_bytes))
+            .collect();
         eprintln!(
-            "mix {name}: {} pages, {} whole-page bytes, {} wire bytes (ratio {:.2}); by class {:?}",
-            e.stats().pages(),
-            e.stats().whole_page_bytes(),
-            wire,
-            e.stats().whole_page_bytes() as f64 / wire as f64,
-            e.stats().by_report_name()
+            "mix {name}: {pages} pages, {whole} whole-page bytes, {wire} wire bytes (compaction {:.2}x); (class, pages, wire bytes) {by:?}",
+            whole as f64 / wire as f64,
         );
         g.bench_function(format!("{name}_1_thread"), |b| {
             b.iter_batched_ref(
                 || encoder(&w, opts),
-                |e| {
-                    for (p, d) in &w.second {
-                        black_box(e.push(*p, d));
-                    }
-                },
+                |e| push_all(e, &w.second),
                 BatchSize::LargeInput,
             )
         });
@@ -246,6 +262,10 @@ fn bench_mix(c: &mut Criterion) {
                 |e| {
                     for chunk in refs.chunks(256) {
                         e.push_many(chunk, 2);
+                        if e.is_full() {
+                            let b = e.take();
+                            e.recycle(b);
+                        }
                     }
                 },
                 BatchSize::LargeInput,

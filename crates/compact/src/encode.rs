@@ -143,6 +143,9 @@ impl fmt::Debug for Scratch {
 const WHOLE_LIMIT: usize = PAGE_SIZE - PAGE_SIZE / 8;
 /// A delta at most this big is taken without trying compression.
 const DELTA_DIRECT: usize = 512;
+/// Largest delta tried against a cached previous version (a bigger one rarely beats the
+/// compressed page, and giving up early bounds the cost of a page rewritten whole).
+const DELTA_LIMIT: usize = PAGE_SIZE / 2;
 /// Fingerprint meaning "unknown content" in `held`.
 const UNKNOWN: u128 = 0;
 /// Below this many pages per thread, `push_many` does not spawn.
@@ -188,8 +191,10 @@ struct DeltaCache {
 impl DeltaCache {
     fn new(bytes: usize) -> Self {
         let n = bytes / PAGE_SIZE;
-        // vec![0; n] is calloc: pages of the cache are only backed once used.
-        DeltaCache { tags: vec![u64::MAX; n], fps: vec![UNKNOWN; n], data: vec![0u8; n * PAGE_SIZE] }
+        let mut data = vec![0u8; n * PAGE_SIZE];
+        // Touched now, so the encoding loop takes no page faults on it.
+        data.fill(1);
+        DeltaCache { tags: vec![u64::MAX; n], fps: vec![UNKNOWN; n], data }
     }
 
     fn slot(&self, page: u64) -> Option<usize> {
@@ -229,6 +234,7 @@ pub struct Encoder {
     snapshot: Option<Arc<dyn SnapshotLookup>>,
     stats: ClassStats,
     buf: Vec<u8>,
+    spare: Vec<Vec<u8>>,
     batch_pages: u32,
     scratch: Vec<Scratch>,
     prepared: Vec<Prepared>,
@@ -264,6 +270,7 @@ impl Encoder {
             snapshot: None,
             stats: ClassStats::default(),
             buf: Vec::with_capacity(BATCH_TARGET + MAX_RECORD),
+            spare: Vec::new(),
             batch_pages: 0,
             scratch: vec![Scratch::default()],
             prepared: Vec::new(),
@@ -341,7 +348,9 @@ impl Encoder {
             if let Some(base) = self.delta_base(item.page, base_fp) {
                 scratch.delta.clear();
                 scratch.delta.extend_from_slice(&fp.to_le_bytes());
-                if delta_encode(base, data, &mut scratch.delta, WHOLE_LIMIT - 16) {
+                // Against zero (a page never sent), only sparse pages are worth a delta.
+                let limit = if base_fp == self.zero_fp { DELTA_DIRECT - 16 } else { DELTA_LIMIT };
+                if delta_encode(base, data, &mut scratch.delta, limit) {
                     out.dep = Dep::Delta { base: base_fp };
                     if scratch.delta.len() <= DELTA_DIRECT {
                         out.class = PageClass::Delta;
@@ -361,9 +370,8 @@ impl Encoder {
         }
         out.dep = Dep::None;
         out.class = class;
-        if class == PageClass::Raw {
-            out.data.extend_from_slice(data);
-        } else {
+        // A raw page's data is taken from the page at commit, saving a copy.
+        if class != PageClass::Raw {
             out.data.extend_from_slice(&scratch.buf[..n]);
         }
     }
@@ -434,13 +442,14 @@ impl Encoder {
     }
 
     fn commit_valid(&mut self, p: &Prepared, data: &[u8; PAGE_SIZE]) -> (PageClass, usize) {
+        let body: &[u8] = if p.class == PageClass::Raw { data } else { &p.data };
         self.buf.extend_from_slice(&p.page.to_le_bytes());
         self.buf.push(p.class as u8);
-        let len = u32::try_from(p.data.len()).expect("record data is at most a page");
+        let len = u32::try_from(body.len()).expect("record data is at most a page");
         self.buf.extend_from_slice(&len.to_le_bytes());
-        self.buf.extend_from_slice(&p.data);
+        self.buf.extend_from_slice(body);
         self.batch_pages += 1;
-        let record_len = RECORD_HEADER + p.data.len();
+        let record_len = RECORD_HEADER + body.len();
         self.stats.add(p.class, record_len);
 
         let idx = usize::try_from(p.page).expect("page index");
@@ -553,6 +562,22 @@ impl Encoder {
     /// Takes the batch, leaving it empty (the migration state is kept).
     pub fn take(&mut self) -> Vec<u8> {
         self.batch_pages = 0;
-        std::mem::replace(&mut self.buf, Vec::with_capacity(BATCH_TARGET + MAX_RECORD))
+        let next = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(BATCH_TARGET + MAX_RECORD));
+        std::mem::replace(&mut self.buf, next)
+    }
+
+    /// Gives back a batch buffer once sent, so the next batches reuse its memory instead of
+    /// allocating (and page-faulting) a new megabyte each.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.spare.len() < 4 && buf.capacity() >= BATCH_TARGET {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
+    /// Changes the compressor of whole pages from the next page on (e.g. off when encoding,
+    /// not the link, is the bottleneck). The stream stays decodable: the class byte tells.
+    pub fn set_compressor(&mut self, compressor: Compressor) {
+        self.opts.compressor = compressor;
     }
 }

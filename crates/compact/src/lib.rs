@@ -27,6 +27,34 @@
 //! blocks and snapshot pages). References and deltas whose content cannot be read or does not
 //! match their fingerprint are not written but returned as [`Miss`]es, for a resend.
 
+//! # Use
+//!
+//! Sender, one [`Encoder`] for the whole migration:
+//! ```
+//! use livemig_compact::{decode_batch, EncodeOptions, Encoder, PageRef, PAGE_SIZE};
+//! let total_pages = 16;
+//! let mut enc = Encoder::new(total_pages, EncodeOptions::for_ram(total_pages * 4096));
+//! // enc.set_disk_lookup(Arc<dyn DiskLookup>); enc.set_snapshot_lookup(...);
+//! let page = [7u8; PAGE_SIZE];
+//! enc.push(3, &page); // or push_many(&[PageRef], 2) for 2 threads
+//! enc.push_whole(4, &page); // a resend after a miss (call enc.invalidate(4) when the miss arrives)
+//! let batch = enc.take(); // send it, then enc.recycle(batch)
+//! # let mut dest = Ram(vec![[0u8; PAGE_SIZE]; 16]);
+//! let summary = decode_batch(&batch, total_pages, &mut dest).unwrap();
+//! assert!(summary.misses.is_empty());
+//! assert_eq!(dest.0[4], page);
+//! # struct Ram(Vec<[u8; PAGE_SIZE]>);
+//! # impl livemig_compact::Destination for Ram {
+//! #     type Error = livemig_compact::CompactError;
+//! #     fn read_page(&mut self, p: u64, out: &mut [u8; PAGE_SIZE]) -> bool { out.copy_from_slice(&self.0[p as usize]); true }
+//! #     fn write_page(&mut self, p: u64, _: livemig_compact::PageClass, d: &[u8; PAGE_SIZE], _: usize) -> Result<(), Self::Error> { self.0[p as usize] = *d; Ok(()) }
+//! # }
+//! ```
+//! Receiver: [`decode_batch`] with a [`Destination`]; every [`Miss`] goes back to the sender,
+//! which calls [`Encoder::invalidate`] then [`Encoder::push_whole`] with the page's current
+//! content. [`Encoder::stats`] gives pages and wire bytes per class
+//! ([`ClassStats::by_report_name`]) and [`ClassStats::whole_page_bytes`].
+
 mod decode;
 mod delta;
 mod encode;

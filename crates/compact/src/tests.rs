@@ -544,6 +544,27 @@ proptest! {
         }
     }
 
+    /// A valid batch of every class with one byte changed: never a panic.
+    #[test]
+    fn corrupted_batches_never_panic(at in any::<prop::sample::Index>(), xor in 1u8..=255, comp in 0u8..3) {
+        let (mut e, mut d) = setup(GUEST, EncodeOptions { compressor: compressor_of(comp), ..EncodeOptions::default() });
+        let a = page_from(1, false);
+        e.push(0, &a);
+        e.push(1, &page_from(2, true));
+        decode_batch(&e.take(), GUEST as u64, &mut d).unwrap();
+        e.push(2, &a);
+        e.push(3, &disk_block(1));
+        e.push(4, &snap_page(2));
+        e.push(0, &mutate(&a, 1, 5));
+        e.push(5, &[0u8; PAGE_SIZE]);
+        e.push(6, &page_from(9, true));
+        e.push(7, &page_from(9, false));
+        let mut batch = e.take();
+        let i = at.index(batch.len());
+        batch[i] ^= xor;
+        let _ = decode_batch(&batch, GUEST as u64, &mut d);
+    }
+
     #[test]
     fn arbitrary_batches_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
         let mut d = MemDest::new(64);
@@ -572,4 +593,36 @@ proptest! {
             prop_assert!(!matches!(w.1, PageClass::Dup | PageClass::DiskRef | PageClass::SnapshotRef | PageClass::Delta));
         }
     }
+}
+
+#[test]
+fn recycled_buffers_and_compressor_switch() {
+    let mut e = Encoder::new(600, EncodeOptions::default());
+    let mut d = MemDest::new(600);
+    let text = page_from(3, true);
+    assert_eq!(e.push(0, &text).0, PageClass::Lz4);
+    e.set_compressor(Compressor::None);
+    assert_eq!(e.push(1, &mutate(&text, 1, 300)).0, PageClass::Raw);
+    e.set_compressor(Compressor::Zstd);
+    assert_eq!(e.push(2, &mutate(&text, 2, 300)).0, PageClass::Zstd);
+    let mut batches = 0;
+    let unique = |i: u64| {
+        let mut p = page_from(u8::try_from(i % 251).unwrap(), false);
+        p[..8].copy_from_slice(&i.to_le_bytes());
+        p
+    };
+    for i in 3..600u64 {
+        e.push(i, &unique(i));
+        if e.is_full() {
+            let b = e.take();
+            assert!(decode_batch(&b, 600, &mut d).unwrap().misses.is_empty());
+            e.recycle(b);
+            batches += 1;
+        }
+    }
+    assert!(batches >= 2);
+    let b = e.take();
+    assert!(decode_batch(&b, 600, &mut d).unwrap().misses.is_empty());
+    assert_eq!(d.ram[2], mutate(&text, 2, 300));
+    assert_eq!(d.ram[599], unique(599));
 }

@@ -332,7 +332,16 @@ impl Vm {
     /// The QEMU binary is `$LIVEMIG_QEMU` or `qemu-system-x86_64`.
     pub fn start(image: &GuestImage, cfg: &VmConfig) -> Result<Vm, LabError> {
         let args = cfg.qemu_args(image)?;
-        Self::spawn(cfg, args)
+        Self::spawn(cfg, args, &[])
+    }
+
+    /// Like [`Vm::start`], but runs QEMU under a command prefix that ends by exec'ing its
+    /// arguments, e.g. `["ip", "netns", "exec", "NS"]` to start it in a network namespace.
+    /// [`Vm::pid`] is then the pid of the prefix's first process, which is QEMU's own pid for a
+    /// prefix that execs (as `ip netns exec`, `nice`, `taskset` do).
+    pub fn start_wrapped(image: &GuestImage, cfg: &VmConfig, prefix: &[String]) -> Result<Vm, LabError> {
+        let args = cfg.qemu_args(image)?;
+        Self::spawn(cfg, args, prefix)
     }
 
     /// Starts a QEMU that runs no guest code (`-S`, no kernel): `-accel tcg -S -nodefaults
@@ -350,14 +359,14 @@ impl Vm {
             .collect();
         all.push(format!("unix:{},server=on,wait=off", cfg.qmp_path().display()));
         all.extend(args.iter().map(|a| (*a).to_string()));
-        let mut vm = Self::spawn(&cfg, all)?;
+        let mut vm = Self::spawn(&cfg, all, &[])?;
         vm.private_dir = Some(dir);
         Ok(vm)
     }
 
     /// Spawns QEMU with `args` (which must put its QMP socket at `cfg.qmp_path()`) and waits
-    /// until the socket accepts connections.
-    fn spawn(cfg: &VmConfig, args: Vec<String>) -> Result<Vm, LabError> {
+    /// until the socket accepts connections; with a non-empty `prefix`, runs `prefix... qemu args...`.
+    fn spawn(cfg: &VmConfig, args: Vec<String>, prefix: &[String]) -> Result<Vm, LabError> {
         fs::create_dir_all(&cfg.run_dir).map_err(io_err(format!("creating {}", cfg.run_dir.display())))?;
         let qmp = cfg.qmp_path();
         let console = cfg.console_path();
@@ -372,7 +381,15 @@ impl Vm {
         let log = fs::File::create(&qemu_log).map_err(io_err(format!("creating {}", qemu_log.display())))?;
         let log2 = log.try_clone().map_err(io_err("dup qemu.log"))?;
         let qemu = std::env::var_os("LIVEMIG_QEMU").unwrap_or_else(|| "qemu-system-x86_64".into());
-        let child = Command::new(&qemu)
+        let mut cmd = match prefix.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(&qemu);
+                c
+            }
+            None => Command::new(&qemu),
+        };
+        let child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(log)

@@ -7,6 +7,8 @@
 //! * [`Tracker`]: finds the pages that may differ from the ledger. [`ContentTracker`] hashes every
 //!   page (several threads); a soft-dirty tracker fits the same interface.
 
+pub mod softdirty;
+
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};

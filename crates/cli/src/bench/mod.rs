@@ -1,0 +1,649 @@
+//! `livemig bench`: livemig against QEMU's own migration, same guest, same shaped link.
+//!
+//! Two network namespaces ("hosts") joined by a veth pair shaped with `tc` (tbf; netem for a delay); the source
+//! QEMU and `livemig send` run in one, the destination QEMU and `livemig receive` in the other.
+//! Every run checks the guest afterwards and is marked `ok`, `corrupt`, `timeout` or `failed`.
+//! Writes `BENCHMARKS.md`, `bench/results.json` and SVG plots.
+
+mod legs;
+mod net;
+mod procs;
+mod report;
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use livemig_lab::{GuestImage, Vm, VmConfig};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{signal, units};
+use legs::{Leg, LegCtx, LegEnd, WriteRate};
+use net::Hosts;
+
+/// What the guest does.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Scenario {
+    /// Only a heartbeat.
+    Idle,
+    /// Rewrites a working set (--hot-mib) flat out, self-checking pages.
+    Hot,
+    /// Reads --cache-mib of its root disk (page cache), then rewrites 8 MiB at 1 MiB/s.
+    Cache,
+    /// The cache guest migrated A->B, run --return-after, migrated back B->A (figures of the way back).
+    Return,
+}
+
+/// Who migrates.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Migrator {
+    /// QEMU's migration, defaults (downtime-limit = --max-downtime, max-bandwidth 2x the link).
+    QemuDefault,
+    /// QEMU's migration with xbzrle, multifd (zstd if available) and auto-converge.
+    QemuTuned,
+    /// livemig send/receive, --policy fixed --max-downtime (= QEMU's rule).
+    LivemigFixed,
+    /// livemig send/receive, --policy adaptive --max-downtime --adaptive-max-downtime.
+    LivemigAdaptive,
+}
+
+impl Migrator {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Migrator::QemuDefault => "qemu-default",
+            Migrator::QemuTuned => "qemu-tuned",
+            Migrator::LivemigFixed => "livemig-fixed",
+            Migrator::LivemigAdaptive => "livemig-adaptive",
+        }
+    }
+    pub(crate) fn is_qemu(self) -> bool {
+        matches!(self, Migrator::QemuDefault | Migrator::QemuTuned)
+    }
+}
+
+impl Scenario {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Scenario::Idle => "idle",
+            Scenario::Hot => "hot",
+            Scenario::Cache => "cache",
+            Scenario::Return => "return",
+        }
+    }
+    fn writes(self) -> bool {
+        self != Scenario::Idle
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct BenchArgs {
+    /// Scenario(s) to run (repeat). Default: the default plan (see --help of --link).
+    #[arg(long = "scenario", value_enum)]
+    scenarios: Vec<Scenario>,
+    /// Link rate(s) as tc reads them (repeat), e.g. 1gbit, 100mbit. Without --scenario and
+    /// --link the default plan runs every scenario at 1gbit and `hot` and `idle` at 100mbit.
+    #[arg(long = "link")]
+    links: Vec<String>,
+    /// One-way delay added on each side of the link (e.g. 5ms; default none).
+    #[arg(long, value_parser = units::parse_duration_ms)]
+    delay: Option<f64>,
+    /// Migrator(s) (repeat). Default: all four.
+    #[arg(long = "migrator", value_enum)]
+    migrators: Vec<Migrator>,
+    /// Runs of each scenario x link x migrator.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 512)]
+    mem_mib: u64,
+    /// Working set of the hot guest, MiB.
+    #[arg(long, default_value_t = 64)]
+    hot_mib: u64,
+    /// How much of its root disk the cache guest reads, MiB.
+    #[arg(long, default_value_t = 256)]
+    cache_mib: u64,
+    /// Downtime limit of QEMU (both) and of livemig --policy fixed.
+    #[arg(long, default_value = "300ms")]
+    max_downtime: String,
+    /// --max-downtime of livemig --policy adaptive (the operator's bound).
+    #[arg(long, default_value = "2s")]
+    adaptive_max_downtime: String,
+    /// A migration not finished after this is stopped and marked `timeout`.
+    #[arg(long, default_value = "90s", value_parser = units::parse_duration_ms)]
+    timeout: f64,
+    /// `return`: how long the guest runs on B before it goes back.
+    #[arg(long, default_value = "5s", value_parser = units::parse_duration_ms)]
+    return_after: f64,
+    /// Verifier passes the destination guest must report after a migration of a writing guest.
+    #[arg(long, default_value_t = 2)]
+    passes: usize,
+    /// Where BENCHMARKS.md goes; results.json and plots go to <out>/bench/.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+    /// Scratch directory for consoles, logs, reports (default /tmp/livemig-bench-<pid>).
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Print the plan and its estimated duration, run nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Mark {
+    Ok,
+    Corrupt,
+    Timeout,
+    Failed,
+}
+
+impl Mark {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Mark::Ok => "ok",
+            Mark::Corrupt => "corrupt",
+            Mark::Timeout => "timeout",
+            Mark::Failed => "failed",
+        }
+    }
+}
+
+/// One run, as written to results.json.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RunResult {
+    pub scenario: Scenario,
+    pub link: String,
+    pub migrator: Migrator,
+    pub run: usize,
+    pub mark: Mark,
+    pub detail: String,
+    pub total_ms: Option<f64>,
+    pub downtime_ms: Option<f64>,
+    pub wire_bytes: Option<u64>,
+    pub wire_back_bytes: Option<u64>,
+    pub cpu_ms: Option<f64>,
+    pub differing_pages: Option<u64>,
+    pub verify_passes: Option<usize>,
+    pub bad_pages: Option<u64>,
+    /// Guest writes/s on the source before the migration and during it (verifier lines).
+    pub guest_rate_before: Option<f64>,
+    pub guest_rate_during: Option<f64>,
+    pub settings: Vec<String>,
+    pub wall_s: f64,
+    pub workdir: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_report: Option<Value>,
+}
+
+/// Estimated wall seconds of one run (measured on this machine, 2 cores, TCG; see bench/README.md).
+fn estimate_s(s: Scenario, link: &str, m: Migrator, timeout: f64) -> f64 {
+    let slow = link.contains("mbit");
+    let base = match s {
+        Scenario::Idle => 22.0,
+        Scenario::Hot => 26.0,
+        Scenario::Cache => 40.0,
+        Scenario::Return => 60.0,
+    };
+    let mig = match (s, m.is_qemu(), slow) {
+        // QEMU under a guest writing flat out does not converge at 300 ms: it runs to the timeout.
+        (Scenario::Hot, true, _) => timeout,
+        (_, _, true) => 8.0,
+        _ => 3.0,
+    };
+    base + mig
+}
+
+fn plan(a: &BenchArgs) -> Vec<(Scenario, String)> {
+    let all = [Scenario::Idle, Scenario::Hot, Scenario::Cache, Scenario::Return];
+    if a.scenarios.is_empty() && a.links.is_empty() {
+        let mut p: Vec<(Scenario, String)> = all.iter().map(|s| (*s, "1gbit".to_string())).collect();
+        p.push((Scenario::Idle, "100mbit".into()));
+        p.push((Scenario::Hot, "100mbit".into()));
+        return p;
+    }
+    let scen: Vec<Scenario> = if a.scenarios.is_empty() { all.to_vec() } else { a.scenarios.clone() };
+    let links: Vec<String> = if a.links.is_empty() { vec!["1gbit".into(), "100mbit".into()] } else { a.links.clone() };
+    let mut p = Vec::new();
+    for l in &links {
+        for s in &scen {
+            p.push((*s, l.clone()));
+        }
+    }
+    p
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// The live status line.
+#[derive(Debug)]
+struct Status {
+    tty: bool,
+    start: Instant,
+    dirty: bool,
+}
+
+impl Status {
+    fn new() -> Status {
+        Status { tty: std::io::stderr().is_terminal(), start: Instant::now(), dirty: false }
+    }
+    /// Rewritten in place on a terminal (a plain line elsewhere).
+    fn live(&mut self, s: &str) {
+        let mut e = std::io::stderr().lock();
+        let el = self.start.elapsed().as_secs();
+        if self.tty {
+            let _ = write!(e, "\r\x1b[2K[bench {:>2}:{:02}] {s}", el / 60, el % 60);
+            let _ = e.flush();
+            self.dirty = true;
+        } else {
+            let _ = writeln!(e, "[bench {:>2}:{:02}] {s}", el / 60, el % 60);
+        }
+    }
+    /// A line that stays.
+    fn line(&mut self, s: &str) {
+        let mut e = std::io::stderr().lock();
+        if self.dirty {
+            let _ = write!(e, "\r\x1b[2K");
+            self.dirty = false;
+        }
+        let el = self.start.elapsed().as_secs();
+        let _ = writeln!(e, "[bench {:>2}:{:02}] {s}", el / 60, el % 60);
+    }
+}
+
+/// Everything fixed for the whole bench.
+#[derive(Debug)]
+struct Env<'a> {
+    a: &'a BenchArgs,
+    image: GuestImage,
+    exe: PathBuf,
+    hosts: Hosts,
+    cancel: std::sync::Arc<AtomicBool>,
+    work: PathBuf,
+    send_help: String,
+    recv_help: String,
+    port: std::cell::Cell<u16>,
+}
+
+fn help_of(exe: &Path, sub: &str) -> String {
+    std::process::Command::new(exe).args([sub, "--help"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+/// Waits until `f` gives a value; error on timeout or cancel.
+fn wait_until<T>(cancel: &AtomicBool, limit: Duration, what: &str, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if cancel.load(Ordering::SeqCst) {
+            bail!("cancelled");
+        }
+        if t0.elapsed() > limit {
+            bail!("timeout after {} s waiting for {what}", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn vm_cfg(env: &Env<'_>, s: Scenario, name: &str, dir: &Path) -> VmConfig {
+    let mut c = VmConfig::new(name, dir);
+    c.mem_mib = env.a.mem_mib;
+    match s {
+        Scenario::Idle => c.param("mode", "heartbeat"),
+        Scenario::Hot => c.param("mode", "dirty").param("mib", env.a.hot_mib).param("rate", 0).param("pattern", "uniform").param("verify-secs", 2),
+        Scenario::Cache | Scenario::Return => c
+            .param("mode", "cache")
+            .param("mib", env.a.cache_mib)
+            .param("then-dirty-mib", 8)
+            .param("rate", 1)
+            .param("pattern", "uniform")
+            .param("verify-secs", 2),
+    }
+}
+
+fn console_has(vm: &Vm, pat: &str) -> bool {
+    vm.console().lines().any(|l| l.contains(pat))
+}
+
+/// Waits until the guest is in its steady state; returns its write rate then (writes/s).
+fn wait_ready(env: &Env<'_>, s: Scenario, vm: &mut Vm, rate: &mut WriteRate) -> anyhow::Result<Option<f64>> {
+    let c = &env.cancel;
+    let check = |vm: &mut Vm| -> anyhow::Result<()> {
+        if !vm.is_alive() {
+            bail!("QEMU {} exited: {}", vm.name(), vm.qemu_log().trim());
+        }
+        Ok(())
+    };
+    if !s.writes() {
+        wait_until(c, Duration::from_secs(120), "the guest's heartbeat", || {
+            check(vm)?;
+            Ok(console_has(vm, "LIVEMIG-HEARTBEAT").then_some(()))
+        })?;
+        return Ok(None);
+    }
+    let t0 = Instant::now();
+    wait_until(c, Duration::from_secs(240), "three verifier passes of the guest", || {
+        check(vm)?;
+        rate.poll(vm);
+        Ok((rate.samples.len() >= 3).then_some(()))
+    })?;
+    Ok(rate.rate(t0, Instant::now()))
+}
+
+/// Checks the destination guest after a completed leg: a heartbeat (idle) or `passes` verifier
+/// passes with no bad page, and no kernel oops. (mark, passes, bad pages, detail)
+fn check_guest(env: &Env<'_>, s: Scenario, vm: &mut Vm) -> (Mark, Option<usize>, Option<u64>, String) {
+    let oops = |vm: &Vm| {
+        let c = vm.console();
+        ["Oops", "Kernel panic", "BUG:", "general protection", "LIVEMIG-ERROR"].iter().find(|p| c.contains(**p)).map(|p| p.to_string())
+    };
+    let t0 = Instant::now();
+    let limit = Duration::from_secs(60 + 10 * env.a.passes as u64);
+    loop {
+        if let Some(p) = oops(vm) {
+            return (Mark::Corrupt, None, None, format!("destination console shows `{p}`"));
+        }
+        let lines = vm.verify_lines();
+        let bad: u64 = lines.iter().map(|l| l.bad).sum();
+        if bad > 0 {
+            return (Mark::Corrupt, Some(lines.len()), Some(bad), format!("guest verifier: {bad} bad pages {:?}", vm.bad_lines().first()));
+        }
+        if s.writes() && lines.len() >= env.a.passes {
+            return (Mark::Ok, Some(lines.len()), Some(0), String::new());
+        }
+        if !s.writes() && console_has(vm, "LIVEMIG-HEARTBEAT") {
+            return (Mark::Ok, None, None, String::new());
+        }
+        if !vm.is_alive() {
+            return (Mark::Corrupt, Some(lines.len()), None, "destination QEMU exited after the migration".into());
+        }
+        if t0.elapsed() > limit || env.cancel.load(Ordering::SeqCst) {
+            return (Mark::Corrupt, Some(lines.len()), None, format!("destination guest silent: {} verifier passes in {} s", lines.len(), limit.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn next_port(env: &Env<'_>) -> u16 {
+    let p = env.port.get();
+    env.port.set(p + 1);
+    p
+}
+
+fn start_vm(env: &Env<'_>, cfg: &VmConfig, ns: &str) -> anyhow::Result<Vm> {
+    Vm::start_wrapped(&env.image, cfg, &Hosts::prefix(ns)).with_context(|| format!("cannot start QEMU {}", cfg.name))
+}
+
+struct RunSpec<'a> {
+    s: Scenario,
+    link: &'a str,
+    link_bps: u64,
+    m: Migrator,
+    run: usize,
+}
+
+fn one_leg(env: &Env<'_>, spec: &RunSpec<'_>, from: &Vm, to: &Vm, forward: bool, dir: &Path, rate: &mut WriteRate) -> anyhow::Result<Leg> {
+    let h = &env.hosts;
+    let snap = env.work.join(format!("snapshots-{}-{}", spec.m.name(), spec.run));
+    std::fs::create_dir_all(&snap)?;
+    let ctx = LegCtx {
+        exe: &env.exe,
+        from,
+        to,
+        from_ns: if forward { &h.src_ns } else { &h.dst_ns },
+        to_ns: if forward { &h.dst_ns } else { &h.src_ns },
+        to_addr: if forward { net::DST_ADDR } else { net::SRC_ADDR },
+        port: next_port(env),
+        hosts: h,
+        forward,
+        link_bytes_per_s: spec.link_bps,
+        migrator: spec.m,
+        max_downtime: &env.a.max_downtime,
+        adaptive_max_downtime: &env.a.adaptive_max_downtime,
+        timeout: Duration::from_secs_f64(env.a.timeout / 1000.0),
+        cancel: &env.cancel,
+        dir,
+        disk: &env.image.disk,
+        send_disk_image: env.send_help.contains("--disk-image"),
+        send_snapshot_dir: env.send_help.contains("--snapshot-dir"),
+        recv_snapshot_dir: env.recv_help.contains("--snapshot-dir"),
+        snapshot_dir: &snap,
+    };
+    legs::run(&ctx, rate)
+}
+
+fn leg_mark(leg: &Leg) -> Option<Mark> {
+    match leg.end {
+        Some(LegEnd::Completed) if leg.differing_pages.unwrap_or(0) > 0 => Some(Mark::Corrupt),
+        Some(LegEnd::Completed) => None,
+        Some(LegEnd::Timeout) => Some(Mark::Timeout),
+        _ => Some(Mark::Failed),
+    }
+}
+
+fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: usize) -> anyhow::Result<RunResult> {
+    let label = format!("[{}/{n}] {} {} {} run {}", idx + 1, spec.s.name(), spec.link, spec.m.name(), spec.run + 1);
+    let dir = legs::run_dir(&env.work, &format!("{}-{}-{}-{}", spec.s.name(), spec.link, spec.m.name(), spec.run + 1))?;
+    let t_run = Instant::now();
+    let mut r = RunResult {
+        scenario: spec.s,
+        link: spec.link.to_string(),
+        migrator: spec.m,
+        run: spec.run + 1,
+        mark: Mark::Failed,
+        detail: String::new(),
+        total_ms: None,
+        downtime_ms: None,
+        wire_bytes: None,
+        wire_back_bytes: None,
+        cpu_ms: None,
+        differing_pages: None,
+        verify_passes: None,
+        bad_pages: None,
+        guest_rate_before: None,
+        guest_rate_during: None,
+        settings: Vec::new(),
+        wall_s: 0.0,
+        workdir: dir.clone(),
+        send_report: None,
+    };
+    st.live(&format!("{label}: booting the source guest"));
+    let cfg = vm_cfg(env, spec.s, "a", &dir);
+    let mut a = start_vm(env, &cfg, &env.hosts.src_ns)?;
+    let mut rate_a = WriteRate::default();
+    st.live(&format!("{label}: waiting for the guest workload"));
+    r.guest_rate_before = wait_ready(env, spec.s, &mut a, &mut rate_a)?;
+    st.live(&format!("{label}: starting the destination QEMU"));
+    let mut b = start_vm(env, &cfg.as_incoming("b"), &env.hosts.dst_ns)?;
+    st.live(&format!("{label}: migrating{}", if spec.s == Scenario::Return { " A->B" } else { "" }));
+    let mut leg = one_leg(env, spec, &a, &b, true, &dir, &mut rate_a)?;
+    let mut mark = leg_mark(&leg);
+    if mark.is_none() {
+        st.live(&format!("{label}: checking the destination guest"));
+        let (m, passes, bad, detail) = check_guest(env, spec.s, &mut b);
+        r.verify_passes = passes;
+        r.bad_pages = bad;
+        if m != Mark::Ok {
+            mark = Some(m);
+            leg.detail = [leg.detail.clone(), detail].join("; ");
+        }
+    }
+    if spec.s == Scenario::Return && mark.is_none() {
+        drop(a);
+        st.live(&format!("{label}: guest runs on B for {:.0} s", env.a.return_after / 1000.0));
+        let t = Instant::now();
+        wait_until(&env.cancel, Duration::from_secs_f64(env.a.return_after / 1000.0 + 1.0), "", || {
+            Ok((t.elapsed().as_secs_f64() * 1000.0 >= env.a.return_after).then_some(()))
+        })?;
+        let mut a2 = start_vm(env, &cfg.as_incoming("a2"), &env.hosts.src_ns)?;
+        let mut rate_b = WriteRate::default();
+        st.live(&format!("{label}: migrating back B->A"));
+        let first = leg.detail.clone();
+        leg = one_leg(env, spec, &b, &a2, false, &dir, &mut rate_b)?;
+        leg.detail = format!("way there: {}; way back: {}", if first.is_empty() { "ok" } else { &first }, leg.detail);
+        mark = leg_mark(&leg);
+        if mark.is_none() {
+            st.live(&format!("{label}: checking the guest back on A"));
+            let (m, passes, bad, detail) = check_guest(env, spec.s, &mut a2);
+            r.verify_passes = passes;
+            r.bad_pages = bad;
+            if m != Mark::Ok {
+                mark = Some(m);
+                leg.detail = [leg.detail.clone(), detail].join("; ");
+            }
+        }
+        drop(a2);
+    }
+    r.mark = mark.unwrap_or(Mark::Ok);
+    r.detail = leg.detail.trim_matches([';', ' ']).to_string();
+    r.total_ms = leg.total_ms;
+    r.downtime_ms = leg.downtime_ms;
+    r.wire_bytes = leg.wire_bytes;
+    r.wire_back_bytes = leg.wire_back;
+    r.cpu_ms = leg.cpu_ms;
+    r.differing_pages = leg.differing_pages;
+    r.guest_rate_during = leg.guest_rate;
+    r.settings = leg.capabilities;
+    r.send_report = leg.send_report;
+    r.wall_s = t_run.elapsed().as_secs_f64();
+    Ok(r)
+}
+
+/// `livemig bench`.
+pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
+    let plan = plan(a);
+    let migrators: Vec<Migrator> = if a.migrators.is_empty() {
+        vec![Migrator::QemuDefault, Migrator::QemuTuned, Migrator::LivemigFixed, Migrator::LivemigAdaptive]
+    } else {
+        a.migrators.clone()
+    };
+    let mut jobs = Vec::new();
+    for (s, l) in &plan {
+        for m in &migrators {
+            for run in 0..a.runs {
+                jobs.push((*s, l.clone(), *m, run));
+            }
+        }
+    }
+    let est: f64 = jobs.iter().map(|(s, l, m, _)| estimate_s(*s, l, *m, a.timeout / 1000.0)).sum();
+    eprintln!(
+        "bench: {} runs ({} scenario x link pairs x {} migrators x {} runs), estimated {:.0} min",
+        jobs.len(),
+        plan.len(),
+        migrators.len(),
+        a.runs,
+        est / 60.0
+    );
+    if a.dry_run {
+        for (s, l) in &plan {
+            eprintln!("  {} at {l}", s.name());
+        }
+        return Ok(0);
+    }
+    if !is_root() {
+        bail!("livemig bench needs root (it creates network namespaces, veth pairs and tc qdiscs); run it with sudo");
+    }
+    for (_, l) in &plan {
+        units::parse_rate(l).map_err(|e| anyhow::anyhow!("--link {l}: {e}"))?;
+    }
+    let cancel = signal::cancel_flag();
+    let removed = net::remove_leftovers();
+    if !removed.is_empty() {
+        eprintln!("bench: removed leftovers of an earlier run: {}", removed.join(", "));
+    }
+    let work = a.workdir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("livemig-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    eprintln!("bench: building or finding the test guest");
+    let image = GuestImage::build().context("cannot build the test guest")?;
+    let exe = std::env::current_exe().context("cannot find the livemig binary")?;
+    let hosts = Hosts::create(std::process::id())?;
+    let env = Env {
+        a,
+        image,
+        send_help: help_of(&exe, "send"),
+        recv_help: help_of(&exe, "receive"),
+        exe,
+        hosts,
+        cancel,
+        work: work.clone(),
+        port: std::cell::Cell::new(20000),
+    };
+    let started = report::utc_now();
+    let mut st = Status::new();
+    let mut results: Vec<RunResult> = Vec::new();
+    let mut shaped: Option<String> = None;
+    let n = jobs.len();
+    let mut cancelled = false;
+    for (i, (s, l, m, run)) in jobs.iter().enumerate() {
+        if env.cancel.load(Ordering::SeqCst) {
+            cancelled = true;
+            break;
+        }
+        let link_bps = units::parse_rate(l).map_err(anyhow::Error::msg)?;
+        if shaped.as_deref() != Some(l) {
+            env.hosts.shape(&net::Shape { rate: l.clone(), delay_ms: a.delay.unwrap_or(0.0) }, link_bps)?;
+            shaped = Some(l.clone());
+        }
+        let spec = RunSpec { s: *s, link: l, link_bps, m: *m, run: *run };
+        match run_one(&env, &spec, &mut st, i, n) {
+            Ok(r) => {
+                st.line(&format!(
+                    "{} {} {} run {}: {}{}",
+                    s.name(),
+                    l,
+                    m.name(),
+                    run + 1,
+                    report::cell_summary(&r),
+                    if r.detail.is_empty() { String::new() } else { format!(" ({})", r.detail) }
+                ));
+                results.push(r);
+            }
+            Err(e) if env.cancel.load(Ordering::SeqCst) => {
+                st.line(&format!("cancelled: {e:#}"));
+                cancelled = true;
+                break;
+            }
+            Err(e) => {
+                st.line(&format!("{} {} {} run {}: failed: {e:#}", s.name(), l, m.name(), run + 1));
+                results.push(RunResult {
+                    scenario: *s,
+                    link: l.clone(),
+                    migrator: *m,
+                    run: run + 1,
+                    mark: Mark::Failed,
+                    detail: format!("{e:#}").lines().next().unwrap_or("").to_string(),
+                    total_ms: None,
+                    downtime_ms: None,
+                    wire_bytes: None,
+                    wire_back_bytes: None,
+                    cpu_ms: None,
+                    differing_pages: None,
+                    verify_passes: None,
+                    bad_pages: None,
+                    guest_rate_before: None,
+                    guest_rate_during: None,
+                    settings: Vec::new(),
+                    wall_s: 0.0,
+                    workdir: work.clone(),
+                    send_report: None,
+                });
+            }
+        }
+    }
+    drop(env);
+    let out = report::write_all(a, &results, &started, cancelled)?;
+    eprintln!("bench: wrote {}", out.display());
+    Ok(if cancelled { i32::from(crate::exit::CANCELLED) } else { 0 })
+}

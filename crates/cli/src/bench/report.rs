@@ -1,0 +1,313 @@
+//! BENCHMARKS.md, bench/results.json and the SVG plots.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::{BenchArgs, Mark, Migrator, RunResult, Scenario};
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd).args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
+
+/// `date -u` as ISO 8601.
+pub(crate) fn utc_now() -> String {
+    sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / 1048576.0
+}
+
+/// One line for the progress output.
+pub(crate) fn cell_summary(r: &RunResult) -> String {
+    if r.mark != Mark::Ok {
+        return r.mark.name().to_string();
+    }
+    format!(
+        "ok, total {:.0} ms, downtime {:.0} ms, wire {:.1} MiB, cpu {:.1} s",
+        r.total_ms.unwrap_or(f64::NAN),
+        r.downtime_ms.unwrap_or(f64::NAN),
+        mib(r.wire_bytes.unwrap_or(0)),
+        r.cpu_ms.unwrap_or(f64::NAN) / 1000.0
+    )
+}
+
+/// Median, min, max.
+fn stats(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let med = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    Some((med, v[0], v[n - 1]))
+}
+
+fn fmt_stats(s: Option<(f64, f64, f64)>, scale: f64, prec: usize) -> String {
+    match s {
+        None => "–".into(),
+        Some((m, lo, hi)) if (hi - lo).abs() < 1e-9 => format!("{:.*}", prec, m / scale),
+        Some((m, lo, hi)) => format!("{:.*} ({:.*}–{:.*})", prec, m / scale, prec, lo / scale, prec, hi / scale),
+    }
+}
+
+type Key = (Scenario, String, Migrator);
+
+fn groups(results: &[RunResult]) -> BTreeMap<Key, Vec<&RunResult>> {
+    let mut g: BTreeMap<Key, Vec<&RunResult>> = BTreeMap::new();
+    for r in results {
+        g.entry((r.scenario, r.link.clone(), r.migrator)).or_default().push(r);
+    }
+    g
+}
+
+fn ok_vals(rs: &[&RunResult], f: impl Fn(&RunResult) -> Option<f64>) -> Option<(f64, f64, f64)> {
+    stats(rs.iter().filter(|r| r.mark == Mark::Ok).filter_map(|r| f(r)).collect())
+}
+
+fn marks(rs: &[&RunResult]) -> String {
+    let mut c: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in rs {
+        *c.entry(r.mark.name()).or_default() += 1;
+    }
+    c.iter().map(|(k, v)| format!("{k} {v}/{}", rs.len())).collect::<Vec<_>>().join(", ")
+}
+
+const COLORS: [&str; 4] = ["#9e9e9e", "#616161", "#64b5f6", "#1565c0"];
+const MIGRATORS: [Migrator; 4] = [Migrator::QemuDefault, Migrator::QemuTuned, Migrator::LivemigFixed, Migrator::LivemigAdaptive];
+
+/// Grouped bars: one group per scenario, one bar per migrator (median of ok runs); a migrator
+/// with no ok run gets its mark written instead of a bar.
+fn bar_svg(title: &str, unit: &str, link: &str, g: &BTreeMap<Key, Vec<&RunResult>>, f: &dyn Fn(&RunResult) -> Option<f64>) -> Option<String> {
+    let scen: Vec<Scenario> = {
+        let mut v: Vec<Scenario> = g.keys().filter(|k| k.1 == link).map(|k| k.0).collect();
+        v.dedup();
+        v
+    };
+    if scen.is_empty() {
+        return None;
+    }
+    let val = |s: Scenario, m: Migrator| -> (Option<f64>, String) {
+        match g.get(&(s, link.to_string(), m)) {
+            None => (None, String::new()),
+            Some(rs) => (ok_vals(rs, f).map(|x| x.0), rs.iter().map(|r| r.mark.name()).find(|n| *n != "ok").unwrap_or("").to_string()),
+        }
+    };
+    let max = scen.iter().flat_map(|s| MIGRATORS.iter().filter_map(move |m| val(*s, *m).0)).fold(0.0f64, f64::max);
+    let max = if max > 0.0 { max * 1.1 } else { 1.0 };
+    let (w, h, left, top, bottom) = (160.0 * scen.len() as f64 + 120.0, 360.0, 70.0, 40.0, 60.0);
+    let ph = h - top - bottom;
+    let mut s = String::new();
+    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#);
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/><text x="{}" y="20" font-size="14" text-anchor="middle">{title} ({unit}), link {link}, median of ok runs</text>"#, w / 2.0);
+    for i in 0..=4 {
+        let v = max * f64::from(i) / 4.0;
+        let y = top + ph - ph * f64::from(i) / 4.0;
+        let _ = writeln!(s, r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##, w - 20.0, left - 5.0, y + 4.0, if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") });
+    }
+    for (i, sc) in scen.iter().enumerate() {
+        let gx = left + 10.0 + 160.0 * i as f64;
+        for (j, m) in MIGRATORS.iter().enumerate() {
+            let x = gx + 32.0 * j as f64;
+            let (v, mark) = val(*sc, *m);
+            match v {
+                Some(v) => {
+                    let bh = ph * v / max;
+                    let _ = writeln!(s, r#"<rect x="{x}" y="{}" width="28" height="{bh}" fill="{}"><title>{} {}: {v:.1}</title></rect>"#, top + ph - bh, COLORS[j], sc.name(), m.name());
+                }
+                None if !mark.is_empty() => {
+                    let _ = writeln!(s, r#"<text x="{}" y="{}" transform="rotate(-90 {} {})" fill="{}">{mark}</text>"#, x + 18.0, top + ph - 4.0, x + 18.0, top + ph - 4.0, COLORS[j]);
+                }
+                None => {}
+            }
+        }
+        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle" font-size="13">{}</text>"#, gx + 62.0, top + ph + 18.0, sc.name());
+    }
+    for (j, m) in MIGRATORS.iter().enumerate() {
+        let x = left + 150.0 * j as f64;
+        let _ = writeln!(s, r#"<rect x="{x}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{}">{}</text>"#, h - 22.0, COLORS[j], x + 16.0, h - 12.0, m.name());
+    }
+    s.push_str("</svg>\n");
+    Some(s)
+}
+
+/// Writes everything; returns the path of BENCHMARKS.md.
+pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, cancelled: bool) -> anyhow::Result<PathBuf> {
+    let bench_dir = a.out.join("bench");
+    let plots = bench_dir.join("plots");
+    std::fs::create_dir_all(&plots).with_context(|| format!("cannot create {}", plots.display()))?;
+    let finished = utc_now();
+    let cmdline = std::env::args().collect::<Vec<_>>().join(" ");
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_default();
+    let machine = json!({
+        "kernel": sh("uname", &["-r"]),
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "qemu": sh("qemu-system-x86_64", &["--version"]).lines().next().unwrap_or("").to_string(),
+        "accelerator": "tcg",
+    });
+    let json_path = bench_dir.join("results.json");
+    let doc = json!({"started": started, "finished": finished, "command": cmdline, "cancelled": cancelled, "machine": machine, "runs": results});
+    std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("cannot write {}", json_path.display()))?;
+
+    let g = groups(results);
+    let mut links: Vec<String> = Vec::new();
+    for r in results {
+        if !links.contains(&r.link) {
+            links.push(r.link.clone());
+        }
+    }
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmarks: livemig against QEMU's own migration\n");
+    let _ = writeln!(md, "Generated by `livemig bench` (see `bench/README.md`); every figure below comes from `bench/results.json` of the same run.{}\n", if cancelled { " **The run was cancelled: the tables are incomplete.**" } else { "" });
+    let _ = writeln!(md, "- command: `{cmdline}`");
+    let _ = writeln!(md, "- date: {started} to {finished} (UTC)");
+    let _ = writeln!(md, "- machine: {}, {} cores, kernel {}, {}, guests under TCG (1 vCPU, {} MiB, memfd share=on)", machine["cpu"].as_str().unwrap_or(""), machine["cores"], machine["kernel"].as_str().unwrap_or(""), machine["qemu"].as_str().unwrap_or(""), a.mem_mib);
+    let _ = writeln!(md, "- link: two network namespaces joined by a veth pair, `tc qdisc tbf rate <link>` (burst: 10 ms of the rate) on both ends{}", a.delay.map(|d| format!(", netem with {d} ms delay each way instead of tbf")).unwrap_or_default());
+    let _ = writeln!(md, "- scenarios: idle (heartbeat only); hot (rewrites {} MiB flat out, self-checking pages); cache (reads {} MiB of its root disk, then rewrites 8 MiB at 1 MiB/s); return (the cache guest migrated A->B, {:.0} s on B, migrated back: figures of the way back)", a.hot_mib, a.cache_mib, a.return_after / 1000.0);
+    let _ = writeln!(md, "- migrators: qemu-default (downtime-limit {}, max-bandwidth 2x the link); qemu-tuned (the same plus xbzrle, multifd, zstd and auto-converge where this QEMU has them; the settings used are in results.json); livemig-fixed (`--policy fixed --max-downtime {}`); livemig-adaptive (`--policy adaptive --max-downtime {}`)", a.max_downtime, a.max_downtime, a.adaptive_max_downtime);
+    let _ = writeln!(md, "- a migration not done after {:.0} s is stopped and marked `timeout`\n", a.timeout / 1000.0);
+    md.push_str("## What is measured\n\n");
+    md.push_str("- **mark**: `ok` only if the migration completed, the destination guest then printed a heartbeat (idle) or its verifier passes with 0 bad pages (writing guests), no oops, and (QEMU native, where source and destination are both paused before `cont`) the two RAMs were equal page by page. `corrupt`: any of these checks failed. `timeout`: no switchover in time (QEMU cancelled, livemig stopped with SIGTERM; the source keeps running). `failed`: the migrator gave up or errored (livemig --policy fixed gives up at its iteration cap by design). A run that is not ok shows no figures.\n");
+    md.push_str("- **total**: QEMU's `total-time`; livemig's report `total_time_ms` (start of `send` to the end). **downtime**: QEMU's `downtime`; livemig's `downtime_ms` (source `stop` to the destination's confirmed `cont`).\n");
+    md.push_str("- **wire**: bytes transmitted by the sending veth end during the migration (`/sys/class/net/<veth>/statistics/tx_bytes` in its namespace), IP/TCP headers included, the same for every migrator.\n");
+    md.push_str("- **CPU**: livemig: utime+stime of the `send` and `receive` processes (wait4 rusage); the QEMUs' own share (device state, a few hundred KiB) is not counted. QEMU native: utime+stime of both QEMU processes during the migration minus their vCPU threads (`query-cpus-fast` thread ids), i.e. the migration thread, multifd threads and the main loop (which also serves the console and timers).\n");
+    md.push_str("- **guest w/s**: the writing guest's own rate (writes/s from its verifier lines on the source console) before the migration and during it; blank when the migration was shorter than two verifier lines.\n\n");
+
+    md.push_str("## Summary (median of ok runs, range in parentheses)\n\n");
+    md.push_str("| scenario | link | migrator | runs | total (s) | downtime (ms) | wire (MiB) | CPU (s) | guest w/s before -> during |\n|---|---|---|---|---|---|---|---|---|\n");
+    for ((s, l, m), rs) in &g {
+        let before = ok_vals(rs, |r| r.guest_rate_before);
+        let during = ok_vals(rs, |r| r.guest_rate_during);
+        let gw = match (before, during) {
+            (Some(b), Some(d)) => format!("{:.0} -> {:.0}", b.0, d.0),
+            (Some(b), None) => format!("{:.0} -> –", b.0),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {l} | {} | {} | {} | {} | {} | {} | {gw} |",
+            s.name(),
+            m.name(),
+            marks(rs),
+            fmt_stats(ok_vals(rs, |r| r.total_ms), 1000.0, 2),
+            fmt_stats(ok_vals(rs, |r| r.downtime_ms), 1.0, 0),
+            fmt_stats(ok_vals(rs, |r| r.wire_bytes.map(|b| b as f64)), 1048576.0, 1),
+            fmt_stats(ok_vals(rs, |r| r.cpu_ms), 1000.0, 2),
+        );
+    }
+
+    md.push_str("\n## livemig / best ok QEMU (ratio of medians; < 1 is better for livemig)\n\n");
+    md.push_str("The best QEMU is the ok QEMU migrator with the lowest median total time in that scenario and link.\n\n");
+    md.push_str("| scenario | link | livemig | vs | total | downtime | wire | CPU |\n|---|---|---|---|---|---|---|---|\n");
+    let mut pairs: Vec<(Scenario, String)> = g.keys().map(|k| (k.0, k.1.clone())).collect();
+    pairs.dedup();
+    for (s, l) in &pairs {
+        let med = |m: Migrator, f: &dyn Fn(&RunResult) -> Option<f64>| g.get(&(*s, l.clone(), m)).and_then(|rs| ok_vals(rs, f)).map(|x| x.0);
+        let best = [Migrator::QemuDefault, Migrator::QemuTuned]
+            .into_iter()
+            .filter_map(|m| med(m, &|r| r.total_ms).map(|t| (m, t)))
+            .min_by(|x, y| x.1.total_cmp(&y.1))
+            .map(|x| x.0);
+        for lm in [Migrator::LivemigFixed, Migrator::LivemigAdaptive] {
+            if !g.contains_key(&(*s, l.clone(), lm)) {
+                continue;
+            }
+            let Some(q) = best else {
+                let _ = writeln!(md, "| {} | {l} | {} | no ok QEMU run | | | | |", s.name(), lm.name());
+                continue;
+            };
+            let ratio = |f: &dyn Fn(&RunResult) -> Option<f64>| match (med(lm, f), med(q, f)) {
+                (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+                (None, _) => "no ok run".into(),
+                _ => "–".into(),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {l} | {} | {} | {} | {} | {} | {} |",
+                s.name(),
+                lm.name(),
+                q.name(),
+                ratio(&|r| r.total_ms),
+                ratio(&|r| r.downtime_ms),
+                ratio(&|r| r.wire_bytes.map(|b| b as f64)),
+                ratio(&|r| r.cpu_ms)
+            );
+        }
+    }
+
+    md.push_str("\n## Every run\n\n| scenario | link | migrator | run | mark | total (s) | downtime (ms) | wire (MiB) | CPU (s) | note |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in results {
+        let note = r.detail.replace('|', "/");
+        let note: String = note.chars().take(160).collect();
+        if r.mark == Mark::Ok {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | ok | {:.2} | {:.0} | {:.1} | {:.2} | {note} |",
+                r.scenario.name(),
+                r.link,
+                r.migrator.name(),
+                r.run,
+                r.total_ms.unwrap_or(f64::NAN) / 1000.0,
+                r.downtime_ms.unwrap_or(f64::NAN),
+                mib(r.wire_bytes.unwrap_or(0)),
+                r.cpu_ms.unwrap_or(f64::NAN) / 1000.0
+            );
+        } else {
+            let _ = writeln!(md, "| {} | {} | {} | {} | **{}** | | | | | {note} |", r.scenario.name(), r.link, r.migrator.name(), r.run, r.mark.name());
+        }
+    }
+
+    md.push_str("\n## Plots\n\n");
+    type Metric = (&'static str, &'static str, &'static str, fn(&RunResult) -> Option<f64>);
+    let metrics: [Metric; 3] = [
+        ("total", "total time", "s", |r| r.total_ms.map(|t| t / 1000.0)),
+        ("downtime", "downtime", "ms", |r| r.downtime_ms),
+        ("wire", "bytes on the wire", "MiB", |r| r.wire_bytes.map(mib)),
+    ];
+    for l in &links {
+        for (file, title, unit, f) in &metrics {
+            if let Some(svg) = bar_svg(title, unit, l, &g, f) {
+                let p = plots.join(format!("{file}-{l}.svg"));
+                std::fs::write(&p, svg)?;
+                let _ = writeln!(md, "![{title} at {l}]({})\n", rel(&a.out, &p));
+            }
+        }
+    }
+    md.push_str("WWS (pages dirtied) per iteration of livemig's pre-copy, first ok run of each livemig scenario, link and policy (from its send report `iterations[]`):\n\n");
+    for ((s, l, m), rs) in &g {
+        if m.is_qemu() {
+            continue;
+        }
+        if let Some(rep) = rs.iter().find(|r| r.mark == Mark::Ok).and_then(|r| r.send_report.as_ref()) {
+            let p = plots.join(format!("wws-{}-{l}-{}.svg", s.name(), m.name()));
+            match livemig_sim::plot_report_svg(rep, &p) {
+                Ok(()) => {
+                    let _ = writeln!(md, "![WWS {} {l} {}]({})\n", s.name(), m.name(), rel(&a.out, &p));
+                }
+                Err(e) => {
+                    let _ = writeln!(md, "(WWS plot of {} {l} {} failed: {e})\n", s.name(), m.name());
+                }
+            }
+        }
+    }
+    md.push_str("\n## Notes\n\n");
+    md.push_str("- QEMU 7.2's own migration under TCG loses guest writes on this machine (see `../shared/FACTS.md`): QEMU runs of writing guests are expected to be marked `corrupt` (differing pages between the paused source and destination, bad pages in the guest verifier, or a crashed destination guest). This is QEMU + TCG, not the harness; under KVM QEMU's dirty tracking is exact. The table shows it as it happened.\n");
+    md.push_str("- TCG guests are slow and share the 2 cores with the migrators: absolute figures are of this machine only; compare migrators within one scenario and link.\n");
+    let path = a.out.join("BENCHMARKS.md");
+    std::fs::write(&path, md).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+fn rel(base: &Path, p: &Path) -> String {
+    p.strip_prefix(base).unwrap_or(p).display().to_string()
+}
