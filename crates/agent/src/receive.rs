@@ -17,7 +17,7 @@ use livemig_memory::{GuestMemory, PageBuf};
 use livemig_qmp::Qmp;
 use livemig_track::{hash_page, Digest, Ledger};
 use livemig_wire::{
-    negotiate, read_frame, FrameKind, Message, RegionInfo, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    negotiate, read_frame, Frame, FrameKind, Message, WireError, RegionInfo, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::error::AgentError;
@@ -210,11 +210,13 @@ fn run(
     let mut loaded = false;
     let mut iter_start = Instant::now();
     let mut iter_bytes_mark = count.load(Ordering::Relaxed);
+    // Frames are read by a thread, so the socket is drained while pages are decoded.
+    let frames = spawn_frame_reader(reader);
     loop {
         if opts.cancel.load(Ordering::Relaxed) {
             return Err(AgentError::Cancelled);
         }
-        let frame = read_frame(&mut reader)?;
+        let frame = frames.recv().unwrap_or(Err(WireError::Closed))?;
         report.wire_bytes = count.load(Ordering::Relaxed);
         match frame.kind {
             FrameKind::Pages => {
@@ -286,9 +288,8 @@ fn run(
                     report.iterations.push(rec);
                     iter_start = Instant::now();
                     iter_bytes_mark = now;
-                    if last {
-                        livemig_wire::write_message(&mut writer, &Message::EndAck { index })?;
-                    }
+                    // Applied: the sender measures its iterations up to here.
+                    livemig_wire::write_message(&mut writer, &Message::EndAck { index })?;
                 }
                 Message::Switchover { digest, pages } => {
                     let ours = ledger.digest();
@@ -374,6 +375,22 @@ fn accept(listener: &TcpListener, opts: &ReceiveOptions) -> Result<TcpStream, Ag
             Err(e) => return Err(net(e)),
         }
     }
+}
+
+/// Frames read ahead of the decoder (at most 8, 32 MiB).
+fn spawn_frame_reader<R: Read + Send + 'static>(mut reader: R) -> crossbeam_channel::Receiver<Result<Frame, WireError>> {
+    let (tx, rx) = crossbeam_channel::bounded(8);
+    std::thread::Builder::new()
+        .name("livemig-frames".into())
+        .spawn(move || loop {
+            let r = read_frame(&mut reader);
+            let stop = r.is_err();
+            if tx.send(r).is_err() || stop {
+                break;
+            }
+        })
+        .expect("spawn frame reader thread");
+    rx
 }
 
 /// What the handshake settled with the sender.

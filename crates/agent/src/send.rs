@@ -402,7 +402,10 @@ fn precopy_and_switchover(
         let sent = send_pages(opts, obs, mem, &scan.dirty, &mut forced, &mut ledger, writer, encoder, index)?;
         writer.send(Out::Message(Message::IterationEnd { index, pages: sent, last: false }))?;
         let ack = writer.marker(opts.timeout)?;
-        let stats = iteration_stats(index, &pending, sent, ack, scan_ms + ms(t0.elapsed()), throttle_level);
+        // The iteration ends when the destination has applied it: the rate the controller sees
+        // is that of the whole pipeline (read, encode, link, decode, write), as in downtime.
+        wait_end_ack(opts, inbox, encoder, &mut forced, total, report, index)?;
+        let stats = iteration_stats(index, &pending, sent, ack.bytes, t0.elapsed(), scan_ms + ms(t0.elapsed()), throttle_level);
         let record = IterationRecord::new(stats.clone(), &decision, controller.fit(), false);
         obs.progress(Progress::Iteration(&record));
         report.iterations.push(record);
@@ -455,7 +458,7 @@ fn precopy_and_switchover(
     let digest = ledger.digest();
     writer.send(Out::Message(Message::Switchover { digest: digest.to_string(), pages: total }))?;
     let ack = writer.marker(opts.timeout)?;
-    let stats = iteration_stats(index, &pending, sent, ack, ms(t_stop.elapsed()), final_throttle);
+    let stats = iteration_stats(index, &pending, sent, ack.bytes, t_stop.elapsed(), ms(t_stop.elapsed()), final_throttle);
     let final_decision = Decision::Switchover { predicted_downtime_ms: predicted, reason: "final pass with the source paused".into() };
     let record = IterationRecord::new(stats, &final_decision, controller.fit(), true);
     obs.progress(Progress::Iteration(&record));
@@ -555,21 +558,18 @@ fn iteration_stats(
     index: u32,
     pending: &Pending,
     sent: u64,
-    ack: link::MarkerAck,
+    bytes: u64,
+    busy: Duration,
     duration_ms: f64,
     throttle: f64,
 ) -> IterationStats {
     // A burst too small to fill the socket buffers says nothing about the link.
-    let rate = if ack.bytes >= 256 * 1024 && ack.active > Duration::from_millis(1) {
-        ack.bytes as f64 / ack.active.as_secs_f64()
-    } else {
-        0.0
-    };
+    let rate = if bytes >= 256 * 1024 && busy > Duration::from_millis(1) { bytes as f64 / busy.as_secs_f64() } else { 0.0 };
     IterationStats {
         index,
         dirty_pages: pending.dirty_pages,
         sent_pages: sent,
-        wire_bytes: ack.bytes,
+        wire_bytes: bytes,
         duration_ms,
         scan_ms: pending.scan_ms,
         rate_bytes_per_s: rate,

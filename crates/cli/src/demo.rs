@@ -22,6 +22,13 @@ pub(crate) enum Scenario {
     /// pre-copy alone never converges; adaptive slows the guest until the trend fits and switches
     /// over within --max-downtime. Defaults: --bandwidth 100mbit, --max-downtime 1s.
     Hot,
+    /// The guest reads 300 MiB of its root disk into its page cache, then rewrites 8 MiB at
+    /// 1 MiB/s: both agents hold the root disk image (--disk-image), so cached blocks go as
+    /// references.
+    Cache,
+    /// Migrate A -> B (each host keeps a memory snapshot), run 10 s on B, migrate back B -> A:
+    /// unchanged pages go as references to the snapshot A kept. The guest rewrites 8 MiB at 1 MiB/s.
+    Return,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -72,6 +79,86 @@ fn wait_child(c: &mut Child, limit: Duration) -> anyhow::Result<i32> {
     }
 }
 
+/// One migration between two VMs through the real `livemig send` / `livemig receive`.
+struct Leg {
+    send_code: i32,
+    recv_code: i32,
+    send: Value,
+    recv: Value,
+    send_report: PathBuf,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn migrate(
+    work: &Path,
+    tag: &str,
+    src: &Vm,
+    dst: &Vm,
+    a: &DemoArgs,
+    max_downtime: &str,
+    bandwidth: Option<u64>,
+    send_extra: &[String],
+    recv_extra: &[String],
+) -> anyhow::Result<Leg> {
+    let exe = std::env::current_exe().context("cannot find the livemig binary")?;
+    let port = free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let recv_report = work.join(format!("{tag}receive.json"));
+    let send_report = work.join(format!("{tag}send.json"));
+    let recv_log = std::fs::File::create(work.join(format!("{tag}receive.log")))?;
+    let mut receiver = Command::new(&exe)
+        .args(["receive", "--insecure", "--listen", &addr, "--qmp"])
+        .arg(dst.qmp_path())
+        .arg("--report")
+        .arg(&recv_report)
+        .args(recv_extra)
+        .stdin(Stdio::null())
+        .stdout(recv_log.try_clone()?)
+        .stderr(recv_log)
+        .spawn()
+        .context("cannot start livemig receive")?;
+    let mut send_cmd = Command::new(&exe);
+    send_cmd
+        .args(["send", "--insecure", "--to", &addr, "--max-downtime", max_downtime, "--policy", &a.policy, "--qmp"])
+        .arg(src.qmp_path())
+        .arg("--report")
+        .arg(&send_report)
+        .args(send_extra)
+        .stdin(Stdio::null());
+    if let Some(b) = bandwidth {
+        send_cmd.args(["--bandwidth", &format!("{b}B/s")]);
+    }
+    eprintln!("demo: migrating {} -> {}: livemig send -> livemig receive on {addr}", src.name(), dst.name());
+    let mut sender = send_cmd.spawn().context("cannot start livemig send")?;
+    let send_code = wait_child(&mut sender, Duration::from_secs(900))?;
+    let recv_code = wait_child(&mut receiver, Duration::from_secs(60))?;
+    Ok(Leg { send_code, recv_code, send: read_json(&send_report), recv: read_json(&recv_report), send_report })
+}
+
+/// Waits for `passes` verifier passes (or a bad page) on `vm`'s console after `mark`.
+fn check_guest(vm: &Vm, passes: usize, dirty: bool) -> anyhow::Result<(Value, bool)> {
+    if !dirty {
+        vm.wait_console(Duration::from_secs(60), |l| l.contains("LIVEMIG-HEARTBEAT"))
+            .context("the destination guest printed no heartbeat after the switchover")?;
+        return Ok((json!({"checked": true, "heartbeat": true}), true));
+    }
+    eprintln!("demo: waiting for {passes} verifier passes in the {} guest", vm.name());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let lines = vm.verify_lines();
+        if lines.len() >= passes || lines.iter().any(|l| l.bad > 0) || Instant::now() > deadline {
+            let bad: u64 = lines.iter().map(|l| l.bad).sum();
+            let ok = lines.len() >= passes && bad == 0;
+            return Ok((json!({"checked": true, "verify_passes": lines.len(), "bad_pages": bad, "bad_lines": vm.bad_lines()}), ok));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| (*x).to_string()).collect()
+}
+
 pub(crate) fn run(a: &DemoArgs) -> anyhow::Result<u8> {
     let work = match &a.workdir {
         Some(d) => d.clone(),
@@ -83,98 +170,131 @@ pub(crate) fn run(a: &DemoArgs) -> anyhow::Result<u8> {
 
     let mut cfg = VmConfig::new("source", &work);
     cfg.mem_mib = a.mem_mib;
+    let dirty = |c: VmConfig, mib: u64, rate: u64| {
+        c.param("mode", "dirty").param("mib", mib).param("rate", rate).param("pattern", "uniform").param("verify-secs", 2)
+    };
     cfg = match a.scenario {
-        Scenario::Dirty => cfg.param("mode", "dirty").param("mib", 64).param("rate", 20).param("pattern", "uniform").param("verify-secs", 2),
+        Scenario::Dirty => dirty(cfg, 64, 20),
         Scenario::Idle => cfg.param("mode", "heartbeat"),
-        Scenario::Hot => cfg.param("mode", "dirty").param("mib", 64).param("rate", 24).param("pattern", "uniform").param("verify-secs", 2),
+        Scenario::Hot => dirty(cfg, 64, 24),
+        Scenario::Cache => cfg
+            .param("mode", "cache")
+            .param("mib", 300)
+            .param("then-dirty-mib", 8)
+            .param("rate", 1)
+            .param("pattern", "uniform")
+            .param("verify-secs", 2),
+        Scenario::Return => dirty(cfg, 8, 1),
     };
     let hot = a.scenario == Scenario::Hot;
+    let checks_pages = a.scenario != Scenario::Idle;
     let max_downtime = a.max_downtime.clone().unwrap_or_else(|| if hot { "1s" } else { "300ms" }.to_string());
     let bandwidth = a.bandwidth.or(hot.then_some(12_500_000));
+    // What each "host" holds besides the RAM: the root disk image (both), and a snapshot directory.
+    let disk = image.disk.display().to_string();
+    let (snaps_a, snaps_b) = (work.join("host-a-snapshots"), work.join("host-b-snapshots"));
+    let (send_extra, recv_extra) = match a.scenario {
+        Scenario::Cache => (s(&["--disk-image", &disk]), s(&["--disk-image", &disk])),
+        Scenario::Return => (
+            s(&["--vm-id", "demo-vm", "--snapshot-dir", &snaps_a.display().to_string()]),
+            s(&["--snapshot-dir", &snaps_b.display().to_string()]),
+        ),
+        _ => (Vec::new(), Vec::new()),
+    };
+
     eprintln!("demo: starting the source VM ({} MiB, TCG) in {}", a.mem_mib, work.display());
     let src = Vm::start(&image, &cfg)?;
-    let ready = match a.scenario {
-        Scenario::Dirty | Scenario::Hot => "LIVEMIG-READY",
-        Scenario::Idle => "LIVEMIG-HEARTBEAT",
-    };
+    if a.scenario == Scenario::Cache {
+        eprintln!("demo: the guest reads its root disk into its page cache");
+        src.wait_console(Duration::from_secs(300), |l| l.contains("LIVEMIG-CACHE"))
+            .context("the source guest did not finish reading its disk")?;
+    }
+    let ready = if checks_pages { "LIVEMIG-READY" } else { "LIVEMIG-HEARTBEAT" };
     src.wait_console(Duration::from_secs(120), |l| l.contains(ready)).context("the source guest did not start its workload")?;
-    if a.scenario != Scenario::Idle {
+    if checks_pages {
         src.wait_console(Duration::from_secs(120), |l| l.contains("LIVEMIG-VERIFY"))
             .context("the source guest's verifier did not run")?;
     }
     eprintln!("demo: starting the destination VM (-incoming defer)");
     let dst = Vm::start(&image, &cfg.as_incoming("destination"))?;
-
-    let exe = std::env::current_exe().context("cannot find the livemig binary")?;
-    let port = free_port()?;
-    let addr = format!("127.0.0.1:{port}");
-    let recv_report = work.join("receive.json");
-    let send_report = work.join("send.json");
-    let recv_log = std::fs::File::create(work.join("receive.log"))?;
-    let mut receiver = Command::new(&exe)
-        .args(["receive", "--insecure", "--listen", &addr, "--qmp"])
-        .arg(dst.qmp_path())
-        .arg("--report")
-        .arg(&recv_report)
-        .stdin(Stdio::null())
-        .stdout(recv_log.try_clone()?)
-        .stderr(recv_log)
-        .spawn()
-        .context("cannot start livemig receive")?;
-    let mut send_cmd = Command::new(&exe);
-    send_cmd
-        .args(["send", "--insecure", "--to", &addr, "--max-downtime", &max_downtime, "--policy", &a.policy, "--qmp"])
-        .arg(src.qmp_path())
-        .arg("--report")
-        .arg(&send_report)
-        .stdin(Stdio::null());
-    if let Some(b) = bandwidth {
-        send_cmd.args(["--bandwidth", &format!("{b}B/s")]);
-    }
-    eprintln!("demo: migrating: livemig send -> livemig receive on {addr}");
-    let mut sender = send_cmd.spawn().context("cannot start livemig send")?;
-    let send_code = wait_child(&mut sender, Duration::from_secs(900))?;
-    let recv_code = wait_child(&mut receiver, Duration::from_secs(60))?;
-    let send_json = read_json(&send_report);
-    let recv_json = read_json(&recv_report);
-
+    let first = migrate(&work, "", &src, &dst, a, &max_downtime, bandwidth, &send_extra, &recv_extra)?;
+    let mut ok = first.send_code == 0 && first.recv_code == 0;
     let mut guest = json!({"checked": false});
-    let mut ok = send_code == 0 && recv_code == 0;
-    if ok && a.scenario != Scenario::Idle {
-        eprintln!("demo: waiting for {} verifier passes in the destination guest", a.passes);
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let lines = dst.verify_lines();
-            if lines.len() >= a.passes || lines.iter().any(|l| l.bad > 0) || Instant::now() > deadline {
-                let bad: u64 = lines.iter().map(|l| l.bad).sum();
-                guest = json!({"checked": true, "verify_passes": lines.len(), "bad_pages": bad,
-                               "bad_lines": dst.bad_lines()});
-                ok = lines.len() >= a.passes && bad == 0;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
+    if ok {
+        let (g, good) = check_guest(&dst, a.passes, checks_pages)?;
+        guest = g;
+        ok = good;
+    }
+    drop(src);
+
+    // The return trip: the VM runs on B for a while, then goes back to a new QEMU on A, which
+    // holds the snapshot A kept of the first trip.
+    let mut back: Option<(Leg, Value)> = None;
+    if ok && a.scenario == Scenario::Return {
+        eprintln!("demo: the VM runs on host B for {} s", RETURN_RUN_SECS);
+        std::thread::sleep(Duration::from_secs(RETURN_RUN_SECS));
+        let home = Vm::start(&image, &cfg.as_incoming("source-again"))?;
+        let leg = migrate(
+            &work,
+            "return-",
+            &dst,
+            &home,
+            a,
+            &max_downtime,
+            bandwidth,
+            &s(&["--vm-id", "demo-vm", "--snapshot-dir", &snaps_b.display().to_string()]),
+            &s(&["--snapshot-dir", &snaps_a.display().to_string()]),
+        )?;
+        ok = leg.send_code == 0 && leg.recv_code == 0;
+        let mut g = json!({"checked": false});
+        if ok {
+            let (gg, good) = check_guest(&home, a.passes, true)?;
+            g = gg;
+            ok = good;
         }
-    } else if ok {
-        dst.wait_console(Duration::from_secs(60), |l| l.contains("LIVEMIG-HEARTBEAT"))
-            .context("the destination guest printed no heartbeat after the switchover")?;
-        guest = json!({"checked": true, "heartbeat": true});
+        back = Some((leg, g));
+        drop(home);
     }
 
-    let combined = json!({
+    let mut combined = json!({
         "scenario": format!("{:?}", a.scenario).to_lowercase(),
         "outcome": if ok { "completed" } else { "failed" },
-        "send_exit": send_code, "receive_exit": recv_code,
-        "send": send_json, "receive": recv_json, "guest": guest,
+        "send_exit": first.send_code, "receive_exit": first.recv_code,
+        "send": first.send, "receive": first.recv, "guest": guest,
         "workdir": work,
     });
+    if let Some((leg, g)) = &back {
+        combined["return"] = json!({
+            "send_exit": leg.send_code, "receive_exit": leg.recv_code,
+            "send": leg.send, "receive": leg.recv, "guest": g,
+        });
+    }
     let out = a.report.clone().unwrap_or_else(|| work.join("demo.json"));
     std::fs::write(&out, serde_json::to_string_pretty(&combined)?)?;
 
     println!("\n=== livemig demo: {:?} scenario, {} MiB guest ===", a.scenario, a.mem_mib);
-    let g = |k: &str| send_json.get(k).cloned().unwrap_or(Value::Null);
     println!("outcome:          {}", if ok { "completed, guest verified" } else { "FAILED" });
-    println!("total time:       {:.0} ms", g("total_time_ms").as_f64().unwrap_or(f64::NAN));
-    println!("downtime:         {:.0} ms (predicted {:.0} ms, max {max_downtime})", g("downtime_ms").as_f64().unwrap_or(f64::NAN), g("predicted_downtime_ms").as_f64().unwrap_or(f64::NAN));
+    print_leg(if back.is_some() { "A -> B" } else { "" }, &first, &combined["guest"], &max_downtime, bandwidth);
+    if let Some((leg, g)) = &back {
+        print_leg("B -> A (back, with the snapshot)", leg, g, &max_downtime, bandwidth);
+    }
+    println!("report:           {}", out.display());
+    drop(dst);
+    Ok(if ok { exit::OK } else { exit::FAILED })
+}
+
+/// Seconds the VM runs on host B before the return trip.
+const RETURN_RUN_SECS: u64 = 10;
+
+fn print_leg(title: &str, leg: &Leg, guest: &Value, max_downtime: &str, bandwidth: Option<u64>) {
+    let send_json = &leg.send;
+    let g = |k: &str| send_json.get(k).cloned().unwrap_or(Value::Null);
+    let f = |k: &str| g(k).as_f64().unwrap_or(f64::NAN);
+    if !title.is_empty() {
+        println!("--- {title}");
+    }
+    println!("total time:       {:.0} ms", f("total_time_ms"));
+    println!("downtime:         {:.0} ms (predicted {:.0} ms, max {max_downtime})", f("downtime_ms"), f("predicted_downtime_ms"));
     println!("link:             {}", bandwidth.map_or_else(|| "loopback, no cap".to_string(), |b| format!("{:.0} Mbit/s", b as f64 * 8.0 / 1e6)));
     println!("iterations:       {}", g("iterations").as_array().map_or(0, Vec::len));
     if let Some(t) = send_json.get("throttle").filter(|t| !t.is_null()) {
@@ -184,19 +304,28 @@ pub(crate) fn run(a: &DemoArgs) -> anyhow::Result<u8> {
             t["stunned_ms"].as_f64().unwrap_or(0.0)
         );
     }
-    println!("guest RAM:        {:.0} MiB", g("ram_bytes").as_f64().unwrap_or(0.0) / 1048576.0);
-    println!("on the wire:      {:.1} MiB", g("wire_bytes").as_f64().unwrap_or(0.0) / 1048576.0);
-    println!("pages by class:   {}", g("pages"));
+    println!("guest RAM:        {:.0} MiB", f("ram_bytes") / 1048576.0);
+    println!(
+        "on the wire:      {:.1} MiB for {:.1} MiB of non-zero pages ({:.3}x; compaction {:.2}x)",
+        f("wire_bytes") / 1048576.0,
+        f("uncompacted_bytes") / 1048576.0,
+        f("wire_fraction"),
+        f("compaction_ratio")
+    );
+    let pages: Vec<String> = g("pages")
+        .as_object()
+        .map(|m| m.iter().filter(|(_, v)| v.as_u64().unwrap_or(0) > 0).map(|(k, v)| format!("{k} {v}")).collect())
+        .unwrap_or_default();
+    println!("pages by class:   {}", pages.join(", "));
+    if g("resent_pages").as_u64().unwrap_or(0) > 0 {
+        println!("resent pages:     {}", g("resent_pages"));
+    }
     println!("memory verified:  {}", send_json.pointer("/verification/ok").and_then(Value::as_bool).unwrap_or(false));
     println!("source VM:        {}", g("source_state").as_str().unwrap_or("?"));
-    println!("destination VM:   {}", recv_json.get("destination_state").and_then(Value::as_str).unwrap_or("?"));
+    println!("destination VM:   {}", leg.recv.get("destination_state").and_then(Value::as_str).unwrap_or("?"));
     println!("guest verifier:   {guest}");
-    println!("report:           {}", out.display());
-    let svg = send_report.with_extension("svg");
+    let svg = leg.send_report.with_extension("svg");
     if svg.exists() {
         println!("WWS plot:         {}", svg.display());
     }
-    drop(src);
-    drop(dst);
-    Ok(if ok { exit::OK } else { exit::FAILED })
 }

@@ -5,6 +5,7 @@ mod index_cmd;
 mod progress;
 mod signal;
 mod sim_cmd;
+mod snapshot_cmd;
 mod trace_cmd;
 mod units;
 
@@ -52,6 +53,11 @@ enum Command {
     Simulate(sim_cmd::SimulateArgs),
     /// Plot the writable working set per iteration of a send report as SVG.
     Plot(sim_cmd::PlotArgs),
+    /// List or remove the memory snapshots kept after migrations.
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot_cmd::SnapshotCommand,
+    },
     /// Write a WWS trace for `simulate`: from a migration report, or by observing a running VM.
     Trace(trace_cmd::TraceArgs),
     /// The test guest.
@@ -294,6 +300,7 @@ fn main() -> ExitCode {
         Command::Simulate(a) => sim_cmd::run_simulate(a),
         Command::Plot(a) => sim_cmd::run_plot(a),
         Command::Trace(a) => trace_cmd::run(a),
+        Command::Snapshot { command } => snapshot_cmd::run(command),
         Command::Guest { command: GuestCommand::Build } => livemig_lab::GuestImage::build()
             .map(|g| {
                 println!("guest ready: kernel {}, initramfs {}, disk {}", g.kernel.display(), g.initrd.display(), g.disk.display());
