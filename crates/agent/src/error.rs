@@ -62,6 +62,15 @@ pub enum AgentError {
     /// The controller gave up.
     #[error("migration did not converge: {0}")]
     NotConverged(String),
+    /// The TLS handshake failed (wrong certificate, key or PSK, or not a livemig peer).
+    #[error("{what}")]
+    Tls {
+        /// What failed.
+        what: String,
+        /// The TLS error (boxed: it is large).
+        #[source]
+        source: Box<livemig_tls::TlsError>,
+    },
     /// A disk image or memory snapshot could not be used.
     #[error("{0}")]
     Holdings(String),

@@ -7,6 +7,7 @@ pub mod receive;
 pub mod report;
 pub mod send;
 pub mod throttle;
+pub mod transport;
 
 use livemig_memory::GuestMemory;
 use livemig_track::{PageSource, SourceError, PAGE_SIZE};
@@ -15,6 +16,7 @@ pub use error::AgentError;
 pub use receive::{receive, ReceiveOptions};
 pub use report::{IterationRecord, Report};
 pub use send::{send, PolicyKind, SendOptions};
+pub use transport::Transport;
 
 /// Name and version sent in the handshake.
 pub const SOFTWARE: &str = concat!("livemig ", env!("CARGO_PKG_VERSION"));

@@ -21,6 +21,7 @@ use livemig_wire::{
 };
 
 use crate::error::AgentError;
+use crate::transport::{self, Transport};
 use crate::holdings::{self, ReceiverDisks};
 use crate::link;
 use crate::report::{IterationRecord, Report};
@@ -39,6 +40,8 @@ pub struct ReceiveOptions {
     pub accept_timeout: Duration,
     /// Set by a signal handler to cancel.
     pub cancel: Arc<AtomicBool>,
+    /// TLS (default) or plain TCP.
+    pub transport: Transport,
     /// Raw disk images this host holds (the guest's disks) that references may name.
     pub disk_images: Vec<PathBuf>,
     /// Where disk indexes are cached.
@@ -58,6 +61,7 @@ impl ReceiveOptions {
             timeout: Duration::from_secs(60),
             accept_timeout: Duration::from_secs(600),
             cancel: Arc::new(AtomicBool::new(false)),
+            transport: Transport::Insecure,
             disk_images: Vec::new(),
             index_cache: holdings::default_index_cache(),
             snapshot_dir: None,
@@ -69,9 +73,9 @@ impl ReceiveOptions {
 /// Migrates in. Returns the report in every case; the destination VM runs only on `Ok`.
 pub fn receive(opts: &ReceiveOptions, obs: &mut dyn Observer) -> (Report, Result<(), AgentError>) {
     let start = Instant::now();
-    let mut report = Report { role: "receive".into(), transport: "tcp-insecure".into(), tracker: "content".into(), ..Report::default() };
+    let mut report = Report { role: "receive".into(), transport: opts.transport.name().into(), tracker: "content".into(), ..Report::default() };
     let mut qmp: Option<Qmp> = None;
-    let mut conn: Option<TcpStream> = None;
+    let mut conn: Option<Box<dyn Write + Send>> = None;
     let result = run(opts, obs, &mut report, &mut qmp, &mut conn);
     report.outcome = match &result {
         Ok(()) => "completed",
@@ -117,7 +121,7 @@ fn run(
     obs: &mut dyn Observer,
     report: &mut Report,
     qmp_slot: &mut Option<Qmp>,
-    conn_slot: &mut Option<TcpStream>,
+    conn_slot: &mut Option<Box<dyn Write + Send>>,
 ) -> Result<(), AgentError> {
     let listener = TcpListener::bind(&opts.listen)
         .map_err(|source| AgentError::Network { what: format!("cannot listen on {}", opts.listen), source })?;
@@ -167,17 +171,14 @@ fn run(
     obs.progress(Progress::Phase("waiting for the sender"));
     let stream = accept(&listener, opts)?;
     link::tune(&stream, opts.timeout)?;
-    let mut writer = stream
-        .try_clone()
-        .map_err(|source| AgentError::Network { what: "cannot share the connection".into(), source })?;
-    let conn = conn_slot.insert(stream);
+    let channel = transport::server(&opts.transport, &stream)?;
+    report.peer = Some(channel.peer.clone());
+    // Kept by the caller, so a failure can still tell the sender why.
+    let writer = conn_slot.insert(channel.writer);
     let count = Arc::new(AtomicU64::new(0));
-    let mut reader = Counting {
-        inner: conn.try_clone().map_err(|source| AgentError::Network { what: "cannot share the connection".into(), source })?,
-        count: Arc::clone(&count),
-    };
+    let mut reader = Counting { inner: channel.reader, count: Arc::clone(&count) };
     livemig_wire::read_magic(&mut reader)?;
-    let peer = handshake(&mut reader, &mut writer, &mem, &opts.disk_images, &indexes, store.as_ref())?;
+    let peer = handshake(&mut reader, writer, &mem, &opts.disk_images, &indexes, store.as_ref())?;
     report.vm = peer.vm.clone();
     report.disk_images_used = peer.disks_held;
     let snapshot: Option<Snapshot> = match livemig_wire::read_message(&mut reader)? {
@@ -238,7 +239,7 @@ fn run(
                     report.resent_pages += summary.misses.len() as u64;
                     let pages: Vec<u64> = summary.misses.iter().map(|m| m.page).collect();
                     for chunk in pages.chunks(MAX_RESEND_PAGES) {
-                        livemig_wire::write_message(&mut writer, &Message::Resend { pages: chunk.to_vec() })?;
+                        livemig_wire::write_message(writer, &Message::Resend { pages: chunk.to_vec() })?;
                     }
                 }
             }
@@ -289,7 +290,7 @@ fn run(
                     iter_start = Instant::now();
                     iter_bytes_mark = now;
                     // Applied: the sender measures its iterations up to here.
-                    livemig_wire::write_message(&mut writer, &Message::EndAck { index })?;
+                    livemig_wire::write_message(writer, &Message::EndAck { index })?;
                 }
                 Message::Switchover { digest, pages } => {
                     let ours = ledger.digest();
@@ -298,7 +299,7 @@ fn run(
                     report.verification.source_digest = Some(digest.clone());
                     report.verification.destination_digest = Some(ours.to_string());
                     report.verification.ok = ok;
-                    livemig_wire::write_message(&mut writer, &Message::Verified { ok, digest: ours.to_string() })?;
+                    livemig_wire::write_message(writer, &Message::Verified { ok, digest: ours.to_string() })?;
                     if !ok {
                         return Err(AgentError::VerifyMismatch { source_digest: digest, destination_digest: ours.to_string() });
                     }
@@ -324,14 +325,14 @@ fn run(
                         return Err(AgentError::Incompatible("the destination VM started running before the commit".into()));
                     }
                     loaded = true;
-                    livemig_wire::write_message(&mut writer, &Message::Loaded)?;
+                    livemig_wire::write_message(writer, &Message::Loaded)?;
                 }
                 Message::Commit => {
                     if !loaded {
                         return Err(AgentError::Protocol { expected: "device state before commit".into(), got: "commit".into() });
                     }
                     qmp.cont().map_err(AgentError::qmp("cannot resume the destination VM"))?;
-                    let _ = livemig_wire::write_message(&mut writer, &Message::Resumed);
+                    let _ = livemig_wire::write_message(writer, &Message::Resumed);
                     obs.progress(Progress::Phase("completed: the destination VM runs"));
                     report.wire_bytes = count.load(Ordering::Relaxed);
                     report.set_class_stats(&stats);

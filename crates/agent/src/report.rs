@@ -123,8 +123,10 @@ pub struct Report {
     pub max_downtime_ms: Option<f64>,
     /// Wire rate cap, bytes per second.
     pub bandwidth_bytes_per_s: Option<u64>,
-    /// Transport (`tcp-insecure`).
+    /// Transport: `tls-certificates`, `tls-psk` or `tcp-insecure`.
     pub transport: String,
+    /// Who the peer proved to be (certificate subject, `psk peer`, or `unauthenticated`).
+    pub peer: Option<String>,
 }
 
 impl Report {

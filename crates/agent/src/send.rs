@@ -21,6 +21,7 @@ use livemig_track::{hash_page, ContentTracker, Ledger, Tracker};
 use livemig_wire::{FrameKind, Holdings, Message, RegionInfo, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use crate::error::AgentError;
+use crate::transport::{self, Transport};
 use crate::holdings::{self, SenderDisks, SenderSnapshot};
 use crate::link::{self, Inbox, Out, Writer};
 use crate::report::{IterationRecord, Report, ThrottleReport};
@@ -52,6 +53,10 @@ pub struct SendOptions {
     pub qmp: PathBuf,
     /// Receiver address, `host:port`.
     pub to: String,
+    /// TLS (default) or plain TCP.
+    pub transport: Transport,
+    /// Name the receiver's certificate must carry (default: the host part of `to`).
+    pub server_name: Option<String>,
     /// Downtime policy.
     pub policy: PolicyKind,
     /// Operator's bounds.
@@ -90,6 +95,8 @@ impl SendOptions {
         SendOptions {
             qmp,
             to,
+            transport: Transport::Insecure,
+            server_name: None,
             policy: PolicyKind::Adaptive,
             limits: Limits::default(),
             on_no_converge: OnNoConverge::default(),
@@ -176,7 +183,7 @@ pub fn send(opts: &SendOptions, obs: &mut dyn Observer) -> (Report, Result<(), A
         tracker: "content".into(),
         max_downtime_ms: Some(opts.limits.max_downtime_ms),
         bandwidth_bytes_per_s: opts.bandwidth,
-        transport: "tcp-insecure".into(),
+        transport: opts.transport.name().into(),
         ..Report::default()
     };
     let mut st = SourceState::default();
@@ -253,12 +260,16 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
 
     obs.progress(Progress::Phase("connecting to the receiver"));
-    let mut stream = link::connect(&opts.to, opts.connect_timeout)?;
+    let stream = link::connect(&opts.to, opts.connect_timeout)?;
     link::tune(&stream, opts.timeout)?;
-    livemig_wire::write_magic(&mut stream)?;
+    let name = opts.server_name.clone().unwrap_or_else(|| transport::host_of(&opts.to).to_string());
+    let channel = transport::client(&opts.transport, &stream, &name)?;
+    report.peer = Some(channel.peer.clone());
+    let (mut reader, mut writer_half) = (channel.reader, channel.writer);
+    livemig_wire::write_magic(&mut writer_half)?;
     let regions: Vec<RegionInfo> = mem.layout().into_iter().map(|(id, size)| RegionInfo { id, size }).collect();
     livemig_wire::write_message(
-        &mut stream,
+        &mut writer_half,
         &Message::Hello {
             version: PROTOCOL_VERSION,
             min_version: MIN_PROTOCOL_VERSION,
@@ -269,7 +280,7 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
             disks: holdings::offers(&indexes)?,
         },
     )?;
-    let holds: Holdings = match livemig_wire::read_message(&mut stream)? {
+    let holds: Holdings = match livemig_wire::read_message(&mut reader)? {
         Message::Welcome { holds, .. } => holds,
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
         other => return Err(AgentError::Protocol { expected: "welcome".into(), got: other.name().into() }),
@@ -290,18 +301,15 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
             plan = Some(id.clone());
         }
     }
-    livemig_wire::write_message(&mut stream, &Message::Plan { snapshot: plan })?;
-    let reader = stream
-        .try_clone()
-        .map_err(|source| AgentError::Network { what: "cannot share the connection".into(), source })?;
-    // The reader thread waits as long as the migration lasts (the receiver is silent during
-    // pre-copy); every wait for an answer is bounded by `Inbox::next`'s own timeout instead.
-    // SO_RCVTIMEO is per socket, the writer's SO_SNDTIMEO stays.
-    reader
+    livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: plan })?;
+    // The reader thread waits as long as the migration lasts (the receiver is silent while a
+    // pass is applied); every wait for an answer is bounded by `Inbox::next`'s own timeout
+    // instead. SO_RCVTIMEO is per socket, the writer's SO_SNDTIMEO stays.
+    stream
         .set_read_timeout(None)
         .map_err(|source| AgentError::Network { what: "cannot configure the socket".into(), source })?;
-    let inbox = Inbox::spawn(Box::new(reader), "destination");
-    let mut writer = Writer::spawn(Box::new(stream), opts.bandwidth);
+    let inbox = Inbox::spawn(reader, "destination");
+    let mut writer = Writer::spawn(writer_half, opts.bandwidth);
     let mut r = precopy_and_switchover(opts, obs, report, st, &mem, total, &inbox, &mut writer, &mut encoder);
     report.wire_bytes = writer.total_bytes();
     report.set_class_stats(encoder.stats());

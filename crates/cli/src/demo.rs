@@ -107,7 +107,9 @@ fn migrate(
     let send_report = work.join(format!("{tag}send.json"));
     let recv_log = std::fs::File::create(work.join(format!("{tag}receive.log")))?;
     let mut receiver = Command::new(&exe)
-        .args(["receive", "--insecure", "--listen", &addr, "--qmp"])
+        .args(["receive", "--listen", &addr])
+        .args(tls_args(work))
+        .arg("--qmp")
         .arg(dst.qmp_path())
         .arg("--report")
         .arg(&recv_report)
@@ -119,7 +121,9 @@ fn migrate(
         .context("cannot start livemig receive")?;
     let mut send_cmd = Command::new(&exe);
     send_cmd
-        .args(["send", "--insecure", "--to", &addr, "--max-downtime", max_downtime, "--policy", &a.policy, "--qmp"])
+        .args(["send", "--to", &addr, "--max-downtime", max_downtime, "--policy", &a.policy])
+        .args(tls_args(work))
+        .arg("--qmp")
         .arg(src.qmp_path())
         .arg("--report")
         .arg(&send_report)
@@ -133,6 +137,17 @@ fn migrate(
     let send_code = wait_child(&mut sender, Duration::from_secs(900))?;
     let recv_code = wait_child(&mut receiver, Duration::from_secs(60))?;
     Ok(Leg { send_code, recv_code, send: read_json(&send_report), recv: read_json(&recv_report), send_report })
+}
+
+/// The TLS flags of both agents: one host certificate ("localhost", also valid for 127.0.0.1)
+/// made by `livemig certs` into the work directory.
+fn tls_args(work: &Path) -> Vec<String> {
+    let d = work.join("tls");
+    ["--tls-cert", "localhost.pem", "--tls-key", "localhost-key.pem", "--tls-ca", livemig_tls::CA_FILE]
+        .iter()
+        .enumerate()
+        .map(|(i, x)| if i % 2 == 0 { (*x).to_string() } else { d.join(x).display().to_string() })
+        .collect()
 }
 
 /// Waits for `passes` verifier passes (or a bad page) on `vm`'s console after `mark`.
@@ -167,6 +182,10 @@ pub(crate) fn run(a: &DemoArgs) -> anyhow::Result<u8> {
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     eprintln!("demo: building or finding the test guest (first build downloads the Debian cloud kernel)");
     let image = GuestImage::build().context("cannot build the test guest")?;
+    let tls = work.join("tls");
+    if !tls.join(livemig_tls::CA_FILE).exists() {
+        livemig_tls::make_certs(&tls, &["localhost".to_string()]).context("cannot make TLS certificates for the demo")?;
+    }
 
     let mut cfg = VmConfig::new("source", &work);
     cfg.mem_mib = a.mem_mib;
@@ -295,6 +314,7 @@ fn print_leg(title: &str, leg: &Leg, guest: &Value, max_downtime: &str, bandwidt
     }
     println!("total time:       {:.0} ms", f("total_time_ms"));
     println!("downtime:         {:.0} ms (predicted {:.0} ms, max {max_downtime})", f("downtime_ms"), f("predicted_downtime_ms"));
+    println!("transport:        {} (peer: {})", g("transport").as_str().unwrap_or("?"), g("peer").as_str().unwrap_or("?"));
     println!("link:             {}", bandwidth.map_or_else(|| "loopback, no cap".to_string(), |b| format!("{:.0} Mbit/s", b as f64 * 8.0 / 1e6)));
     println!("iterations:       {}", g("iterations").as_array().map_or(0, Vec::len));
     if let Some(t) = send_json.get("throttle").filter(|t| !t.is_null()) {

@@ -1,5 +1,6 @@
 //! `livemig`: live migration of QEMU VMs with memory compaction and adaptive downtime control.
 
+mod certs_cmd;
 mod demo;
 mod index_cmd;
 mod progress;
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use livemig_agent::{AgentError, PolicyKind, ReceiveOptions, Report, SendOptions};
+use livemig_agent::{AgentError, PolicyKind, ReceiveOptions, Report, SendOptions, Transport};
 use livemig_control::Limits;
 
 /// Exit codes, documented in the README.
@@ -45,6 +46,8 @@ enum Command {
     Send(SendArgs),
     /// Accept a migration into a QEMU started with `-incoming defer` (destination side).
     Receive(ReceiveArgs),
+    /// Make TLS material for send/receive: a CA, a certificate and key per host, and a PSK file.
+    Certs(certs_cmd::CertsArgs),
     /// Boot a test VM on this machine, migrate it through send/receive, check the guest, report.
     Demo(demo::DemoArgs),
     /// Build (or confirm up to date) the fingerprint index of a raw disk image.
@@ -83,18 +86,40 @@ enum Policy {
 
 #[derive(Args, Debug, Clone)]
 struct TransportArgs {
-    /// Use plain, unauthenticated TCP. Required: this build has no TLS yet.
-    #[arg(long)]
+    /// This host's certificate (PEM, signed by --tls-ca; `livemig certs` makes them). TLS 1.3 with
+    /// mutual authentication is the default transport.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA that signs both hosts' certificates (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// TLS 1.3 authenticated by a pre-shared key file (at least 32 bytes) instead of certificates.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    psk_file: Option<PathBuf>,
+    /// Plain, unauthenticated TCP instead of TLS: only on a network you trust with the guest's
+    /// memory.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca", "psk_file"])]
     insecure: bool,
 }
 
 impl TransportArgs {
-    fn check(&self) -> anyhow::Result<()> {
-        if !self.insecure {
-            bail!("this build speaks plain TCP only and needs --insecure on both sides (TLS is not implemented yet); the stream carries the whole guest memory, so use it only on a trusted network");
-        }
-        eprintln!("warning: --insecure: the migration stream (the whole guest memory) is neither encrypted nor authenticated");
-        Ok(())
+    fn transport(&self) -> anyhow::Result<Transport> {
+        let auth = match (&self.tls_cert, &self.tls_key, &self.tls_ca, &self.psk_file) {
+            (Some(cert), Some(key), Some(ca), None) => livemig_tls::Auth::Certs { cert: cert.clone(), key: key.clone(), ca: ca.clone() },
+            (None, None, None, Some(file)) => livemig_tls::Auth::Psk { file: file.clone() },
+            _ if self.insecure => {
+                eprintln!("warning: --insecure: the migration stream (the whole guest memory) is neither encrypted nor authenticated");
+                return Ok(Transport::Insecure);
+            }
+            _ => bail!(
+                "the migration stream carries the whole guest memory and is sent over TLS: give --tls-cert, --tls-key and --tls-ca (or --psk-file; `livemig certs DIR` makes both), or --insecure for plain TCP on a trusted network"
+            ),
+        };
+        let setup = livemig_tls::TlsSetup::load(&auth).context("cannot set up TLS")?;
+        Ok(Transport::Tls(std::sync::Arc::new(setup)))
     }
 }
 
@@ -106,6 +131,9 @@ pub(crate) struct SendArgs {
     /// Address of the receiver, HOST:PORT.
     #[arg(long)]
     to: String,
+    /// Name the receiver's certificate must carry (default: the host part of --to).
+    #[arg(long)]
+    tls_server_name: Option<String>,
     #[command(flatten)]
     transport: TransportArgs,
     /// Downtime policy.
@@ -238,8 +266,9 @@ fn finish(role: &str, report: &Report, result: Result<(), AgentError>, path: Opt
 }
 
 fn run_send(a: &SendArgs) -> anyhow::Result<u8> {
-    a.transport.check()?;
     let mut o = SendOptions::new(a.qmp.clone(), a.to.clone());
+    o.transport = a.transport.transport()?;
+    o.server_name = a.tls_server_name.clone();
     o.policy = match a.policy {
         Policy::Fixed => PolicyKind::Fixed,
         Policy::Adaptive => PolicyKind::Adaptive,
@@ -268,8 +297,8 @@ fn run_send(a: &SendArgs) -> anyhow::Result<u8> {
 }
 
 fn run_receive(a: &ReceiveArgs) -> anyhow::Result<u8> {
-    a.transport.check()?;
     let mut o = ReceiveOptions::new(a.listen.clone(), a.qmp.clone());
+    o.transport = a.transport.transport()?;
     o.timeout = dur(a.timeout);
     o.accept_timeout = dur(a.accept_timeout);
     o.disk_images = a.holdings.disk_images.clone();
@@ -296,6 +325,7 @@ fn main() -> ExitCode {
         Command::Send(a) => run_send(a),
         Command::Receive(a) => run_receive(a),
         Command::Demo(a) => demo::run(a),
+        Command::Certs(a) => certs_cmd::run(a),
         Command::Index(a) => index_cmd::run(a),
         Command::Simulate(a) => sim_cmd::run_simulate(a),
         Command::Plot(a) => sim_cmd::run_plot(a),

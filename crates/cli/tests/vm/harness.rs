@@ -196,8 +196,12 @@ impl Migration {
         let d = &pair.dir;
         let (send_log, recv_log) = (d.join("send.log"), d.join("receive.log"));
         let (send_json, recv_json) = (d.join("send.json"), d.join("receive.json"));
+        // Plain TCP unless the test chose a TLS setup for the side.
+        let insecure = |args: &[&str]| !args.iter().any(|a| a.starts_with("--tls") || a.starts_with("--psk"));
         let receiver = Command::new(exe)
-            .args(["receive", "--insecure", "--listen", &addr, "--timeout", "30s", "--accept-timeout", "20s", "--qmp"])
+            .args(["receive", "--listen", &addr, "--timeout", "30s", "--accept-timeout", "20s"])
+            .args(insecure(recv_args).then_some("--insecure"))
+            .arg("--qmp")
             .arg(pair.dst.qmp_path())
             .arg("--report")
             .arg(&recv_json)
@@ -208,7 +212,9 @@ impl Migration {
             .spawn()
             .expect("start livemig receive");
         let mut sender = Command::new(exe)
-            .args(["send", "--insecure", "--to", &addr, "--timeout", "30s", "--qmp"])
+            .args(["send", "--to", &addr, "--timeout", "30s"])
+            .args(insecure(send_args).then_some("--insecure"))
+            .arg("--qmp")
             .arg(pair.src.qmp_path())
             .arg("--report")
             .arg(&send_json)

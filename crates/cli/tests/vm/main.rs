@@ -3,6 +3,7 @@
 //! (a pair of TCG guests takes both cores).
 
 mod harness;
+mod tls;
 
 use std::time::Duration;
 
