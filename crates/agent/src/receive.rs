@@ -42,6 +42,9 @@ pub struct ReceiveOptions {
     pub cancel: Arc<AtomicBool>,
     /// TLS (default) or plain TCP.
     pub transport: Transport,
+    /// At switchover, re-read the whole destination memory for the digest instead of using the
+    /// hashes of the pages as written (costs downtime: one read and hash of the RAM).
+    pub verify_reread: bool,
     /// Raw disk images this host holds (the guest's disks) that references may name.
     pub disk_images: Vec<PathBuf>,
     /// Where disk indexes are cached.
@@ -62,6 +65,7 @@ impl ReceiveOptions {
             accept_timeout: Duration::from_secs(600),
             cancel: Arc::new(AtomicBool::new(false)),
             transport: Transport::Insecure,
+            verify_reread: false,
             disk_images: Vec::new(),
             index_cache: holdings::default_index_cache(),
             snapshot_dir: None,
@@ -293,7 +297,16 @@ fn run(
                     livemig_wire::write_message(writer, &Message::EndAck { index })?;
                 }
                 Message::Switchover { digest, pages } => {
-                    let ours = ledger.digest();
+                    let ours = if opts.verify_reread {
+                        // Prove the memory itself, not the record of what was written.
+                        obs.progress(Progress::Phase("re-reading the destination memory"));
+                        let t = Instant::now();
+                        let d = reread_digest(&mem)?;
+                        report.verification.reread_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+                        d
+                    } else {
+                        ledger.digest()
+                    };
                     let theirs: Option<Digest> = digest.parse().ok();
                     let ok = theirs == Some(ours) && pages == total;
                     report.verification.source_digest = Some(digest.clone());
@@ -376,6 +389,17 @@ fn accept(listener: &TcpListener, opts: &ReceiveOptions) -> Result<TcpStream, Ag
             Err(e) => return Err(net(e)),
         }
     }
+}
+
+/// The digest of the destination memory as it is now, read back page by page.
+fn reread_digest(mem: &GuestMemory) -> Result<Digest, AgentError> {
+    let mut buf = Box::new(PageBuf::zeroed());
+    let mut d = Digest(0);
+    for p in 0..mem.total_pages() {
+        mem.read_page(p, &mut buf)?;
+        d.add(p, hash_page(&buf.0));
+    }
+    Ok(d)
 }
 
 /// Frames read ahead of the decoder (at most 8, 32 MiB).

@@ -59,6 +59,8 @@ pub struct Verification {
     pub destination_digest: Option<String>,
     /// Whether they matched.
     pub ok: bool,
+    /// Time the destination took to re-read its whole memory for the digest, if it did.
+    pub reread_ms: Option<f64>,
 }
 
 /// The whole report of one agent.

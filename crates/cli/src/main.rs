@@ -191,6 +191,10 @@ pub(crate) struct ReceiveArgs {
     /// Longest wait for the sender to connect.
     #[arg(long, default_value = "10m", value_parser = units::parse_duration_ms)]
     accept_timeout: f64,
+    /// Before the destination resumes, re-read its whole memory and check it against the
+    /// source's digest (instead of the hashes of the pages as they were written). Costs downtime.
+    #[arg(long)]
+    verify_reread: bool,
     #[command(flatten)]
     holdings: HoldingsArgs,
     /// Write the JSON report here.
@@ -301,6 +305,7 @@ fn run_receive(a: &ReceiveArgs) -> anyhow::Result<u8> {
     o.transport = a.transport.transport()?;
     o.timeout = dur(a.timeout);
     o.accept_timeout = dur(a.accept_timeout);
+    o.verify_reread = a.verify_reread;
     o.disk_images = a.holdings.disk_images.clone();
     if let Some(c) = &a.holdings.index_cache {
         o.index_cache = c.clone();

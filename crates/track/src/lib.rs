@@ -72,7 +72,8 @@ impl Digest {
     fn term(page: u64, hash: u64) -> u128 {
         xxh3_128_with_seed(&hash.to_le_bytes(), page)
     }
-    fn add(&mut self, page: u64, hash: u64) {
+    /// Adds page `page` with hash `hash` (each page must be added once).
+    pub fn add(&mut self, page: u64, hash: u64) {
         self.0 = self.0.wrapping_add(Self::term(page, hash));
     }
     fn remove(&mut self, page: u64, hash: u64) {

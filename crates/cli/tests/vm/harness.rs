@@ -26,7 +26,7 @@ pub fn dirty_guest(mib: u64, rate: u64) -> Vec<(String, String)> {
         .collect()
 }
 
-fn image() -> GuestImage {
+pub fn image() -> GuestImage {
     GuestImage::find().expect("the test guest is built (run `livemig guest build` or .ci/run)")
 }
 
@@ -56,13 +56,31 @@ impl Pair {
         backend: RamBackend,
         dst_cfg: impl FnOnce(VmConfig) -> VmConfig,
     ) -> Pair {
+        Self::start_custom(
+            name,
+            workload,
+            |mut c| {
+                c.backend = backend;
+                c
+            },
+            dst_cfg,
+        )
+    }
+
+    /// A pair whose source configuration `src_cfg` adjusts (384 MiB, memfd, no disk by default).
+    pub fn start_custom(
+        name: &str,
+        workload: Vec<(String, String)>,
+        src_cfg: impl FnOnce(VmConfig) -> VmConfig,
+        dst_cfg: impl FnOnce(VmConfig) -> VmConfig,
+    ) -> Pair {
         let dir = workdir(name);
         let image = image();
         let mut cfg = VmConfig::new("source", &dir);
         cfg.mem_mib = 384;
-        cfg.backend = backend;
         cfg.workload = workload;
         cfg.with_disk = false;
+        let cfg = src_cfg(cfg);
         let src = Vm::start(&image, &cfg).expect("source VM starts");
         src.wait_console(Duration::from_secs(180), |l| l.contains("LIVEMIG-VERIFY"))
             .expect("the source guest runs its verifier");
@@ -81,6 +99,11 @@ impl Pair {
         let cfg = self.dst_cfg.clone();
         self.dst.kill();
         self.dst = Vm::start(&image, &cfg).expect("destination VM restarts");
+    }
+
+    /// A new VM waiting with `-incoming defer`, configured as the destination (for a return trip).
+    pub fn start_incoming(&self, name: &str) -> Vm {
+        Vm::start(&image(), &self.dst_cfg.as_incoming(name)).expect("incoming VM starts")
     }
 
     /// Kills the destination QEMU (SIGKILL), as a crash would.
@@ -190,19 +213,31 @@ impl Migration {
     }
 
     pub fn run_with(pair: &Pair, send_args: &[&str], recv_args: &[&str], during: impl FnOnce(&mut Running)) -> Migration {
+        Self::between(&pair.src, &pair.dst, &pair.dir, "", send_args, recv_args, during)
+    }
+
+    /// A migration from `src` to `dst`; logs and reports go to `dir` with names prefixed by `tag`.
+    pub fn between(
+        src: &Vm,
+        dst: &Vm,
+        d: &std::path::Path,
+        tag: &str,
+        send_args: &[&str],
+        recv_args: &[&str],
+        during: impl FnOnce(&mut Running),
+    ) -> Migration {
         let exe = env!("CARGO_BIN_EXE_livemig");
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
-        let d = &pair.dir;
-        let (send_log, recv_log) = (d.join("send.log"), d.join("receive.log"));
-        let (send_json, recv_json) = (d.join("send.json"), d.join("receive.json"));
+        let (send_log, recv_log) = (d.join(format!("{tag}send.log")), d.join(format!("{tag}receive.log")));
+        let (send_json, recv_json) = (d.join(format!("{tag}send.json")), d.join(format!("{tag}receive.json")));
         // Plain TCP unless the test chose a TLS setup for the side.
         let insecure = |args: &[&str]| !args.iter().any(|a| a.starts_with("--tls") || a.starts_with("--psk"));
         let receiver = Command::new(exe)
             .args(["receive", "--listen", &addr, "--timeout", "30s", "--accept-timeout", "20s"])
             .args(insecure(recv_args).then_some("--insecure"))
             .arg("--qmp")
-            .arg(pair.dst.qmp_path())
+            .arg(dst.qmp_path())
             .arg("--report")
             .arg(&recv_json)
             .args(recv_args)
@@ -215,7 +250,7 @@ impl Migration {
             .args(["send", "--to", &addr, "--timeout", "30s"])
             .args(insecure(send_args).then_some("--insecure"))
             .arg("--qmp")
-            .arg(pair.src.qmp_path())
+            .arg(src.qmp_path())
             .arg("--report")
             .arg(&send_json)
             .args(send_args)
@@ -247,4 +282,17 @@ impl Migration {
         assert_eq!(self.send_report["outcome"], "completed");
         assert_eq!(self.recv_report["outcome"], "completed");
     }
+}
+
+/// The digest of a paused VM's memory, computed here page by page (not by the agents).
+pub fn memory_digest(qmp_path: &std::path::Path) -> String {
+    let mut qmp = Qmp::connect(qmp_path, Duration::from_secs(10)).expect("QMP");
+    let mem = livemig_memory::GuestMemory::open(&mut qmp).expect("guest memory");
+    let mut buf = Box::new(livemig_memory::PageBuf::zeroed());
+    let mut d = livemig_track::Digest(0);
+    for p in 0..mem.total_pages() {
+        mem.read_page(p, &mut buf).expect("read page");
+        d.add(p, livemig_track::hash_page(&buf.0));
+    }
+    d.to_string()
 }
