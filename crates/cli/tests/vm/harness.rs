@@ -296,3 +296,8 @@ pub fn memory_digest(qmp_path: &std::path::Path) -> String {
     }
     d.to_string()
 }
+
+/// `vm`'s guest verifier reports `passes` passes with zero bad pages.
+pub fn assert_guest_verifies(vm: &Vm, passes: usize) {
+    Pair::assert_guest_verifies(vm, 0, passes, vm.name());
+}
