@@ -98,7 +98,9 @@ pub(crate) struct LegCtx<'a> {
     pub send_disk_image: bool,
     pub send_snapshot_dir: bool,
     pub recv_snapshot_dir: bool,
-    pub snapshot_dir: &'a Path,
+    /// Snapshot directories of the sending and the receiving host.
+    pub send_snapshot: &'a Path,
+    pub recv_snapshot: &'a Path,
 }
 
 impl LegCtx<'_> {
@@ -139,7 +141,7 @@ fn livemig(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
         .arg("--report")
         .arg(&recv_report);
     if ctx.recv_snapshot_dir {
-        rc.arg("--snapshot-dir").arg(ctx.snapshot_dir);
+        rc.arg("--snapshot-dir").arg(ctx.recv_snapshot);
     }
     let mut receiver =
         Proc::new(rc.stdin(Stdio::null()).stdout(recv_log.try_clone()?).stderr(recv_log).spawn().context("cannot start livemig receive")?);
@@ -158,8 +160,9 @@ fn livemig(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
         sc.arg("--disk-image").arg(ctx.disk);
     }
     if ctx.send_snapshot_dir {
-        sc.arg("--snapshot-dir").arg(ctx.snapshot_dir);
+        sc.arg("--snapshot-dir").arg(ctx.send_snapshot);
     }
+    rate.poll(ctx.from); // lines printed before the start are not part of the window
     let (tx0, back0) = ctx.tx()?;
     let t0 = Instant::now();
     let mut sender =
@@ -289,6 +292,7 @@ fn native(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     let (sv, dv) = (vcpu_threads(&mut src), vcpu_threads(&mut dst));
     let (spid, dpid) = (ctx.from.pid(), ctx.to.pid());
     let cpu0 = non_vcpu_cpu(spid, &sv) + non_vcpu_cpu(dpid, &dv);
+    rate.poll(ctx.from); // lines printed before the start are not part of the window
     let (tx0, back0) = ctx.tx()?;
     let t0 = Instant::now();
     src.migrate(&uri)?;

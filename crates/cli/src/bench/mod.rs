@@ -103,7 +103,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 512)]
     mem_mib: u64,
     /// Working set of the hot guest, MiB.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 16)]
     hot_mib: u64,
     /// How much of its root disk the cache guest reads, MiB.
     #[arg(long, default_value_t = 256)]
@@ -115,7 +115,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value = "2s")]
     adaptive_max_downtime: String,
     /// A migration not finished after this is stopped and marked `timeout`.
-    #[arg(long, default_value = "90s", value_parser = units::parse_duration_ms)]
+    #[arg(long, default_value = "60s", value_parser = units::parse_duration_ms)]
     timeout: f64,
     /// `return`: how long the guest runs on B before it goes back.
     #[arg(long, default_value = "5s", value_parser = units::parse_duration_ms)]
@@ -344,7 +344,7 @@ fn wait_ready(env: &Env<'_>, s: Scenario, vm: &mut Vm, rate: &mut WriteRate) -> 
 
 /// Checks the destination guest after a completed leg: a heartbeat (idle) or `passes` verifier
 /// passes with no bad page, and no kernel oops. (mark, passes, bad pages, detail)
-fn check_guest(env: &Env<'_>, s: Scenario, vm: &mut Vm) -> (Mark, Option<usize>, Option<u64>, String) {
+fn check_guest(env: &Env<'_>, s: Scenario, vm: &mut Vm) -> anyhow::Result<(Mark, Option<usize>, Option<u64>, String)> {
     let oops = |vm: &Vm| {
         let c = vm.console();
         ["Oops", "Kernel panic", "BUG:", "general protection", "LIVEMIG-ERROR"].iter().find(|p| c.contains(**p)).map(|p| p.to_string())
@@ -353,24 +353,27 @@ fn check_guest(env: &Env<'_>, s: Scenario, vm: &mut Vm) -> (Mark, Option<usize>,
     let limit = Duration::from_secs(60 + 10 * env.a.passes as u64);
     loop {
         if let Some(p) = oops(vm) {
-            return (Mark::Corrupt, None, None, format!("destination console shows `{p}`"));
+            return Ok((Mark::Corrupt, None, None, format!("destination console shows `{p}`")));
         }
         let lines = vm.verify_lines();
         let bad: u64 = lines.iter().map(|l| l.bad).sum();
         if bad > 0 {
-            return (Mark::Corrupt, Some(lines.len()), Some(bad), format!("guest verifier: {bad} bad pages {:?}", vm.bad_lines().first()));
+            return Ok((Mark::Corrupt, Some(lines.len()), Some(bad), format!("guest verifier: {bad} bad pages {:?}", vm.bad_lines().first())));
         }
         if s.writes() && lines.len() >= env.a.passes {
-            return (Mark::Ok, Some(lines.len()), Some(0), String::new());
+            return Ok((Mark::Ok, Some(lines.len()), Some(0), String::new()));
         }
         if !s.writes() && console_has(vm, "LIVEMIG-HEARTBEAT") {
-            return (Mark::Ok, None, None, String::new());
+            return Ok((Mark::Ok, None, None, String::new()));
         }
         if !vm.is_alive() {
-            return (Mark::Corrupt, Some(lines.len()), None, "destination QEMU exited after the migration".into());
+            return Ok((Mark::Corrupt, Some(lines.len()), None, "destination QEMU exited after the migration".into()));
         }
-        if t0.elapsed() > limit || env.cancel.load(Ordering::SeqCst) {
-            return (Mark::Corrupt, Some(lines.len()), None, format!("destination guest silent: {} verifier passes in {} s", lines.len(), limit.as_secs()));
+        if env.cancel.load(Ordering::SeqCst) {
+            bail!("cancelled");
+        }
+        if t0.elapsed() > limit {
+            return Ok((Mark::Corrupt, Some(lines.len()), None, format!("destination guest silent: {} verifier passes in {} s", lines.len(), limit.as_secs())));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -396,8 +399,15 @@ struct RunSpec<'a> {
 
 fn one_leg(env: &Env<'_>, spec: &RunSpec<'_>, from: &Vm, to: &Vm, forward: bool, dir: &Path, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     let h = &env.hosts;
-    let snap = env.work.join(format!("snapshots-{}-{}", spec.m.name(), spec.run));
-    std::fs::create_dir_all(&snap)?;
+    // One snapshot directory per "host" and run: A's is where the VM's memory stays when it
+    // leaves A, and what a return to A can refer to.
+    let snaps = env.work.join(format!("snapshots-{}-{}-{}-{}", spec.s.name(), spec.link, spec.m.name(), spec.run + 1));
+    let (snap_a, snap_b) = (snaps.join("host-a"), snaps.join("host-b"));
+    let snapshots = !spec.m.is_qemu() && (env.send_help.contains("--snapshot-dir") || env.recv_help.contains("--snapshot-dir"));
+    if snapshots {
+        std::fs::create_dir_all(&snap_a)?;
+        std::fs::create_dir_all(&snap_b)?;
+    }
     let ctx = LegCtx {
         exe: &env.exe,
         from,
@@ -417,9 +427,10 @@ fn one_leg(env: &Env<'_>, spec: &RunSpec<'_>, from: &Vm, to: &Vm, forward: bool,
         dir,
         disk: &env.image.disk,
         send_disk_image: env.send_help.contains("--disk-image"),
-        send_snapshot_dir: env.send_help.contains("--snapshot-dir"),
-        recv_snapshot_dir: env.recv_help.contains("--snapshot-dir"),
-        snapshot_dir: &snap,
+        send_snapshot_dir: snapshots && env.send_help.contains("--snapshot-dir"),
+        recv_snapshot_dir: snapshots && env.recv_help.contains("--snapshot-dir"),
+        send_snapshot: if forward { &snap_a } else { &snap_b },
+        recv_snapshot: if forward { &snap_b } else { &snap_a },
     };
     legs::run(&ctx, rate)
 }
@@ -472,7 +483,7 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
     let mut mark = leg_mark(&leg);
     if mark.is_none() {
         st.live(&format!("{label}: checking the destination guest"));
-        let (m, passes, bad, detail) = check_guest(env, spec.s, &mut b);
+        let (m, passes, bad, detail) = check_guest(env, spec.s, &mut b)?;
         r.verify_passes = passes;
         r.bad_pages = bad;
         if m != Mark::Ok {
@@ -492,11 +503,13 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
         st.live(&format!("{label}: migrating back B->A"));
         let first = leg.detail.clone();
         leg = one_leg(env, spec, &b, &a2, false, &dir, &mut rate_b)?;
-        leg.detail = format!("way there: {}; way back: {}", if first.is_empty() { "ok" } else { &first }, leg.detail);
+        if !first.is_empty() || !leg.detail.is_empty() {
+            leg.detail = format!("way there: {}; way back: {}", if first.is_empty() { "ok" } else { &first }, if leg.detail.is_empty() { "ok" } else { &leg.detail });
+        }
         mark = leg_mark(&leg);
         if mark.is_none() {
             st.live(&format!("{label}: checking the guest back on A"));
-            let (m, passes, bad, detail) = check_guest(env, spec.s, &mut a2);
+            let (m, passes, bad, detail) = check_guest(env, spec.s, &mut a2)?;
             r.verify_passes = passes;
             r.bad_pages = bad;
             if m != Mark::Ok {
@@ -519,6 +532,11 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
     r.send_report = leg.send_report;
     r.wall_s = t_run.elapsed().as_secs_f64();
     Ok(r)
+}
+
+fn cancel_soon(c: &AtomicBool) -> bool {
+    std::thread::sleep(Duration::from_millis(150));
+    c.load(Ordering::SeqCst)
 }
 
 /// `livemig bench`.
@@ -610,7 +628,8 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
                 ));
                 results.push(r);
             }
-            Err(e) if env.cancel.load(Ordering::SeqCst) => {
+            // A Ctrl-C also reaches the QEMUs (same process group); the flag follows within 50 ms.
+            Err(e) if cancel_soon(&env.cancel) => {
                 st.line(&format!("cancelled: {e:#}"));
                 cancelled = true;
                 break;
