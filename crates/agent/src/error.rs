@@ -71,6 +71,9 @@ pub enum AgentError {
         #[source]
         source: Box<livemig_tls::TlsError>,
     },
+    /// The soft-dirty tracker refused to start or failed.
+    #[error("the soft-dirty tracker cannot be used")]
+    SoftDirty(#[source] livemig_track::softdirty::SoftDirtyError),
     /// A disk image or memory snapshot could not be used.
     #[error("{0}")]
     Holdings(String),

@@ -5,6 +5,7 @@ pub mod holdings;
 pub mod link;
 pub mod receive;
 pub mod report;
+pub mod scanner;
 pub mod send;
 pub mod throttle;
 pub mod transport;
@@ -15,6 +16,7 @@ use livemig_track::{PageSource, SourceError, PAGE_SIZE};
 pub use error::AgentError;
 pub use receive::{receive, ReceiveOptions};
 pub use report::{IterationRecord, Report};
+pub use scanner::TrackerKind;
 pub use send::{send, PolicyKind, SendOptions};
 pub use transport::Transport;
 

@@ -288,6 +288,7 @@ fn run(
                         predicted_downtime_ms: None,
                         fit: None,
                         last,
+                        tracker_pause_ms: None,
                     };
                     obs.progress(Progress::Iteration(&rec));
                     report.iterations.push(rec);

@@ -22,6 +22,8 @@ pub struct IterationRecord {
     pub fit: Option<Fit>,
     /// True for the final iteration, sent with the source paused.
     pub last: bool,
+    /// Pause of the guest the tracker needed to read the dirty pages (soft-dirty), if any.
+    pub tracker_pause_ms: Option<f64>,
 }
 
 impl IterationRecord {
@@ -35,6 +37,7 @@ impl IterationRecord {
             predicted_downtime_ms: p.is_finite().then_some(p),
             fit,
             last,
+            tracker_pause_ms: None,
         }
     }
 }

@@ -17,10 +17,11 @@ use livemig_control::{
 };
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_qmp::Qmp;
-use livemig_track::{hash_page, ContentTracker, Ledger, Tracker};
+use livemig_track::{hash_page, Ledger};
 use livemig_wire::{FrameKind, Holdings, Message, RegionInfo, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use crate::error::AgentError;
+use crate::scanner::{Scanner, TrackerKind};
 use crate::transport::{self, Transport};
 use crate::holdings::{self, SenderDisks, SenderSnapshot};
 use crate::link::{self, Inbox, Out, Writer};
@@ -85,6 +86,8 @@ pub struct SendOptions {
     pub vm_id: Option<String>,
     /// Scan threads.
     pub threads: usize,
+    /// Dirty-page tracker.
+    pub tracker: TrackerKind,
     /// Set by a signal handler to cancel.
     pub cancel: Arc<AtomicBool>,
 }
@@ -110,6 +113,7 @@ impl SendOptions {
             snapshot_max_bytes: DEFAULT_SNAPSHOT_BUDGET,
             vm_id: None,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            tracker: TrackerKind::Auto,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -237,6 +241,13 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     let mem = GuestMemory::open(&mut st.qmp())?;
     let total = mem.total_pages();
     report.ram_bytes = mem.layout().iter().map(|(_, s)| s).sum();
+    // The tracker proves itself before anything is sent.
+    let (mut tracker, fallback) = Scanner::new(opts.tracker, &mem, opts.threads)?;
+    if let Some(why) = fallback {
+        obs.progress(Progress::Phase(&why));
+        report.warnings.push(why);
+    }
+    report.tracker = tracker.name().into();
     st.qmp()
         .migrate_set_capabilities(&[("x-ignore-shared", true)])
         .map_err(AgentError::qmp("cannot enable x-ignore-shared on the source QEMU"))?;
@@ -310,7 +321,7 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
         .map_err(|source| AgentError::Network { what: "cannot configure the socket".into(), source })?;
     let inbox = Inbox::spawn(reader, "destination");
     let mut writer = Writer::spawn(writer_half, opts.bandwidth);
-    let mut r = precopy_and_switchover(opts, obs, report, st, &mem, total, &inbox, &mut writer, &mut encoder);
+    let mut r = precopy_and_switchover(opts, obs, report, st, &mem, total, &inbox, &mut writer, &mut encoder, &mut tracker);
     report.wire_bytes = writer.total_bytes();
     report.set_class_stats(encoder.stats());
     if let Err(AgentError::Wire(_)) = &r {
@@ -356,12 +367,13 @@ fn precopy_and_switchover(
     inbox: &Inbox,
     writer: &mut Writer,
     encoder: &mut Encoder,
+    tracker: &mut Scanner,
 ) -> Result<(), AgentError> {
     let src = MemSource(mem);
     // Pages the destination could not resolve: sent whole in the next pass.
     let mut forced: BTreeSet<u64> = BTreeSet::new();
     let mut ledger = Ledger::zeroed(total);
-    let mut tracker = ContentTracker::new(opts.threads);
+    let qmp = Arc::clone(st.qmp.as_ref().expect("QMP connected"));
     let mut controller = opts.policy.controller(opts.limits, opts.on_no_converge);
     let mut history: Vec<IterationStats> = Vec::new();
     let mut index: u32 = 0;
@@ -375,7 +387,7 @@ fn precopy_and_switchover(
             t.check()?;
         }
         let throttle_level = throttler.as_ref().map_or(0.0, Throttler::level);
-        let scan = tracker.scan(&src, &ledger)?;
+        let (scan, pause) = tracker.scan(&src, &ledger, &qmp, !st.was_running)?;
         let scan_ms = ms(scan.duration);
         let pending = Pending { index, dirty_pages: scan.dirty.len() as u64, scan_ms };
         let decision = controller.decide(&history, &pending);
@@ -414,7 +426,8 @@ fn precopy_and_switchover(
         // is that of the whole pipeline (read, encode, link, decode, write), as in downtime.
         wait_end_ack(opts, inbox, encoder, &mut forced, total, report, index)?;
         let stats = iteration_stats(index, &pending, sent, ack.bytes, t0.elapsed(), scan_ms + ms(t0.elapsed()), throttle_level);
-        let record = IterationRecord::new(stats.clone(), &decision, controller.fit(), false);
+        let mut record = IterationRecord::new(stats.clone(), &decision, controller.fit(), false);
+        record.tracker_pause_ms = pause.map(ms);
         obs.progress(Progress::Iteration(&record));
         report.iterations.push(record);
         history.push(stats);
@@ -440,7 +453,7 @@ fn precopy_and_switchover(
         st.stopped = true;
         st.qmp().stop().map_err(AgentError::qmp("cannot pause the source VM"))?;
     }
-    let scan = tracker.scan(&src, &ledger)?;
+    let (scan, _) = tracker.scan(&src, &ledger, &qmp, true)?;
     let scan_ms = ms(scan.duration);
     let pending = Pending { index, dirty_pages: scan.dirty.len() as u64, scan_ms };
     take_resends(inbox, encoder, &mut forced, total, report)?;

@@ -165,6 +165,11 @@ pub(crate) struct SendArgs {
     /// Send whole pages uncompressed (same as --compressor none).
     #[arg(long)]
     no_compress: bool,
+    /// Dirty-page tracker: `soft-dirty` reads the QEMU process's soft-dirty bits (Linux with
+    /// CONFIG_MEM_SOFT_DIRTY; a self-test refuses it elsewhere), `content` hashes every page,
+    /// `auto` uses soft-dirty where the self-test passes, else content.
+    #[arg(long, value_enum, default_value_t = TrackerArg::Auto)]
+    tracker: TrackerArg,
     /// Identity of the VM for memory snapshots (default: QEMU's -name, else its UUID).
     #[arg(long)]
     vm_id: Option<String>,
@@ -200,6 +205,13 @@ pub(crate) struct ReceiveArgs {
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TrackerArg {
+    Auto,
+    Content,
+    SoftDirty,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -288,6 +300,11 @@ fn run_send(a: &SendArgs) -> anyhow::Result<u8> {
         (_, CompressorArg::Zstd) => livemig_compact::Compressor::Zstd,
     };
     o.vm_id = a.vm_id.clone();
+    o.tracker = match a.tracker {
+        TrackerArg::Auto => livemig_agent::TrackerKind::Auto,
+        TrackerArg::Content => livemig_agent::TrackerKind::Content,
+        TrackerArg::SoftDirty => livemig_agent::TrackerKind::SoftDirty,
+    };
     o.disk_images = a.holdings.disk_images.clone();
     if let Some(c) = &a.holdings.index_cache {
         o.index_cache = c.clone();

@@ -180,6 +180,8 @@ pub struct Region {
     size: u64,
     backend: Backend,
     map: Mapping,
+    /// Device and inode of the backing file (how the QEMU process's mappings of it are found).
+    file_id: (u64, u64),
 }
 
 impl Region {
@@ -213,12 +215,18 @@ impl Region {
             id: id.to_owned(),
             size,
         })?;
+        let meta = file.metadata().map_err(io_error(format!("stat {}", shown.display())))?;
+        let file_id = {
+            use std::os::unix::fs::MetadataExt;
+            (meta.dev(), meta.ino())
+        };
         let map = Mapping::new(file, len).map_err(io_error(format!("map {}", shown.display())))?;
         Ok(Region {
             id: id.to_owned(),
             size,
             backend,
             map,
+            file_id,
         })
     }
 
@@ -235,6 +243,11 @@ impl Region {
     /// What backs it.
     pub fn backend(&self) -> &Backend {
         &self.backend
+    }
+
+    /// Device and inode of the backing file.
+    pub fn file_id(&self) -> (u64, u64) {
+        self.file_id
     }
 
     /// Number of pages.
@@ -294,6 +307,8 @@ impl Region {
 pub struct GuestMemory {
     /// The regions, sorted by id.
     pub regions: Vec<Region>,
+    /// The QEMU process, when found through its QMP socket.
+    pub pid: Option<u32>,
 }
 
 /// A memdev livemig will map.
@@ -481,7 +496,7 @@ impl GuestMemory {
             }
         }
         regions.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(GuestMemory { regions })
+        Ok(GuestMemory { regions, pid: Some(pid) })
     }
 
     /// One region `id` backed by the file at `path`, which must have exactly `size` bytes.
@@ -490,6 +505,7 @@ impl GuestMemory {
         let region = Region::map(id, Backend::File(path.to_owned()), &file, path, size)?;
         Ok(GuestMemory {
             regions: vec![region],
+            pid: None,
         })
     }
 

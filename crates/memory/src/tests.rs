@@ -120,6 +120,7 @@ fn locate_across_regions() {
         .unwrap();
     let mem = GuestMemory {
         regions: vec![ra, rb],
+        pid: None,
     };
     assert_eq!(mem.total_pages(), 5);
     assert_eq!(mem.locate(0), Some((0, 0)));

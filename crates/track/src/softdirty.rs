@@ -335,6 +335,11 @@ impl SoftDirtyTracker {
     }
 
     /// The process tracked.
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
+    /// The process tracked.
     pub fn pid(&self) -> u32 {
         self.pid
     }

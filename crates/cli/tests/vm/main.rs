@@ -5,6 +5,7 @@
 mod compaction;
 mod harness;
 mod tls;
+mod tracker;
 
 use std::time::Duration;
 
