@@ -87,7 +87,9 @@ pub(crate) struct BenchArgs {
     #[arg(long = "scenario", value_enum)]
     scenarios: Vec<Scenario>,
     /// Link rate(s) as tc reads them (repeat), e.g. 1gbit, 100mbit. Without --scenario and
-    /// --link the default plan runs every scenario at 1gbit and `hot` and `idle` at 100mbit.
+    /// --link the default plan runs every scenario at 1gbit and `hot` at 100mbit (about 27 min
+    /// with 3 runs on 2 cores); with only one of them given, the other defaults to all
+    /// scenarios / both links.
     #[arg(long = "link")]
     links: Vec<String>,
     /// One-way delay added on each side of the link (e.g. 5ms; default none).
@@ -132,6 +134,10 @@ pub(crate) struct BenchArgs {
     /// Print the plan and its estimated duration, run nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Run nothing: regenerate BENCHMARKS.md and the plots from this results.json (the header
+    /// then shows this invocation's options).
+    #[arg(long)]
+    from_json: Option<PathBuf>,
 }
 
 /// How a run ended.
@@ -182,29 +188,32 @@ pub(crate) struct RunResult {
     pub send_report: Option<Value>,
 }
 
-/// Estimated wall seconds of one run (measured on this machine, 2 cores, TCG; see bench/README.md).
-fn estimate_s(s: Scenario, link: &str, m: Migrator, timeout: f64) -> f64 {
-    let slow = link.contains("mbit");
-    let base = match s {
-        Scenario::Idle => 22.0,
-        Scenario::Hot => 26.0,
-        Scenario::Cache => 40.0,
-        Scenario::Return => 60.0,
-    };
-    let mig = match (s, m.is_qemu(), slow) {
-        // QEMU under a guest writing flat out does not converge at 300 ms: it runs to the timeout.
-        (Scenario::Hot, true, _) => timeout,
-        (_, _, true) => 8.0,
-        _ => 3.0,
-    };
-    base + mig
+/// Estimated wall seconds of one run, boots and checks included: measured on this machine
+/// (2 cores, TCG, 2026-11-24, see bench/README.md); slower links scaled from one 100mbit run.
+fn estimate_s(s: Scenario, link: &str, m: Migrator, timeout_s: f64) -> f64 {
+    let slow = units::parse_rate(link).is_ok_and(|b| b < 60_000_000);
+    match (s, slow) {
+        (Scenario::Idle, false) => 9.0,
+        (Scenario::Idle, true) => 10.0,
+        (Scenario::Hot, false) => 13.0,
+        // QEMU does not converge on the hot guest at 100mbit (runs to the timeout); livemig
+        // fixed gives up at 30 iterations; adaptive switches over within 2 s.
+        (Scenario::Hot, true) => match m {
+            Migrator::QemuDefault | Migrator::QemuTuned => timeout_s + 11.0,
+            Migrator::LivemigFixed => 58.0,
+            Migrator::LivemigAdaptive => 24.0,
+        },
+        (Scenario::Cache, false) => 21.0,
+        (Scenario::Cache, true) => 45.0,
+        (Scenario::Return, false) => 35.0,
+        (Scenario::Return, true) => 75.0,
+    }
 }
 
 fn plan(a: &BenchArgs) -> Vec<(Scenario, String)> {
     let all = [Scenario::Idle, Scenario::Hot, Scenario::Cache, Scenario::Return];
     if a.scenarios.is_empty() && a.links.is_empty() {
         let mut p: Vec<(Scenario, String)> = all.iter().map(|s| (*s, "1gbit".to_string())).collect();
-        p.push((Scenario::Idle, "100mbit".into()));
         p.push((Scenario::Hot, "100mbit".into()));
         return p;
     }
@@ -481,6 +490,9 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
     st.live(&format!("{label}: migrating{}", if spec.s == Scenario::Return { " A->B" } else { "" }));
     let mut leg = one_leg(env, spec, &a, &b, true, &dir, &mut rate_a)?;
     let mut mark = leg_mark(&leg);
+    if spec.s == Scenario::Return && mark.is_some() {
+        leg.detail = format!("way there: {}", leg.detail);
+    }
     if mark.is_none() {
         st.live(&format!("{label}: checking the destination guest"));
         let (m, passes, bad, detail) = check_guest(env, spec.s, &mut b)?;
@@ -541,6 +553,15 @@ fn cancel_soon(c: &AtomicBool) -> bool {
 
 /// `livemig bench`.
 pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
+    if let Some(p) = &a.from_json {
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?)?;
+        let runs: Vec<RunResult> = serde_json::from_value(doc.get("runs").cloned().unwrap_or(Value::Null)).context("no runs in that file")?;
+        let started = doc.get("started").and_then(Value::as_str).unwrap_or("?").to_string();
+        let finished = doc.get("finished").and_then(Value::as_str).unwrap_or("?").to_string();
+        let out = report::write_all(a, &runs, &started, Some(&finished), doc.get("cancelled").and_then(Value::as_bool).unwrap_or(false))?;
+        eprintln!("bench: wrote {}", out.display());
+        return Ok(0);
+    }
     let plan = plan(a);
     let migrators: Vec<Migrator> = if a.migrators.is_empty() {
         vec![Migrator::QemuDefault, Migrator::QemuTuned, Migrator::LivemigFixed, Migrator::LivemigAdaptive]
@@ -662,7 +683,7 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
         }
     }
     drop(env);
-    let out = report::write_all(a, &results, &started, cancelled)?;
+    let out = report::write_all(a, &results, &started, None, cancelled)?;
     eprintln!("bench: wrote {}", out.display());
     Ok(if cancelled { i32::from(crate::exit::CANCELLED) } else { 0 })
 }

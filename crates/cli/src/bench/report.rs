@@ -101,7 +101,7 @@ fn bar_svg(title: &str, unit: &str, link: &str, g: &BTreeMap<Key, Vec<&RunResult
     };
     let max = scen.iter().flat_map(|s| MIGRATORS.iter().filter_map(move |m| val(*s, *m).0)).fold(0.0f64, f64::max);
     let max = if max > 0.0 { max * 1.1 } else { 1.0 };
-    let (w, h, left, top, bottom) = (160.0 * scen.len() as f64 + 120.0, 360.0, 70.0, 40.0, 60.0);
+    let (w, h, left, top, bottom) = ((160.0 * scen.len() as f64 + 120.0).max(680.0), 360.0, 70.0, 40.0, 60.0);
     let ph = h - top - bottom;
     let mut s = String::new();
     let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#);
@@ -138,11 +138,14 @@ fn bar_svg(title: &str, unit: &str, link: &str, g: &BTreeMap<Key, Vec<&RunResult
 }
 
 /// Writes everything; returns the path of BENCHMARKS.md.
-pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, cancelled: bool) -> anyhow::Result<PathBuf> {
+/// `finished`: `None` for now (a fresh run, which also writes results.json); `Some` when
+/// regenerating from an existing results.json (not rewritten).
+pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, finished: Option<&str>, cancelled: bool) -> anyhow::Result<PathBuf> {
     let bench_dir = a.out.join("bench");
     let plots = bench_dir.join("plots");
     std::fs::create_dir_all(&plots).with_context(|| format!("cannot create {}", plots.display()))?;
-    let finished = utc_now();
+    let fresh = finished.is_none();
+    let finished = finished.map_or_else(utc_now, str::to_string);
     let cmdline = std::env::args().collect::<Vec<_>>().join(" ");
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -157,7 +160,9 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, can
     });
     let json_path = bench_dir.join("results.json");
     let doc = json!({"started": started, "finished": finished, "command": cmdline, "cancelled": cancelled, "machine": machine, "runs": results});
-    std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("cannot write {}", json_path.display()))?;
+    if fresh {
+        std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("cannot write {}", json_path.display()))?;
+    }
 
     let g = groups(results);
     let mut links: Vec<String> = Vec::new();
