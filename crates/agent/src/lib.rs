@@ -69,6 +69,17 @@ impl PageSource for MemSource<'_> {
     fn read_page(&self, page: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<(), SourceError> {
         Ok(self.0.read_page_into(page, buf)?)
     }
+    fn data_ranges(&self) -> Option<Vec<std::ops::Range<u64>>> {
+        self.0.data_ranges()
+    }
+}
+
+/// Whether `page` lies in one of the sorted, disjoint `ranges` (`None`: every page does).
+pub(crate) fn in_ranges(ranges: Option<&[std::ops::Range<u64>]>, page: u64) -> bool {
+    ranges.is_none_or(|d| {
+        let i = d.partition_point(|r| r.end <= page);
+        d.get(i).is_some_and(|r| r.start <= page)
+    })
 }
 
 /// A private directory for sockets, removed on drop.

@@ -527,7 +527,9 @@ fn clear_memory(mem: &GuestMemory) -> Result<u64, AgentError> {
     let mut buf = Box::new(PageBuf::zeroed());
     let zero = Box::new(PageBuf::zeroed());
     let mut cleared = 0;
-    for p in 0..mem.total_pages() {
+    // Only pages that hold data: reading a hole would allocate it for nothing.
+    let ranges: Vec<std::ops::Range<u64>> = mem.data_ranges().unwrap_or_else(|| std::iter::once(0..mem.total_pages()).collect());
+    for p in ranges.into_iter().flatten() {
         mem.read_page(p, &mut buf)?;
         if !is_zero(&buf.0) {
             mem.write_page(p, &zero.0)?;

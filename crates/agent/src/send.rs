@@ -343,8 +343,16 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
             // The source is paused in `postmigrate`: its memory is what the destination holds.
             obs.progress(Progress::Phase("keeping a memory snapshot of the VM"));
             match digest.parse::<livemig_track::Digest>() {
-                Ok(d) => match livemig_index::save_from(store, vm, d.0, total, |p, buf| {
-                    mem.read_page_into(p, buf).map_err(std::io::Error::other)
+                Ok(d) => match livemig_index::save_from(store, vm, d.0, total, {
+                    let data = mem.data_ranges();
+                    move |p, buf| {
+                        if crate::in_ranges(data.as_deref(), p) {
+                            mem.read_page_into(p, buf).map_err(std::io::Error::other)
+                        } else {
+                            buf.fill(0);
+                            Ok(())
+                        }
+                    }
                 }) {
                     Ok(info) => report.snapshot_kept = Some(format!("{:032x}", info.id)),
                     Err(e) => report.warnings.push(format!("the memory snapshot was not kept: {e}")),

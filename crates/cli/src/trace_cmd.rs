@@ -45,6 +45,9 @@ impl PageSource for Mem<'_> {
     fn read_page(&self, page: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<(), SourceError> {
         Ok(self.0.read_page_into(page, buf)?)
     }
+    fn data_ranges(&self) -> Option<Vec<std::ops::Range<u64>>> {
+        self.0.data_ranges()
+    }
 }
 
 fn ms(d: Duration) -> f64 {

@@ -182,6 +182,8 @@ pub struct Region {
     map: Mapping,
     /// Device and inode of the backing file (how the QEMU process's mappings of it are found).
     file_id: (u64, u64),
+    /// The backing file, for `SEEK_DATA`/`SEEK_HOLE`.
+    file: File,
 }
 
 impl Region {
@@ -221,12 +223,14 @@ impl Region {
             (meta.dev(), meta.ino())
         };
         let map = Mapping::new(file, len).map_err(io_error(format!("map {}", shown.display())))?;
+        let file = file.try_clone().map_err(io_error(format!("duplicate the descriptor of {}", shown.display())))?;
         Ok(Region {
             id: id.to_owned(),
             size,
             backend,
             map,
             file_id,
+            file,
         })
     }
 
@@ -248,6 +252,34 @@ impl Region {
     /// Device and inode of the backing file.
     pub fn file_id(&self) -> (u64, u64) {
         self.file_id
+    }
+
+    /// The page ranges of the region that may hold data (`SEEK_DATA`/`SEEK_HOLE`); pages outside
+    /// them are holes, which read as zero. `None` if the file system cannot say. Reading a hole
+    /// of shared memory through the mapping would allocate it: callers that only look for data
+    /// skip the holes.
+    pub fn data_ranges(&self) -> Option<Vec<std::ops::Range<u64>>> {
+        use rustix::fs::{seek, SeekFrom};
+        let size = self.size;
+        let mut out = Vec::new();
+        let mut off: u64 = 0;
+        while off < size {
+            let data = match seek(&self.file, SeekFrom::Data(off)) {
+                Ok(d) => d,
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(_) => return None,
+            };
+            let hole = match seek(&self.file, SeekFrom::Hole(data)) {
+                Ok(h) => h.min(size),
+                Err(_) => return None,
+            };
+            if data >= size {
+                break;
+            }
+            out.push(data / PAGE_SIZE_U64..hole.div_ceil(PAGE_SIZE_U64));
+            off = hole.max(data + 1);
+        }
+        Some(out)
     }
 
     /// Number of pages.
@@ -512,6 +544,18 @@ impl GuestMemory {
     /// Pages of all regions together.
     pub fn total_pages(&self) -> u64 {
         self.regions.iter().map(Region::pages).sum()
+    }
+
+    /// [`Region::data_ranges`] of every region, in global page numbers; `None` if any region
+    /// cannot say.
+    pub fn data_ranges(&self) -> Option<Vec<std::ops::Range<u64>>> {
+        let mut out = Vec::new();
+        let mut base = 0;
+        for r in &self.regions {
+            out.extend(r.data_ranges()?.into_iter().map(|x| x.start + base..x.end + base));
+            base += r.pages();
+        }
+        Some(out)
     }
 
     /// The (region index, page index in that region) of global page `global`, numbering the

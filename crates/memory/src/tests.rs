@@ -200,3 +200,22 @@ fn not_shared_message_tells_how_to_start_qemu() {
     .to_string();
     assert!(m.contains("`mem0`") && m.contains("share=on"), "{m}");
 }
+
+#[test]
+fn data_ranges_follow_the_holes_of_a_memfd() {
+    // A memfd (shmem, like QEMU's memory-backend-memfd) of 64 pages with data in 3 and 40..42.
+    let fd = rustix::fs::memfd_create("livemig-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    let f = std::fs::File::from(fd);
+    f.set_len(64 * 4096).unwrap();
+    let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f)));
+    let mem = GuestMemory::open_file("m", &path, 64 * 4096).unwrap();
+    assert_eq!(mem.data_ranges(), Some(vec![]), "a new memfd is all holes");
+    mem.write_page(3, &page(1)).unwrap();
+    mem.write_page(40, &page(2)).unwrap();
+    mem.write_page(41, &page(3)).unwrap();
+    let r = mem.data_ranges().unwrap();
+    assert_eq!(r, vec![3..4, 40..42]);
+    // a zero page written is data too (allocated), and reads of holes are not needed to know it
+    mem.write_page(63, &[0; PAGE_SIZE]).unwrap();
+    assert_eq!(mem.data_ranges().unwrap().last(), Some(&(63..64)));
+}

@@ -25,6 +25,11 @@ pub trait PageSource: Sync {
     fn total_pages(&self) -> u64;
     /// Copies page `page` into `buf`.
     fn read_page(&self, page: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<(), SourceError>;
+    /// Ranges of pages that may hold data, in order; pages outside them read as zero and are not
+    /// read (reading a hole of shared memory would allocate it). `None`: every page may.
+    fn data_ranges(&self) -> Option<Vec<std::ops::Range<u64>>> {
+        None
+    }
 }
 
 /// Error of a [`PageSource`].
@@ -204,6 +209,15 @@ impl Tracker for ContentTracker {
         }
         let chunks = total.div_ceil(CHUNK_PAGES);
         let next = std::sync::atomic::AtomicU64::new(0);
+        // Holes read as zero: a page in one is dirty only if the version sent was not zero.
+        let data = src.data_ranges();
+        let zero = zero_hash();
+        let in_data = |page: u64| -> bool {
+            data.as_ref().is_none_or(|d| {
+                let i = d.partition_point(|r| r.end <= page);
+                d.get(i).is_some_and(|r| r.start <= page)
+            })
+        };
         let results: Vec<ChunkResults> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..self.threads)
                 .map(|_| {
@@ -217,9 +231,14 @@ impl Tracker for ContentTracker {
                             }
                             let mut dirty = Vec::new();
                             for page in c * CHUNK_PAGES..((c + 1) * CHUNK_PAGES).min(total) {
-                                src.read_page(page, &mut buf)
-                                    .map_err(|source| TrackError::Read { page, source })?;
-                                if hash_page(&buf) != ledger.hash(page) {
+                                let hash = if in_data(page) {
+                                    src.read_page(page, &mut buf)
+                                        .map_err(|source| TrackError::Read { page, source })?;
+                                    hash_page(&buf)
+                                } else {
+                                    zero
+                                };
+                                if hash != ledger.hash(page) {
                                     dirty.push(page);
                                 }
                             }
@@ -278,6 +297,46 @@ mod tests {
         p[usize::from(v) * 7 % PAGE_SIZE] = v;
         p[4095] = v.wrapping_add(1);
         p
+    }
+
+    /// A source that says which pages hold data and refuses to read the others.
+    struct Holey {
+        inner: VecSource,
+        data: Vec<std::ops::Range<u64>>,
+    }
+
+    impl PageSource for Holey {
+        fn total_pages(&self) -> u64 {
+            self.inner.total_pages()
+        }
+        fn read_page(&self, page: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<(), SourceError> {
+            if !self.data.iter().any(|r| r.contains(&page)) {
+                return Err("read of a hole".into());
+            }
+            self.inner.read_page(page, buf)
+        }
+        fn data_ranges(&self) -> Option<Vec<std::ops::Range<u64>>> {
+            Some(self.data.clone())
+        }
+    }
+
+    #[test]
+    fn scan_skips_holes_and_still_finds_every_change() {
+        let src = Holey { inner: VecSource::zeroed(64), data: vec![2..4, 30..31] };
+        src.inner.set(2, page(1));
+        src.inner.set(30, page(2));
+        let mut ledger = Ledger::zeroed(64);
+        let mut t = ContentTracker::new(2);
+        let scan = t.scan(&src, &ledger).unwrap();
+        assert_eq!(scan.dirty, vec![2, 30]);
+        for p in [2, 30] {
+            let mut b = [0u8; PAGE_SIZE];
+            src.read_page(p, &mut b).unwrap();
+            ledger.record(p, hash_page(&b));
+        }
+        // page 30 becomes a hole again (punched): dirty, as a page now zero
+        let src = Holey { inner: src.inner, data: std::iter::once(2..4).collect() };
+        assert_eq!(t.scan(&src, &ledger).unwrap().dirty, vec![30]);
     }
 
     /// Sends every dirty page: what an agent does after a scan.
