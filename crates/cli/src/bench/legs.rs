@@ -94,10 +94,15 @@ pub(crate) struct LegCtx<'a> {
     pub cancel: &'a AtomicBool,
     pub dir: &'a Path,
     pub disk: &'a Path,
-    /// `send --help` lists `--disk-image` / `--snapshot-dir`; `receive --help` lists `--snapshot-dir`.
+    /// `send --help` lists `--disk-image` / `--snapshot-dir`; `receive --help` lists
+    /// `--disk-image` / `--snapshot-dir`.
     pub send_disk_image: bool,
     pub send_snapshot_dir: bool,
+    pub recv_disk_image: bool,
     pub recv_snapshot_dir: bool,
+    /// `--vm-id` for send (when its --help lists it): the same on the way there and back, so a
+    /// return finds the snapshot its first leg left.
+    pub vm_id: Option<String>,
     /// Snapshot directories of the sending and the receiving host.
     pub send_snapshot: &'a Path,
     pub recv_snapshot: &'a Path,
@@ -143,6 +148,9 @@ fn livemig(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     if ctx.recv_snapshot_dir {
         rc.arg("--snapshot-dir").arg(ctx.recv_snapshot);
     }
+    if ctx.recv_disk_image {
+        rc.arg("--disk-image").arg(ctx.disk);
+    }
     let mut receiver =
         Proc::new(rc.stdin(Stdio::null()).stdout(recv_log.try_clone()?).stderr(recv_log).spawn().context("cannot start livemig receive")?);
     let (policy, maxd) = match ctx.migrator {
@@ -161,6 +169,9 @@ fn livemig(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     }
     if ctx.send_snapshot_dir {
         sc.arg("--snapshot-dir").arg(ctx.send_snapshot);
+    }
+    if let Some(id) = &ctx.vm_id {
+        sc.args(["--vm-id", id]);
     }
     rate.poll(ctx.from); // lines printed before the start are not part of the window
     let (tx0, back0) = ctx.tx()?;
@@ -199,6 +210,12 @@ fn livemig(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     leg.total_ms = report.get("total_time_ms").and_then(Value::as_f64);
     leg.downtime_ms = report.get("downtime_ms").and_then(Value::as_f64);
     leg.capabilities = vec![format!("policy {policy}"), format!("max-downtime {maxd}")];
+    if ctx.send_disk_image || ctx.recv_disk_image {
+        leg.capabilities.push("--disk-image (the guest's root disk)".into());
+    }
+    if ctx.send_snapshot_dir || ctx.recv_snapshot_dir {
+        leg.capabilities.push("--snapshot-dir (one per host)".into());
+    }
     let err = report.get("error").and_then(Value::as_str).unwrap_or("").to_string();
     leg.send_report = (!report.is_null()).then_some(report);
     leg.end = Some(if timed_out {

@@ -410,7 +410,7 @@ fn one_leg(env: &Env<'_>, spec: &RunSpec<'_>, from: &Vm, to: &Vm, forward: bool,
     let h = &env.hosts;
     // One snapshot directory per "host" and run: A's is where the VM's memory stays when it
     // leaves A, and what a return to A can refer to.
-    let snaps = env.work.join(format!("snapshots-{}-{}-{}-{}", spec.s.name(), spec.link, spec.m.name(), spec.run + 1));
+    let snaps = snapshots_dir(env, spec);
     let (snap_a, snap_b) = (snaps.join("host-a"), snaps.join("host-b"));
     let snapshots = !spec.m.is_qemu() && (env.send_help.contains("--snapshot-dir") || env.recv_help.contains("--snapshot-dir"));
     if snapshots {
@@ -436,12 +436,28 @@ fn one_leg(env: &Env<'_>, spec: &RunSpec<'_>, from: &Vm, to: &Vm, forward: bool,
         dir,
         disk: &env.image.disk,
         send_disk_image: env.send_help.contains("--disk-image"),
+        recv_disk_image: env.recv_help.contains("--disk-image"),
+        vm_id: env.send_help.contains("--vm-id").then(|| format!("lmb-{}-{}-{}-{}", spec.s.name(), spec.link, spec.m.name(), spec.run + 1)),
         send_snapshot_dir: snapshots && env.send_help.contains("--snapshot-dir"),
         recv_snapshot_dir: snapshots && env.recv_help.contains("--snapshot-dir"),
         send_snapshot: if forward { &snap_a } else { &snap_b },
         recv_snapshot: if forward { &snap_b } else { &snap_a },
     };
     legs::run(&ctx, rate)
+}
+
+fn snapshots_dir(env: &Env<'_>, spec: &RunSpec<'_>) -> PathBuf {
+    env.work.join(format!("snapshots-{}-{}-{}-{}", spec.s.name(), spec.link, spec.m.name(), spec.run + 1))
+}
+
+/// Removes a directory when dropped (memory snapshots: hundreds of MiB per run).
+#[derive(Debug)]
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn leg_mark(leg: &Leg) -> Option<Mark> {
@@ -457,6 +473,7 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
     let label = format!("[{}/{n}] {} {} {} run {}", idx + 1, spec.s.name(), spec.link, spec.m.name(), spec.run + 1);
     let dir = legs::run_dir(&env.work, &format!("{}-{}-{}-{}", spec.s.name(), spec.link, spec.m.name(), spec.run + 1))?;
     let t_run = Instant::now();
+    let _snapshots = RemoveOnDrop(snapshots_dir(env, spec));
     let mut r = RunResult {
         scenario: spec.s,
         link: spec.link.to_string(),
