@@ -1,5 +1,6 @@
 //! `livemig`: live migration of QEMU VMs with memory compaction and adaptive downtime control.
 
+mod bench;
 mod certs_cmd;
 mod demo;
 mod index_cmd;
@@ -63,6 +64,8 @@ enum Command {
     },
     /// Write a WWS trace for `simulate`: from a migration report, or by observing a running VM.
     Trace(trace_cmd::TraceArgs),
+    /// Benchmark livemig against QEMU's own migration on a shaped link (root; network namespaces).
+    Bench(bench::BenchArgs),
     /// The test guest.
     Guest {
         #[command(subcommand)]
@@ -347,6 +350,7 @@ fn main() -> ExitCode {
         Command::Send(a) => run_send(a),
         Command::Receive(a) => run_receive(a),
         Command::Demo(a) => demo::run(a),
+        Command::Bench(a) => bench::run(a).map(|c| u8::try_from(c).unwrap_or(exit::FAILED)),
         Command::Certs(a) => certs_cmd::run(a),
         Command::Index(a) => index_cmd::run(a),
         Command::Simulate(a) => sim_cmd::run_simulate(a),

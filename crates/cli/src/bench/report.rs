@@ -1,5 +1,6 @@
 //! BENCHMARKS.md, bench/results.json and the SVG plots.
 
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -248,6 +249,37 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
                 ratio(&|r| r.cpu_ms)
             );
         }
+    }
+
+    md.push_str("\n## Memory compaction (livemig's own reports, ok runs)\n\n");
+    md.push_str("`wire / non-zero` is livemig's whole stream (`wire_bytes`) over the bytes its non-zero pages would take sent whole and uncompacted (`uncompacted_bytes`, 4096 per page); pages by class are medians.\n\n");
+    md.push_str("| scenario | link | migrator | wire / non-zero | non-zero pages (MiB) | zero | dup | disk_ref | snapshot_ref | delta | raw | resent |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (k, rs) in &g {
+        if !matches!(k.2, Migrator::LivemigFixed | Migrator::LivemigAdaptive) {
+            continue;
+        }
+        let reps: Vec<&Value> = rs.iter().filter(|r| r.mark == Mark::Ok).filter_map(|r| r.send_report.as_ref()).collect();
+        if reps.is_empty() {
+            continue;
+        }
+        let med = |f: &dyn Fn(&Value) -> Option<f64>| stats(reps.iter().filter_map(|v| f(v)).collect()).map(|x| x.0);
+        let class = |c: &str| med(&|v: &Value| v["pages"][c].as_f64()).map_or_else(|| "–".into(), |x| format!("{x:.0}"));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            k.0.name(),
+            k.1,
+            k.2.name(),
+            fmt_stats(stats(reps.iter().filter_map(|v| v["wire_fraction"].as_f64()).collect()), 1.0, 3),
+            med(&|v: &Value| v["uncompacted_bytes"].as_f64()).map_or_else(|| "–".into(), |x| format!("{:.1}", x / 1048576.0)),
+            class("zero"),
+            class("dup"),
+            class("disk_ref"),
+            class("snapshot_ref"),
+            class("delta"),
+            class("raw"),
+            med(&|v: &Value| v["resent_pages"].as_f64()).map_or_else(|| "–".into(), |x| format!("{x:.0}")),
+        );
     }
 
     md.push_str("\n## Every run\n\n| scenario | link | migrator | run | mark | total (s) | downtime (ms) | wire (MiB) | CPU (s) | note |\n|---|---|---|---|---|---|---|---|---|---|\n");
