@@ -90,7 +90,12 @@ pub fn receive(opts: &ReceiveOptions, obs: &mut dyn Observer) -> (Report, Result
     if let Err(e) = &result {
         report.error = Some(e.chain());
         if let Some(c) = conn.as_mut() {
-            if !matches!(e, AgentError::PeerAborted { .. } | AgentError::Wire(_)) {
+            // A frame that arrived corrupted or malformed leaves the connection up: say why.
+            let connection_lost = matches!(
+                e,
+                AgentError::Wire(WireError::Closed | WireError::Io { .. } | WireError::TimedOut { .. })
+            );
+            if !matches!(e, AgentError::PeerAborted { .. }) && !connection_lost {
                 let _ = livemig_wire::write_message(c, &Message::Abort { reason: format!("destination: {}", e.chain()) });
             }
         }

@@ -390,6 +390,8 @@ fn precopy_and_switchover(
     let mut throttler = st.was_running.then(|| Throttler::start(Arc::clone(st.qmp.as_ref().expect("QMP connected"))));
     let predicted = loop {
         check_cancel(opts)?;
+        // The guest RAM stays mapped here after the source QEMU died: ask QEMU itself.
+        st.qmp().query_status().map_err(AgentError::qmp("the source QEMU is gone"))?;
         take_resends(inbox, encoder, &mut forced, total, report)?;
         if let Some(t) = throttler.as_mut() {
             t.check()?;
