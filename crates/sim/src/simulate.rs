@@ -214,7 +214,9 @@ pub fn simulate(trace: &Trace, policy: &mut dyn DowntimeController, link: LinkMo
             Decision::Switchover { .. } => {
                 // Final pass with the source paused: the scan, the pages, the fixed overhead.
                 let send_ms = link.send_ms(dirty);
-                let downtime = scan_ms + send_ms + link.overhead_ms;
+                // The device state crosses the link in downtime too (the controller's estimate).
+                let device_ms = livemig_control::DEVICE_STATE_ESTIMATE_BYTES / link.bandwidth_bytes_per_s * 1000.0;
+                let downtime = scan_ms + send_ms + device_ms + link.overhead_ms;
                 let bytes = link.wire_bytes(dirty);
                 total_time_ms += downtime;
                 wire_bytes += bytes;
