@@ -455,3 +455,6 @@ pub fn tls_setup() -> &'static livemig_tls::TlsSetup {
         livemig_tls::TlsSetup::load(&livemig_tls::Auth::Psk { file }).expect("load the PSK setup")
     })
 }
+
+#[cfg(test)]
+mod tests;
