@@ -168,6 +168,7 @@ pub struct Migration {
 pub struct Running {
     receiver: Child,
     send_log: PathBuf,
+    sender_pid: u32,
 }
 
 impl Running {
@@ -186,6 +187,12 @@ impl Running {
 
     pub fn kill_receiver(&mut self) {
         self.receiver.kill().expect("kill receiver");
+    }
+
+    /// Sends a signal (`TERM`, `INT`, ...) to the `livemig send` process.
+    pub fn signal_sender(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.sender_pid.to_string()]).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {}", self.sender_pid);
     }
 }
 
@@ -226,6 +233,22 @@ impl Migration {
         recv_args: &[&str],
         during: impl FnOnce(&mut Running),
     ) -> Migration {
+        Self::between_via(src, dst, d, tag, send_args, recv_args, str::to_string, during)
+    }
+
+    /// As [`Migration::between`], the sender's `--to` being `via(receiver address)` (e.g. a proxy
+    /// in front of the receiver).
+    #[allow(clippy::too_many_arguments)]
+    pub fn between_via(
+        src: &Vm,
+        dst: &Vm,
+        d: &std::path::Path,
+        tag: &str,
+        send_args: &[&str],
+        recv_args: &[&str],
+        via: impl FnOnce(&str) -> String,
+        during: impl FnOnce(&mut Running),
+    ) -> Migration {
         let exe = env!("CARGO_BIN_EXE_livemig");
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
@@ -246,8 +269,9 @@ impl Migration {
             .stderr(std::fs::File::create(&recv_log).unwrap())
             .spawn()
             .expect("start livemig receive");
+        let to = via(&addr);
         let mut sender = Command::new(exe)
-            .args(["send", "--to", &addr, "--timeout", "30s"])
+            .args(["send", "--to", &to, "--timeout", "30s"])
             .args(insecure(send_args).then_some("--insecure"))
             .arg("--qmp")
             .arg(src.qmp_path())
@@ -259,7 +283,7 @@ impl Migration {
             .stderr(std::fs::File::create(&send_log).unwrap())
             .spawn()
             .expect("start livemig send");
-        let mut running = Running { receiver, send_log: send_log.clone() };
+        let mut running = Running { receiver, send_log: send_log.clone(), sender_pid: sender.id() };
         during(&mut running);
         let send_code = wait(&mut sender, "send");
         let recv_code = wait(&mut running.receiver, "receive");
@@ -282,6 +306,37 @@ impl Migration {
         assert_eq!(self.send_report["outcome"], "completed");
         assert_eq!(self.recv_report["outcome"], "completed");
     }
+}
+
+/// A `livemig receive` run alone (the test plays the sender): `during` gets its address.
+/// Returns its exit code, its output and its report.
+pub fn receive_alone(dst: &Vm, d: &std::path::Path, recv_args: &[&str], during: impl FnOnce(&str)) -> (i32, String, Value) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let (log, json) = (d.join("receive.log"), d.join("receive.json"));
+    let mut receiver = Command::new(env!("CARGO_BIN_EXE_livemig"))
+        .args(["receive", "--listen", &addr, "--timeout", "30s", "--accept-timeout", "20s", "--insecure"])
+        .arg("--qmp")
+        .arg(dst.qmp_path())
+        .arg("--report")
+        .arg(&json)
+        .args(recv_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start livemig receive");
+    during(&addr);
+    let code = wait(&mut receiver, "receive");
+    let stderr = read(&log);
+    eprintln!("--- receive (exit {code}):\n{stderr}");
+    (code, stderr, serde_json::from_str(&read(&json)).unwrap_or(Value::Null))
+}
+
+/// Resumes a paused VM (QMP `cont`), as an operator would.
+pub fn qmp_cont(qmp_path: &std::path::Path) {
+    let mut qmp = Qmp::connect(qmp_path, Duration::from_secs(10)).expect("QMP");
+    qmp.cont().expect("cont");
 }
 
 /// The digest of a paused VM's memory, computed here page by page (not by the agents).

@@ -3,7 +3,9 @@
 //! (a pair of TCG guests takes both cores).
 
 mod compaction;
+mod faults;
 mod harness;
+mod proxy;
 mod tls;
 mod tracker;
 
