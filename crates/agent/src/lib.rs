@@ -82,6 +82,18 @@ pub(crate) fn in_ranges(ranges: Option<&[std::ops::Range<u64>]>, page: u64) -> b
     })
 }
 
+/// An error with its sources, one sentence after the other.
+pub(crate) fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// A private directory for sockets, removed on drop.
 pub(crate) fn private_dir(tag: &str) -> Result<tempfile::TempDir, AgentError> {
     tempfile::Builder::new()

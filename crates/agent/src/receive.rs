@@ -207,7 +207,7 @@ fn run(
         (Some(store), Some(vm)) => match store.writer(vm, total) {
             Ok(w) => Some(w),
             Err(e) => {
-                report.warnings.push(format!("no memory snapshot will be kept: {e}"));
+                report.warnings.push(format!("no memory snapshot will be kept: {}", crate::with_sources(&e)));
                 None
             }
         },
@@ -359,7 +359,7 @@ fn run(
                         obs.progress(Progress::Phase("keeping a memory snapshot of the VM"));
                         match w.finish(ledger.digest().0) {
                             Ok(info) => report.snapshot_kept = Some(format!("{:032x}", info.id)),
-                            Err(e) => report.warnings.push(format!("the memory snapshot was not kept: {e}")),
+                            Err(e) => report.warnings.push(format!("the memory snapshot was not kept: {}", crate::with_sources(&e))),
                         }
                     }
                     return Ok(());
@@ -518,7 +518,7 @@ impl livemig_compact::Destination for Dest<'_, '_> {
         self.stats.add(class, record_len);
         if let Some(w) = self.keep.as_mut() {
             if let Err(e) = w.write_page(page, data) {
-                self.keep_error = Some(e.to_string());
+                self.keep_error = Some(crate::with_sources(&e));
                 self.keep = None;
             }
         }

@@ -355,7 +355,7 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
                     }
                 }) {
                     Ok(info) => report.snapshot_kept = Some(format!("{:032x}", info.id)),
-                    Err(e) => report.warnings.push(format!("the memory snapshot was not kept: {e}")),
+                    Err(e) => report.warnings.push(format!("the memory snapshot was not kept: {}", crate::with_sources(&e))),
                 },
                 Err(_) => report.warnings.push("the memory snapshot was not kept: unreadable digest".into()),
             }

@@ -273,10 +273,17 @@ fn finish(role: &str, report: &Report, result: Result<(), AgentError>, path: Opt
                 AgentError::Unconfirmed(_) => exit::UNKNOWN,
                 _ => exit::FAILED,
             };
-            let after = match (role, code) {
-                ("send", exit::UNKNOWN) => "the source VM stays paused",
-                ("send", _) => "the source VM keeps running",
-                _ => "the destination VM was not resumed",
+            // Say what the source VM is now, as QEMU reported it at the end, not what it should be.
+            let after = match (role, code, report.source_state.as_deref()) {
+                ("send", exit::UNKNOWN, _) => "the source VM stays paused".to_string(),
+                ("send", _, Some("running")) => "the source VM keeps running".to_string(),
+                ("send", _, Some("paused")) => "the source VM stays paused, as it was".to_string(),
+                ("send", _, None) => "the source VM was not touched".to_string(),
+                ("send", _, Some(s)) if s.starts_with("unknown") => {
+                    "the source QEMU no longer answers: check the source VM".to_string()
+                }
+                ("send", _, Some(s)) => format!("the source VM is in state `{s}`: check it"),
+                _ => "the destination VM was not resumed".to_string(),
             };
             eprintln!("livemig {role}: {} ({after})", report.error.as_deref().unwrap_or("failed"));
             code

@@ -211,6 +211,8 @@ fn source_qemu_killed_mid_migration_is_reported_and_destination_not_resumed() {
     assert!(m.send_stderr.contains("the source QEMU is gone"), "{}", m.send_stderr);
     assert_eq!(m.send_report["outcome"], "failed");
     assert_ne!(m.send_report["source_state"], "running", "{:#}", m.send_report);
+    assert!(!m.send_stderr.contains("keeps running"), "a dead source is not said to run: {}", m.send_stderr);
+    assert!(m.send_stderr.contains("the source QEMU no longer answers"), "{}", m.send_stderr);
     assert!(m.recv_stderr.contains("the source QEMU is gone"), "the receiver gets the source's reason: {}", m.recv_stderr);
     assert_eq!(m.recv_code, 1, "{}", m.recv_stderr);
     assert!(m.recv_stderr.contains("the destination VM was not resumed"), "{}", m.recv_stderr);
@@ -334,7 +336,7 @@ fn full_snapshot_disk_on_the_destination_does_not_stop_the_migration() {
     m.assert_completed();
     let warnings = m.recv_report["warnings"].as_array().cloned().unwrap_or_default();
     assert!(
-        warnings.iter().any(|w| w.as_str().is_some_and(|w| w.contains("snapshot"))),
+        warnings.iter().any(|w| w.as_str().is_some_and(|w| w.contains("snapshot") && w.contains("No space left"))),
         "the receiver warns about the snapshot: {:#}",
         m.recv_report
     );
