@@ -59,8 +59,9 @@ impl Observer for Quiet {
     fn progress(&mut self, _: Progress<'_>) {}
 }
 
-/// Guest memory as a page source for the trackers.
-pub(crate) struct MemSource<'a>(pub &'a GuestMemory);
+/// Guest memory as a page source for the trackers (holes are not read).
+#[derive(Debug)]
+pub struct MemSource<'a>(pub &'a GuestMemory);
 
 impl PageSource for MemSource<'_> {
     fn total_pages(&self) -> u64 {

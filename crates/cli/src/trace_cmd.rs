@@ -9,7 +9,7 @@ use clap::Args;
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_qmp::Qmp;
 use livemig_sim::{Trace, TraceIteration, TRACE_VERSION};
-use livemig_track::{hash_page, ContentTracker, Ledger, PageSource, SourceError, Tracker, PAGE_SIZE};
+use livemig_track::{hash_page, ContentTracker, Ledger, Tracker, PAGE_SIZE};
 
 use crate::{exit, signal, units};
 
@@ -34,20 +34,6 @@ pub(crate) struct TraceArgs {
     /// The trace file to write.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
-}
-
-struct Mem<'a>(&'a GuestMemory);
-
-impl PageSource for Mem<'_> {
-    fn total_pages(&self) -> u64 {
-        self.0.total_pages()
-    }
-    fn read_page(&self, page: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<(), SourceError> {
-        Ok(self.0.read_page_into(page, buf)?)
-    }
-    fn data_ranges(&self) -> Option<Vec<std::ops::Range<u64>>> {
-        self.0.data_ranges()
-    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -85,7 +71,7 @@ fn observe(a: &TraceArgs, qmp_path: &std::path::Path) -> anyhow::Result<Trace> {
         bail!("the VM is `{}`, not running: there is nothing to observe", status.status);
     }
     let mem = GuestMemory::open(&mut qmp)?;
-    let src = Mem(&mem);
+    let src = livemig_agent::MemSource(&mem);
     let mut ledger = Ledger::zeroed(mem.total_pages());
     let mut tracker = ContentTracker::with_available_parallelism();
     let cancel = signal::cancel_flag();

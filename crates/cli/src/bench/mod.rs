@@ -188,6 +188,34 @@ pub(crate) struct RunResult {
     pub send_report: Option<Value>,
 }
 
+impl RunResult {
+    /// A run marked `failed` with nothing measured yet.
+    fn failed(scenario: Scenario, link: &str, migrator: Migrator, run: usize, detail: String, workdir: PathBuf) -> RunResult {
+        RunResult {
+            scenario,
+            link: link.to_string(),
+            migrator,
+            run,
+            mark: Mark::Failed,
+            detail,
+            total_ms: None,
+            downtime_ms: None,
+            wire_bytes: None,
+            wire_back_bytes: None,
+            cpu_ms: None,
+            differing_pages: None,
+            verify_passes: None,
+            bad_pages: None,
+            guest_rate_before: None,
+            guest_rate_during: None,
+            settings: Vec::new(),
+            wall_s: 0.0,
+            workdir,
+            send_report: None,
+        }
+    }
+}
+
 /// Estimated wall seconds of one run, boots and checks included: measured on this machine
 /// (2 cores, TCG, 2026-11-24, see bench/README.md); slower links scaled from one 100mbit run.
 fn estimate_s(s: Scenario, link: &str, m: Migrator, timeout_s: f64) -> f64 {
@@ -474,28 +502,7 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
     let dir = legs::run_dir(&env.work, &format!("{}-{}-{}-{}", spec.s.name(), spec.link, spec.m.name(), spec.run + 1))?;
     let t_run = Instant::now();
     let _snapshots = RemoveOnDrop(snapshots_dir(env, spec));
-    let mut r = RunResult {
-        scenario: spec.s,
-        link: spec.link.to_string(),
-        migrator: spec.m,
-        run: spec.run + 1,
-        mark: Mark::Failed,
-        detail: String::new(),
-        total_ms: None,
-        downtime_ms: None,
-        wire_bytes: None,
-        wire_back_bytes: None,
-        cpu_ms: None,
-        differing_pages: None,
-        verify_passes: None,
-        bad_pages: None,
-        guest_rate_before: None,
-        guest_rate_during: None,
-        settings: Vec::new(),
-        wall_s: 0.0,
-        workdir: dir.clone(),
-        send_report: None,
-    };
+    let mut r = RunResult::failed(spec.s, spec.link, spec.m, spec.run + 1, String::new(), dir.clone());
     st.live(&format!("{label}: booting the source guest"));
     let cfg = vm_cfg(env, spec.s, "a", &dir);
     let mut a = start_vm(env, &cfg, &env.hosts.src_ns)?;
@@ -674,28 +681,8 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
             }
             Err(e) => {
                 st.line(&format!("{} {} {} run {}: failed: {e:#}", s.name(), l, m.name(), run + 1));
-                results.push(RunResult {
-                    scenario: *s,
-                    link: l.clone(),
-                    migrator: *m,
-                    run: run + 1,
-                    mark: Mark::Failed,
-                    detail: format!("{e:#}").lines().next().unwrap_or("").to_string(),
-                    total_ms: None,
-                    downtime_ms: None,
-                    wire_bytes: None,
-                    wire_back_bytes: None,
-                    cpu_ms: None,
-                    differing_pages: None,
-                    verify_passes: None,
-                    bad_pages: None,
-                    guest_rate_before: None,
-                    guest_rate_during: None,
-                    settings: Vec::new(),
-                    wall_s: 0.0,
-                    workdir: work.clone(),
-                    send_report: None,
-                });
+                let detail = format!("{e:#}").lines().next().unwrap_or("").to_string();
+                results.push(RunResult::failed(*s, l, *m, run + 1, detail, work.clone()));
             }
         }
     }

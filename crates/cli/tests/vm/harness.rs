@@ -254,21 +254,7 @@ impl Migration {
         let addr = format!("127.0.0.1:{port}");
         let (send_log, recv_log) = (d.join(format!("{tag}send.log")), d.join(format!("{tag}receive.log")));
         let (send_json, recv_json) = (d.join(format!("{tag}send.json")), d.join(format!("{tag}receive.json")));
-        // Plain TCP unless the test chose a TLS setup for the side.
-        let insecure = |args: &[&str]| !args.iter().any(|a| a.starts_with("--tls") || a.starts_with("--psk"));
-        let receiver = Command::new(exe)
-            .args(["receive", "--listen", &addr, "--timeout", "30s", "--accept-timeout", "20s"])
-            .args(insecure(recv_args).then_some("--insecure"))
-            .arg("--qmp")
-            .arg(dst.qmp_path())
-            .arg("--report")
-            .arg(&recv_json)
-            .args(recv_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&recv_log).unwrap())
-            .spawn()
-            .expect("start livemig receive");
+        let receiver = spawn_receive(&addr, dst, &recv_json, &recv_log, recv_args);
         let to = via(&addr);
         let mut sender = Command::new(exe)
             .args(["send", "--to", &to, "--timeout", "30s"])
@@ -308,24 +294,35 @@ impl Migration {
     }
 }
 
+/// Plain TCP unless the test chose a TLS setup for the side.
+fn insecure(args: &[&str]) -> bool {
+    !args.iter().any(|a| a.starts_with("--tls") || a.starts_with("--psk"))
+}
+
+/// Starts `livemig receive` on `addr` for `dst`, its report in `json` and its output in `log`.
+fn spawn_receive(addr: &str, dst: &Vm, json: &std::path::Path, log: &std::path::Path, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_livemig"))
+        .args(["receive", "--listen", addr, "--timeout", "30s", "--accept-timeout", "20s"])
+        .args(insecure(args).then_some("--insecure"))
+        .arg("--qmp")
+        .arg(dst.qmp_path())
+        .arg("--report")
+        .arg(json)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start livemig receive")
+}
+
 /// A `livemig receive` run alone (the test plays the sender): `during` gets its address.
 /// Returns its exit code, its output and its report.
 pub fn receive_alone(dst: &Vm, d: &std::path::Path, recv_args: &[&str], during: impl FnOnce(&str)) -> (i32, String, Value) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
     let (log, json) = (d.join("receive.log"), d.join("receive.json"));
-    let mut receiver = Command::new(env!("CARGO_BIN_EXE_livemig"))
-        .args(["receive", "--listen", &addr, "--timeout", "30s", "--accept-timeout", "20s", "--insecure"])
-        .arg("--qmp")
-        .arg(dst.qmp_path())
-        .arg("--report")
-        .arg(&json)
-        .args(recv_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start livemig receive");
+    let mut receiver = spawn_receive(&addr, dst, &json, &log, recv_args);
     during(&addr);
     let code = wait(&mut receiver, "receive");
     let stderr = read(&log);
