@@ -186,6 +186,22 @@ impl<W: Write> Write for CountingWriter<W> {
     }
 }
 
+/// Reads frames on a thread, up to `ahead` of the consumer; the first error ends it.
+pub fn read_frames<R: Read + Send + 'static>(mut stream: R, ahead: usize) -> Receiver<Result<Frame, WireError>> {
+    let (tx, rx) = bounded(ahead);
+    std::thread::Builder::new()
+        .name("livemig-reader".into())
+        .spawn(move || loop {
+            let r = read_frame(&mut stream);
+            let stop = r.is_err();
+            if tx.send(r).is_err() || stop {
+                break;
+            }
+        })
+        .expect("spawn reader thread");
+    rx
+}
+
 /// Frames from the peer, read by a thread.
 #[derive(Debug)]
 pub struct Inbox {
@@ -195,19 +211,8 @@ pub struct Inbox {
 
 impl Inbox {
     /// Starts the reader thread.
-    pub fn spawn(mut stream: Box<dyn Read + Send>, peer: &'static str) -> Inbox {
-        let (tx, rx) = bounded(64);
-        std::thread::Builder::new()
-            .name("livemig-reader".into())
-            .spawn(move || loop {
-                let r = read_frame(&mut stream);
-                let stop = r.is_err();
-                if tx.send(r).is_err() || stop {
-                    break;
-                }
-            })
-            .expect("spawn reader thread");
-        Inbox { rx, peer }
+    pub fn spawn(stream: Box<dyn Read + Send>, peer: &'static str) -> Inbox {
+        Inbox { rx: read_frames(stream, 64), peer }
     }
 
     fn convert(&self, r: Result<Frame, WireError>) -> Result<Message, AgentError> {

@@ -17,7 +17,7 @@ use livemig_memory::{GuestMemory, PageBuf};
 use livemig_qmp::Qmp;
 use livemig_track::{hash_page, Digest, Ledger};
 use livemig_wire::{
-    negotiate, read_frame, Frame, FrameKind, Message, WireError, RegionInfo, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    negotiate, FrameKind, Message, WireError, RegionInfo, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::error::AgentError;
@@ -221,7 +221,7 @@ fn run(
     let mut iter_start = Instant::now();
     let mut iter_bytes_mark = count.load(Ordering::Relaxed);
     // Frames are read by a thread, so the socket is drained while pages are decoded.
-    let frames = spawn_frame_reader(reader);
+    let frames = link::read_frames(reader, 8);
     loop {
         if opts.cancel.load(Ordering::Relaxed) {
             return Err(AgentError::Cancelled);
@@ -408,21 +408,6 @@ fn reread_digest(mem: &GuestMemory) -> Result<Digest, AgentError> {
     Ok(d)
 }
 
-/// Frames read ahead of the decoder (at most 8, 32 MiB).
-fn spawn_frame_reader<R: Read + Send + 'static>(mut reader: R) -> crossbeam_channel::Receiver<Result<Frame, WireError>> {
-    let (tx, rx) = crossbeam_channel::bounded(8);
-    std::thread::Builder::new()
-        .name("livemig-frames".into())
-        .spawn(move || loop {
-            let r = read_frame(&mut reader);
-            let stop = r.is_err();
-            if tx.send(r).is_err() || stop {
-                break;
-            }
-        })
-        .expect("spawn frame reader thread");
-    rx
-}
 
 /// What the handshake settled with the sender.
 struct Peer {
