@@ -62,7 +62,7 @@ fn migrates_over_tls_with_certificates() {
 }
 
 #[test]
-fn wrong_ca_or_psk_is_refused_before_any_memory_then_the_right_psk_migrates() {
+fn wrong_ca_psk_or_key_is_refused_before_any_memory_then_the_right_psk_migrates() {
     let _g = harness::vm_lock();
     let mut pair = Pair::start("tlswrong", harness::dirty_guest(16, 5), |d| d);
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -75,6 +75,21 @@ fn wrong_ca_or_psk_is_refused_before_any_memory_then_the_right_psk_migrates() {
     pair.restart_destination();
     let m = Migration::run(&pair, &strs(&psk_args(&b)), &strs(&psk_args(&a)));
     assert_refused_before_memory(&pair, &m);
+
+    // A receiver whose key does not belong to its certificate refuses to start: nothing is
+    // touched, the sender finds no one to talk to.
+    let mut mismatched = cert_args(&a);
+    mismatched[3] = b.join("localhost-key.pem").display().to_string();
+    let mut send = cert_args(&a);
+    send.extend(["--connect-timeout".to_string(), "3s".to_string()]);
+    let send = strs(&send);
+    let m = Migration::run(&pair, &send, &strs(&mismatched));
+    assert_eq!(m.recv_code, 1, "{}", m.recv_stderr);
+    assert!(m.recv_stderr.contains("localhost-key.pem"), "the error names the key file: {}", m.recv_stderr);
+    assert_eq!(m.send_code, 1, "{}", m.send_stderr);
+    assert!(m.send_stderr.contains("cannot connect to the receiver"), "{}", m.send_stderr);
+    assert_eq!(pair.status_of_source(), "running");
+    assert_eq!(pair.status_of_destination(), "inmigrate");
 
     pair.restart_destination();
     let m = Migration::run(&pair, &strs(&psk_args(&a)), &strs(&psk_args(&a)));
