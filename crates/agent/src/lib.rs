@@ -75,14 +75,6 @@ impl PageSource for MemSource<'_> {
     }
 }
 
-/// Whether `page` lies in one of the sorted, disjoint `ranges` (`None`: every page does).
-pub(crate) fn in_ranges(ranges: Option<&[std::ops::Range<u64>]>, page: u64) -> bool {
-    ranges.is_none_or(|d| {
-        let i = d.partition_point(|r| r.end <= page);
-        d.get(i).is_some_and(|r| r.start <= page)
-    })
-}
-
 /// An error with its sources, one sentence after the other.
 pub(crate) fn with_sources(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

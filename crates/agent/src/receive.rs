@@ -398,12 +398,20 @@ fn accept(listener: &TcpListener, opts: &ReceiveOptions) -> Result<TcpStream, Ag
 }
 
 /// The digest of the destination memory as it is now, read back page by page.
+/// Holes read as zero and are not read (reading one would allocate it).
 fn reread_digest(mem: &GuestMemory) -> Result<Digest, AgentError> {
     let mut buf = Box::new(PageBuf::zeroed());
     let mut d = Digest(0);
+    let data = mem.data_ranges();
+    let zero = livemig_track::zero_hash();
     for p in 0..mem.total_pages() {
-        mem.read_page(p, &mut buf)?;
-        d.add(p, hash_page(&buf.0));
+        let hash = if livemig_track::in_ranges(data.as_deref(), p) {
+            mem.read_page(p, &mut buf)?;
+            hash_page(&buf.0)
+        } else {
+            zero
+        };
+        d.add(p, hash);
     }
     Ok(d)
 }

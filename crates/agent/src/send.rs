@@ -346,7 +346,7 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
                 Ok(d) => match livemig_index::save_from(store, vm, d.0, total, {
                     let data = mem.data_ranges();
                     move |p, buf| {
-                        if crate::in_ranges(data.as_deref(), p) {
+                        if livemig_track::in_ranges(data.as_deref(), p) {
                             mem.read_page_into(p, buf).map_err(std::io::Error::other)
                         } else {
                             buf.fill(0);

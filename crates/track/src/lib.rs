@@ -32,6 +32,15 @@ pub trait PageSource: Sync {
     }
 }
 
+/// Whether `page` lies in one of the sorted, disjoint `ranges` (as [`PageSource::data_ranges`]
+/// gives them; `None`: every page does).
+pub fn in_ranges(ranges: Option<&[std::ops::Range<u64>]>, page: u64) -> bool {
+    ranges.is_none_or(|d| {
+        let i = d.partition_point(|r| r.end <= page);
+        d.get(i).is_some_and(|r| r.start <= page)
+    })
+}
+
 /// Error of a [`PageSource`].
 pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -212,12 +221,7 @@ impl Tracker for ContentTracker {
         // Holes read as zero: a page in one is dirty only if the version sent was not zero.
         let data = src.data_ranges();
         let zero = zero_hash();
-        let in_data = |page: u64| -> bool {
-            data.as_ref().is_none_or(|d| {
-                let i = d.partition_point(|r| r.end <= page);
-                d.get(i).is_some_and(|r| r.start <= page)
-            })
-        };
+        let in_data = |page: u64| in_ranges(data.as_deref(), page);
         let results: Vec<ChunkResults> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..self.threads)
                 .map(|_| {
