@@ -488,6 +488,19 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// Checks the guest on `vm` after a leg that went through: its verifier figures go to `r`, and a
+/// failed check becomes the mark and is added to the leg's detail.
+fn check_after_leg(env: &Env<'_>, s: Scenario, vm: &mut Vm, r: &mut RunResult, leg: &mut Leg) -> anyhow::Result<Option<Mark>> {
+    let (m, passes, bad, detail) = check_guest(env, s, vm)?;
+    r.verify_passes = passes;
+    r.bad_pages = bad;
+    if m == Mark::Ok {
+        return Ok(None);
+    }
+    leg.detail = [leg.detail.clone(), detail].join("; ");
+    Ok(Some(m))
+}
+
 fn leg_mark(leg: &Leg) -> Option<Mark> {
     match leg.end {
         Some(LegEnd::Completed) if leg.differing_pages.unwrap_or(0) > 0 => Some(Mark::Corrupt),
@@ -519,13 +532,7 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
     }
     if mark.is_none() {
         st.live(&format!("{label}: checking the destination guest"));
-        let (m, passes, bad, detail) = check_guest(env, spec.s, &mut b)?;
-        r.verify_passes = passes;
-        r.bad_pages = bad;
-        if m != Mark::Ok {
-            mark = Some(m);
-            leg.detail = [leg.detail.clone(), detail].join("; ");
-        }
+        mark = check_after_leg(env, spec.s, &mut b, &mut r, &mut leg)?;
     }
     if spec.s == Scenario::Return && mark.is_none() {
         drop(a);
@@ -545,13 +552,7 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
         mark = leg_mark(&leg);
         if mark.is_none() {
             st.live(&format!("{label}: checking the guest back on A"));
-            let (m, passes, bad, detail) = check_guest(env, spec.s, &mut a2)?;
-            r.verify_passes = passes;
-            r.bad_pages = bad;
-            if m != Mark::Ok {
-                mark = Some(m);
-                leg.detail = [leg.detail.clone(), detail].join("; ");
-            }
+            mark = check_after_leg(env, spec.s, &mut a2, &mut r, &mut leg)?;
         }
         drop(a2);
     }
