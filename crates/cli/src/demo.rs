@@ -57,6 +57,12 @@ pub(crate) struct DemoArgs {
     /// Write the combined JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// The guest's write rate in MiB/s (dirty, hot and return scenarios; defaults 20, 24, 1).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Dirty-page tracker of the sender (auto, content or soft-dirty; see `livemig send --help`).
+    #[arg(long, default_value = "auto")]
+    tracker: String,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -121,7 +127,7 @@ fn migrate(
         .context("cannot start livemig receive")?;
     let mut send_cmd = Command::new(&exe);
     send_cmd
-        .args(["send", "--to", &addr, "--max-downtime", max_downtime, "--policy", &a.policy])
+        .args(["send", "--to", &addr, "--max-downtime", max_downtime, "--policy", &a.policy, "--tracker", &a.tracker])
         .args(tls_args(work))
         .arg("--qmp")
         .arg(src.qmp_path())
@@ -193,9 +199,9 @@ pub(crate) fn run(a: &DemoArgs) -> anyhow::Result<u8> {
         c.param("mode", "dirty").param("mib", mib).param("rate", rate).param("pattern", "uniform").param("verify-secs", 2)
     };
     cfg = match a.scenario {
-        Scenario::Dirty => dirty(cfg, 64, 20),
+        Scenario::Dirty => dirty(cfg, 64, a.rate.unwrap_or(20)),
         Scenario::Idle => cfg.param("mode", "heartbeat"),
-        Scenario::Hot => dirty(cfg, 64, 24),
+        Scenario::Hot => dirty(cfg, 64, a.rate.unwrap_or(24)),
         Scenario::Cache => cfg
             .param("mode", "cache")
             .param("mib", 300)
@@ -203,7 +209,7 @@ pub(crate) fn run(a: &DemoArgs) -> anyhow::Result<u8> {
             .param("rate", 1)
             .param("pattern", "uniform")
             .param("verify-secs", 2),
-        Scenario::Return => dirty(cfg, 8, 1),
+        Scenario::Return => dirty(cfg, 8, a.rate.unwrap_or(1)),
     };
     let hot = a.scenario == Scenario::Hot;
     let checks_pages = a.scenario != Scenario::Idle;
@@ -221,7 +227,7 @@ pub(crate) fn run(a: &DemoArgs) -> anyhow::Result<u8> {
         _ => (Vec::new(), Vec::new()),
     };
 
-    eprintln!("demo: starting the source VM ({} MiB, TCG) in {}", a.mem_mib, work.display());
+    eprintln!("demo: starting the source VM ({} MiB, {}) in {}", a.mem_mib, cfg.accel.name().to_uppercase(), work.display());
     let src = Vm::start(&image, &cfg)?;
     if a.scenario == Scenario::Cache {
         eprintln!("demo: the guest reads its root disk into its page cache");
@@ -277,6 +283,7 @@ pub(crate) fn run(a: &DemoArgs) -> anyhow::Result<u8> {
 
     let mut combined = json!({
         "scenario": format!("{:?}", a.scenario).to_lowercase(),
+        "accel": cfg.accel.name(),
         "outcome": if ok { "completed" } else { "failed" },
         "send_exit": first.send_code, "receive_exit": first.recv_code,
         "send": first.send, "receive": first.recv, "guest": guest,
@@ -291,7 +298,7 @@ pub(crate) fn run(a: &DemoArgs) -> anyhow::Result<u8> {
     let out = a.report.clone().unwrap_or_else(|| work.join("demo.json"));
     std::fs::write(&out, serde_json::to_string_pretty(&combined)?)?;
 
-    println!("\n=== livemig demo: {:?} scenario, {} MiB guest ===", a.scenario, a.mem_mib);
+    println!("\n=== livemig demo: {:?} scenario, {} MiB guest, {} ===", a.scenario, a.mem_mib, cfg.accel.name().to_uppercase());
     println!("outcome:          {}", if ok { "completed, guest verified" } else { "FAILED" });
     print_leg(if back.is_some() { "A -> B" } else { "" }, &first, &combined["guest"], &max_downtime, bandwidth);
     if let Some((leg, g)) = &back {
@@ -317,6 +324,16 @@ fn print_leg(title: &str, leg: &Leg, guest: &Value, max_downtime: &str, bandwidt
     println!("transport:        {} (peer: {})", g("transport").as_str().unwrap_or("?"), g("peer").as_str().unwrap_or("?"));
     println!("link:             {}", bandwidth.map_or_else(|| "loopback, no cap".to_string(), |b| format!("{:.0} Mbit/s", b as f64 * 8.0 / 1e6)));
     println!("iterations:       {}", g("iterations").as_array().map_or(0, Vec::len));
+    let pauses: Vec<f64> = g("iterations")
+        .as_array()
+        .map(|its| its.iter().filter_map(|i| i["tracker_pause_ms"].as_f64()).collect())
+        .unwrap_or_default();
+    let pause_note = if pauses.is_empty() {
+        String::new()
+    } else {
+        format!(" (dirty-bit reads paused the guest {:.1} ms per iteration, {:.1} ms at most)", pauses.iter().sum::<f64>() / pauses.len() as f64, pauses.iter().copied().fold(0.0, f64::max))
+    };
+    println!("tracker:          {}{pause_note}", g("tracker").as_str().unwrap_or("?"));
     if let Some(t) = send_json.get("throttle").filter(|t| !t.is_null()) {
         println!(
             "throttle:         up to {:.0}% of guest CPU time taken away ({:.0} ms stunned)",

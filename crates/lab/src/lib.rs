@@ -26,7 +26,7 @@ pub enum LabError {
     NotBuilt { dir: PathBuf, missing: String },
     #[error("guest/build.sh ({script}) failed with {status}:\n{output}")]
     BuildFailed { script: PathBuf, status: String, output: String },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]
@@ -108,7 +108,12 @@ impl GuestImage {
     }
 
     /// Runs `guest/build.sh` (idempotent, quick when up to date), then [`GuestImage::find`].
+    /// With `LIVEMIG_GUEST_PREBUILT=1` (the KVM lane's L1 host, which has the guest but no
+    /// build tools) only [`GuestImage::find`].
     pub fn build() -> Result<GuestImage, LabError> {
+        if std::env::var_os("LIVEMIG_GUEST_PREBUILT").is_some_and(|v| v == "1") {
+            return GuestImage::find();
+        }
         let _g = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let script = guest_build_script();
         let out = Command::new("bash")
@@ -142,6 +147,42 @@ pub enum RamBackend {
     Anonymous,
 }
 
+/// How QEMU runs the guest's code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Software emulation (`-accel tcg -cpu max`): what this machine can run.
+    Tcg,
+    /// Hardware virtualisation (`-accel kvm -cpu host`): the KVM lane (`lane/run`), where the
+    /// L1 host has a real kvm-amd.
+    Kvm,
+}
+
+impl Accel {
+    /// `$LIVEMIG_ACCEL` (`tcg` or `kvm`; the KVM lane sets `kvm`), else TCG.
+    pub fn from_env() -> Result<Accel, LabError> {
+        match std::env::var("LIVEMIG_ACCEL").as_deref() {
+            Err(_) | Ok("") | Ok("tcg") => Ok(Accel::Tcg),
+            Ok("kvm") => Ok(Accel::Kvm),
+            Ok(other) => Err(LabError::Config(format!("LIVEMIG_ACCEL={other:?}: expected tcg or kvm"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        }
+    }
+
+    fn cpu(self) -> &'static str {
+        match self {
+            Accel::Tcg => "max",
+            Accel::Kvm => "host",
+        }
+    }
+}
+
 /// Configuration of one test VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -159,6 +200,8 @@ pub struct VmConfig {
     pub run_dir: PathBuf,
     /// Extra QEMU arguments (appended; keep source and destination identical).
     pub extra_qemu_args: Vec<String>,
+    /// TCG, or KVM in the KVM lane. [`VmConfig::new`] takes it from `$LIVEMIG_ACCEL`.
+    pub accel: Accel,
 }
 
 impl VmConfig {
@@ -173,6 +216,8 @@ impl VmConfig {
             with_disk: true,
             run_dir: run_dir.into(),
             extra_qemu_args: Vec::new(),
+            // A bad value is reported by qemu_args (Vm::start), not here.
+            accel: Accel::from_env().unwrap_or(Accel::Tcg),
         }
     }
 
@@ -225,7 +270,8 @@ impl VmConfig {
         }
         let p = |p: &Path| p.to_string_lossy().into_owned();
         let m = self.mem_mib;
-        let mut a: Vec<String> = vec!["-name".into(), self.name.clone(), "-accel".into(), "tcg".into()];
+        Accel::from_env()?;
+        let mut a: Vec<String> = vec!["-name".into(), self.name.clone(), "-accel".into(), self.accel.name().into()];
         match &self.backend {
             RamBackend::Memfd => a.extend([
                 "-machine".into(),
@@ -253,8 +299,8 @@ impl VmConfig {
         }
         a.extend(
             [
-                "-nodefaults", "-vga", "none", "-display", "none", "-no-user-config", "-cpu", "max", "-smp", "1",
-                "-no-reboot",
+                "-nodefaults", "-vga", "none", "-display", "none", "-no-user-config", "-cpu", self.accel.cpu(), "-smp",
+                "1", "-no-reboot",
             ]
             .map(String::from),
         );
