@@ -124,6 +124,10 @@ pub struct Report {
     pub policy: String,
     /// Tracker.
     pub tracker: String,
+    /// Soft-dirty tracker only: pages the final full content check found changed although their
+    /// soft-dirty bit was clear (sent in the final pass all the same). 0 when the kernel's bits
+    /// were exact.
+    pub tracker_missed_pages: Option<u64>,
     /// Operator's maximum downtime.
     pub max_downtime_ms: Option<f64>,
     /// Wire rate cap, bytes per second.

@@ -24,7 +24,12 @@ pub enum TrackerKind {
 /// The tracker in use.
 pub(crate) enum Scanner {
     Content(ContentTracker),
-    SoftDirty { sd: Box<SoftDirtyTracker>, content: ContentTracker },
+    SoftDirty {
+        sd: Box<SoftDirtyTracker>,
+        content: ContentTracker,
+        /// Duration of the latest full content scan (the first scan, then each final check), ms.
+        full_scan_ms: f64,
+    },
 }
 
 fn soft_dirty_for(mem: &GuestMemory) -> Result<SoftDirtyTracker, SoftDirtyError> {
@@ -44,6 +49,37 @@ fn soft_dirty_for(mem: &GuestMemory) -> Result<SoftDirtyTracker, SoftDirtyError>
     Ok(t)
 }
 
+/// The union of two ascending page lists (the soft-dirty bits and the full content check), and
+/// the pages only the content check found (the writes the bits missed), both ascending.
+fn merge_missed(bits: &[u64], full: &[u64]) -> (Vec<u64>, Vec<u64>) {
+    let mut dirty = Vec::with_capacity(bits.len().max(full.len()));
+    let mut missed = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (bits.get(i), full.get(j)) {
+            (Some(&a), Some(&b)) if a == b => {
+                dirty.push(a);
+                i += 1;
+                j += 1;
+            }
+            (Some(&a), Some(&b)) if a < b => {
+                dirty.push(a);
+                i += 1;
+            }
+            (Some(_) | None, Some(&b)) => {
+                dirty.push(b);
+                missed.push(b);
+                j += 1;
+            }
+            (Some(&a), None) => {
+                dirty.push(a);
+                i += 1;
+            }
+            (None, None) => return (dirty, missed),
+        }
+    }
+}
+
 impl Scanner {
     /// The tracker for `kind`; with `Auto`, a refused soft-dirty falls back to content and the
     /// reason is returned for the log.
@@ -52,13 +88,22 @@ impl Scanner {
         match kind {
             TrackerKind::Content => Ok((Scanner::Content(content), None)),
             TrackerKind::SoftDirty => match soft_dirty_for(mem) {
-                Ok(sd) => Ok((Scanner::SoftDirty { sd: Box::new(sd), content }, None)),
+                Ok(sd) => Ok((Scanner::SoftDirty { sd: Box::new(sd), content, full_scan_ms: 0.0 }, None)),
                 Err(e) => Err(AgentError::SoftDirty(e)),
             },
             TrackerKind::Auto => match soft_dirty_for(mem) {
-                Ok(sd) => Ok((Scanner::SoftDirty { sd: Box::new(sd), content }, None)),
+                Ok(sd) => Ok((Scanner::SoftDirty { sd: Box::new(sd), content, full_scan_ms: 0.0 }, None)),
                 Err(e) => Ok((Scanner::Content(content), Some(format!("soft-dirty tracker not usable ({e}): using the content tracker")))),
             },
+        }
+    }
+
+    /// What the final pass costs beyond a scan like the latest one, ms: the soft-dirty tracker's
+    /// full content check (as long as its latest full scan); nothing for the content tracker.
+    pub(crate) fn final_check_ms(&self) -> f64 {
+        match self {
+            Scanner::Content(_) => 0.0,
+            Scanner::SoftDirty { full_scan_ms, .. } => *full_scan_ms,
         }
     }
 
@@ -67,6 +112,26 @@ impl Scanner {
         match self {
             Scanner::Content(_) => "content",
             Scanner::SoftDirty { .. } => "soft-dirty",
+        }
+    }
+
+    /// The final pass, with the source paused: the pages that differ from what the destination
+    /// holds. The content tracker's scan is exact. Soft-dirty bits are not trusted alone here:
+    /// a write that reaches guest memory without a fault on the QEMU process's page table (seen
+    /// on KVM: the destination kernel oopsed after a soft-dirty-only final pass) leaves its bit
+    /// clear. So the final pass also hashes every page against the ledger; the pages that check
+    /// finds whose bits were clear are returned as the second value (soft-dirty only).
+    pub(crate) fn final_scan(&mut self, src: &dyn PageSource, ledger: &Ledger) -> Result<(ScanResult, Option<Vec<u64>>), AgentError> {
+        match self {
+            Scanner::Content(c) => Ok((c.scan(src, ledger)?, None)),
+            Scanner::SoftDirty { sd, content, full_scan_ms } => {
+                let t = Instant::now();
+                let bits = sd.scan(content, src, ledger).map_err(AgentError::SoftDirty)?;
+                let full = content.scan(src, ledger)?;
+                *full_scan_ms = full.duration.as_secs_f64() * 1000.0;
+                let (dirty, missed) = merge_missed(&bits.dirty, &full.dirty);
+                Ok((ScanResult { dirty, duration: t.elapsed() }, Some(missed)))
+            }
         }
     }
 
@@ -82,10 +147,15 @@ impl Scanner {
     ) -> Result<(ScanResult, Option<Duration>), AgentError> {
         match self {
             Scanner::Content(c) => Ok((c.scan(src, ledger)?, None)),
-            Scanner::SoftDirty { sd, content } => {
+            Scanner::SoftDirty { sd, content, full_scan_ms } => {
                 let first = !sd.started();
                 if first || paused {
-                    return Ok((sd.scan(content, src, ledger).map_err(AgentError::SoftDirty)?, None));
+                    let r = sd.scan(content, src, ledger).map_err(AgentError::SoftDirty)?;
+                    if first {
+                        // The first scan hashes every page: what the final check will cost.
+                        *full_scan_ms = r.duration.as_secs_f64() * 1000.0;
+                    }
+                    return Ok((r, None));
                 }
                 let mut q = throttle::lock(qmp);
                 let t = Instant::now();
@@ -96,6 +166,29 @@ impl Scanner {
                 resumed.map_err(AgentError::qmp("cannot resume the source VM after reading its dirty bits"))?;
                 Ok((r.map_err(AgentError::SoftDirty)?, Some(pause)))
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_missed;
+
+    #[test]
+    fn the_final_pass_sends_the_union_and_counts_what_the_bits_missed() {
+        assert_eq!(merge_missed(&[], &[]), (vec![], vec![]));
+        assert_eq!(merge_missed(&[1, 5, 9], &[]), (vec![1, 5, 9], vec![]));
+        assert_eq!(merge_missed(&[], &[2, 3]), (vec![2, 3], vec![2, 3]));
+        assert_eq!(merge_missed(&[1, 4, 7], &[0, 4, 8, 9]), (vec![0, 1, 4, 7, 8, 9], vec![0, 8, 9]));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn merge_is_the_set_union_and_difference(a in proptest::collection::btree_set(0u64..512, 0..64), b in proptest::collection::btree_set(0u64..512, 0..64)) {
+            let (av, bv): (Vec<u64>, Vec<u64>) = (a.iter().copied().collect(), b.iter().copied().collect());
+            let (dirty, missed) = merge_missed(&av, &bv);
+            proptest::prop_assert_eq!(dirty, a.union(&b).copied().collect::<Vec<_>>());
+            proptest::prop_assert_eq!(missed, b.difference(&a).copied().collect::<Vec<_>>());
         }
     }
 }

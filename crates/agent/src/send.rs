@@ -185,6 +185,7 @@ pub fn send(opts: &SendOptions, obs: &mut dyn Observer) -> (Report, Result<(), A
             PolicyKind::Adaptive => "adaptive".into(),
         },
         tracker: "content".into(),
+        tracker_missed_pages: None,
         max_downtime_ms: Some(opts.limits.max_downtime_ms),
         bandwidth_bytes_per_s: opts.bandwidth,
         transport: opts.transport.name().into(),
@@ -400,7 +401,10 @@ fn precopy_and_switchover(
         let (scan, pause) = tracker.scan(&src, &ledger, &qmp, !st.was_running)?;
         let scan_ms = ms(scan.duration);
         let pending = Pending { index, dirty_pages: scan.dirty.len() as u64, scan_ms };
-        let decision = controller.decide(&history, &pending);
+        // The final scan in downtime costs what this one did, plus the soft-dirty tracker's full
+        // content check.
+        let final_cost = Pending { scan_ms: scan_ms + tracker.final_check_ms(), ..pending };
+        let decision = controller.decide(&history, &final_cost);
         match &decision {
             Decision::Switchover { predicted_downtime_ms, .. } => break *predicted_downtime_ms,
             Decision::Abort { reason, .. } => {
@@ -463,7 +467,21 @@ fn precopy_and_switchover(
         st.stopped = true;
         st.qmp().stop().map_err(AgentError::qmp("cannot pause the source VM"))?;
     }
-    let (scan, _) = tracker.scan(&src, &ledger, &qmp, true)?;
+    let (scan, missed) = tracker.final_scan(&src, &ledger)?;
+    if let Some(missed) = missed {
+        report.tracker_missed_pages = Some(missed.len() as u64);
+        if !missed.is_empty() {
+            let first: Vec<String> = missed.iter().take(8).map(|p| format!("{p:#x}")).collect();
+            let w = format!(
+                "the final content check found {} changed pages whose soft-dirty bit was clear (pages {}{}); they were sent in the final pass",
+                missed.len(),
+                first.join(", "),
+                if missed.len() > 8 { ", ..." } else { "" }
+            );
+            obs.progress(Progress::Phase(&w));
+            report.warnings.push(w);
+        }
+    }
     let scan_ms = ms(scan.duration);
     let pending = Pending { index, dirty_pages: scan.dirty.len() as u64, scan_ms };
     take_resends(inbox, encoder, &mut forced, total, report)?;
