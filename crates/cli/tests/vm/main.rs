@@ -5,6 +5,7 @@
 mod compaction;
 mod faults;
 mod harness;
+mod lane;
 mod proxy;
 mod tls;
 mod tracker;

@@ -1,0 +1,35 @@
+# The KVM lane's tests (a job for lane/run, run inside L1 with real KVM): the end-to-end
+# migration of a writing guest (the guest's own verifier must find 0 bad pages, the sender's
+# digest must match the destination's) with each tracker, on the same KVM guest.
+# The guest rewrites 64 MiB at 4 MiB/s and the maximum downtime is 1 s: livemig itself runs in
+# L1, which is emulated (TCG), so hashing 256 MiB takes about 250 ms there; the L2 guest runs at
+# KVM speed. Writes $LANE_OUT/<tracker>.json (the demo's report), <tracker>.log, <tracker>.svg,
+# and <tracker>-destination.console.log.
+# Arguments: the trackers to run, in order (default: soft-dirty content); a tracker named again
+# runs again and its files get a suffix (content.2.json ...), so
+# `lane/run lane/tests.sh soft-dirty content soft-dirty content soft-dirty content` compares them.
+[ $# -gt 0 ] || set -- soft-dirty content
+rc=0
+seen=" "
+for tracker in "$@"; do
+    n=$(echo "$seen" | tr ' ' '\n' | grep -cx "$tracker")
+    seen="$seen$tracker "
+    if [ "$n" = 0 ]; then t=$tracker; else t="$tracker.$((n + 1))"; fi
+    echo "LANE-TEST start tracker=$tracker run=$t"
+    livemig demo --scenario dirty --rate 4 --max-downtime 1s --mem-mib 256 --tracker "$tracker" \
+        --workdir "/tmp/demo-$t" --report "$LANE_OUT/$t.json" >"$LANE_OUT/$t.log" 2>&1
+    r=$?
+    cat "$LANE_OUT/$t.log"
+    echo "LANE-TEST end tracker=$t rc=$r"
+    [ $r = 0 ] || rc=1
+    cp "/tmp/demo-$t/send.svg" "$LANE_OUT/$t.svg" 2>/dev/null || true
+    # A destination kernel that oopsed after the verifier passes is a failure too.
+    sleep 3
+    cp "/tmp/demo-$t/destination.console.log" "$LANE_OUT/$t-destination.console.log" 2>/dev/null || true
+    if grep -qE 'BUG:|Oops|Kernel panic|soft lockup' "/tmp/demo-$t/destination.console.log"; then
+        echo "LANE-TEST tracker=$t: the destination kernel oopsed"
+        rc=1
+    fi
+    rm -rf "/tmp/demo-$t"
+done
+exit $rc
