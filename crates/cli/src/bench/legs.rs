@@ -355,8 +355,11 @@ fn native(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
         leg.detail = format!("QEMU did not complete within {} s (cancelled)", ctx.timeout.as_secs());
         return Ok(leg);
     };
-    leg.total_ms = info.total_time.map(|t| t as f64);
-    leg.downtime_ms = info.downtime.map(|t| t as f64);
+    // Seen once on KVM (qemu-tuned, way back): `completed` with total-time 0 and downtime 0.
+    // That is no measurement: the figures stay unknown rather than enter the medians as 0.
+    let zero = info.total_time == Some(0);
+    leg.total_ms = info.total_time.filter(|_| !zero).map(|t| t as f64);
+    leg.downtime_ms = info.downtime.filter(|_| !zero).map(|t| t as f64);
     if info.status.as_deref() != Some("completed") {
         leg.end = Some(LegEnd::Failed);
         leg.detail = format!("QEMU migration {}: {}", info.status.as_deref().unwrap_or("?"), info.error_desc.as_deref().unwrap_or(""));
@@ -367,9 +370,15 @@ fn native(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
         leg.detail = format!("destination QEMU is `{dst_status}` after the migration (expected paused)");
         return Ok(leg);
     }
-    let (differ, pages) = compare_ram(spid, dpid)?;
-    leg.differing_pages = Some(differ);
-    leg.detail = format!("{differ} of {pages} pages differ between paused source and destination");
+    let diff = compare_ram(spid, dpid)?;
+    let zero_note = if zero { "; QEMU reported total-time 0 and downtime 0 (figures unknown)" } else { "" };
+    if livemig_lab::Accel::from_env()? == livemig_lab::Accel::Kvm && diff.only_kvm_records(1) {
+        leg.differing_pages = Some(0);
+        leg.detail = format!("{diff}: KVM's steal-time record, not guest memory{zero_note}");
+    } else {
+        leg.differing_pages = Some(diff.differ);
+        leg.detail = format!("{diff}{zero_note}");
+    }
     dst.cont()?;
     leg.end = Some(LegEnd::Completed);
     Ok(leg)

@@ -148,9 +148,39 @@ fn open_ram(pid: u32) -> anyhow::Result<File> {
     bail!("QEMU {pid} has no memory-backend-memfd fd")
 }
 
-/// Compares the guest RAM of two paused QEMU processes page by page; the number of differing
-/// 4 KiB pages and the pages compared.
-pub(crate) fn compare_ram(pid_a: u32, pid_b: u32) -> anyhow::Result<(u64, u64)> {
+/// Pages that differ between two RAMs: how many, and the first few with the byte range that
+/// differs in each (what a reader needs to tell a guest page from a hypervisor-owned one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct RamDiff {
+    pub(crate) differ: u64,
+    pub(crate) pages: u64,
+    /// (page, first differing byte, last differing byte), at most 4.
+    pub(crate) first: Vec<(u64, usize, usize)>,
+}
+
+impl std::fmt::Display for RamDiff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} of {} pages differ between paused source and destination", self.differ, self.pages)?;
+        if !self.first.is_empty() {
+            let list: Vec<String> = self.first.iter().map(|(p, a, b)| format!("page {p:#x} bytes {a:#x}..={b:#x}")).collect();
+            write!(f, " ({}{})", list.join(", "), if self.differ > self.first.len() as u64 { ", ..." } else { "" })?;
+        }
+        Ok(())
+    }
+}
+
+impl RamDiff {
+    /// On KVM, one page per vCPU differs in its first 12 bytes after every QEMU native migration:
+    /// KVM's own steal-time record (`u64 steal; u32 version`), which the host kernel updates
+    /// when a vCPU is scheduled, not the guest. A difference is that record's only when it has
+    /// at most `vcpus` pages, each differing only within its first 16 bytes.
+    pub(crate) fn only_kvm_records(&self, vcpus: u64) -> bool {
+        self.differ > 0 && self.differ <= vcpus && self.first.len() as u64 == self.differ && self.first.iter().all(|&(_, _, hi)| hi < 16)
+    }
+}
+
+/// Compares the guest RAM of two paused QEMU processes page by page.
+pub(crate) fn compare_ram(pid_a: u32, pid_b: u32) -> anyhow::Result<RamDiff> {
     let (a, b) = (open_ram(pid_a)?, open_ram(pid_b)?);
     let (la, lb) = (a.metadata()?.len(), b.metadata()?.len());
     if la != lb {
@@ -158,16 +188,26 @@ pub(crate) fn compare_ram(pid_a: u32, pid_b: u32) -> anyhow::Result<(u64, u64)> 
     }
     const CHUNK: usize = 1 << 20;
     let (mut ba, mut bb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
-    let mut differ = 0u64;
+    let mut diff = RamDiff { pages: la / 4096, ..RamDiff::default() };
     let mut off = 0u64;
     while off < la {
         let n = usize::try_from((la - off).min(CHUNK as u64))?;
         a.read_exact_at(&mut ba[..n], off)?;
         b.read_exact_at(&mut bb[..n], off)?;
         if ba[..n] != bb[..n] {
-            differ += ba[..n].chunks(4096).zip(bb[..n].chunks(4096)).filter(|(x, y)| x != y).count() as u64;
+            for (i, (x, y)) in ba[..n].chunks(4096).zip(bb[..n].chunks(4096)).enumerate() {
+                if x == y {
+                    continue;
+                }
+                diff.differ += 1;
+                if diff.first.len() < 4 {
+                    let lo = x.iter().zip(y).position(|(p, q)| p != q).unwrap_or(0);
+                    let hi = x.iter().zip(y).rposition(|(p, q)| p != q).unwrap_or(0);
+                    diff.first.push((off / 4096 + i as u64, lo, hi));
+                }
+            }
         }
         off += n as u64;
     }
-    Ok((differ, la / 4096))
+    Ok(diff)
 }
