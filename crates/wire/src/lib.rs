@@ -86,8 +86,9 @@ pub enum WireError {
     /// The peer closed the connection.
     #[error("the peer closed the connection")]
     Closed,
-    /// Nothing arrived within the socket's timeout.
-    #[error("the peer sent nothing within the timeout while {what}")]
+    /// The socket made no progress within its timeout (nothing arrived, or the peer took
+    /// nothing).
+    #[error("no progress within the timeout while {what} (the peer hangs, or the network is down)")]
     TimedOut {
         /// What was being done.
         what: &'static str,

@@ -346,3 +346,66 @@ fn full_snapshot_disk_on_the_destination_does_not_stop_the_migration() {
     pair.assert_destination_guest_verifies(2);
     drop(full);
 }
+
+/// Case 12: the receiver hangs (SIGSTOP) in the first iteration: its socket stops draining and it
+/// answers nothing. The sender gives up (its socket's `--timeout`, 30 s here, with no progress;
+/// partial writes restart it, so up to a few times that) instead of waiting forever, says so,
+/// and the source keeps running; the receiver, continued afterwards, finds
+/// the connection gone and does not resume the destination.
+#[test]
+fn hung_receiver_is_given_up_on_and_the_source_keeps_running() {
+    let _g = harness::vm_lock();
+    let pair = Pair::start("hung-recv", harness::dirty_guest(16, 5), |d| d);
+    let m = Migration::run_with(&pair, &["--bandwidth", "40mbit"], &[], |r| {
+        r.wait_send_progress("connecting to the receiver");
+        r.signal_receiver("STOP");
+        r.wait_send_progress("migration failed");
+        r.signal_receiver("CONT");
+    });
+    assert!(m.send_stderr.contains("no progress within the timeout"), "send names the stalled connection: {}", m.send_stderr);
+    assert!(m.send_stderr.contains("the peer hangs"), "{}", m.send_stderr);
+    assert_failed_safely(&pair, &m);
+}
+
+/// Opens the shared RAM of a QEMU process (its `memory-backend-memfd` fd) for writing.
+fn open_ram_rw(pid: u32) -> std::fs::File {
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let e = e.unwrap();
+        if std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().contains("memfd:memory-backend-memfd")) {
+            return std::fs::OpenOptions::new().read(true).write(true).open(e.path()).unwrap();
+        }
+    }
+    panic!("QEMU {pid} has no memory-backend-memfd fd");
+}
+
+/// Case 13: the destination's memory is damaged behind the receiver's back (one byte of one
+/// page, written into the destination QEMU's RAM) after the last page arrived and before the
+/// sender's `switchover` reaches the receiver. With `--verify-reread` the receiver hashes its
+/// memory as it is, the digests differ, and neither side goes on: the source resumes and keeps
+/// running, the destination is never resumed, both say the digests differ.
+#[test]
+fn destination_memory_damaged_before_the_switchover_is_caught_by_verification() {
+    use std::os::unix::fs::FileExt;
+    let _g = harness::vm_lock();
+    let pair = Pair::start("damaged", harness::dirty_guest(16, 5), |d| d);
+    let pid = pair.dst.pid();
+    let proxy = Proxy::new(
+        Trigger::Control(Dir::FromSender, "switchover"),
+        Action::Before(Box::new(move || {
+            let ram = open_ram_rw(pid);
+            // A page in the guest's low memory, which the kernel has written: not a hole.
+            let off = 0x10_0000 + 17;
+            let mut b = [0u8; 1];
+            ram.read_exact_at(&mut b, off).unwrap();
+            ram.write_all_at(&[b[0] ^ 0x5a], off).unwrap();
+        })),
+    );
+    let m = Migration::between_via(&pair.src, &pair.dst, &pair.dir, "", &[], &["--verify-reread"], |a| proxy.forward_to(a), |_| {});
+    proxy.assert_fired();
+    for (who, text) in [("send", &m.send_stderr), ("receive", &m.recv_stderr)] {
+        assert!(text.contains("digest"), "{who} names the digest mismatch: {text}");
+    }
+    assert_eq!(m.send_report["verification"]["ok"], false, "{:#}", m.send_report);
+    assert_ne!(m.send_report["verification"]["source_digest"], m.send_report["verification"]["destination_digest"]);
+    assert_failed_safely(&pair, &m);
+}

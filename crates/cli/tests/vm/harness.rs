@@ -189,6 +189,13 @@ impl Running {
         self.receiver.kill().expect("kill receiver");
     }
 
+    /// Sends a signal (`STOP`, `CONT`, ...) to the `livemig receive` process.
+    pub fn signal_receiver(&self, sig: &str) {
+        let pid = self.receiver.id();
+        let ok = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {pid}");
+    }
+
     /// Sends a signal (`TERM`, `INT`, ...) to the `livemig send` process.
     pub fn signal_sender(&self, sig: &str) {
         let ok = Command::new("kill").args([&format!("-{sig}"), &self.sender_pid.to_string()]).status().is_ok_and(|s| s.success());
