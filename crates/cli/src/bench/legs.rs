@@ -315,8 +315,15 @@ fn native(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     src.migrate(&uri)?;
     let info = loop {
         rate.poll(ctx.from);
-        let info = src.query_migrate()?;
+        let mut info = src.query_migrate()?;
         if info.is_finished() {
+            // QEMU sets `completed` before it computes total-time and downtime: until then both
+            // read 0 (caught often on the slow nested KVM lane).
+            let d0 = Instant::now();
+            while info.status.as_deref() == Some("completed") && info.total_time == Some(0) && d0.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+                info = src.query_migrate()?;
+            }
             break Some(info);
         }
         if ctx.cancel.load(Ordering::SeqCst) {
@@ -355,8 +362,8 @@ fn native(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
         leg.detail = format!("QEMU did not complete within {} s (cancelled)", ctx.timeout.as_secs());
         return Ok(leg);
     };
-    // Seen once on KVM (qemu-tuned, way back): `completed` with total-time 0 and downtime 0.
-    // That is no measurement: the figures stay unknown rather than enter the medians as 0.
+    // Still 0 after the wait above: no measurement; the figures stay unknown rather than enter
+    // the medians as 0.
     let zero = info.total_time == Some(0);
     leg.total_ms = info.total_time.filter(|_| !zero).map(|t| t as f64);
     leg.downtime_ms = info.downtime.filter(|_| !zero).map(|t| t as f64);
