@@ -40,6 +40,9 @@ is_static() {
     grep -qE 'not a dynamic executable|statically linked' <<<"$out"
 }
 
+# shellcheck source=guest/modules.sh
+. "$SCRIPT_DIR/modules.sh"
+
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
 flock 9
@@ -146,7 +149,7 @@ build_initramfs() {
     is_static "$busybox" || die "$busybox is not static (install busybox-static)"
     want=$({
         echo "$KVER" "${WANTED_MODULES[*]}"
-        declare -f build_initramfs
+        declare -f build_initramfs install_modules
         sha256sum "$SCRIPT_DIR/init" "$CACHE/workload" "$busybox" | cut -c1-64
     } | sha)
     if stamp_ok "$CACHE/initramfs.stamp" "$want" && [ -f "$CACHE/initramfs.img" ]; then
@@ -164,32 +167,9 @@ build_initramfs() {
     install -m 0755 "$SCRIPT_DIR/init" "$st/init"
     install -m 0755 "$CACHE/workload" "$st/bin/workload"
 
-    # Resolve the module closure (deps + softdeps, in load order) with kmod.
-    local m line ko rel names=()
-    for m in "${WANTED_MODULES[@]}"; do
-        while read -r line; do
-            case "$line" in
-                insmod\ *)
-                    ko=$(echo "$line" | awk '{print $2}')
-                    rel=${ko#"$tree/lib/modules/$KVER/"}
-                    rel=${rel%.xz}
-                    rel=${rel%.zst}
-                    if [ ! -f "$st/lib/modules/$KVER/$rel" ]; then
-                        mkdir -p "$(dirname "$st/lib/modules/$KVER/$rel")"
-                        case "$ko" in
-                            *.xz) xz -dc "$ko" >"$st/lib/modules/$KVER/$rel" ;;
-                            *.zst) zstd -qdc "$ko" >"$st/lib/modules/$KVER/$rel" ;;
-                            *) cp "$ko" "$st/lib/modules/$KVER/$rel" ;;
-                        esac
-                        names+=("$(basename "$rel" .ko | tr - _)")
-                    fi
-                    ;;
-            esac
-        done < <(modprobe -d "$tree" -S "$KVER" --show-depends "$m" 2>/dev/null || true)
-    done
-    printf '%s\n' "${names[@]}" >"$st/etc/livemig/modules"
-    cp "$tree/lib/modules/$KVER"/modules.{builtin,builtin.modinfo,order} "$st/lib/modules/$KVER/" 2>/dev/null || true
-    depmod -b "$st" "$KVER"
+    # The module closure (deps + softdeps, in load order), resolved with kmod.
+    install_modules "$tree" "$KVER" "$st" "$st/etc/livemig/modules" "${WANTED_MODULES[@]}"
+    local names=("${MODULE_NAMES[@]}")
     log "initramfs modules: ${names[*]:-(none, all built in)}"
 
     find "$st" -exec touch -h -d @1700000000 {} +
@@ -308,7 +288,7 @@ EOF
 inputs_hash() {
     {
         echo "$KVER"
-        sha256sum "$SCRIPT_DIR/build.sh" "$SCRIPT_DIR/init" | cut -c1-64
+        sha256sum "$SCRIPT_DIR/build.sh" "$SCRIPT_DIR/init" "$SCRIPT_DIR/modules.sh" | cut -c1-64
         echo "$1" "$2"
     } | sha
 }

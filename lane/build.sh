@@ -27,6 +27,9 @@ PROGRAMS=(/usr/bin/qemu-system-x86_64 /usr/sbin/ip /usr/sbin/tc)
 # Firmware QEMU loads for a q35 guest with -kernel and no display or NIC (Debian's firmware path).
 FIRMWARE_DIRS=(/usr/share/qemu /usr/share/seabios)
 
+# shellcheck source=guest/modules.sh
+. "$REPO/guest/modules.sh"
+
 log() { echo "lane/build.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 sha() { sha256sum | cut -c1-64; }
@@ -67,7 +70,7 @@ copy_into() {
 
 inputs_hash() {
     {
-        declare -f build_image libs_of copy_into
+        declare -f build_image libs_of copy_into install_modules
         printf '%s\n' "${WANTED_MODULES[@]}" "${PROGRAMS[@]}" "${FIRMWARE_DIRS[@]}"
         sha256sum "$SCRIPT_DIR/build.sh" "$SCRIPT_DIR/init" "$GUEST/vmlinuz" "$GUEST/initramfs.img" | cut -c1-64
         local p
@@ -107,30 +110,9 @@ build_image() {
     done
 
     # Module closure in load order (deps and softdeps), decompressed.
-    local m line ko rel names=()
-    for m in "${WANTED_MODULES[@]}"; do
-        while read -r line; do
-            case "$line" in
-                insmod\ *)
-                    ko=$(echo "$line" | awk '{print $2}')
-                    rel=${ko#"$tree/lib/modules/$kver/"}
-                    rel=${rel%.xz}
-                    if [ ! -f "$st/lib/modules/$kver/$rel" ]; then
-                        mkdir -p "$(dirname "$st/lib/modules/$kver/$rel")"
-                        case "$ko" in
-                            *.xz) xz -dc "$ko" >"$st/lib/modules/$kver/$rel" ;;
-                            *) cp "$ko" "$st/lib/modules/$kver/$rel" ;;
-                        esac
-                        names+=("$(basename "$rel" .ko | tr - _)")
-                    fi
-                    ;;
-            esac
-        done < <(modprobe -d "$tree" -S "$kver" --show-depends "$m" 2>/dev/null || true)
-    done
-    [ ${#names[@]} -gt 0 ] || die "no modules resolved from $tree"
-    printf '%s\n' "${names[@]}" >"$st/etc/lane/modules"
-    cp "$tree/lib/modules/$kver"/modules.{builtin,builtin.modinfo,order} "$st/lib/modules/$kver/" 2>/dev/null || true
-    depmod -b "$st" "$kver"
+    install_modules "$tree" "$kver" "$st" "$st/etc/lane/modules" "${WANTED_MODULES[@]}"
+    local names=("${MODULE_NAMES[@]}")
+    [ -n "${names[0]:-}" ] || die "no modules resolved from $tree"
     log "L1 modules: ${names[*]}"
 
     # The L2 test guest (root.raw is attached to L1 as a disk: it is too big for an initramfs).
