@@ -24,7 +24,8 @@ else
     CACHE="$HOME/.cache/livemig/guest"
 fi
 ROOT_BUDGET_MIB=${LIVEMIG_ROOT_BUDGET_MIB:-300}
-PACKAGES=(qemu-system-x86 busybox-static cpio e2fsprogs kmod xz-utils)
+# iproute2 (ip, tc): for `livemig bench` and the KVM lane's L1 host (lane/build.sh).
+PACKAGES=(qemu-system-x86 busybox-static cpio e2fsprogs kmod xz-utils iproute2)
 # Modules the guest needs (dependencies and soft dependencies are resolved by kmod from
 # modules.dep/modules.softdep; crc32c is listed explicitly because ext4 with metadata_csum
 # needs it and it is only a soft dependency).

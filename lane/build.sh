@@ -9,7 +9,8 @@
 #     manifest.json   inputs hash, sizes
 # L1 boots under TCG with -cpu max (QEMU emulates AMD SVM with nested paging); inside it, the
 # L2 guests run on real KVM (kvm-amd). Everything comes from Debian packages: the kernel package
-# (via guest/build.sh) and the installed qemu-system-x86, busybox-static and iproute2.
+# (via guest/build.sh) and qemu-system-x86, busybox-static and iproute2, which guest/build.sh
+# installs.
 # Idempotent: a stamp holds the hash of the inputs; unchanged inputs -> nothing is rebuilt.
 set -euo pipefail
 export LC_ALL=C
@@ -19,7 +20,6 @@ REPO=$(cd "$SCRIPT_DIR/.." && pwd)
 ROOT=${LIVEMIG_CACHE:-$HOME/.cache/livemig}
 GUEST="$ROOT/guest"
 CACHE="$ROOT/lane"
-PACKAGES=(qemu-system-x86 busybox-static iproute2 cpio kmod xz-utils)
 # Modules of L1: KVM on AMD SVM, the virtio disks, and what the bench's network namespaces need.
 WANTED_MODULES=(kvm_amd virtio_pci virtio_blk veth sch_tbf sch_netem)
 # ELF programs copied with their shared libraries (same paths as on this host).
@@ -33,22 +33,6 @@ FIRMWARE_DIRS=(/usr/share/qemu /usr/share/seabios)
 log() { echo "lane/build.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 sha() { sha256sum | cut -c1-64; }
-
-ensure_packages() {
-    local missing=() p st
-    for p in "${PACKAGES[@]}"; do
-        st=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
-        [ "$st" = installed ] || missing+=("$p")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
-        log "installing ${missing[*]}"
-        local sudo=()
-        [ "$(id -u)" = 0 ] || sudo=(sudo)
-        export DEBIAN_FRONTEND=noninteractive
-        "${sudo[@]}" apt-get update -q
-        "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
-    fi
-}
 
 # The shared libraries of an ELF program, and its loader, one path per line.
 libs_of() {
@@ -136,7 +120,7 @@ EOF
 
 main() {
     local t0=$SECONDS
-    ensure_packages
+    # guest/build.sh installs what both need (QEMU, busybox-static, kmod, iproute2 ...).
     bash "$REPO/guest/build.sh"
     mkdir -p "$CACHE"
     exec 9>"$CACHE/.lock"
