@@ -25,7 +25,8 @@ else
 fi
 ROOT_BUDGET_MIB=${LIVEMIG_ROOT_BUDGET_MIB:-300}
 # iproute2 (ip, tc): for `livemig bench` and the KVM lane's L1 host (lane/build.sh).
-PACKAGES=(qemu-system-x86 busybox-static cpio e2fsprogs kmod xz-utils iproute2)
+# QEMU comes from guest/qemu.sh: QEMU >= 9.0 as the system's, QEMU 7.2 beside it.
+PACKAGES=(busybox-static cpio e2fsprogs kmod xz-utils iproute2)
 # Modules the guest needs (dependencies and soft dependencies are resolved by kmod from
 # modules.dep/modules.softdep; crc32c is listed explicitly because ext4 with metadata_csum
 # needs it and it is only a soft dependency).
@@ -43,6 +44,8 @@ is_static() {
 
 # shellcheck source=guest/modules.sh
 . "$SCRIPT_DIR/modules.sh"
+# shellcheck source=guest/qemu.sh
+. "$SCRIPT_DIR/qemu.sh"
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
@@ -297,6 +300,8 @@ inputs_hash() {
 main() {
     local t0=$SECONDS
     ensure_packages
+    ensure_qemu_current
+    ensure_qemu_7_2 "$(dirname "$CACHE")/qemu-7.2"
     choose_kernel
     local wl_hash root_dirs root_hash inputs
     wl_hash=$(workload_inputs_hash)

@@ -136,10 +136,33 @@ impl GuestImage {
     }
 }
 
+/// `$LIVEMIG_QEMU`, else `qemu-system-x86_64` (on the PATH).
+pub fn default_qemu() -> PathBuf {
+    std::env::var_os("LIVEMIG_QEMU").filter(|q| !q.is_empty()).map_or_else(|| "qemu-system-x86_64".into(), PathBuf::from)
+}
+
+/// QEMU 7.2 beside the system's QEMU: the wrapper `guest/build.sh` makes in
+/// `$LIVEMIG_CACHE/qemu-7.2/qemu-system-x86_64` (Debian bookworm's packages, unpacked). Error if
+/// it is missing (run `guest/build.sh`).
+pub fn qemu_7_2() -> Result<PathBuf, LabError> {
+    let dir = guest_cache_dir().parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf).join("qemu-7.2");
+    let bin = dir.join("qemu-system-x86_64");
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(LabError::NotBuilt { dir, missing: "qemu-system-x86_64 (QEMU 7.2)".into() })
+    }
+}
+
 /// Where the guest RAM lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RamBackend {
-    /// `memory-backend-memfd,share=on`
+    /// `memory-backend-file,share=on,mem-path=/dev/shm/livemig-<name>-<pid>-<n>.ram`: a named
+    /// shared file the lab makes up and removes when the [`Vm`] is dropped. The default: it works
+    /// with every supported QEMU (since QEMU 8.1 `x-ignore-shared` skips only RAM backed by a
+    /// named file, see `../shared/FACTS.md`).
+    ShmFile,
+    /// `memory-backend-memfd,share=on` (QEMU < 8.1 only for the shared engine).
     Memfd,
     /// `memory-backend-file,share=on,mem-path=<path>`
     File(PathBuf),
@@ -202,15 +225,19 @@ pub struct VmConfig {
     pub extra_qemu_args: Vec<String>,
     /// TCG, or KVM in the KVM lane. [`VmConfig::new`] takes it from `$LIVEMIG_ACCEL`.
     pub accel: Accel,
+    /// The QEMU binary (`None`: `$LIVEMIG_QEMU`, else `qemu-system-x86_64` on the PATH); e.g.
+    /// [`qemu_7_2`] for the tests that cover QEMU 7.2.
+    pub qemu: Option<PathBuf>,
 }
 
 impl VmConfig {
-    /// Defaults: 512 MiB, memfd, not incoming, heartbeat workload, with disk.
+    /// Defaults: 512 MiB, a shared file on /dev/shm ([`RamBackend::ShmFile`]), not incoming,
+    /// heartbeat workload, with disk, QEMU from `$LIVEMIG_QEMU` or `qemu-system-x86_64`.
     pub fn new(name: impl Into<String>, run_dir: impl Into<PathBuf>) -> VmConfig {
         VmConfig {
             name: name.into(),
             mem_mib: 512,
-            backend: RamBackend::Memfd,
+            backend: RamBackend::ShmFile,
             incoming: false,
             workload: Vec::new(),
             with_disk: true,
@@ -218,7 +245,22 @@ impl VmConfig {
             extra_qemu_args: Vec::new(),
             // A bad value is reported by qemu_args (Vm::start), not here.
             accel: Accel::from_env().unwrap_or(Accel::Tcg),
+            qemu: None,
         }
+    }
+
+    /// The QEMU binary this VM runs: [`VmConfig::qemu`], else `$LIVEMIG_QEMU`, else
+    /// `qemu-system-x86_64`.
+    pub fn qemu_binary(&self) -> PathBuf {
+        self.qemu.clone().unwrap_or_else(default_qemu)
+    }
+
+    /// A new RAM file path for a [`RamBackend::ShmFile`] VM, unique per VM start: a restarted
+    /// destination never finds the memory of the QEMU before it.
+    fn new_shm_ram_path(&self) -> PathBuf {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        PathBuf::from(format!("/dev/shm/livemig-{}-{}-{n}.ram", self.name, std::process::id()))
     }
 
     /// Adds one `lm.KEY=VALUE` parameter (builder style).
@@ -281,8 +323,13 @@ impl VmConfig {
                 "-object".into(),
                 format!("memory-backend-memfd,id=mem0,size={m}M,share=on"),
             ]),
-            RamBackend::File(path) => {
-                let ps = p(path);
+            RamBackend::File(_) | RamBackend::ShmFile => {
+                let path = match &self.backend {
+                    RamBackend::File(path) => path.clone(),
+                    // Vm::start turns ShmFile into File before it gets here.
+                    _ => PathBuf::from(format!("/dev/shm/livemig-{}.ram", self.name)),
+                };
+                let ps = p(&path);
                 if ps.contains(',') {
                     return Err(LabError::Config(format!("memory file path contains ',': {ps}")));
                 }
@@ -369,16 +416,17 @@ pub struct Vm {
     args: Vec<String>,
     /// A run directory the VM owns (paused test VMs); removed after QEMU is killed.
     private_dir: Option<tempfile::TempDir>,
+    /// The RAM file of a [`RamBackend::ShmFile`] VM; removed after QEMU is killed.
+    ram_file: Option<PathBuf>,
 }
 
 const QEMU_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Vm {
     /// Starts QEMU; returns when its QMP socket accepts connections.
-    /// The QEMU binary is `$LIVEMIG_QEMU` or `qemu-system-x86_64`.
+    /// The QEMU binary is [`VmConfig::qemu_binary`].
     pub fn start(image: &GuestImage, cfg: &VmConfig) -> Result<Vm, LabError> {
-        let args = cfg.qemu_args(image)?;
-        Self::spawn(cfg, args, &[])
+        Self::start_wrapped(image, cfg, &[])
     }
 
     /// Like [`Vm::start`], but runs QEMU under a command prefix that ends by exec'ing its
@@ -386,8 +434,22 @@ impl Vm {
     /// [`Vm::pid`] is then the pid of the prefix's first process, which is QEMU's own pid for a
     /// prefix that execs (as `ip netns exec`, `nice`, `taskset` do).
     pub fn start_wrapped(image: &GuestImage, cfg: &VmConfig, prefix: &[String]) -> Result<Vm, LabError> {
+        let mut cfg = cfg.clone();
+        let ram_file = (cfg.backend == RamBackend::ShmFile).then(|| cfg.new_shm_ram_path());
+        if let Some(f) = &ram_file {
+            cfg.backend = RamBackend::File(f.clone());
+        }
         let args = cfg.qemu_args(image)?;
-        Self::spawn(cfg, args, prefix)
+        let mut vm = Self::spawn(&cfg, args, prefix);
+        match &mut vm {
+            Ok(vm) => vm.ram_file = ram_file,
+            Err(_) => {
+                if let Some(f) = ram_file {
+                    let _ = fs::remove_file(f);
+                }
+            }
+        }
+        vm
     }
 
     /// Starts a QEMU that runs no guest code (`-S`, no kernel): `-accel tcg -S -nodefaults
@@ -426,7 +488,7 @@ impl Vm {
         }
         let log = fs::File::create(&qemu_log).map_err(io_err(format!("creating {}", qemu_log.display())))?;
         let log2 = log.try_clone().map_err(io_err("dup qemu.log"))?;
-        let qemu = std::env::var_os("LIVEMIG_QEMU").unwrap_or_else(|| "qemu-system-x86_64".into());
+        let qemu = cfg.qemu_binary();
         let mut cmd = match prefix.split_first() {
             Some((prog, rest)) => {
                 let mut c = Command::new(prog);
@@ -451,6 +513,7 @@ impl Vm {
             qemu_log,
             args,
             private_dir: None,
+            ram_file: None,
         };
         let t0 = Instant::now();
         loop {
@@ -577,6 +640,14 @@ impl Vm {
             let _ = c.kill();
         }
         let _ = c.wait();
+        if let Some(f) = self.ram_file.take() {
+            let _ = fs::remove_file(f);
+        }
+    }
+
+    /// The file holding the guest RAM of a [`RamBackend::ShmFile`] VM (until it is killed).
+    pub fn ram_file(&self) -> Option<&Path> {
+        self.ram_file.as_deref()
     }
 
     fn console_tail(&self) -> String {
@@ -642,7 +713,10 @@ mod tests {
         let cfg = VmConfig::new("src", "/tmp/x").param("mode", "dirty").param("mib", 64);
         let a = cfg.qemu_args(&img).unwrap().join(" ");
         assert!(a.contains("-append console=ttyS0 quiet panic=-1 lm.mode=dirty lm.mib=64"), "{a}");
-        assert!(a.contains("memory-backend-memfd,id=mem0,size=512M,share=on"));
+        assert!(a.contains("memory-backend-file,id=mem0,size=512M,mem-path=/dev/shm/livemig-src.ram,share=on"), "{a}");
+        let mut memfd = cfg.clone();
+        memfd.backend = RamBackend::Memfd;
+        assert!(memfd.qemu_args(&img).unwrap().join(" ").contains("memory-backend-memfd,id=mem0,size=512M,share=on"));
         assert!(a.contains("file=/d,format=raw,if=virtio,readonly=on"));
         assert!(!a.contains("-incoming"));
         let dst = cfg.as_incoming("dst");
