@@ -3,6 +3,7 @@
 pub mod error;
 pub mod holdings;
 pub mod link;
+pub mod qemu;
 pub mod receive;
 pub mod report;
 pub mod scanner;

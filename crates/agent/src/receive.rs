@@ -150,7 +150,10 @@ fn run(
             status.status
         )));
     }
+    let version = crate::qemu::QemuVersion::of(qmp)?;
+    report.qemu_version = Some(version.to_string());
     let mem = GuestMemory::open(qmp)?;
+    crate::qemu::check_shared_engine(version, &crate::qemu::memfd_regions(&mem), "destination")?;
     let total = mem.total_pages();
     report.ram_bytes = mem.layout().iter().map(|(_, s)| s).sum();
     obs.progress(Progress::Phase("preparing destination memory"));

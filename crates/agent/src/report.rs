@@ -91,6 +91,10 @@ pub struct Report {
     pub wire_bytes: u64,
     /// Bytes of QEMU's device-state stream carried inside it.
     pub device_state_bytes: u64,
+    /// The most the device-state stream may carry (`--max-device-state`; send only).
+    pub max_device_state_bytes: Option<u64>,
+    /// The QEMU version this agent drove (from its QMP greeting).
+    pub qemu_version: Option<String>,
     /// Pages sent, by class (`zero`, `dup`, `disk_ref`, `snapshot_ref`, `delta`, `raw`; `raw`
     /// includes compressed whole pages).
     pub pages: BTreeMap<String, u64>,

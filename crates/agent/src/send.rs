@@ -21,6 +21,7 @@ use livemig_track::{hash_page, Ledger};
 use livemig_wire::{FrameKind, Holdings, Message, RegionInfo, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use crate::error::AgentError;
+use crate::qemu::QemuVersion;
 use crate::scanner::{Scanner, TrackerKind};
 use crate::transport::{self, Transport};
 use crate::holdings::{self, SenderDisks, SenderSnapshot};
@@ -88,6 +89,9 @@ pub struct SendOptions {
     pub threads: usize,
     /// Dirty-page tracker.
     pub tracker: TrackerKind,
+    /// The most QEMU's device-state stream may carry: more means QEMU is copying guest RAM in the
+    /// downtime, and the migration stops with the source running.
+    pub max_device_state: u64,
     /// Set by a signal handler to cancel.
     pub cancel: Arc<AtomicBool>,
 }
@@ -114,6 +118,7 @@ impl SendOptions {
             vm_id: None,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             tracker: TrackerKind::Auto,
+            max_device_state: crate::qemu::DEFAULT_MAX_DEVICE_STATE,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -189,6 +194,7 @@ pub fn send(opts: &SendOptions, obs: &mut dyn Observer) -> (Report, Result<(), A
         max_downtime_ms: Some(opts.limits.max_downtime_ms),
         bandwidth_bytes_per_s: opts.bandwidth,
         transport: opts.transport.name().into(),
+        max_device_state_bytes: Some(opts.max_device_state),
         ..Report::default()
     };
     let mut st = SourceState::default();
@@ -239,7 +245,10 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
         )));
     }
     st.was_running = status.running;
+    let version = QemuVersion::of(&st.qmp())?;
+    report.qemu_version = Some(version.to_string());
     let mem = GuestMemory::open(&mut st.qmp())?;
+    crate::qemu::check_shared_engine(version, &crate::qemu::memfd_regions(&mem), "source")?;
     let total = mem.total_pages();
     report.ram_bytes = mem.layout().iter().map(|(_, s)| s).sum();
     // The tracker proves itself before anything is sent.
@@ -566,6 +575,14 @@ fn precopy_and_switchover(
             break;
         }
         bytes += n as u64;
+        if bytes > opts.max_device_state {
+            return Err(AgentError::DeviceState(format!(
+                "QEMU's device-state stream passed {} KiB, above --max-device-state ({} KiB): QEMU is copying guest \
+                 RAM while the source is paused (a RAM block that x-ignore-shared does not skip?)",
+                bytes >> 10,
+                opts.max_device_state >> 10
+            )));
+        }
         writer.send(Out::Frame(FrameKind::DeviceState, buf[..n].to_vec()))?;
     }
     let info = st.qmp().wait_migration(opts.timeout).map_err(AgentError::qmp("cannot follow the source's migration"))?;

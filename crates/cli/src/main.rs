@@ -176,6 +176,10 @@ pub(crate) struct SendArgs {
     /// Identity of the VM for memory snapshots (default: QEMU's -name, else its UUID).
     #[arg(long)]
     vm_id: Option<String>,
+    /// The most QEMU's device-state stream may carry. More means QEMU is copying guest RAM while
+    /// the source is paused: the migration stops and the source VM resumes.
+    #[arg(long, default_value = "64MiB", value_parser = units::parse_size)]
+    max_device_state: u64,
     #[command(flatten)]
     holdings: HoldingsArgs,
     /// Write the JSON report here, and a plot of the WWS per iteration next to it (same name, .svg).
@@ -310,6 +314,7 @@ fn run_send(a: &SendArgs) -> anyhow::Result<u8> {
         (_, CompressorArg::Zstd) => livemig_compact::Compressor::Zstd,
     };
     o.vm_id = a.vm_id.clone();
+    o.max_device_state = a.max_device_state;
     o.tracker = match a.tracker {
         TrackerArg::Auto => livemig_agent::TrackerKind::Auto,
         TrackerArg::Content => livemig_agent::TrackerKind::Content,

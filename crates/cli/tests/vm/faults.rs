@@ -367,16 +367,6 @@ fn hung_receiver_is_given_up_on_and_the_source_keeps_running() {
     assert_failed_safely(&pair, &m);
 }
 
-/// Opens the shared RAM of a QEMU process (its `memory-backend-memfd` fd) for writing.
-fn open_ram_rw(pid: u32) -> std::fs::File {
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
-        let e = e.unwrap();
-        if std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().contains("memfd:memory-backend-memfd")) {
-            return std::fs::OpenOptions::new().read(true).write(true).open(e.path()).unwrap();
-        }
-    }
-    panic!("QEMU {pid} has no memory-backend-memfd fd");
-}
 
 /// Case 13: the destination's memory is damaged behind the receiver's back (one byte of one
 /// page, written into the destination QEMU's RAM) after the last page arrived and before the
@@ -388,11 +378,11 @@ fn destination_memory_damaged_before_the_switchover_is_caught_by_verification() 
     use std::os::unix::fs::FileExt;
     let _g = harness::vm_lock();
     let pair = Pair::start("damaged", harness::dirty_guest(16, 5), |d| d);
-    let pid = pair.dst.pid();
+    let ram_file = pair.dst.ram_file().expect("the destination's RAM is a shared file").to_path_buf();
     let proxy = Proxy::new(
         Trigger::Control(Dir::FromSender, "switchover"),
         Action::Before(Box::new(move || {
-            let ram = open_ram_rw(pid);
+            let ram = std::fs::OpenOptions::new().read(true).write(true).open(&ram_file).unwrap();
             // A page in the guest's low memory, which the kernel has written: not a hole.
             let off = 0x10_0000 + 17;
             let mut b = [0u8; 1];

@@ -47,7 +47,7 @@ pub struct Pair {
 
 impl Pair {
     pub fn start(name: &str, workload: Vec<(String, String)>, dst_cfg: impl FnOnce(VmConfig) -> VmConfig) -> Pair {
-        Self::start_with_backend(name, workload, RamBackend::Memfd, dst_cfg)
+        Self::start_with_backend(name, workload, RamBackend::ShmFile, dst_cfg)
     }
 
     pub fn start_with_backend(
@@ -67,7 +67,8 @@ impl Pair {
         )
     }
 
-    /// A pair whose source configuration `src_cfg` adjusts (384 MiB, memfd, no disk by default).
+    /// A pair whose source configuration `src_cfg` adjusts (384 MiB, a shared file on /dev/shm, no
+    /// disk by default).
     pub fn start_custom(
         name: &str,
         workload: Vec<(String, String)>,
@@ -86,7 +87,7 @@ impl Pair {
             .expect("the source guest runs its verifier");
         let mut dcfg = dst_cfg(cfg.as_incoming("destination"));
         if matches!(dcfg.backend, RamBackend::Anonymous) {
-            dcfg.backend = RamBackend::Memfd;
+            dcfg.backend = RamBackend::ShmFile;
         }
         let dst = Vm::start(&image, &dcfg).expect("destination VM starts");
         Pair { src, dst, dir, dst_cfg: dcfg }

@@ -7,6 +7,7 @@ mod faults;
 mod harness;
 mod lane;
 mod proxy;
+mod qemu_versions;
 mod tls;
 mod tracker;
 
