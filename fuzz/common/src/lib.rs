@@ -456,5 +456,101 @@ pub fn tls_setup() -> &'static livemig_tls::TlsSetup {
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// qemu_stream
+
+/// Input of `qemu_stream`: `[chunk][stream]`; the stream is fed to the parser `chunk` bytes at a
+/// time (0 = all at once).
+pub fn stream_chunk(mode: u8, len: usize) -> usize {
+    if mode == 0 {
+        len.max(1)
+    } else {
+        usize::from(mode)
+    }
+}
+
+/// Writes QEMU migration streams (as `savevm.c` / `ram.c` lay them out) for the seeds.
+#[derive(Debug, Default)]
+pub struct QemuStream(pub Vec<u8>);
+
+impl QemuStream {
+    fn raw(&mut self, b: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(b);
+        self
+    }
+    fn name(&mut self, b: &[u8]) -> &mut Self {
+        self.0.push(u8::try_from(b.len()).expect("short name"));
+        self.raw(b)
+    }
+    fn be32(&mut self, v: u32) -> &mut Self {
+        self.raw(&v.to_be_bytes())
+    }
+    fn be64(&mut self, v: u64) -> &mut Self {
+        self.raw(&v.to_be_bytes())
+    }
+    /// Header, configuration (with x-ignore-shared in its capabilities if asked), return path.
+    pub fn start(&mut self, ignore_shared: bool) -> &mut Self {
+        self.raw(b"QEVM\0\0\0\x03\x07").be32(11).raw(b"pc-q35-10.0");
+        if ignore_shared {
+            self.raw(&[5]).name(b"configuration/capabilities").be32(1).be32(1).name(b"x-ignore-shared");
+        }
+        self.raw(&[8, 0, 1, 0, 0]).raw(&[8, 0, 2, 0, 4]).be32(1)
+    }
+    /// The ram START section (id 2) with its block list: pc.ram 1 MiB and pc.bios 64 KiB.
+    pub fn ram_start(&mut self, ignore_shared: bool) -> &mut Self {
+        self.raw(&[1]).be32(2).name(b"ram").be32(0).be32(4);
+        self.be64((1 << 20) + (64 << 10) | 4);
+        self.name(b"pc.ram").be64(1 << 20);
+        if ignore_shared {
+            self.be64(0);
+        }
+        self.name(b"pc.bios").be64(64 << 10);
+        if ignore_shared {
+            self.be64(0xfff0_0000);
+        }
+        self.be64(0x10).raw(&[0x7e]).be32(2)
+    }
+    /// A PART (or END) section of the ram section: zero pages with and without CONTINUE, and
+    /// with `pages` a page of each block (the second one a CONTINUE record).
+    pub fn ram_section(&mut self, end: bool, first: u64, pages: bool) -> &mut Self {
+        self.raw(&[if end { 3 } else { 2 }]).be32(2);
+        self.be64(first * 4096 | 2).name(b"pc.ram").raw(&[0]);
+        self.be64((first + 1) * 4096 | 0x22).raw(&[0]);
+        self.be64((first + 2) * 4096 | 0x22).raw(&[7]);
+        if pages {
+            self.be64((first + 3) * 4096 | 0x28).raw(&ram_page(40 + first));
+            self.be64(0x2000 | 2).name(b"pc.bios").raw(&[0]);
+            self.be64(0x3000 | 0x28).raw(&ram_page(34));
+        }
+        self.be64(0x10).raw(&[0x7e]).be32(2)
+    }
+    /// QEMU 10's SWITCHOVER_START command.
+    pub fn switchover_start(&mut self) -> &mut Self {
+        self.raw(&[8, 0, 11, 0, 0])
+    }
+    /// A device section, EOF and the vmdesc.
+    pub fn tail(&mut self) -> &mut Self {
+        self.raw(&[4]).be32(3).name(b"timer").be32(0).be32(2).raw(&[0; 17]).raw(&[0x7e]).be32(3);
+        let json = br#"{"page_size": 4096, "devices": [{"name": "timer", "instance_id": 0}]}"#;
+        self.raw(&[0, 6]).be32(u32::try_from(json.len()).expect("len")).raw(json)
+    }
+    /// A record the parser does not understand (XBZRLE) inside a PART section.
+    pub fn xbzrle(&mut self) -> &mut Self {
+        self.raw(&[2]).be32(2).be64(0x40).name(b"pc.ram").raw(&[1, 0, 3, 1, 2, 3])
+    }
+}
+
+/// The seeds of `qemu_stream` (without the chunk byte): name and stream.
+pub fn qemu_stream_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let mut plain = QemuStream::default();
+    plain.start(false).ram_start(false).ram_section(false, 0, true).ram_section(false, 8, false).switchover_start();
+    plain.ram_section(true, 16, false).tail();
+    let mut shared = QemuStream::default();
+    shared.start(true).ram_start(true).ram_section(false, 0, true).ram_section(true, 4, false).tail();
+    let mut fallback = QemuStream::default();
+    fallback.start(false).ram_start(false).ram_section(false, 0, true).xbzrle().tail();
+    vec![("plain", plain.0), ("x-ignore-shared", shared.0), ("xbzrle", fallback.0)]
+}
+
 #[cfg(test)]
 mod tests;

@@ -158,3 +158,23 @@ fn snapshot_seeds_open() {
     snap.read_page(0, &mut buf).expect_err("memory is zero, the fingerprint is not");
     let _ = fs::remove_dir_all(&store_dir);
 }
+
+#[test]
+fn qemu_stream_seeds_parse_as_meant() {
+    for (name, s) in seeds("qemu_stream") {
+        let (&mode, stream) = s.split_first().expect("mode byte");
+        let mut p = livemig_stream::Parser::new();
+        let mut events = Vec::new();
+        for chunk in stream.chunks(stream_chunk(mode, stream.len())) {
+            p.feed(chunk, &mut |e| events.push(e));
+        }
+        p.finish(&mut |e| events.push(e)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(livemig_stream::rebuild(&events), stream, "{name}");
+        let fell_back = events.iter().any(|e| matches!(e, livemig_stream::Event::Fallback { .. }));
+        assert_eq!(fell_back, name.starts_with("xbzrle"), "{name}: {:?}", p.fallback_reason());
+        if !fell_back {
+            assert!(events.contains(&livemig_stream::Event::RamDone), "{name}");
+            assert!(p.stats().pages >= 2 && p.stats().zeros >= 6, "{name}: {:?}", p.stats());
+        }
+    }
+}

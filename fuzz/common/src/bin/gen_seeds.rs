@@ -36,6 +36,7 @@ fn messages() -> Vec<Message> {
             regions: vec![RegionInfo { id: "mem0".into(), size: 1 << 29 }],
             vm: Some("vm1".into()),
             disks: vec![DiskOffer { id: 0, size: 1 << 30, index_hash: format!("{:032x}", 0xabcdu128) }],
+            engine: "shared".into(),
         },
         Message::Welcome {
             version: 2,
@@ -217,6 +218,13 @@ fn main() {
     assert!(!hello.is_empty(), "captured no ClientHello");
     put(&dir, "tls_record", "client-hello", &hello);
     put(&dir, "tls_record", "client-hello-cut", &hello[..hello.len() / 2]);
+
+    // qemu_stream: synthetic streams, fed whole and in chunks of 1 and 61 bytes
+    for (name, stream) in common::qemu_stream_seeds() {
+        put(&dir, "qemu_stream", name, &with_mode(0, &stream));
+        put(&dir, "qemu_stream", &format!("{name}-1"), &with_mode(1, &stream));
+        put(&dir, "qemu_stream", &format!("{name}-61"), &with_mode(61, &stream));
+    }
 
     let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("livemig-fuzz-{}-index", std::process::id())));
     let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("livemig-fuzz-{}-tls", std::process::id())));
