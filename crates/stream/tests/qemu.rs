@@ -1,6 +1,7 @@
 //! Streams written by the real QEMU installed here (`qemu-system-x86_64`, 10.0 on this machine):
 //! a paused q35 guest migrated into a file, parsed, rebuilt byte-exact. QEMU missing is a
-//! failure, not a skip.
+//! failure, not a skip. `LIVEMIG_STREAM_QEMU=/path/to/qemu-system-x86_64` runs another QEMU
+//! (e.g. the 7.2 that `guest/build.sh` unpacks into `~/.cache/livemig/qemu-7.2/`).
 
 mod support;
 
@@ -10,20 +11,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use livemig_stream::{rebuild, Event, Parser, Phase, SectionKind};
+use livemig_stream::{rebuild, Event, Parser, Phase, ReturnPathParser, RpEvent, RpKind, SectionKind};
 use serde_json::{json, Value};
 use support::*;
 
-const QEMU: &str = "qemu-system-x86_64";
+fn qemu() -> String {
+    std::env::var("LIVEMIG_STREAM_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
+}
 
 fn qemu_version() -> String {
-    match Command::new(QEMU).arg("--version").output() {
+    let qemu = qemu();
+    match Command::new(&qemu).arg("--version").output() {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string(),
         Ok(o) => {
-            panic!("`{QEMU} --version` failed ({}): this test needs QEMU (apt-get install qemu-system-x86)", o.status)
+            panic!("`{qemu} --version` failed ({}): this test needs QEMU (apt-get install qemu-system-x86)", o.status)
         }
         Err(e) => panic!(
-            "{QEMU} is not installed or not runnable ({e}): this test needs QEMU (apt-get install qemu-system-x86)"
+            "{qemu} is not installed or not runnable ({e}): this test needs QEMU (apt-get install qemu-system-x86)"
         ),
     }
 }
@@ -109,18 +113,68 @@ struct Run {
     events: Vec<Event>,
 }
 
+/// The common arguments: a paused 64 MiB q35 guest, TCG, nothing attached, QMP on `qmp`.
+fn base_args(qmp: &Path) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["-accel", "tcg", "-S", "-nodefaults", "-display", "none", "-m", "64"].iter().map(|s| s.to_string()).collect();
+    args.push("-qmp".into());
+    args.push(format!("unix:{},server=on,wait=off", qmp.display()));
+    args
+}
+
+/// Starts QEMU with `args`; its stderr goes to `<dir>/<name>.log`; `files` are removed at the end.
+fn spawn(dir: &Path, name: &str, args: &[String], files: Vec<PathBuf>) -> (Vm, Qmp) {
+    let log = dir.join(format!("{name}.log"));
+    let child = Command::new(qemu())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", qemu()));
+    let mut vm = Vm { child, files, log };
+    let qmp = args
+        .iter()
+        .find_map(|a| a.strip_prefix("unix:").and_then(|r| r.split(',').next()))
+        .map(PathBuf::from)
+        .expect("a -qmp unix: argument");
+    let q = Qmp::connect(&qmp, &mut vm);
+    (vm, q)
+}
+
+/// Polls `query-migrate` until `completed`; panics on failure or after 60 s.
+fn wait_completed(q: &mut Qmp, who: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = q.cmd("query-migrate", json!({}));
+        match st.get("status").and_then(Value::as_str) {
+            Some("completed") => return st,
+            Some("failed" | "cancelled") => panic!("{who}: migration failed: {st}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "{who}: migration did not complete in 60 s: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Asks QEMU to quit and waits (up to 20 s) for it to exit.
+fn quit(vm: &mut Vm, q: &mut Qmp) {
+    // QEMU may close the socket before or after answering: neither matters.
+    let _ = writeln!(q.w, "{}", json!({"execute": "quit"}));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while vm.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Starts a paused q35 guest, migrates it into a file, parses the file.
 fn migrate_to_file(tag: &str, shared: bool) -> Run {
     let version = qemu_version();
     eprintln!("{version}");
     let dir = tempfile::tempdir().expect("temp dir");
-    let qmp_path = dir.path().join("qmp.sock");
     let out = dir.path().join("stream.bin");
     let mem = PathBuf::from(format!("/dev/shm/livemig-stream-test-{tag}-{}", std::process::id()));
-    let mut args: Vec<String> =
-        ["-accel", "tcg", "-S", "-nodefaults", "-display", "none", "-m", "64"].iter().map(|s| s.to_string()).collect();
-    args.push("-qmp".into());
-    args.push(format!("unix:{},server=on,wait=off", qmp_path.display()));
+    let mut args = base_args(&dir.path().join("qmp.sock"));
     if shared {
         args.push("-object".into());
         args.push(format!("memory-backend-file,id=mem0,size=64M,mem-path={},share=on", mem.display()));
@@ -130,39 +184,13 @@ fn migrate_to_file(tag: &str, shared: bool) -> Run {
         args.push("-machine".into());
         args.push("q35".into());
     }
-    let child = Command::new(QEMU)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("qemu.log")).expect("log file"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {QEMU}: {e}"));
-    let mut vm = Vm { child, files: vec![mem.clone()], log: dir.path().join("qemu.log") };
-    let mut q = Qmp::connect(&qmp_path, &mut vm);
+    let (mut vm, mut q) = spawn(dir.path(), "qemu", &args, vec![mem.clone()]);
     if shared {
         q.cmd("migrate-set-capabilities", json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}));
     }
     q.cmd("migrate", json!({"uri": format!("exec:cat > {}", out.display())}));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = q.cmd("query-migrate", json!({}));
-        match st.get("status").and_then(Value::as_str) {
-            Some("completed") => {
-                eprintln!("query-migrate: {st}");
-                break;
-            }
-            Some("failed" | "cancelled") => panic!("migration failed: {st}"),
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "migration did not complete in 60 s: {st}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // QEMU may close the socket before or after answering: neither matters.
-    let _ = writeln!(q.w, "{}", json!({"execute": "quit"}));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while vm.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eprintln!("query-migrate: {}", wait_completed(&mut q, "source"));
+    quit(&mut vm, &mut q);
     drop(vm);
     assert!(!mem.exists(), "{} left behind", mem.display());
 
@@ -275,4 +303,190 @@ fn real_qemu_stream_with_x_ignore_shared() {
         Event::Zero(z) => z.header.block() == &mem.name,
         _ => false,
     }));
+}
+
+/// (major, minor) of `qemu_version()`'s "QEMU emulator version X.Y.Z".
+fn version_of(line: &str) -> (u32, u32) {
+    let v = line.split_whitespace().nth(3).unwrap_or("0.0");
+    let mut it = v.split('.').map(|n| n.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// What the relay saw.
+#[derive(Default)]
+struct RelayLog {
+    main: Vec<Event>,
+    main_bytes: u64,
+    finish: Option<Result<(), livemig_stream::StreamError>>,
+    rp: Vec<RpKind>,
+    rp_values: Vec<(RpKind, Option<u32>)>,
+    ack_seen_at: Option<Instant>,
+}
+
+/// A source QEMU migrates into the relay, which parses the main channel, writes the events'
+/// rebuild (not the bytes read) to the destination QEMU, and relays the return path message by
+/// message, holding the destination's SWITCHOVER_ACK for `hold` (QEMU >= 8.1: `switchover-ack`
+/// on and the source guest running, since QEMU does not wait for the ack of a stopped guest; on
+/// older QEMU only `return-path`, guest paused).
+#[test]
+fn real_qemu_through_a_parsing_relay_with_the_return_path() {
+    let version = qemu_version();
+    eprintln!("{version}");
+    let gate = version_of(&version) >= (8, 1);
+    let hold = Duration::from_millis(1500);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let relay_path = dir.path().join("relay.sock");
+    let dst_path = dir.path().join("dst.sock");
+
+    let mut src_args = base_args(&dir.path().join("src-qmp.sock"));
+    src_args.extend(["-machine".to_string(), "q35".to_string()]);
+    let mut dst_args = base_args(&dir.path().join("dst-qmp.sock"));
+    dst_args.extend(["-machine".to_string(), "q35".to_string(), "-incoming".to_string(), "defer".to_string()]);
+    let (mut src, mut sq) = spawn(dir.path(), "src", &src_args, Vec::new());
+    let (mut dst, mut dq) = spawn(dir.path(), "dst", &dst_args, Vec::new());
+    let mut caps = vec![json!({"capability": "return-path", "state": true})];
+    if gate {
+        caps.push(json!({"capability": "switchover-ack", "state": true}));
+    }
+    for q in [&mut sq, &mut dq] {
+        q.cmd("migrate-set-capabilities", json!({ "capabilities": caps }));
+    }
+    if gate {
+        // QEMU waits for the ack only while the guest runs (`migration_can_switchover`): let
+        // the firmware run (it finds no boot device and waits).
+        sq.cmd("cont", json!({}));
+    }
+    dq.cmd("migrate-incoming", json!({"uri": format!("unix:{}", dst_path.display())}));
+    let listener = std::os::unix::net::UnixListener::bind(&relay_path).expect("relay socket");
+
+    let log = std::sync::Arc::new(std::sync::Mutex::new(RelayLog::default()));
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let relay = {
+        let log = log.clone();
+        let dst_path = dst_path.clone();
+        std::thread::spawn(move || {
+            let (src_conn, _) = listener.accept().expect("the source connects");
+            let dst_conn = UnixStream::connect(&dst_path).expect("connect to the destination");
+            for c in [&src_conn, &dst_conn] {
+                c.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+            }
+            // Return path: destination -> source, message by message.
+            let back = {
+                let log = log.clone();
+                let mut from = dst_conn.try_clone().expect("clone");
+                let mut to = src_conn.try_clone().expect("clone");
+                std::thread::spawn(move || {
+                    let mut rp = ReturnPathParser::new();
+                    let mut buf = vec![0u8; 4096];
+                    loop {
+                        let n = match std::io::Read::read(&mut from, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let mut events = Vec::new();
+                        rp.feed(&buf[..n], &mut |e| events.push(e));
+                        for e in events {
+                            if let RpEvent::Message(m) = &e {
+                                let mut l = log.lock().expect("lock");
+                                l.rp.push(m.kind());
+                                l.rp_values.push((m.kind(), m.value()));
+                                if m.kind() == RpKind::SwitchoverAck {
+                                    l.ack_seen_at = Some(Instant::now());
+                                    drop(l);
+                                    let _ = release_rx.recv_timeout(Duration::from_secs(30));
+                                }
+                            }
+                            let mut out = Vec::new();
+                            e.write_to(&mut out);
+                            if to.write_all(&out).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let _ = rp.finish(&mut |_| {});
+                })
+            };
+            // Main channel: source -> destination, rebuilt from the events.
+            let mut from = src_conn;
+            let mut to = dst_conn;
+            let mut p = Parser::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match std::io::Read::read(&mut from, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut events = Vec::new();
+                p.feed(&buf[..n], &mut |e| events.push(e));
+                let mut out = Vec::new();
+                for e in &events {
+                    e.write_to(&mut out);
+                }
+                let mut l = log.lock().expect("lock");
+                l.main_bytes += n as u64;
+                l.main.extend(events);
+                drop(l);
+                if to.write_all(&out).is_err() {
+                    break;
+                }
+            }
+            let mut tail = Vec::new();
+            let r = p.finish(&mut |e| tail.push(e));
+            let mut out = Vec::new();
+            for e in &tail {
+                e.write_to(&mut out);
+            }
+            let _ = to.write_all(&out);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+            let mut l = log.lock().expect("lock");
+            l.main.extend(tail);
+            l.finish = Some(r);
+            drop(l);
+            let _ = back.join();
+        })
+    };
+
+    sq.cmd("migrate", json!({"uri": format!("unix:{}", relay_path.display())}));
+    if gate {
+        // The destination acks at once (no device needs an ack); the source must wait for it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while log.lock().expect("lock").ack_seen_at.is_none() {
+            assert!(Instant::now() < deadline, "no SWITCHOVER_ACK from the destination");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(hold);
+        let st = sq.cmd("query-migrate", json!({}));
+        assert_eq!(
+            st.get("status").and_then(Value::as_str),
+            Some("active"),
+            "the source switched over without the ack: {st}"
+        );
+        assert!(!log.lock().expect("lock").main.contains(&Event::RamDone));
+    }
+    let _ = release_tx.send(());
+    let st = wait_completed(&mut sq, "source");
+    eprintln!("source query-migrate: {st}");
+    let dst_st = wait_completed(&mut dq, "destination");
+    eprintln!("destination query-migrate: {dst_st}");
+    let status = dq.cmd("query-status", json!({}));
+    // Loaded and not resumed (-S): "paused", or "prelaunch" on QEMU 7.2 for a paused source.
+    assert!(matches!(status.get("status").and_then(Value::as_str), Some("paused" | "prelaunch")), "{status}");
+    quit(&mut src, &mut sq);
+    quit(&mut dst, &mut dq);
+    relay.join().expect("relay thread");
+
+    let l = log.lock().expect("lock");
+    l.finish.clone().expect("the relay finished").expect("the main channel ended cleanly");
+    assert!(fallbacks(&l.main).is_empty(), "fell back: {:?}", fallbacks(&l.main));
+    assert!(l.main.contains(&Event::RamDone));
+    let records = l.main.iter().filter(|e| matches!(e, Event::Page(_) | Event::Zero(_))).count();
+    let syncs = l.main.iter().filter(|e| matches!(e, Event::RamSectionEnd(_))).count();
+    eprintln!(
+        "relay: {} bytes, {records} page records in {syncs} ram sections; return path {:?}",
+        l.main_bytes, l.rp_values
+    );
+    assert!(records >= (64 << 20) / 4096, "every page of pc.ram went as a record");
+    assert!(l.rp.contains(&RpKind::Pong), "no PONG for the source's PING: {:?}", l.rp);
+    assert_eq!(l.rp_values.last(), Some(&(RpKind::Shut, Some(0))), "the destination's last word is SHUT(0)");
+    assert_eq!(l.rp.contains(&RpKind::SwitchoverAck), gate);
 }
