@@ -113,6 +113,7 @@ pub(crate) fn parse_id(s: &str) -> Result<u128, AgentError> {
 }
 
 /// The destination's images, opened for block reads, by offered id.
+#[derive(Default)]
 pub(crate) struct ReceiverDisks {
     files: Vec<(u16, File)>,
 }

@@ -8,6 +8,7 @@ pub mod receive;
 pub mod report;
 pub mod scanner;
 pub mod send;
+pub mod stream;
 pub mod throttle;
 pub mod transport;
 
@@ -18,7 +19,7 @@ pub use error::AgentError;
 pub use receive::{receive, ReceiveOptions};
 pub use report::{IterationRecord, Report};
 pub use scanner::TrackerKind;
-pub use send::{send, PolicyKind, SendOptions};
+pub use send::{send, Engine, PolicyKind, SendOptions};
 pub use transport::Transport;
 
 /// Name and version sent in the handshake.

@@ -146,6 +146,12 @@ impl Writer {
     }
 
     /// Bytes written so far.
+    /// Another producer of frames for this connection (e.g. a relay thread); frames from all
+    /// producers go out in the order they were queued.
+    pub fn sender(&self) -> Sender<Out> {
+        self.tx.clone().unwrap_or_else(|| bounded(0).0)
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }

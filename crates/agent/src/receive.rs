@@ -17,7 +17,8 @@ use livemig_memory::{GuestMemory, PageBuf};
 use livemig_qmp::Qmp;
 use livemig_track::{hash_page, Digest, Ledger};
 use livemig_wire::{
-    negotiate, FrameKind, Message, WireError, RegionInfo, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    negotiate, FrameKind, Message, WireError, RegionInfo, ENGINE_SHARED, ENGINE_STREAM, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, STREAM_PROTOCOL_VERSION,
 };
 
 use crate::error::AgentError;
@@ -152,16 +153,6 @@ fn run(
     }
     let version = crate::qemu::QemuVersion::of(qmp)?;
     report.qemu_version = Some(version.to_string());
-    let mem = GuestMemory::open(qmp)?;
-    crate::qemu::check_shared_engine(version, &crate::qemu::memfd_regions(&mem), "destination")?;
-    let total = mem.total_pages();
-    report.ram_bytes = mem.layout().iter().map(|(_, s)| s).sum();
-    obs.progress(Progress::Phase("preparing destination memory"));
-    let cleared = clear_memory(&mem)?;
-    if cleared > 0 {
-        obs.progress(Progress::Phase("destination memory held data: cleared it"));
-    }
-    let mut ledger = Ledger::zeroed(total);
     if !opts.disk_images.is_empty() {
         obs.progress(Progress::Phase("indexing the disk images"));
     }
@@ -173,12 +164,8 @@ fn run(
         ),
         None => None,
     };
-    qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
-        .map_err(AgentError::qmp("cannot enable x-ignore-shared on the destination QEMU"))?;
     let dir = crate::private_dir("receive")?;
     let incoming = dir.path().join("incoming.sock");
-    qmp.migrate_incoming(&format!("unix:{}", incoming.display()))
-        .map_err(AgentError::qmp("the destination QEMU refused migrate-incoming"))?;
 
     obs.progress(Progress::Phase("waiting for the sender"));
     let stream = accept(&listener, opts)?;
@@ -190,7 +177,29 @@ fn run(
     let count = Arc::new(AtomicU64::new(0));
     let mut reader = Counting { inner: channel.reader, count: Arc::clone(&count) };
     livemig_wire::read_magic(&mut reader)?;
-    let peer = handshake(&mut reader, writer, &mem, &opts.disk_images, &indexes, store.as_ref())?;
+    let hello = livemig_wire::read_message(&mut reader)?;
+    if matches!(&hello, Message::Hello { engine, .. } if engine == ENGINE_STREAM) {
+        report.engine = ENGINE_STREAM.into();
+        report.tracker = "qemu".into();
+        return receive_stream(opts, obs, report, qmp, hello, reader, conn_slot, &stream, &incoming, &indexes);
+    }
+    report.engine = ENGINE_SHARED.into();
+    let mem = GuestMemory::open(qmp)?;
+    crate::qemu::check_shared_engine(version, &crate::qemu::memfd_regions(&mem), "destination")
+        .inspect_err(|e| refuse_with(writer, e))?;
+    let total = mem.total_pages();
+    report.ram_bytes = mem.layout().iter().map(|(_, s)| s).sum();
+    obs.progress(Progress::Phase("preparing destination memory"));
+    let cleared = clear_memory(&mem)?;
+    if cleared > 0 {
+        obs.progress(Progress::Phase("destination memory held data: cleared it"));
+    }
+    let mut ledger = Ledger::zeroed(total);
+    qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
+        .map_err(AgentError::qmp("cannot enable x-ignore-shared on the destination QEMU"))?;
+    qmp.migrate_incoming(&format!("unix:{}", incoming.display()))
+        .map_err(AgentError::qmp("the destination QEMU refused migrate-incoming"))?;
+    let peer = handshake(hello, writer, &mem, &opts.disk_images, &indexes, store.as_ref())?;
     report.vm = peer.vm.clone();
     report.disk_images_used = peer.disks_held;
     let snapshot: Option<Snapshot> = match livemig_wire::read_message(&mut reader)? {
@@ -270,8 +279,8 @@ fn run(
                 })?;
                 dev_bytes += frame.payload.len() as u64;
             }
-            FrameKind::Invalid => {
-                return Err(AgentError::Protocol { expected: "a valid frame".into(), got: "an invalid frame".into() })
+            FrameKind::Invalid | FrameKind::Stream | FrameKind::ReturnPath => {
+                return Err(AgentError::Protocol { expected: "a shared-engine frame".into(), got: format!("{:?}", frame.kind) })
             }
             FrameKind::Control => match frame.message()? {
                 Message::IterationEnd { index, pages, last } => {
@@ -376,6 +385,86 @@ fn run(
     }
 }
 
+/// The stream engine's side of the handshake and set-up, then [`crate::stream::receive::run`].
+#[allow(clippy::too_many_arguments)]
+fn receive_stream(
+    opts: &ReceiveOptions,
+    obs: &mut dyn Observer,
+    report: &mut Report,
+    qmp: &mut Qmp,
+    hello: Message,
+    mut reader: Counting<Box<dyn Read + Send>>,
+    conn_slot: &mut Option<Box<dyn Write + Send>>,
+    stream: &TcpStream,
+    incoming: &std::path::Path,
+    indexes: &[livemig_index::DiskIndex],
+) -> Result<(), AgentError> {
+    let writer = conn_slot.as_mut().expect("connected");
+    let Message::Hello { version, min_version, software, page_size, disks, .. } = hello else {
+        return Err(AgentError::Protocol { expected: "hello".into(), got: hello.name().into() });
+    };
+    let refuse = |writer: &mut dyn Write, reason: String| -> AgentError {
+        let _ = livemig_wire::write_message(writer, &Message::Abort { reason: reason.clone() });
+        AgentError::Incompatible(reason)
+    };
+    let v = match negotiate(min_version, version) {
+        Some(v) if v >= STREAM_PROTOCOL_VERSION => v,
+        _ => {
+            return Err(refuse(
+                writer,
+                format!("protocol version mismatch: the source ({software}) speaks {min_version}..{version} with the stream engine, this destination {STREAM_PROTOCOL_VERSION}..{PROTOCOL_VERSION}"),
+            ))
+        }
+    };
+    if page_size != 4096 {
+        return Err(refuse(writer, format!("the source uses {page_size}-byte pages; this destination 4096")));
+    }
+    let (rdisks, held) = match ReceiverDisks::answer(&disks, &opts.disk_images, indexes) {
+        Ok(x) => x,
+        Err(e) => return Err(refuse(writer, e.chain())),
+    };
+    report.disk_images_used = held.len();
+    livemig_wire::write_message(writer, &Message::Welcome { version: v, software: SOFTWARE.into(), holds: holdings::holdings(held, Vec::new()) })?;
+    match livemig_wire::read_message(&mut reader)? {
+        Message::Plan { snapshot: None } => {}
+        Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
+        other => return Err(AgentError::Protocol { expected: "plan without a snapshot".into(), got: other.name().into() }),
+    }
+    let caps = match livemig_wire::read_message(&mut reader)? {
+        Message::StreamSetup { capabilities } => capabilities,
+        Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
+        other => return Err(AgentError::Protocol { expected: "stream-setup".into(), got: other.name().into() }),
+    };
+    if caps.len() > 64 {
+        return Err(refuse(writer, format!("{} migration capabilities", caps.len())));
+    }
+    let pairs: Vec<(&str, bool)> = caps.iter().map(|(c, s)| (c.as_str(), *s)).collect();
+    if let Err(e) = qmp.migrate_set_capabilities(&pairs) {
+        return Err(refuse(writer, format!("the destination QEMU refused the source's migration capabilities: {e}")));
+    }
+    qmp.migrate_incoming(&format!("unix:{}", incoming.display())).map_err(AgentError::qmp("the destination QEMU refused migrate-incoming"))?;
+    let qemu_sock = crate::stream::receive::connect_incoming(incoming, opts.timeout)?;
+    livemig_wire::write_message(writer, &Message::StreamReady)?;
+    stream.set_read_timeout(None).map_err(|source| AgentError::Network { what: "cannot configure the socket".into(), source })?;
+    let count = Arc::clone(&reader.count);
+    let frames = link::read_frames(reader, 64);
+    let w = conn_slot.take().expect("connected");
+    let mut writer = link::Writer::spawn(w, None);
+    obs.progress(Progress::Phase("rebuilding QEMU's stream into the destination QEMU"));
+    let r = crate::stream::receive::run(opts, obs, report, qmp, qemu_sock, &frames, &mut writer, &rdisks);
+    report.wire_bytes = count.load(Ordering::Relaxed);
+    if let Err(e) = &r {
+        let connection_lost = matches!(e, AgentError::Wire(WireError::Closed | WireError::Io { .. } | WireError::TimedOut { .. }));
+        if !matches!(e, AgentError::PeerAborted { .. }) && !connection_lost {
+            let _ = writer.send(link::Out::Message(Message::Abort { reason: format!("destination: {}", e.chain()) }));
+            let _ = writer.marker(Duration::from_secs(2));
+        }
+    }
+    drop(frames);
+    let _ = writer.finish();
+    r
+}
+
 fn accept(listener: &TcpListener, opts: &ReceiveOptions) -> Result<TcpStream, AgentError> {
     let net = |source| AgentError::Network { what: "cannot accept the sender's connection".into(), source };
     listener.set_nonblocking(true).map_err(net)?;
@@ -427,16 +516,20 @@ struct Peer {
     disks_held: usize,
 }
 
+/// Tells the sender why this destination refuses, before the error ends the receiver.
+fn refuse_with(writer: &mut dyn Write, e: &AgentError) {
+    let _ = livemig_wire::write_message(writer, &Message::Abort { reason: e.chain() });
+}
+
 fn handshake(
-    reader: &mut impl Read,
+    hello: Message,
     writer: &mut impl Write,
     mem: &GuestMemory,
     images: &[PathBuf],
     indexes: &[livemig_index::DiskIndex],
     store: Option<&SnapshotStore>,
 ) -> Result<Peer, AgentError> {
-    let hello = livemig_wire::read_message(reader)?;
-    let Message::Hello { version, min_version, software, page_size, regions, vm, disks } = hello else {
+    let Message::Hello { version, min_version, software, page_size, regions, vm, disks, engine: _ } = hello else {
         return Err(AgentError::Protocol { expected: "hello".into(), got: hello.name().into() });
     };
     let refuse = |writer: &mut dyn Write, reason: String| -> AgentError {

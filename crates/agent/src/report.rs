@@ -95,6 +95,16 @@ pub struct Report {
     pub max_device_state_bytes: Option<u64>,
     /// The QEMU version this agent drove (from its QMP greeting).
     pub qemu_version: Option<String>,
+    /// How the RAM travelled: `shared` (livemig read the shared RAM) or `stream` (QEMU's own
+    /// migration stream, relayed and compacted).
+    pub engine: String,
+    /// Why that engine (`--engine auto` says what it measured; a forced engine says so).
+    pub engine_reason: Option<String>,
+    /// Stream engine: what the relay saw.
+    pub stream: Option<crate::stream::StreamReport>,
+    /// Stream engine: QEMU's own downtime figure (source `query-migrate`), beside `downtime_ms`
+    /// (QEMU's stop of the source to the destination's confirmed `cont`).
+    pub qemu_downtime_ms: Option<f64>,
     /// Pages sent, by class (`zero`, `dup`, `disk_ref`, `snapshot_ref`, `delta`, `raw`; `raw`
     /// includes compressed whole pages).
     pub pages: BTreeMap<String, u64>,
@@ -169,10 +179,15 @@ impl Report {
         if let Some(e) = &self.error {
             let _ = writeln!(s, "error:        {e}");
         }
+        if !self.engine.is_empty() {
+            let q = self.qemu_version.as_deref().map(|v| format!(", QEMU {v}")).unwrap_or_default();
+            let _ = writeln!(s, "engine:       {}{q}", self.engine);
+        }
         let _ = writeln!(s, "total time:   {:.0} ms", self.total_time_ms);
         if let Some(d) = self.downtime_ms {
             let pred = self.predicted_downtime_ms.map(|p| format!(" (predicted {p:.0} ms)")).unwrap_or_default();
-            let _ = writeln!(s, "downtime:     {d:.0} ms{pred}");
+            let qemu = self.qemu_downtime_ms.map(|q| format!(", QEMU's own figure {q:.0} ms")).unwrap_or_default();
+            let _ = writeln!(s, "downtime:     {d:.0} ms{pred}{qemu}");
         }
         let _ = writeln!(s, "guest RAM:    {:.0} MiB", mib(self.ram_bytes));
         let _ = writeln!(

@@ -168,7 +168,15 @@ pub(crate) struct SendArgs {
     /// Send whole pages uncompressed (same as --compressor none).
     #[arg(long)]
     no_compress: bool,
-    /// Dirty-page tracker: `soft-dirty` reads the QEMU process's soft-dirty bits (Linux with
+    /// How the RAM travels. `stream`: QEMU migrates the VM with its own pre-copy and dirty
+    /// tracking (any RAM: plain -m, memfd, file) into livemig, which compacts its page records,
+    /// carries them over its own connection and rebuilds QEMU's exact stream for the destination
+    /// QEMU; needs QEMU >= 8.1 (>= 9.0 under TCG). `shared`: livemig reads the VM's shared RAM
+    /// (a named file, or memfd on QEMU < 8.1) with its own tracker and QEMU moves only the device
+    /// state. `auto`: stream where this QEMU allows it, else shared; the report says which and why.
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    engine: EngineArg,
+    /// Dirty-page tracker of the shared engine: `soft-dirty` reads the QEMU process's soft-dirty bits (Linux with
     /// CONFIG_MEM_SOFT_DIRTY; a self-test refuses it elsewhere), `content` hashes every page,
     /// `auto` uses soft-dirty where the self-test passes, else content.
     #[arg(long, value_enum, default_value_t = TrackerArg::Auto)]
@@ -212,6 +220,13 @@ pub(crate) struct ReceiveArgs {
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EngineArg {
+    Auto,
+    Stream,
+    Shared,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -315,6 +330,11 @@ fn run_send(a: &SendArgs) -> anyhow::Result<u8> {
     };
     o.vm_id = a.vm_id.clone();
     o.max_device_state = a.max_device_state;
+    o.engine = match a.engine {
+        EngineArg::Auto => livemig_agent::Engine::Auto,
+        EngineArg::Stream => livemig_agent::Engine::Stream,
+        EngineArg::Shared => livemig_agent::Engine::Shared,
+    };
     o.tracker = match a.tracker {
         TrackerArg::Auto => livemig_agent::TrackerKind::Auto,
         TrackerArg::Content => livemig_agent::TrackerKind::Content,

@@ -59,6 +59,10 @@ pub struct EncodeOptions {
     /// The destination's RAM is all zeroes before the first page arrives (a new memfd or file):
     /// pages never sent may be sent as a delta against zero.
     pub dest_starts_zeroed: bool,
+    /// The destination reads earlier pages only from a cache that mirrors this encoder's delta
+    /// cache (the stream engine's receiver, which holds no copy of the guest RAM): `dup` names
+    /// only pages that cache still holds.
+    pub refs_need_cache: bool,
 }
 
 /// Default size of the delta cache.
@@ -72,6 +76,7 @@ impl Default for EncodeOptions {
             delta: true,
             delta_cache_bytes: DEFAULT_DELTA_CACHE,
             dest_starts_zeroed: true,
+            refs_need_cache: false,
         }
     }
 }
@@ -380,11 +385,18 @@ impl Encoder {
         if !self.opts.dup || fp == UNKNOWN {
             return None;
         }
-        if self.held(page) == fp {
+        let usable = |q: u64| self.held(q) == fp && (!self.opts.refs_need_cache || self.cache.get(q, fp).is_some());
+        if usable(page) {
             return Some(page);
         }
         let q = *self.by_fp.get(&fp)?;
-        (self.held(q) == fp).then_some(q)
+        usable(q).then_some(q)
+    }
+
+    /// Slots (pages) of the delta cache: a destination mirroring it
+    /// ([`EncodeOptions::refs_need_cache`]) keeps as many, each page at `page % slots`.
+    pub fn cache_slots(&self) -> u64 {
+        self.cache.tags.len() as u64
     }
 
     fn delta_base(&self, page: u64, base_fp: u128) -> Option<&[u8; PAGE_SIZE]> {
@@ -428,7 +440,7 @@ impl Encoder {
     pub fn commit(&mut self, p: &Prepared, data: &[u8; PAGE_SIZE]) -> (PageClass, usize) {
         let still_valid = match p.dep {
             Dep::None => true,
-            Dep::Dup { src } => self.held(src) == p.fp,
+            Dep::Dup { src } => self.held(src) == p.fp && (!self.opts.refs_need_cache || self.cache.get(src, p.fp).is_some()),
             Dep::Delta { base } => self.held(p.page) == base,
         };
         if still_valid {

@@ -17,7 +17,7 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Version of the protocol spoken by this build. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Oldest peer version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
 /// Largest payload accepted from the wire (a batch of pages plus its record headers).
@@ -39,6 +39,11 @@ pub enum FrameKind {
     Pages = 2,
     /// A chunk of QEMU's device-state migration stream.
     DeviceState = 3,
+    /// Stream engine: a chunk of QEMU's own migration stream, its page records compacted
+    /// (format owned by `livemig-agent`'s stream engine).
+    Stream = 4,
+    /// Stream engine: bytes of the destination QEMU's return path, verbatim.
+    ReturnPath = 5,
 }
 
 impl FrameKind {
@@ -47,6 +52,8 @@ impl FrameKind {
             1 => Some(Self::Control),
             2 => Some(Self::Pages),
             3 => Some(Self::DeviceState),
+            4 => Some(Self::Stream),
+            5 => Some(Self::ReturnPath),
             _ => None,
         }
     }
@@ -306,6 +313,10 @@ pub enum Message {
         /// Disk images the sender can reference blocks of.
         #[serde(default)]
         disks: Vec<DiskOffer>,
+        /// How the RAM travels: [`ENGINE_SHARED`] (livemig reads the shared RAM) or
+        /// [`ENGINE_STREAM`] (QEMU's own stream, relayed; protocol version 3).
+        #[serde(default = "engine_shared")]
+        engine: String,
     },
     /// Destination -> source: accepted, with the version both speak.
     Welcome {
@@ -368,6 +379,58 @@ pub enum Message {
     Commit,
     /// Destination -> source: the destination VM runs.
     Resumed,
+    /// Stream engine, source -> destination after `Plan`: the migration capabilities the source
+    /// QEMU migrates with (the destination must set the same), then the destination starts its
+    /// incoming migration and answers [`Message::StreamReady`].
+    StreamSetup {
+        /// (capability, state) pairs.
+        capabilities: Vec<(String, bool)>,
+    },
+    /// Stream engine, destination -> source: the destination QEMU listens and the receiver is
+    /// connected to it.
+    StreamReady,
+    /// Stream engine, source -> destination: QEMU's RAM blocks (from the stream), the page index
+    /// space of the records that follow, and the slots of the page cache both sides mirror.
+    StreamBlocks {
+        /// (block name, bytes) in stream order.
+        blocks: Vec<(String, u64)>,
+        /// Slots of the direct-mapped page cache (pages).
+        cache_pages: u64,
+    },
+    /// Stream engine, destination -> source: chunks up to this sequence number are written to
+    /// the destination QEMU.
+    StreamAck {
+        /// Chunk sequence number.
+        seq: u64,
+    },
+    /// Stream engine, destination -> source: a page of a chunk did not resolve; send it whole.
+    StreamResend {
+        /// Chunk sequence number.
+        seq: u64,
+        /// Item index in the chunk.
+        item: u32,
+    },
+    /// Stream engine, source -> destination: the digest of every byte of QEMU's stream up to
+    /// here (the RAM is done, or the parser fell back to passing bytes verbatim). The destination
+    /// compares it with what it wrote before it writes one more byte.
+    StreamCheckpoint {
+        /// Bytes of the stream so far.
+        bytes: u64,
+        /// xxh3-128 of them, 32 hex digits.
+        digest: String,
+        /// Why here: `ram-done` or the fallback's reason.
+        at: String,
+    },
+    /// Stream engine, destination -> source: the checkpoint's digest matched.
+    StreamVerified {
+        /// Bytes covered.
+        bytes: u64,
+    },
+    /// Stream engine, source -> destination: the source QEMU's stream ended (EOF) after `bytes`.
+    StreamEnd {
+        /// Bytes of the whole stream.
+        bytes: u64,
+    },
     /// Either side: the migration is abandoned, with the reason.
     Abort {
         /// Why, one sentence.
@@ -391,9 +454,28 @@ impl Message {
             Message::Loaded => "loaded",
             Message::Commit => "commit",
             Message::Resumed => "resumed",
+            Message::StreamSetup { .. } => "stream-setup",
+            Message::StreamReady => "stream-ready",
+            Message::StreamBlocks { .. } => "stream-blocks",
+            Message::StreamAck { .. } => "stream-ack",
+            Message::StreamResend { .. } => "stream-resend",
+            Message::StreamCheckpoint { .. } => "stream-checkpoint",
+            Message::StreamVerified { .. } => "stream-verified",
+            Message::StreamEnd { .. } => "stream-end",
             Message::Abort { .. } => "abort",
         }
     }
+}
+
+/// [`Message::Hello`]'s `engine` for the shared-memory engine.
+pub const ENGINE_SHARED: &str = "shared";
+/// [`Message::Hello`]'s `engine` for the stream engine.
+pub const ENGINE_STREAM: &str = "stream";
+/// The first protocol version with the stream engine.
+pub const STREAM_PROTOCOL_VERSION: u32 = 3;
+
+fn engine_shared() -> String {
+    ENGINE_SHARED.to_string()
 }
 
 /// Parses a JSON value into a type, for callers with their own message structures.
@@ -431,6 +513,7 @@ mod tests {
                 regions: vec![RegionInfo { id: "mem0".into(), size: 1 << 29 }],
                 vm: Some("vm1".into()),
                 disks: vec![DiskOffer { id: 0, size: 1 << 30, index_hash: "00ff".into() }],
+                engine: ENGINE_STREAM.into(),
             },
             Message::Welcome {
                 version: 2,
@@ -443,6 +526,14 @@ mod tests {
             Message::Commit,
             Message::Abort { reason: "because".into() },
             Message::Switchover { digest: "ab".into(), pages: 3 },
+            Message::StreamSetup { capabilities: vec![("return-path".into(), true)] },
+            Message::StreamReady,
+            Message::StreamBlocks { blocks: vec![("pc.ram".into(), 1 << 29)], cache_pages: 16384 },
+            Message::StreamAck { seq: 7 },
+            Message::StreamResend { seq: 7, item: 3 },
+            Message::StreamCheckpoint { bytes: 9, digest: "00".into(), at: "ram-done".into() },
+            Message::StreamVerified { bytes: 9 },
+            Message::StreamEnd { bytes: 10 },
         ];
         for m in msgs {
             let mut buf = Vec::new();
@@ -453,7 +544,7 @@ mod tests {
 
     #[test]
     fn rejects_invalid_and_unknown_kinds() {
-        for k in [0u16, 4, 0xffff] {
+        for k in [0u16, 6, 0xffff] {
             let mut buf = Vec::new();
             write_frame(&mut buf, FrameKind::Pages, b"abc").unwrap();
             buf[0..2].copy_from_slice(&k.to_le_bytes());
@@ -509,13 +600,14 @@ mod tests {
         assert_eq!(negotiate(1, 7), Some(PROTOCOL_VERSION));
         // a version-1 peer (before compaction references) is refused
         assert_eq!(negotiate(1, 1), None);
-        assert_eq!(negotiate(3, 9), None);
+        assert_eq!(negotiate(3, 9), Some(3), "a version-3 peer (the stream engine) is spoken");
+        assert_eq!(negotiate(4, 9), None);
         assert_eq!(negotiate(0, 0), None);
     }
 
     proptest! {
         #[test]
-        fn frames_roundtrip(kind in 1u16..=3, payload in proptest::collection::vec(any::<u8>(), 0..5000)) {
+        fn frames_roundtrip(kind in 1u16..=5, payload in proptest::collection::vec(any::<u8>(), 0..5000)) {
             let kind = FrameKind::from_u16(kind).unwrap();
             let f = roundtrip(kind, &payload);
             prop_assert_eq!(f.kind, kind);

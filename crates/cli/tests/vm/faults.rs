@@ -240,6 +240,7 @@ fn protocol_version_mismatch_is_refused_naming_both_versions() {
             regions: vec![RegionInfo { id: "mem0".into(), size: 384 * MIB }],
             vm: None,
             disks: vec![],
+            engine: livemig_wire::ENGINE_SHARED.into(),
         };
         livemig_wire::write_message(&mut s, &hello).unwrap();
         answer = Some(livemig_wire::read_message(&mut s));

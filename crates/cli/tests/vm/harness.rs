@@ -85,10 +85,7 @@ impl Pair {
         let src = Vm::start(&image, &cfg).expect("source VM starts");
         src.wait_console(Duration::from_secs(180), |l| l.contains("LIVEMIG-VERIFY"))
             .expect("the source guest runs its verifier");
-        let mut dcfg = dst_cfg(cfg.as_incoming("destination"));
-        if matches!(dcfg.backend, RamBackend::Anonymous) {
-            dcfg.backend = RamBackend::ShmFile;
-        }
+        let dcfg = dst_cfg(cfg.as_incoming("destination"));
         let dst = Vm::start(&image, &dcfg).expect("destination VM starts");
         Pair { src, dst, dir, dst_cfg: dcfg }
     }
@@ -264,8 +261,11 @@ impl Migration {
         let (send_json, recv_json) = (d.join(format!("{tag}send.json")), d.join(format!("{tag}receive.json")));
         let receiver = spawn_receive(&addr, dst, &recv_json, &recv_log, recv_args);
         let to = via(&addr);
+        // The shared engine unless the test names one: most tests here are of that engine.
+        let engine = (!send_args.contains(&"--engine")).then_some(["--engine", "shared"]);
         let mut sender = Command::new(exe)
             .args(["send", "--to", &to, "--timeout", "30s"])
+            .args(engine.iter().flatten())
             .args(insecure(send_args).then_some("--insecure"))
             .arg("--qmp")
             .arg(src.qmp_path())

@@ -1,0 +1,295 @@
+//! The stream engine's `receive`: rebuilds QEMU's migration stream byte for byte from the
+//! sender's chunks (opaque spans verbatim, pages decoded against the mirrored cache, disk
+//! images), writes it into the destination QEMU's incoming socket, relays the destination's
+//! return path back, checks the stream digest before one byte past the RAM reaches QEMU, and
+//! resumes the destination only on the sender's commit.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use livemig_compact::{decode_batch, ClassStats, PageClass, PAGE_SIZE};
+use livemig_qmp::Qmp;
+use livemig_wire::{Frame, FrameKind, Message, WireError};
+use xxhash_rust::xxh3::Xxh3;
+
+use super::cache::{PageCache, StreamDest, MAX_CACHE_PAGES};
+use super::chunk::{self, Item, Payload};
+use crate::error::AgentError;
+use crate::holdings::ReceiverDisks;
+use crate::link::{Out, Writer};
+use crate::receive::ReceiveOptions;
+use crate::report::Report;
+use crate::{Observer, Progress};
+
+/// Most pages a stream may declare (16 TiB of RAM).
+const MAX_PAGES: u64 = 1 << 32;
+
+/// The destination QEMU's incoming socket: connected after `migrate-incoming`.
+pub(crate) fn connect_incoming(path: &std::path::Path, timeout: Duration) -> Result<UnixStream, AgentError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() < deadline && matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(source) => return Err(AgentError::Network { what: "cannot connect to the destination QEMU's incoming migration socket".into(), source }),
+        }
+    }
+}
+
+/// Copies the destination QEMU's return path onto the connection, verbatim.
+pub(crate) fn spawn_return_path(mut qemu: UnixStream, out: crossbeam_channel::Sender<Out>) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("livemig-return-path".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match qemu.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if out.send(Out::Frame(FrameKind::ReturnPath, buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+        .expect("spawn return-path thread")
+}
+
+/// State of the rebuild.
+struct Rebuild<'a> {
+    qemu: UnixStream,
+    cache: Option<PageCache>,
+    disks: &'a ReceiverDisks,
+    hasher: Xxh3,
+    written: u64,
+    checked: bool,
+    stats: ClassStats,
+    resent: u64,
+}
+
+impl Rebuild<'_> {
+    fn write(&mut self, b: &[u8]) -> Result<(), AgentError> {
+        if !self.checked {
+            self.hasher.update(b);
+        }
+        self.written += b.len() as u64;
+        self.qemu.write_all(b).map_err(|source| AgentError::Network { what: "the destination QEMU stopped reading the migration stream".into(), source })
+    }
+}
+
+/// Runs after the handshake and `StreamSetup`: the destination QEMU's incoming migration is
+/// started and `qemu_sock` connected to it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run(
+    opts: &ReceiveOptions,
+    obs: &mut dyn Observer,
+    report: &mut Report,
+    qmp: &mut Qmp,
+    qemu_sock: UnixStream,
+    frames: &crossbeam_channel::Receiver<Result<Frame, WireError>>,
+    writer: &mut Writer,
+    disks: &ReceiverDisks,
+) -> Result<(), AgentError> {
+    let sock = |source| AgentError::Network { what: "cannot use the incoming socket".into(), source };
+    let rp_read = qemu_sock.try_clone().map_err(sock)?;
+    let closer = qemu_sock.try_clone().map_err(sock)?;
+    let _rp = spawn_return_path(rp_read, writer.sender());
+    let r = rebuild(opts, obs, report, qmp, qemu_sock, frames, writer, disks);
+    // Ends the return-path thread (it holds a producer of the connection's frames).
+    let _ = closer.shutdown(std::net::Shutdown::Both);
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rebuild(
+    opts: &ReceiveOptions,
+    obs: &mut dyn Observer,
+    report: &mut Report,
+    qmp: &mut Qmp,
+    qemu_sock: UnixStream,
+    frames: &crossbeam_channel::Receiver<Result<Frame, WireError>>,
+    writer: &mut Writer,
+    disks: &ReceiverDisks,
+) -> Result<(), AgentError> {
+    let mut rb = Rebuild { qemu: qemu_sock, cache: None, disks, hasher: Xxh3::new(), written: 0, checked: false, stats: ClassStats::default(), resent: 0 };
+    // Frames that arrived while a chunk waited for a resend.
+    let mut later: VecDeque<Frame> = VecDeque::new();
+    let mut ended = None;
+    let mut checkpoint_at: Option<u64> = None;
+    let mut loaded = false;
+    let mut page = Box::new([0u8; PAGE_SIZE]);
+    loop {
+        if opts.cancel.load(Ordering::Relaxed) {
+            return Err(AgentError::Cancelled);
+        }
+        let frame = match later.pop_front() {
+            Some(f) => f,
+            None => match frames.recv_timeout(Duration::from_millis(200)) {
+                Ok(f) => f?,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if ended.is_some() && !loaded {
+                        // The whole stream is in QEMU: wait for it to load.
+                        let info = qmp.query_migrate().map_err(AgentError::qmp("cannot follow the destination's migration"))?;
+                        match info.status.as_deref() {
+                            Some("completed") => {
+                                let s = qmp.query_status().map_err(AgentError::qmp("cannot query the destination VM's state"))?;
+                                if s.running {
+                                    return Err(AgentError::Incompatible("the destination VM started running before the commit (start it with -S)".into()));
+                                }
+                                loaded = true;
+                                writer.send(Out::Message(Message::Loaded))?;
+                                obs.progress(Progress::Phase("the destination QEMU loaded the stream; waiting for the commit"));
+                            }
+                            Some("failed") => {
+                                return Err(AgentError::DeviceState(info.error_desc.unwrap_or_else(|| "the destination's migration failed".into())))
+                            }
+                            _ => {}
+                        }
+                    }
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(AgentError::Wire(WireError::Closed)),
+            },
+        };
+        report.wire_bytes += (frame.payload.len() + livemig_wire::HEADER_LEN) as u64;
+        match frame.kind {
+            FrameKind::Stream => match chunk::parse(&frame.payload).map_err(|e| AgentError::Protocol { expected: "a stream chunk".into(), got: e.0 })? {
+                Payload::Chunk { seq, items } => {
+                    for (i, item) in items.iter().enumerate() {
+                        match item {
+                            Item::Opaque(b) => rb.write(b)?,
+                            Item::Page { header, record } => {
+                                let cache = rb.cache.as_mut().ok_or_else(|| AgentError::Protocol {
+                                    expected: "stream-blocks before the first page".into(),
+                                    got: "a page".into(),
+                                })?;
+                                let total = cache.total();
+                                let mut dest = StreamDest { cache, disks: rb.disks, out: &mut page, written: None };
+                                let summary = decode_batch(record, total, &mut dest)
+                                    .map_err(|e| AgentError::Protocol { expected: "a valid page record".into(), got: e.to_string() })?;
+                                let written = dest.written;
+                                if summary.pages_written + summary.misses.len() as u64 != 1 {
+                                    return Err(AgentError::Protocol { expected: "one page per page item".into(), got: format!("{} pages", summary.pages_written) });
+                                }
+                                match (written, summary.misses.first()) {
+                                    (Some((class, len)), None) => rb.stats.add(class, len),
+                                    (_, Some(miss)) => {
+                                        // Ask for it whole; the stream waits here.
+                                        let item = u32::try_from(i).expect("items fit u32");
+                                        writer.send(Out::Message(Message::StreamResend { seq, item }))?;
+                                        rb.resent += 1;
+                                        let data = wait_resend(frames, &mut later, seq, item, opts.timeout)?;
+                                        let cache = rb.cache.as_mut().expect("checked above");
+                                        cache.put(miss.page, PageClass::Raw, &data);
+                                        page.copy_from_slice(&data[..]);
+                                        rb.stats.add(PageClass::Raw, miss.record_len);
+                                    }
+                                    (None, None) => unreachable!("one page written or missed"),
+                                }
+                                rb.write(header)?;
+                                let p = std::mem::replace(&mut page, Box::new([0u8; PAGE_SIZE]));
+                                rb.write(&p[..])?;
+                                page = p;
+                            }
+                        }
+                    }
+                    writer.send(Out::Message(Message::StreamAck { seq }))?;
+                }
+                Payload::Resend { seq, item, .. } => {
+                    return Err(AgentError::Protocol { expected: "a chunk".into(), got: format!("an unasked resend of chunk {seq} item {item}") })
+                }
+            },
+            FrameKind::Control => match frame.message()? {
+                Message::StreamBlocks { blocks, cache_pages } => {
+                    let total: u64 = blocks.iter().map(|(_, b)| b.div_ceil(PAGE_SIZE as u64)).sum();
+                    if total > MAX_PAGES || cache_pages > MAX_CACHE_PAGES || rb.cache.is_some() {
+                        return Err(AgentError::Protocol {
+                            expected: format!("one block list of at most {MAX_PAGES} pages and a cache of at most {MAX_CACHE_PAGES} pages"),
+                            got: format!("{total} pages, cache {cache_pages}"),
+                        });
+                    }
+                    report.ram_bytes = blocks.iter().map(|(_, b)| b).sum();
+                    rb.cache = Some(PageCache::new(total, cache_pages));
+                }
+                Message::StreamCheckpoint { bytes, digest, at } => {
+                    let ours = format!("{:032x}", rb.hasher.digest128());
+                    rb.checked = true;
+                    report.verification.source_digest = Some(digest.clone());
+                    report.verification.destination_digest = Some(ours.clone());
+                    if bytes != rb.written || digest != ours {
+                        return Err(AgentError::VerifyMismatch {
+                            source_digest: format!("{digest} over {bytes} bytes"),
+                            destination_digest: format!("{ours} over {} bytes", rb.written),
+                        });
+                    }
+                    report.verification.ok = true;
+                    checkpoint_at = Some(bytes);
+                    writer.send(Out::Message(Message::StreamVerified { bytes }))?;
+                    obs.progress(Progress::Phase(&format!("stream digest verified ({at}, {} MiB): the rest may reach QEMU", bytes >> 20)));
+                }
+                Message::StreamEnd { bytes } => {
+                    if bytes != rb.written {
+                        return Err(AgentError::Protocol { expected: format!("{bytes} bytes of stream"), got: format!("{} written", rb.written) });
+                    }
+                    ended = Some(bytes);
+                    report.device_state_bytes = checkpoint_at.map_or(0, |c| bytes.saturating_sub(c));
+                }
+                Message::Commit => {
+                    if !loaded {
+                        return Err(AgentError::Protocol { expected: "the stream loaded before the commit".into(), got: "commit".into() });
+                    }
+                    qmp.cont().map_err(AgentError::qmp("cannot resume the destination VM"))?;
+                    writer.send(Out::Message(Message::Resumed))?;
+                    let _ = writer.marker(Duration::from_secs(5));
+                    obs.progress(Progress::Phase("completed: the destination VM runs"));
+                    report.set_class_stats(&rb.stats);
+                    report.resent_pages = rb.resent;
+                    return Ok(());
+                }
+                Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
+                other => return Err(AgentError::Protocol { expected: "stream chunks or control".into(), got: other.name().into() }),
+            },
+            other => return Err(AgentError::Protocol { expected: "stream frames".into(), got: format!("{other:?}") }),
+        }
+    }
+}
+
+/// Waits for the resend of (`seq`, `item`), keeping other frames for later.
+fn wait_resend(
+    frames: &crossbeam_channel::Receiver<Result<Frame, WireError>>,
+    later: &mut VecDeque<Frame>,
+    seq: u64,
+    item: u32,
+    timeout: Duration,
+) -> Result<Box<[u8; PAGE_SIZE]>, AgentError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let f = match frames.recv_deadline(deadline) {
+            Ok(f) => f?,
+            Err(_) => return Err(AgentError::Timeout { what: format!("the resend of chunk {seq} item {item}"), secs: timeout.as_secs_f64() }),
+        };
+        if f.kind == FrameKind::Stream {
+            if let Ok(Payload::Resend { seq: s, item: i, data }) = chunk::parse(&f.payload) {
+                if (s, i) == (seq, item) {
+                    return Ok(Box::new(*data));
+                }
+                return Err(AgentError::Protocol { expected: format!("the resend of chunk {seq} item {item}"), got: format!("chunk {s} item {i}") });
+            }
+        }
+        if f.kind == FrameKind::Control {
+            if let Ok(Message::Abort { reason }) = f.message() {
+                return Err(AgentError::PeerAborted { peer: "source", reason });
+            }
+        }
+        later.push_back(f);
+        if later.len() > 4096 {
+            return Err(AgentError::Protocol { expected: "a resend".into(), got: "4096 frames without it".into() });
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! The stream engine's `send`: QEMU runs its own pre-copy (its dirty tracking, any RAM) into a
+//! socket this process owns; the relay ([`super::source`]) compacts it onto livemig's
+//! connection, and this loop steers the switchover over QMP with the same controllers as the
+//! shared engine. Phases: setup -> precopy (QEMU iterates; the destination's switchover-ack is
+//! held here while the controller says iterate) -> switchover (the ack goes to QEMU, QEMU
+//! stops the guest and completes) -> commit (the destination resumes).
+//!
+//! Levers: the withheld `SWITCHOVER_ACK` (QEMU >= 8.1) keeps QEMU iterating with the guest
+//! running; `downtime-limit` is the operator's maximum; `avail-switchover-bandwidth` (QEMU >= 8.2)
+//! is set to the rate the relay actually drains QEMU's stream at, so QEMU's own check of the
+//! pending pages against the limit uses the link's rate, not the local socket's; throttling is
+//! QEMU's CPU throttle (`auto-converge`, its level capped by `max-cpu-throttle` as the
+//! controller asks), never `stop`/`cont` of a VM whose migration QEMU may complete at any time.
+
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use livemig_compact::EncodeOptions;
+use livemig_control::{Decision, IterationStats, Pending};
+use livemig_stream::{ReturnPathParser, RpEvent, RpKind};
+use livemig_wire::{FrameKind, Holdings, Message, WireError, ENGINE_STREAM, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, STREAM_PROTOCOL_VERSION};
+use serde_json::json;
+
+use super::chunk::resend_payload;
+use super::source::{relay_source, RelayStats, SourceConfig, Window, DEFAULT_WINDOW};
+use crate::error::AgentError;
+use crate::holdings::{self, SenderDisks};
+use crate::link::{self, Out, Writer};
+use crate::qemu::QemuVersion;
+use crate::report::{IterationRecord, Report, ThrottleReport};
+use crate::send::{SendOptions, SourceState};
+use crate::transport;
+use crate::{Observer, Progress, SOFTWARE};
+
+/// How often the controller samples QEMU's migration (an iteration is at least this long and
+/// ends at a sample after QEMU synced its dirty bitmap again).
+const SAMPLE: Duration = Duration::from_millis(250);
+
+/// The capabilities the source QEMU migrates with: what the relay needs on, what it cannot
+/// parse off; each only if this QEMU knows it.
+fn capabilities(known: &[String], version: QemuVersion, throttle: bool) -> Vec<(String, bool)> {
+    let mut caps = vec![("return-path", true), ("x-ignore-shared", false), ("auto-converge", throttle)];
+    if version >= QemuVersion::NAMED_FILE_ONLY {
+        caps.push(("switchover-ack", true));
+    }
+    for off in ["multifd", "xbzrle", "compress", "postcopy-ram", "postcopy-preempt", "mapped-ram", "dirty-bitmaps", "block", "dirty-limit", "zero-blocks", "x-colo", "background-snapshot", "rdma-pin-all", "validate-uuid"] {
+        caps.push((off, false));
+    }
+    caps.into_iter().filter(|(c, _)| known.iter().any(|k| k == c)).map(|(c, s)| (c.to_string(), s)).collect()
+}
+
+/// A non-negative figure rounded to a whole number (QMP's integers); negative and NaN are 0.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn whole(x: f64) -> u64 {
+    if x.is_finite() && x > 0.0 {
+        x.round().min(u64::MAX as f64) as u64
+    } else {
+        0
+    }
+}
+
+/// The stream engine can be used with this QEMU: `Err` says why not.
+pub fn usable(version: QemuVersion, kvm: bool) -> Result<(), String> {
+    if version < QemuVersion::NAMED_FILE_ONLY {
+        return Err(format!("QEMU {version} has no switchover-ack (8.1), which the stream engine holds to steer the switchover"));
+    }
+    if !kvm && version < (QemuVersion { major: 9, minor: 0, micro: 0 }) {
+        return Err(format!("QEMU {version} under TCG loses guest writes in its own dirty tracking (fixed in 9.0)"));
+    }
+    Ok(())
+}
+
+/// Runs the stream engine on a connected source QMP (`st`).
+pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut SourceState, version: QemuVersion) -> Result<(), AgentError> {
+    let throttle = matches!(opts.policy, crate::send::PolicyKind::Adaptive) && opts.on_no_converge == livemig_control::OnNoConverge::Throttle;
+    let known: Vec<String> = st
+        .qmp()
+        .execute("query-migrate-capabilities", None)
+        .map_err(AgentError::qmp("cannot list the source QEMU's migration capabilities"))?
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["capability"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let caps = capabilities(&known, version, throttle);
+    let ack_gate = caps.iter().any(|(c, s)| c == "switchover-ack" && *s);
+    {
+        let pairs: Vec<(&str, bool)> = caps.iter().map(|(c, s)| (c.as_str(), *s)).collect();
+        st.qmp().migrate_set_capabilities(&pairs).map_err(AgentError::qmp("the source QEMU refused the stream engine's migration capabilities"))?;
+    }
+    let mut params = json!({
+        // QEMU's default cap (128 MiB/s) is below the links livemig is for: the relay's window
+        // and the link bound the rate instead.
+        "max-bandwidth": opts.bandwidth.map_or(100u64 << 30, |b| b.saturating_mul(4)),
+        "downtime-limit": whole(opts.limits.max_downtime_ms).max(1),
+    });
+    if throttle {
+        // QEMU's own throttle, off (1 %) until the controller asks for more.
+        params["cpu-throttle-initial"] = json!(1);
+        params["cpu-throttle-increment"] = json!(1);
+        params["max-cpu-throttle"] = json!(1);
+        params["throttle-trigger-threshold"] = json!(1);
+    }
+    st.qmp().migrate_set_parameters(params).map_err(AgentError::qmp("the source QEMU refused the migration parameters"))?;
+
+    if !opts.disk_images.is_empty() {
+        obs.progress(Progress::Phase("indexing the disk images"));
+    }
+    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
+    obs.progress(Progress::Phase("connecting to the receiver"));
+    let stream = link::connect(&opts.to, opts.connect_timeout)?;
+    link::tune(&stream, opts.timeout)?;
+    let name = opts.server_name.clone().unwrap_or_else(|| transport::host_of(&opts.to).to_string());
+    let channel = transport::client(&opts.transport, &stream, &name)?;
+    report.peer = Some(channel.peer.clone());
+    let (mut reader, mut writer_half) = (channel.reader, channel.writer);
+    livemig_wire::write_magic(&mut writer_half)?;
+    livemig_wire::write_message(
+        &mut writer_half,
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            min_version: MIN_PROTOCOL_VERSION,
+            software: SOFTWARE.into(),
+            page_size: 4096,
+            regions: Vec::new(),
+            vm: None,
+            disks: holdings::offers(&indexes)?,
+            engine: ENGINE_STREAM.into(),
+        },
+    )?;
+    let holds: Holdings = match livemig_wire::read_message(&mut reader)? {
+        Message::Welcome { version, holds, software } => {
+            if version < STREAM_PROTOCOL_VERSION {
+                return Err(AgentError::Incompatible(format!(
+                    "the receiver ({software}) speaks protocol {version}, the stream engine needs {STREAM_PROTOCOL_VERSION}"
+                )));
+            }
+            holds
+        }
+        Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
+        other => return Err(AgentError::Protocol { expected: "welcome".into(), got: other.name().into() }),
+    };
+    report.disk_images_used = holds.disks.len();
+    let disks = SenderDisks::new(indexes, &holds.disks).map(|d| d as Arc<dyn livemig_compact::DiskLookup>);
+    livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: None })?;
+    livemig_wire::write_message(&mut writer_half, &Message::StreamSetup { capabilities: caps.clone() })?;
+    match livemig_wire::read_message(&mut reader)? {
+        Message::StreamReady => {}
+        Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
+        other => return Err(AgentError::Protocol { expected: "stream-ready".into(), got: other.name().into() }),
+    }
+    stream.set_read_timeout(None).map_err(|source| AgentError::Network { what: "cannot configure the socket".into(), source })?;
+    let frames = link::read_frames(reader, 64);
+    let mut writer = Writer::spawn(writer_half, opts.bandwidth);
+
+    // QEMU migrates into a socket of ours.
+    let dir = crate::private_dir("send")?;
+    let sock = dir.path().join("stream.sock");
+    let listener = UnixListener::bind(&sock).map_err(|source| AgentError::Network { what: format!("cannot listen on {}", sock.display()), source })?;
+    listener.set_nonblocking(true).map_err(|source| AgentError::Network { what: "cannot configure the stream socket".into(), source })?;
+    obs.progress(Progress::Phase("QEMU migrates into the relay"));
+    st.migrating = true;
+    st.stopped = st.was_running;
+    st.qmp().migrate(&format!("unix:{}", sock.display())).map_err(AgentError::qmp("the source QEMU refused to migrate"))?;
+    let deadline = Instant::now() + opts.timeout;
+    let qemu = loop {
+        match listener.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(AgentError::Timeout { what: "the source QEMU to connect its migration stream".into(), secs: opts.timeout.as_secs_f64() });
+                }
+                let info = st.qmp().query_migrate().map_err(AgentError::qmp("cannot query the source's migration"))?;
+                if info.status.as_deref() == Some("failed") {
+                    return Err(AgentError::DeviceState(info.error_desc.unwrap_or_else(|| "failed".into())));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(source) => return Err(AgentError::Network { what: "cannot accept QEMU's migration stream".into(), source }),
+        }
+    };
+    let net = |source| AgentError::Network { what: "cannot configure QEMU's migration socket".into(), source };
+    qemu.set_nonblocking(false).map_err(net)?;
+    let mut qemu_w = qemu.try_clone().map_err(net)?;
+
+    let window = Arc::new(Window::new(DEFAULT_WINDOW));
+    let stats = Arc::new(Mutex::new(RelayStats::default()));
+    let cfg = SourceConfig {
+        encode: EncodeOptions { compressor: opts.compressor, ..EncodeOptions::default() },
+        disks,
+    };
+    let relay = {
+        let (out, window, stats) = (writer.sender(), Arc::clone(&window), Arc::clone(&stats));
+        std::thread::Builder::new()
+            .name("livemig-relay".into())
+            .spawn(move || relay_source(qemu, out, window, stats, cfg))
+            .map_err(|source| AgentError::Network { what: "cannot start the relay thread".into(), source })?
+    };
+    let r = steer(opts, obs, report, st, &frames, &mut writer, &window, &stats, &mut qemu_w, ack_gate, throttle);
+    let s = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    report.set_class_stats(&s.classes);
+    report.ram_bytes = s.ram_bytes;
+    // What follows the RAM in QEMU's stream: the device state (with EOF and the vmdesc).
+    report.device_state_bytes = s.checkpoint_bytes.filter(|_| s.ram_done).map_or(0, |c| s.raw_bytes.saturating_sub(c));
+    report.stream = Some(super::StreamReport {
+        raw_bytes: s.raw_bytes,
+        pages: s.pages,
+        zero_records: s.zero_records,
+        verbatim_pages: s.verbatim_pages,
+        ram_sections: s.ram_sections,
+        fallback: s.fallback.clone(),
+        cache_pages: s.cache_pages,
+        switchover_ack_held: ack_gate,
+        qemu_downtime_ms: None,
+    });
+    if let Some(f) = &s.fallback {
+        let w = format!("the stream parser fell back to passing QEMU's stream verbatim (not compacted) from there on: {f}");
+        obs.progress(Progress::Phase(&w));
+        report.warnings.push(w);
+    }
+    report.wire_bytes = writer.total_bytes();
+    if r.is_err() {
+        window.close();
+        let _ = qemu_w.shutdown(std::net::Shutdown::Both);
+    }
+    let r = match r {
+        Err(AgentError::Wire(_)) => {
+            // A broken connection is often the receiver giving up: prefer the reason it sent.
+            match frames.recv_timeout(Duration::from_secs(1)) {
+                Ok(Ok(f)) if f.kind == FrameKind::Control => match f.message() {
+                    Ok(Message::Abort { reason }) => Err(AgentError::PeerAborted { peer: "destination", reason }),
+                    _ => r,
+                },
+                _ => r,
+            }
+        }
+        r => r,
+    };
+    if let Err(e) = &r {
+        if !matches!(e, AgentError::Wire(_)) {
+            let _ = writer.send(Out::Message(Message::Abort { reason: e.chain() }));
+            let _ = writer.marker(Duration::from_secs(2));
+        }
+    }
+    drop(frames);
+    let _ = writer.finish();
+    let _ = relay.join();
+    r
+}
+
+/// The precopy, switchover and commit phases: relays the return path (holding the
+/// switchover-ack), answers acks and resends, samples QEMU, asks the controller and acts.
+#[allow(clippy::too_many_arguments)]
+fn steer(
+    opts: &SendOptions,
+    obs: &mut dyn Observer,
+    report: &mut Report,
+    st: &mut SourceState,
+    frames: &crossbeam_channel::Receiver<Result<livemig_wire::Frame, WireError>>,
+    writer: &mut Writer,
+    window: &Window,
+    stats: &Mutex<RelayStats>,
+    qemu_w: &mut std::os::unix::net::UnixStream,
+    ack_gate: bool,
+    throttle: bool,
+) -> Result<(), AgentError> {
+    use std::io::Write as _;
+    let start = Instant::now();
+    let mut controller = opts.policy.controller(opts.limits, opts.on_no_converge);
+    let mut history: Vec<IterationStats> = Vec::new();
+    let mut rp = ReturnPathParser::new();
+    let mut held_ack: Option<Vec<u8>> = None;
+    let mut gate_open = !ack_gate;
+    let mut released_at: Option<Instant> = None;
+    let mut source_done = false;
+    let mut loaded = false;
+    let mut verified = false;
+    let mut index = 0u32;
+    let mut last_sample = Instant::now();
+    let mut last_sync = 0u64;
+    let (mut mark_wire, mut mark_pages, mut mark_t) = (0u64, 0u64, Instant::now());
+    let mut last_rate = opts.bandwidth.map_or(0.0, |b| b as f64);
+    let mut throttle_max = 0.0f64;
+    let mut predicted = None;
+    let stats_of = || stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let wr = |q: &mut std::os::unix::net::UnixStream, b: &[u8]| {
+        q.write_all(b).map_err(|source| AgentError::Network { what: "cannot write the return path into the source QEMU".into(), source })
+    };
+    loop {
+        if opts.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(AgentError::Cancelled);
+        }
+        match frames.recv_timeout(Duration::from_millis(20)) {
+            Ok(Ok(f)) => match f.kind {
+                FrameKind::ReturnPath => {
+                    let mut evs = Vec::new();
+                    rp.feed(&f.payload, &mut |e| evs.push(e));
+                    for e in evs {
+                        match e {
+                            RpEvent::Message(m) if m.kind() == RpKind::SwitchoverAck && !gate_open => {
+                                obs.progress(Progress::Phase("holding the destination's switchover-ack: QEMU iterates until the controller says go"));
+                                held_ack = Some(m.raw().to_vec());
+                            }
+                            RpEvent::Message(m) => wr(qemu_w, m.raw())?,
+                            RpEvent::Opaque(b) => wr(qemu_w, &b)?,
+                            RpEvent::Fallback { reason } => {
+                                report.warnings.push(format!("the return path is relayed verbatim from here on: {reason}"));
+                            }
+                        }
+                    }
+                }
+                FrameKind::Control => match f.message()? {
+                    Message::StreamAck { seq } => window.ack(seq),
+                    Message::StreamResend { seq, item } => {
+                        let page = window.page(seq, item).ok_or_else(|| AgentError::Protocol {
+                            expected: "a resend of a page still in the window".into(),
+                            got: format!("chunk {seq} item {item}"),
+                        })?;
+                        report.resent_pages += 1;
+                        writer.send(Out::Frame(FrameKind::Stream, resend_payload(seq, item, &page)))?;
+                    }
+                    Message::StreamVerified { bytes } => {
+                        verified = true;
+                        report.verification.ok = true;
+                        obs.progress(Progress::Phase(&format!("the destination verified the stream's digest ({} MiB)", bytes >> 20)));
+                    }
+                    Message::Loaded => loaded = true,
+                    Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
+                    other => return Err(AgentError::Protocol { expected: "stream acknowledgements".into(), got: other.name().into() }),
+                },
+                other => return Err(AgentError::Protocol { expected: "control or return-path frames".into(), got: format!("{other:?}") }),
+            },
+            Ok(Err(e)) => return Err(e.into()),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(AgentError::Wire(WireError::Closed)),
+        }
+        if source_done && loaded {
+            break;
+        }
+        if last_sample.elapsed() < SAMPLE {
+            continue;
+        }
+        last_sample = Instant::now();
+        let info = st.qmp().query_migrate().map_err(AgentError::qmp("cannot query the source's migration"))?;
+        match info.status.as_deref() {
+            Some("failed") => {
+                return Err(AgentError::DeviceState(info.error_desc.unwrap_or_else(|| "the source QEMU's migration failed".into())))
+            }
+            Some("cancelled" | "cancelling") => return Err(AgentError::DeviceState("the source QEMU's migration was cancelled".into())),
+            Some("completed") if !source_done => {
+                source_done = true;
+                if let Some(s) = report.stream.as_mut() {
+                    s.qemu_downtime_ms = info.downtime.map(|d| d as f64);
+                }
+                report.qemu_downtime_ms = info.downtime.map(|d| d as f64);
+                obs.progress(Progress::Phase("the source QEMU completed: waiting for the destination"));
+            }
+            _ => {}
+        }
+        if let Some(t) = info.raw["cpu-throttle-percentage"].as_f64() {
+            throttle_max = throttle_max.max(t / 100.0);
+        }
+        let s = stats_of();
+        if s.completion_started.is_some() || source_done {
+            if released_at.is_some_and(|t| t.elapsed() > opts.timeout) {
+                return Err(AgentError::Timeout { what: "the source QEMU to complete its switchover".into(), secs: opts.timeout.as_secs_f64() });
+            }
+            continue;
+        }
+        // One iteration per sample after QEMU synced its dirty bitmap again.
+        let sync = info.dirty_sync_count.unwrap_or(0);
+        if sync == last_sync && released_at.is_none() && mark_t.elapsed() < SAMPLE * 8 {
+            continue;
+        }
+        last_sync = sync;
+        let wire = writer.total_bytes();
+        let pages = s.pages + s.zero_records;
+        let dt = mark_t.elapsed();
+        let sent = pages - mark_pages;
+        let wire_delta = wire - mark_wire;
+        if sent >= 64 {
+            last_rate = wire_delta as f64 / dt.as_secs_f64().max(1e-3);
+        }
+        let stats_it = IterationStats {
+            index,
+            dirty_pages: info.remaining.unwrap_or(0) / 4096,
+            sent_pages: sent,
+            wire_bytes: wire_delta,
+            duration_ms: dt.as_secs_f64() * 1000.0,
+            scan_ms: 0.0,
+            rate_bytes_per_s: if sent >= 64 { last_rate } else { 0.0 },
+            throttle: info.raw["cpu-throttle-percentage"].as_f64().unwrap_or(0.0) / 100.0,
+        };
+        (mark_wire, mark_pages, mark_t) = (wire, pages, Instant::now());
+        let pending = Pending { index: index + 1, dirty_pages: info.remaining.unwrap_or(0) / 4096, scan_ms: 0.0 };
+        history.push(stats_it.clone());
+        let decision = controller.decide(&history, &pending);
+        let record = IterationRecord::new(stats_it, &decision, controller.fit(), false);
+        obs.progress(Progress::Iteration(&record));
+        report.iterations.push(record);
+        index += 1;
+        match decision {
+            Decision::Switchover { predicted_downtime_ms, .. } if !gate_open => {
+                predicted = Some(predicted_downtime_ms);
+                gate_open = true;
+                released_at = Some(Instant::now());
+                // QEMU switches over once its pending pages fit `downtime-limit` at its bandwidth
+                // estimate; what follows them (device state, the destination's answer, the
+                // commit) is left out of its check, so it gets the operator's maximum less those.
+                let rate = window.drain_rate(Duration::from_secs(2));
+                let device_ms = rate.map_or(0.0, |r| livemig_control::DEVICE_STATE_ESTIMATE_BYTES / r * 1000.0);
+                let budget = (opts.limits.max_downtime_ms - opts.limits.overhead_ms - device_ms).max(opts.limits.max_downtime_ms * 0.25);
+                let _ = st.qmp().migrate_set_parameters(json!({"downtime-limit": whole(budget).max(1)}));
+                if let Some(rate) = rate {
+                    // QEMU >= 8.2: its switchover check uses the rate the relay drains, not the
+                    // rate of the local socket (refused by older QEMU: then its estimate stays).
+                    let _ = st.qmp().migrate_set_parameters(json!({"avail-switchover-bandwidth": whole(rate)}));
+                }
+                obs.progress(Progress::Phase("switchover: releasing the switchover-ack"));
+                if let Some(a) = held_ack.take() {
+                    wr(qemu_w, &a)?;
+                }
+            }
+            Decision::Throttle { fraction, .. } if throttle => {
+                let pct = whole(fraction * 100.0).clamp(1, 99);
+                st.qmp()
+                    .migrate_set_parameters(json!({"cpu-throttle-initial": pct, "max-cpu-throttle": pct, "cpu-throttle-increment": 5}))
+                    .map_err(AgentError::qmp("cannot raise QEMU's CPU throttle"))?;
+            }
+            Decision::Throttle { ref reason, .. } => {
+                return Err(AgentError::NotConverged(format!("{reason}; throttling is off (--on-no-converge fail or --policy fixed)")))
+            }
+            Decision::Abort { reason, .. } => return Err(AgentError::NotConverged(reason)),
+            _ => {}
+        }
+        if start.elapsed() > Duration::from_secs(24 * 3600) {
+            return Err(AgentError::Timeout { what: "the migration".into(), secs: start.elapsed().as_secs_f64() });
+        }
+    }
+    report.predicted_downtime_ms = predicted;
+    report.throttle = Some(ThrottleReport { max: throttle_max, stunned_ms: 0.0, slices: 0 }).filter(|t| t.max > 0.011);
+    if !verified && stats_of().fallback.is_none() {
+        return Err(AgentError::Protocol { expected: "the destination's verification of the stream digest".into(), got: "none before completion".into() });
+    }
+    let s = stats_of();
+    let t_stop = s.completion_started.unwrap_or_else(Instant::now);
+    obs.progress(Progress::Phase("switchover: resuming the destination"));
+    st.committed = true;
+    if let Err(e) = writer.send(Out::Message(Message::Commit)).and_then(|()| writer.marker(opts.timeout).map(drop)) {
+        return Err(AgentError::Unconfirmed(e.chain()));
+    }
+    let deadline = Instant::now() + opts.timeout;
+    loop {
+        match frames.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(f)) if f.kind == FrameKind::Control => match f.message() {
+                Ok(Message::Resumed) => break,
+                Ok(Message::StreamAck { .. }) => {}
+                Ok(Message::Abort { reason }) => {
+                    st.committed = false;
+                    return Err(AgentError::PeerAborted { peer: "destination", reason });
+                }
+                Ok(other) => return Err(AgentError::Unconfirmed(format!("it answered `{}`", other.name()))),
+                Err(e) => return Err(AgentError::Unconfirmed(e.to_string())),
+            },
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(AgentError::Unconfirmed(e.to_string())),
+            Err(_) => return Err(AgentError::Unconfirmed("no answer to the commit".into())),
+        }
+    }
+    report.downtime_ms = Some(t_stop.elapsed().as_secs_f64() * 1000.0);
+    obs.progress(Progress::Phase("completed: the destination VM runs"));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_follow_what_qemu_knows() {
+        let known: Vec<String> = ["return-path", "switchover-ack", "multifd", "x-ignore-shared", "auto-converge", "xbzrle"].map(String::from).to_vec();
+        let v10 = QemuVersion { major: 10, minor: 0, micro: 2 };
+        let caps = capabilities(&known, v10, false);
+        assert!(caps.contains(&("return-path".into(), true)));
+        assert!(caps.contains(&("switchover-ack".into(), true)));
+        assert!(caps.contains(&("multifd".into(), false)) && caps.contains(&("xbzrle".into(), false)));
+        assert!(caps.contains(&("auto-converge".into(), false)));
+        assert!(!caps.iter().any(|(c, _)| c == "postcopy-ram"), "unknown to this QEMU: not set");
+        assert!(capabilities(&known, v10, true).contains(&("auto-converge".into(), true)));
+        let v72 = QemuVersion { major: 7, minor: 2, micro: 0 };
+        assert!(!capabilities(&known, v72, false).iter().any(|(c, _)| c == "switchover-ack"));
+    }
+
+    #[test]
+    fn usable_needs_switchover_ack_and_correct_tcg_tracking() {
+        let v = |major, minor| QemuVersion { major, minor, micro: 0 };
+        assert!(usable(v(10, 0), false).is_ok());
+        assert!(usable(v(8, 2), true).is_ok());
+        assert!(usable(v(8, 2), false).unwrap_err().contains("TCG"));
+        assert!(usable(v(7, 2), true).unwrap_err().contains("switchover-ack"));
+    }
+}
