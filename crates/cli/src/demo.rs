@@ -60,9 +60,15 @@ pub(crate) struct DemoArgs {
     /// The guest's write rate in MiB/s (dirty, hot and return scenarios; defaults 20, 24, 1).
     #[arg(long)]
     rate: Option<u64>,
-    /// Dirty-page tracker of the sender (auto, content or soft-dirty; see `livemig send --help`).
+    /// Dirty-page tracker of the sender's shared engine (auto, content or soft-dirty; see
+    /// `livemig send --help`).
     #[arg(long, default_value = "auto")]
     tracker: String,
+    /// Engine of the sender (auto, stream or shared; see `livemig send --help`). Default: auto,
+    /// which takes the stream engine on this QEMU; `return` defaults to shared, whose memory
+    /// snapshots the way back references (the stream engine keeps none yet).
+    #[arg(long)]
+    engine: Option<String>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -128,6 +134,7 @@ fn migrate(
     let mut send_cmd = Command::new(&exe);
     send_cmd
         .args(["send", "--to", &addr, "--max-downtime", max_downtime, "--policy", &a.policy, "--tracker", &a.tracker])
+        .args(["--engine", a.engine.as_deref().unwrap_or(if a.scenario == Scenario::Return { "shared" } else { "auto" })])
         .args(tls_args(work))
         .arg("--qmp")
         .arg(src.qmp_path())
@@ -319,8 +326,15 @@ fn print_leg(title: &str, leg: &Leg, guest: &Value, max_downtime: &str, bandwidt
     if !title.is_empty() {
         println!("--- {title}");
     }
+    println!(
+        "engine:           {} on QEMU {} ({})",
+        g("engine").as_str().unwrap_or("?"),
+        g("qemu_version").as_str().unwrap_or("?"),
+        g("engine_reason").as_str().unwrap_or("")
+    );
     println!("total time:       {:.0} ms", f("total_time_ms"));
-    println!("downtime:         {:.0} ms (predicted {:.0} ms, max {max_downtime})", f("downtime_ms"), f("predicted_downtime_ms"));
+    let qemu_dt = g("qemu_downtime_ms").as_f64().map(|q| format!(", QEMU's own figure {q:.0} ms")).unwrap_or_default();
+    println!("downtime:         {:.0} ms (predicted {:.0} ms, max {max_downtime}{qemu_dt})", f("downtime_ms"), f("predicted_downtime_ms"));
     println!("transport:        {} (peer: {})", g("transport").as_str().unwrap_or("?"), g("peer").as_str().unwrap_or("?"));
     println!("link:             {}", bandwidth.map_or_else(|| "loopback, no cap".to_string(), |b| format!("{:.0} Mbit/s", b as f64 * 8.0 / 1e6)));
     println!("iterations:       {}", g("iterations").as_array().map_or(0, Vec::len));
@@ -357,7 +371,8 @@ fn print_leg(title: &str, leg: &Leg, guest: &Value, max_downtime: &str, bandwidt
     if g("resent_pages").as_u64().unwrap_or(0) > 0 {
         println!("resent pages:     {}", g("resent_pages"));
     }
-    println!("memory verified:  {}", send_json.pointer("/verification/ok").and_then(Value::as_bool).unwrap_or(false));
+    let what = if g("engine").as_str() == Some("stream") { "stream verified: " } else { "memory verified: " };
+    println!("{what} {}", send_json.pointer("/verification/ok").and_then(Value::as_bool).unwrap_or(false));
     println!("source VM:        {}", g("source_state").as_str().unwrap_or("?"));
     println!("destination VM:   {}", leg.recv.get("destination_state").and_then(Value::as_str).unwrap_or("?"));
     println!("guest verifier:   {guest}");

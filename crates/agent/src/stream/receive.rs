@@ -130,7 +130,8 @@ fn rebuild(
         }
         let frame = match later.pop_front() {
             Some(f) => f,
-            None => match frames.recv_timeout(Duration::from_millis(200)) {
+            // Once the whole stream is in QEMU, its load is polled closely: that wait is downtime.
+            None => match frames.recv_timeout(if ended.is_some() { Duration::from_millis(1) } else { Duration::from_millis(200) }) {
                 Ok(f) => f?,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     if ended.is_some() && !loaded {

@@ -289,7 +289,8 @@ fn steer(
         if opts.cancel.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(AgentError::Cancelled);
         }
-        match frames.recv_timeout(Duration::from_millis(20)) {
+        let wait = if released_at.is_some() { Duration::from_millis(1) } else { Duration::from_millis(20) };
+        match frames.recv_timeout(wait) {
             Ok(Ok(f)) => match f.kind {
                 FrameKind::ReturnPath => {
                     let mut evs = Vec::new();
@@ -336,7 +337,9 @@ fn steer(
         if source_done && loaded {
             break;
         }
-        if last_sample.elapsed() < SAMPLE {
+        // In the downtime (QEMU has stopped the guest) every millisecond of polling is downtime.
+        let in_downtime = stats.lock().unwrap_or_else(|e| e.into_inner()).completion_started.is_some();
+        if last_sample.elapsed() < if in_downtime { Duration::from_millis(1) } else { SAMPLE } {
             continue;
         }
         last_sample = Instant::now();
