@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::net::Hosts;
 use super::procs::{compare_ram, process_cpu_ms, thread_cpu_ms, Proc};
+use super::tls::TlsFiles;
 use super::Migrator;
 
 /// How a leg ended before the guest check.
@@ -82,14 +83,20 @@ pub(crate) struct LegCtx<'a> {
     pub from_ns: &'a str,
     pub to_ns: &'a str,
     pub to_addr: &'a str,
+    /// Host names of the sending and the receiving "host" (`lmb-a`, `lmb-b`): what their
+    /// certificates carry and what the sender checks.
+    pub from_host: &'a str,
+    pub to_host: &'a str,
     pub port: u16,
     pub hosts: &'a Hosts,
     /// Source namespace to destination namespace (false: the way back).
     pub forward: bool,
     pub link_bytes_per_s: u64,
     pub migrator: Migrator,
+    /// The migrator's maximum downtime (QEMU's `downtime-limit`, livemig's `--max-downtime`).
     pub max_downtime: &'a str,
-    pub adaptive_max_downtime: &'a str,
+    /// TLS material (`None`: plain TCP for every migrator, `--no-tls`).
+    pub tls: Option<&'a TlsFiles>,
     pub timeout: Duration,
     pub cancel: &'a AtomicBool,
     pub dir: &'a Path,
@@ -125,8 +132,8 @@ fn cancelled(c: &AtomicBool) -> anyhow::Result<()> {
 /// Runs the leg with the context's migrator.
 pub(crate) fn run(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     match ctx.migrator {
-        Migrator::QemuDefault | Migrator::QemuTuned => native(ctx, rate),
-        Migrator::LivemigFixed | Migrator::LivemigAdaptive => livemig(ctx, rate),
+        m if m.is_qemu() => native(ctx, rate),
+        _ => livemig(ctx, rate),
     }
 }
 
@@ -139,9 +146,12 @@ fn livemig(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     let recv_log = std::fs::File::create(ctx.dir.join(format!("receive-{tag}.log")))?;
     let send_log = std::fs::File::create(ctx.dir.join(format!("send-{tag}.log")))?;
     let mut rc = Command::new("ip");
-    rc.args(["netns", "exec", ctx.to_ns])
-        .arg(ctx.exe)
-        .args(["receive", "--insecure", "--listen", &addr, "--qmp"])
+    rc.args(["netns", "exec", ctx.to_ns]).arg(ctx.exe).args(["receive", "--listen", &addr]);
+    match ctx.tls {
+        Some(t) => rc.args(t.livemig_args(ctx.to_host)),
+        None => rc.arg("--insecure"),
+    };
+    rc.arg("--qmp")
         .arg(ctx.to.qmp_path())
         .arg("--report")
         .arg(&recv_report);
@@ -153,14 +163,15 @@ fn livemig(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     }
     let mut receiver =
         Proc::new(rc.stdin(Stdio::null()).stdout(recv_log.try_clone()?).stderr(recv_log).spawn().context("cannot start livemig receive")?);
-    let (policy, maxd) = match ctx.migrator {
-        Migrator::LivemigFixed => ("fixed", ctx.max_downtime),
-        _ => ("adaptive", ctx.adaptive_max_downtime),
-    };
+    let policy = if ctx.migrator == Migrator::LivemigFixed { "fixed" } else { "adaptive" };
+    let maxd = ctx.max_downtime;
     let mut sc = Command::new("ip");
-    sc.args(["netns", "exec", ctx.from_ns])
-        .arg(ctx.exe)
-        .args(["send", "--insecure", "--to", &addr, "--policy", policy, "--max-downtime", maxd, "--qmp"])
+    sc.args(["netns", "exec", ctx.from_ns]).arg(ctx.exe).args(["send", "--to", &addr]);
+    match ctx.tls {
+        Some(t) => sc.args(t.livemig_args(ctx.from_host)).args(["--tls-server-name", ctx.to_host]),
+        None => sc.arg("--insecure"),
+    };
+    sc.args(["--policy", policy, "--max-downtime", maxd, "--qmp"])
         .arg(ctx.from.qmp_path())
         .arg("--report")
         .arg(&send_report);
@@ -210,6 +221,10 @@ fn livemig(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     leg.total_ms = report.get("total_time_ms").and_then(Value::as_f64);
     leg.downtime_ms = report.get("downtime_ms").and_then(Value::as_f64);
     leg.capabilities = vec![format!("policy {policy}"), format!("max-downtime {maxd}")];
+    leg.capabilities.push(match ctx.tls {
+        Some(_) => format!("TLS 1.3, certificates of `livemig certs` (server name {})", ctx.to_host),
+        None => "plain TCP (--insecure)".into(),
+    });
     if ctx.send_disk_image || ctx.recv_disk_image {
         leg.capabilities.push("--disk-image (the guest's root disk)".into());
     }
@@ -276,6 +291,12 @@ fn tune(src: &mut Qmp, dst: &mut Qmp) -> anyhow::Result<Vec<String>> {
     Ok(set)
 }
 
+/// (major, minor) of QEMU's QMP greeting (`(0, 0)` if it has none).
+pub(crate) fn qemu_version(greeting: &Value) -> (u64, u64) {
+    let q = &greeting["version"]["qemu"];
+    (q["major"].as_u64().unwrap_or(0), q["minor"].as_u64().unwrap_or(0))
+}
+
 /// Thread ids of the vCPUs (`query-cpus-fast`).
 fn vcpu_threads(q: &mut Qmp) -> Vec<u64> {
     q.execute("query-cpus-fast", None)
@@ -296,13 +317,40 @@ fn native(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     let qt = Duration::from_secs(30);
     let mut src = Qmp::connect(ctx.from.qmp_path(), qt).context("QMP of the source")?;
     let mut dst = Qmp::connect(ctx.to.qmp_path(), qt).context("QMP of the destination")?;
-    let max_bw = ctx.link_bytes_per_s.saturating_mul(2);
+    // The link rate, in bytes/s as QEMU takes it (its default, 128 MiB/s, is not the link).
+    let max_bw = ctx.link_bytes_per_s;
     let ms = crate::units::parse_duration_ms(ctx.max_downtime).map_err(anyhow::Error::msg)?;
     let limit_ms = format!("{:.0}", ms.round()).parse::<u64>()?;
     src.migrate_set_parameters(json!({"downtime-limit": limit_ms, "max-bandwidth": max_bw}))?;
-    leg.capabilities.push(format!("downtime-limit {limit_ms} ms, max-bandwidth {} MB/s", max_bw / 1_000_000));
+    leg.capabilities.push(format!("downtime-limit {limit_ms} ms, max-bandwidth {max_bw} B/s (the link)"));
+    // QEMU >= 8.2: the bandwidth the switchover may count on, else QEMU estimates it from the
+    // iterations (which a throttled or idle guest makes low).
+    let v = qemu_version(src.greeting());
+    if v >= (8, 2) {
+        src.migrate_set_parameters(json!({"avail-switchover-bandwidth": max_bw}))?;
+        leg.capabilities.push(format!("avail-switchover-bandwidth {max_bw} B/s"));
+    }
     if ctx.migrator == Migrator::QemuTuned {
         leg.capabilities.extend(tune(&mut src, &mut dst)?);
+    }
+    match ctx.tls {
+        Some(t) => {
+            let id = format!("lmb-tls-{}", ctx.port);
+            src.execute(
+                "object-add",
+                Some(json!({"qom-type": "tls-creds-x509", "id": id, "dir": t.qemu_dir(ctx.from_host), "endpoint": "client"})),
+            )
+            .context("the source QEMU refused its tls-creds-x509")?;
+            dst.execute(
+                "object-add",
+                Some(json!({"qom-type": "tls-creds-x509", "id": id, "dir": t.qemu_dir(ctx.to_host), "endpoint": "server", "verify-peer": true})),
+            )
+            .context("the destination QEMU refused its tls-creds-x509")?;
+            src.migrate_set_parameters(json!({"tls-creds": id, "tls-hostname": ctx.to_host}))?;
+            dst.migrate_set_parameters(json!({"tls-creds": id}))?;
+            leg.capabilities.push(format!("TLS: tls-creds-x509 on both (client certificate checked), tls-hostname {}", ctx.to_host));
+        }
+        None => leg.capabilities.push("plain TCP".into()),
     }
     let uri = format!("tcp:{}:{}", ctx.to_addr, ctx.port);
     dst.migrate_incoming(&uri)?;
@@ -377,7 +425,7 @@ fn native(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
         leg.detail = format!("destination QEMU is `{dst_status}` after the migration (expected paused)");
         return Ok(leg);
     }
-    let diff = compare_ram(spid, dpid)?;
+    let diff = compare_ram(&mut src, spid, &mut dst, dpid)?;
     let zero_note = if zero { "; QEMU reported total-time 0 and downtime 0 (figures unknown)" } else { "" };
     if livemig_lab::Accel::from_env()? == livemig_lab::Accel::Kvm && diff.only_kvm_records(1) {
         leg.differing_pages = Some(0);

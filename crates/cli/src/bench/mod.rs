@@ -9,6 +9,7 @@ mod legs;
 mod net;
 mod procs;
 mod report;
+mod tls;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -17,13 +18,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use livemig_lab::{GuestImage, Vm, VmConfig};
+use livemig_lab::{GuestImage, RamBackend, Vm, VmConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{signal, units};
 use legs::{Leg, LegCtx, LegEnd, WriteRate};
 use net::Hosts;
+use tls::TlsFiles;
 
 /// What the guest does.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
@@ -37,20 +39,32 @@ pub(crate) enum Scenario {
     Cache,
     /// The cache guest migrated A->B, run --return-after, migrated back B->A (figures of the way back).
     Return,
+    /// A --large-mib guest (4 GiB) that writes 70 % of its RAM once, then keeps rewriting it
+    /// slowly (--large-rate).
+    Large,
 }
 
 /// Who migrates.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum Migrator {
-    /// QEMU's migration, defaults (downtime-limit = --max-downtime, max-bandwidth 2x the link).
+    /// QEMU's migration, defaults but downtime-limit = --max-downtime and max-bandwidth (and
+    /// avail-switchover-bandwidth, QEMU >= 8.2) = the link rate.
     QemuDefault,
-    /// QEMU's migration with xbzrle, multifd (zstd if available) and auto-converge.
+    /// qemu-default plus multifd (zstd), auto-converge and xbzrle, where QEMU accepts them together.
     QemuTuned,
     /// livemig send/receive, --policy fixed --max-downtime (= QEMU's rule).
     LivemigFixed,
-    /// livemig send/receive, --policy adaptive --max-downtime --adaptive-max-downtime.
+    /// livemig send/receive, --policy adaptive --max-downtime.
     LivemigAdaptive,
+    /// qemu-default with a 2 s downtime-limit (the pair of livemig-adaptive-2s).
+    #[value(name = "qemu-default-2s")]
+    #[serde(rename = "qemu-default-2s")]
+    QemuDefault2s,
+    /// livemig send/receive, --policy adaptive --max-downtime 2s.
+    #[value(name = "livemig-adaptive-2s")]
+    #[serde(rename = "livemig-adaptive-2s")]
+    LivemigAdaptive2s,
 }
 
 impl Migrator {
@@ -60,12 +74,30 @@ impl Migrator {
             Migrator::QemuTuned => "qemu-tuned",
             Migrator::LivemigFixed => "livemig-fixed",
             Migrator::LivemigAdaptive => "livemig-adaptive",
+            Migrator::QemuDefault2s => "qemu-default-2s",
+            Migrator::LivemigAdaptive2s => "livemig-adaptive-2s",
         }
     }
     pub(crate) fn is_qemu(self) -> bool {
-        matches!(self, Migrator::QemuDefault | Migrator::QemuTuned)
+        matches!(self, Migrator::QemuDefault | Migrator::QemuTuned | Migrator::QemuDefault2s)
+    }
+    /// Its maximum downtime: --max-downtime, or 2 s for the `-2s` pair.
+    pub(crate) fn max_downtime(self, a: &BenchArgs) -> &str {
+        match self {
+            Migrator::QemuDefault2s | Migrator::LivemigAdaptive2s => LONG_DOWNTIME,
+            _ => &a.max_downtime,
+        }
     }
 }
+
+/// The maximum downtime of qemu-default-2s and livemig-adaptive-2s.
+const LONG_DOWNTIME: &str = "2s";
+
+/// The migrators of the default plan on every scenario and link.
+const MAIN_MIGRATORS: [Migrator; 4] = [Migrator::QemuDefault, Migrator::QemuTuned, Migrator::LivemigFixed, Migrator::LivemigAdaptive];
+
+/// Below this link rate (bytes/s) the default plan adds the `-2s` pair to the hot scenario.
+const SLOW_LINK: u64 = 60_000_000;
 
 impl Scenario {
     pub(crate) fn name(self) -> &'static str {
@@ -74,6 +106,7 @@ impl Scenario {
             Scenario::Hot => "hot",
             Scenario::Cache => "cache",
             Scenario::Return => "return",
+            Scenario::Large => "large",
         }
     }
     fn writes(self) -> bool {
@@ -87,15 +120,17 @@ pub(crate) struct BenchArgs {
     #[arg(long = "scenario", value_enum)]
     scenarios: Vec<Scenario>,
     /// Link rate(s) as tc reads them (repeat), e.g. 1gbit, 100mbit. Without --scenario and
-    /// --link the default plan runs every scenario at 1gbit and `hot` at 100mbit (about 27 min
-    /// with 3 runs on 2 cores); with only one of them given, the other defaults to all
+    /// --link the default plan runs every scenario at 1gbit and `hot` at 100mbit (see
+    /// --dry-run for its duration); with only one of them given, the other defaults to all
     /// scenarios / both links.
     #[arg(long = "link")]
     links: Vec<String>,
     /// One-way delay added on each side of the link (e.g. 5ms; default none).
     #[arg(long, value_parser = units::parse_duration_ms)]
     delay: Option<f64>,
-    /// Migrator(s) (repeat). Default: all four.
+    /// Migrator(s) (repeat). Default: qemu-default, qemu-tuned, livemig-fixed and
+    /// livemig-adaptive everywhere, plus qemu-default-2s and livemig-adaptive-2s on `hot` at
+    /// links under 480 Mbit/s (where 300 ms does not converge).
     #[arg(long = "migrator", value_enum)]
     migrators: Vec<Migrator>,
     /// Runs of each scenario x link x migrator.
@@ -110,15 +145,29 @@ pub(crate) struct BenchArgs {
     /// How much of its root disk the cache guest reads, MiB.
     #[arg(long, default_value_t = 256)]
     cache_mib: u64,
-    /// Downtime limit of QEMU (both) and of livemig --policy fixed.
+    /// RAM of the `large` guest, MiB (it writes 70 % of it once).
+    #[arg(long, default_value_t = 4096)]
+    large_mib: u64,
+    /// How fast the `large` guest keeps rewriting its working set afterwards, MiB/s.
+    #[arg(long, default_value_t = 2)]
+    large_rate: u64,
+    /// The maximum downtime of every migrator but the `-2s` pair: QEMU's downtime-limit,
+    /// livemig's --max-downtime (fixed and adaptive).
     #[arg(long, default_value = "300ms")]
     max_downtime: String,
-    /// --max-downtime of livemig --policy adaptive (the operator's bound).
-    #[arg(long, default_value = "2s")]
-    adaptive_max_downtime: String,
+    /// TLS on both sides (the default): livemig with `livemig certs` certificates, QEMU with
+    /// tls-creds-x509 objects.
+    #[arg(long, overrides_with = "no_tls")]
+    tls: bool,
+    /// Plain TCP for every migrator (livemig --insecure, QEMU without tls-creds).
+    #[arg(long, overrides_with = "tls")]
+    no_tls: bool,
     /// A migration not finished after this is stopped and marked `timeout`.
     #[arg(long, default_value = "60s", value_parser = units::parse_duration_ms)]
     timeout: f64,
+    /// The same for the `large` scenario.
+    #[arg(long, default_value = "240s", value_parser = units::parse_duration_ms)]
+    large_timeout: f64,
     /// `return`: how long the guest runs on B before it goes back.
     #[arg(long, default_value = "5s", value_parser = units::parse_duration_ms)]
     return_after: f64,
@@ -216,30 +265,86 @@ impl RunResult {
     }
 }
 
+impl BenchArgs {
+    /// TLS on both sides (`--no-tls`: neither).
+    pub(crate) fn tls_on(&self) -> bool {
+        !self.no_tls
+    }
+    /// The migration timeout of scenario `s`, ms.
+    fn timeout_for(&self, s: Scenario) -> f64 {
+        if s == Scenario::Large {
+            self.large_timeout
+        } else {
+            self.timeout
+        }
+    }
+    /// Guest RAM of scenario `s`, MiB.
+    pub(crate) fn mem_of(&self, s: Scenario) -> u64 {
+        if s == Scenario::Large {
+            self.large_mib
+        } else {
+            self.mem_mib
+        }
+    }
+    /// The `large` guest's buffer: 70 % of its RAM.
+    pub(crate) fn large_touch_mib(&self) -> u64 {
+        self.large_mib * 7 / 10
+    }
+}
+
+fn is_slow(link: &str) -> bool {
+    units::parse_rate(link).is_ok_and(|b| b < SLOW_LINK)
+}
+
+/// The migrators of one scenario and link: --migrator, else [`MAIN_MIGRATORS`] plus the `-2s`
+/// pair on `hot` at a slow link.
+fn migrators_for(a: &BenchArgs, s: Scenario, link: &str) -> Vec<Migrator> {
+    if !a.migrators.is_empty() {
+        return a.migrators.clone();
+    }
+    let mut v = MAIN_MIGRATORS.to_vec();
+    if s == Scenario::Hot && is_slow(link) {
+        v.extend([Migrator::QemuDefault2s, Migrator::LivemigAdaptive2s]);
+    }
+    v
+}
+
 /// Estimated wall seconds of one run, boots and checks included: measured on this machine
-/// (2 cores, TCG, 2026-11-24, see bench/README.md); slower links scaled from one 100mbit run.
+/// (2 cores, TCG; QEMU 7.2 2026-11-24, QEMU 10 2026-11-30, see bench/README.md); slower links
+/// scaled from one 100mbit run.
 fn estimate_s(s: Scenario, link: &str, m: Migrator, timeout_s: f64) -> f64 {
-    let slow = units::parse_rate(link).is_ok_and(|b| b < 60_000_000);
+    let slow = is_slow(link);
     match (s, slow) {
         (Scenario::Idle, false) => 9.0,
         (Scenario::Idle, true) => 10.0,
         (Scenario::Hot, false) => 13.0,
-        // QEMU does not converge on the hot guest at 100mbit (runs to the timeout); livemig
-        // fixed gives up at 30 iterations; adaptive switches over within 2 s.
+        // At 100mbit the hot guest's working set does not fit 300 ms: qemu-default runs to the
+        // timeout, qemu-tuned converges by auto-converge (QEMU 10: 30 s), livemig fixed and
+        // adaptive give up at 30 iterations; with 2 s both QEMU and livemig switch over.
         (Scenario::Hot, true) => match m {
-            Migrator::QemuDefault | Migrator::QemuTuned => timeout_s + 11.0,
+            Migrator::QemuDefault => timeout_s + 16.0,
+            Migrator::QemuTuned => 48.0,
             Migrator::LivemigFixed => 58.0,
-            Migrator::LivemigAdaptive => 24.0,
+            Migrator::LivemigAdaptive => 47.0,
+            Migrator::QemuDefault2s => 31.0,
+            Migrator::LivemigAdaptive2s => 25.0,
         },
         (Scenario::Cache, false) => 21.0,
         (Scenario::Cache, true) => 45.0,
         (Scenario::Return, false) => 35.0,
         (Scenario::Return, true) => 75.0,
+        // Boot and fill of the 4 GiB guest (~LARGE_BOOT_S), the migration, the checks.
+        (Scenario::Large, false) => LARGE_BOOT_S + if m.is_qemu() { 60.0 } else { 50.0 },
+        (Scenario::Large, true) => LARGE_BOOT_S + timeout_s.min(300.0) + 40.0,
     }
 }
 
+/// Boot, fill and first verifier passes of the `large` guest, s (measured 71-92 s, see
+/// bench/README.md).
+const LARGE_BOOT_S: f64 = 80.0;
+
 fn plan(a: &BenchArgs) -> Vec<(Scenario, String)> {
-    let all = [Scenario::Idle, Scenario::Hot, Scenario::Cache, Scenario::Return];
+    let all = [Scenario::Idle, Scenario::Hot, Scenario::Cache, Scenario::Return, Scenario::Large];
     if a.scenarios.is_empty() && a.links.is_empty() {
         let mut p: Vec<(Scenario, String)> = all.iter().map(|s| (*s, "1gbit".to_string())).collect();
         p.push((Scenario::Hot, "100mbit".into()));
@@ -311,6 +416,10 @@ struct Env<'a> {
     send_help: String,
     recv_help: String,
     port: std::cell::Cell<u16>,
+    /// `None` with --no-tls.
+    tls: Option<TlsFiles>,
+    /// QEMU's QMP greeting (`version`), from the first VM started.
+    greeting: std::cell::RefCell<Option<Value>>,
 }
 
 fn help_of(exe: &Path, sub: &str) -> String {
@@ -334,9 +443,14 @@ fn wait_until<T>(cancel: &AtomicBool, limit: Duration, what: &str, mut f: impl F
     }
 }
 
-fn vm_cfg(env: &Env<'_>, s: Scenario, name: &str, dir: &Path) -> VmConfig {
+/// The guest of scenario `s` for migrator `m`. QEMU's own migration gets plain private RAM
+/// (`-m`, what most VMs have; it migrates any RAM), livemig the lab's shared RAM backend.
+fn vm_cfg(env: &Env<'_>, s: Scenario, m: Migrator, name: &str, dir: &Path) -> VmConfig {
     let mut c = VmConfig::new(name, dir);
-    c.mem_mib = env.a.mem_mib;
+    c.mem_mib = env.a.mem_of(s);
+    if m.is_qemu() {
+        c.backend = RamBackend::Anonymous;
+    }
     match s {
         Scenario::Idle => c.param("mode", "heartbeat"),
         Scenario::Hot => c.param("mode", "dirty").param("mib", env.a.hot_mib).param("rate", 0).param("pattern", "uniform").param("verify-secs", 2),
@@ -347,6 +461,26 @@ fn vm_cfg(env: &Env<'_>, s: Scenario, name: &str, dir: &Path) -> VmConfig {
             .param("rate", 1)
             .param("pattern", "uniform")
             .param("verify-secs", 2),
+        Scenario::Large => c
+            .param("mode", "dirty")
+            .param("mib", env.a.large_touch_mib())
+            .param("rate", env.a.large_rate)
+            .param("pattern", "uniform")
+            .param("verify-secs", LARGE_VERIFY_SECS),
+    }
+}
+
+/// Seconds between the `large` guest's verifier passes (a pass over its buffer takes seconds
+/// under TCG, and the guest writes nothing meanwhile).
+const LARGE_VERIFY_SECS: u64 = 10;
+
+/// How the guest RAM is backed, for results.json (`settings`) and BENCHMARKS.md.
+fn backend_name(b: &RamBackend) -> String {
+    match b {
+        RamBackend::Anonymous => "RAM: plain -m (private)".into(),
+        RamBackend::Memfd => "RAM: memory-backend-memfd share=on".into(),
+        RamBackend::File(p) => format!("RAM: memory-backend-file share=on ({})", p.display()),
+        RamBackend::ShmFile => "RAM: memory-backend-file share=on, a file on /dev/shm".into(),
     }
 }
 
@@ -371,10 +505,12 @@ fn wait_ready(env: &Env<'_>, s: Scenario, vm: &mut Vm, rate: &mut WriteRate) -> 
         return Ok(None);
     }
     let t0 = Instant::now();
-    wait_until(c, Duration::from_secs(240), "three verifier passes of the guest", || {
+    // The large guest writes GiBs once under TCG before its first verifier pass.
+    let (limit, n) = if s == Scenario::Large { (900, 2) } else { (240, 3) };
+    wait_until(c, Duration::from_secs(limit), "verifier passes of the guest", || {
         check(vm)?;
         rate.poll(vm);
-        Ok((rate.samples.len() >= 3).then_some(()))
+        Ok((rate.samples.len() >= n).then_some(()))
     })?;
     Ok(rate.rate(t0, Instant::now()))
 }
@@ -387,7 +523,8 @@ fn check_guest(env: &Env<'_>, s: Scenario, vm: &mut Vm) -> anyhow::Result<(Mark,
         ["Oops", "Kernel panic", "BUG:", "general protection", "LIVEMIG-ERROR"].iter().find(|p| c.contains(**p)).map(|p| p.to_string())
     };
     let t0 = Instant::now();
-    let limit = Duration::from_secs(60 + 10 * env.a.passes as u64);
+    let per_pass = if s == Scenario::Large { 10 + 3 * LARGE_VERIFY_SECS } else { 10 };
+    let limit = Duration::from_secs(60 + per_pass * env.a.passes as u64);
     loop {
         if let Some(p) = oops(vm) {
             return Ok((Mark::Corrupt, None, None, format!("destination console shows `{p}`")));
@@ -440,7 +577,11 @@ fn one_leg(env: &Env<'_>, spec: &RunSpec<'_>, from: &Vm, to: &Vm, forward: bool,
     // leaves A, and what a return to A can refer to.
     let snaps = snapshots_dir(env, spec);
     let (snap_a, snap_b) = (snaps.join("host-a"), snaps.join("host-b"));
-    let snapshots = !spec.m.is_qemu() && (env.send_help.contains("--snapshot-dir") || env.recv_help.contains("--snapshot-dir"));
+    // Only where a snapshot is used: elsewhere the sender's keeping one after the switchover
+    // would count in livemig's total time (16 s of 53 s for the 4 GiB guest), QEMU keeps none.
+    let snapshots = spec.s == Scenario::Return
+        && !spec.m.is_qemu()
+        && (env.send_help.contains("--snapshot-dir") || env.recv_help.contains("--snapshot-dir"));
     if snapshots {
         std::fs::create_dir_all(&snap_a)?;
         std::fs::create_dir_all(&snap_b)?;
@@ -452,14 +593,16 @@ fn one_leg(env: &Env<'_>, spec: &RunSpec<'_>, from: &Vm, to: &Vm, forward: bool,
         from_ns: if forward { &h.src_ns } else { &h.dst_ns },
         to_ns: if forward { &h.dst_ns } else { &h.src_ns },
         to_addr: if forward { net::DST_ADDR } else { net::SRC_ADDR },
+        from_host: if forward { tls::HOST_A } else { tls::HOST_B },
+        to_host: if forward { tls::HOST_B } else { tls::HOST_A },
         port: next_port(env),
         hosts: h,
         forward,
         link_bytes_per_s: spec.link_bps,
         migrator: spec.m,
-        max_downtime: &env.a.max_downtime,
-        adaptive_max_downtime: &env.a.adaptive_max_downtime,
-        timeout: Duration::from_secs_f64(env.a.timeout / 1000.0),
+        max_downtime: spec.m.max_downtime(env.a),
+        tls: env.tls.as_ref(),
+        timeout: Duration::from_secs_f64(env.a.timeout_for(spec.s) / 1000.0),
         cancel: &env.cancel,
         dir,
         disk: &env.image.disk,
@@ -517,8 +660,14 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
     let _snapshots = RemoveOnDrop(snapshots_dir(env, spec));
     let mut r = RunResult::failed(spec.s, spec.link, spec.m, spec.run + 1, String::new(), dir.clone());
     st.live(&format!("{label}: booting the source guest"));
-    let cfg = vm_cfg(env, spec.s, "a", &dir);
+    let cfg = vm_cfg(env, spec.s, spec.m, "a", &dir);
     let mut a = start_vm(env, &cfg, &env.hosts.src_ns)?;
+    if env.greeting.borrow().is_none() {
+        // A moment's QMP connection (the migrators connect later), for QEMU's own version.
+        if let Ok(q) = livemig_qmp::Qmp::connect(a.qmp_path(), Duration::from_secs(10)) {
+            *env.greeting.borrow_mut() = Some(q.greeting().clone());
+        }
+    }
     let mut rate_a = WriteRate::default();
     st.live(&format!("{label}: waiting for the guest workload"));
     r.guest_rate_before = wait_ready(env, spec.s, &mut a, &mut rate_a)?;
@@ -566,6 +715,7 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
     r.differing_pages = leg.differing_pages;
     r.guest_rate_during = leg.guest_rate;
     r.settings = leg.capabilities;
+    r.settings.push(backend_name(&cfg.backend));
     r.send_report = leg.send_report;
     r.wall_s = t_run.elapsed().as_secs_f64();
     Ok(r)
@@ -583,36 +733,36 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
         let runs: Vec<RunResult> = serde_json::from_value(doc.get("runs").cloned().unwrap_or(Value::Null)).context("no runs in that file")?;
         let started = doc.get("started").and_then(Value::as_str).unwrap_or("?").to_string();
         let finished = doc.get("finished").and_then(Value::as_str).unwrap_or("?").to_string();
-        let out = report::write_all(a, &runs, &started, Some(&finished), doc.get("cancelled").and_then(Value::as_bool).unwrap_or(false))?;
+        let meta = report::Meta::from_doc(&doc);
+        let out = report::write_all(a, &runs, &started, Some(&finished), doc.get("cancelled").and_then(Value::as_bool).unwrap_or(false), &meta)?;
         eprintln!("bench: wrote {}", out.display());
         return Ok(0);
     }
     let plan = plan(a);
-    let migrators: Vec<Migrator> = if a.migrators.is_empty() {
-        vec![Migrator::QemuDefault, Migrator::QemuTuned, Migrator::LivemigFixed, Migrator::LivemigAdaptive]
-    } else {
-        a.migrators.clone()
-    };
     let mut jobs = Vec::new();
     for (s, l) in &plan {
-        for m in &migrators {
+        for m in migrators_for(a, *s, l) {
             for run in 0..a.runs {
-                jobs.push((*s, l.clone(), *m, run));
+                jobs.push((*s, l.clone(), m, run));
             }
         }
     }
-    let est: f64 = jobs.iter().map(|(s, l, m, _)| estimate_s(*s, l, *m, a.timeout / 1000.0)).sum();
+    let est_of = |s: Scenario, l: &str, m: Migrator| estimate_s(s, l, m, a.timeout_for(s) / 1000.0);
+    let est: f64 = jobs.iter().map(|(s, l, m, _)| est_of(*s, l, *m)).sum();
     eprintln!(
-        "bench: {} runs ({} scenario x link pairs x {} migrators x {} runs), estimated {:.0} min",
+        "bench: {} runs ({} scenario x link pairs, {} runs each), {}, estimated {:.0} min",
         jobs.len(),
         plan.len(),
-        migrators.len(),
         a.runs,
+        if a.tls_on() { "TLS on both sides" } else { "plain TCP (--no-tls)" },
         est / 60.0
     );
     if a.dry_run {
         for (s, l) in &plan {
-            eprintln!("  {} at {l}", s.name());
+            let ms = migrators_for(a, *s, l);
+            let t: f64 = ms.iter().map(|m| est_of(*s, l, *m)).sum::<f64>() * a.runs as f64;
+            let names: Vec<String> = ms.iter().map(|m| format!("{} (max downtime {})", m.name(), m.max_downtime(a))).collect();
+            eprintln!("  {} at {l}, {} MiB guest, ~{:.0} min: {}", s.name(), a.mem_of(*s), t / 60.0, names.join(", "));
         }
         return Ok(0);
     }
@@ -632,6 +782,13 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
     eprintln!("bench: building or finding the test guest");
     let image = GuestImage::build().context("cannot build the test guest")?;
     let exe = std::env::current_exe().context("cannot find the livemig binary")?;
+    let tls = if a.tls_on() {
+        let d = work.join("tls");
+        let _ = std::fs::remove_dir_all(&d);
+        Some(TlsFiles::make(&d)?)
+    } else {
+        None
+    };
     let hosts = Hosts::create(std::process::id())?;
     let env = Env {
         a,
@@ -643,6 +800,8 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
         cancel,
         work: work.clone(),
         port: std::cell::Cell::new(20000),
+        tls,
+        greeting: std::cell::RefCell::new(None),
     };
     let started = report::utc_now();
     let mut st = Status::new();
@@ -687,8 +846,79 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
             }
         }
     }
+    let meta = report::Meta { tls: a.tls_on(), qmp_greeting: env.greeting.borrow().clone(), machine: None };
     drop(env);
-    let out = report::write_all(a, &results, &started, None, cancelled)?;
+    let out = report::write_all(a, &results, &started, None, cancelled, &meta)?;
     eprintln!("bench: wrote {}", out.display());
     Ok(if cancelled { i32::from(crate::exit::CANCELLED) } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: BenchArgs,
+    }
+
+    fn args(v: &[&str]) -> BenchArgs {
+        Cli::parse_from(std::iter::once("bench").chain(v.iter().copied())).a
+    }
+
+    #[test]
+    fn default_plan_adds_the_2s_pair_to_hot_at_100mbit_only() {
+        let a = args(&[]);
+        let p = plan(&a);
+        assert_eq!(p.len(), 6);
+        assert!(p.contains(&(Scenario::Large, "1gbit".into())));
+        for (s, l) in &p {
+            let ms = migrators_for(&a, *s, l);
+            let pair = ms.contains(&Migrator::QemuDefault2s) && ms.contains(&Migrator::LivemigAdaptive2s);
+            assert_eq!(pair, *s == Scenario::Hot && l == "100mbit", "{s:?} {l}");
+            assert_eq!(ms.len(), if pair { 6 } else { 4 });
+        }
+        // Explicit migrators are exactly those.
+        let a = args(&["--migrator", "qemu-default-2s", "--scenario", "idle"]);
+        assert_eq!(migrators_for(&a, Scenario::Idle, "1gbit"), vec![Migrator::QemuDefault2s]);
+    }
+
+    #[test]
+    fn like_for_like_downtimes_and_tls() {
+        let a = args(&[]);
+        assert!(a.tls_on());
+        for m in MAIN_MIGRATORS {
+            assert_eq!(m.max_downtime(&a), "300ms");
+        }
+        assert_eq!(Migrator::QemuDefault2s.max_downtime(&a), "2s");
+        assert_eq!(Migrator::LivemigAdaptive2s.max_downtime(&a), "2s");
+        assert!(Migrator::QemuDefault2s.is_qemu() && !Migrator::LivemigAdaptive2s.is_qemu());
+        assert!(!args(&["--no-tls"]).tls_on());
+        assert!(args(&["--no-tls", "--tls"]).tls_on());
+        let a = args(&["--large-mib", "1000"]);
+        assert_eq!((a.mem_of(Scenario::Large), a.large_touch_mib(), a.mem_of(Scenario::Hot)), (1000, 700, 512));
+        assert_eq!(a.timeout_for(Scenario::Large), 240_000.0);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for m in [Migrator::QemuDefault2s, Migrator::LivemigAdaptive2s, Migrator::QemuTuned] {
+            assert_eq!(serde_json::to_value(m).unwrap(), Value::String(m.name().into()));
+            assert_eq!(Migrator::from_str(m.name(), false).unwrap(), m);
+        }
+        assert_eq!(serde_json::to_value(Scenario::Large).unwrap(), Value::String("large".into()));
+    }
+
+    #[test]
+    fn estimates_cover_every_pair() {
+        let a = args(&[]);
+        for (s, l) in plan(&a) {
+            for m in migrators_for(&a, s, &l) {
+                let e = estimate_s(s, &l, m, a.timeout_for(s) / 1000.0);
+                assert!(e > 5.0 && e < 600.0, "{s:?} {l} {m:?}: {e}");
+            }
+        }
+    }
 }

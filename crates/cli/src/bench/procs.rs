@@ -1,5 +1,5 @@
 //! Child processes with their CPU time, CPU time of running processes and threads, and the
-//! comparison of two paused VMs' RAM.
+//! comparison of two paused VMs' RAM (any backend: found through QEMU itself).
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use livemig_qmp::Qmp;
+use serde_json::{json, Value};
 
 /// Clock ticks per second of /proc/PID/stat.
 fn clk_tck() -> f64 {
@@ -134,18 +136,64 @@ impl Drop for Proc {
     }
 }
 
-/// The memfd holding guest RAM of QEMU process `pid` (`/memfd:memory-backend-memfd`).
-fn open_ram(pid: u32) -> anyhow::Result<File> {
-    let dir = format!("/proc/{pid}/fd");
-    for e in std::fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))? {
-        let e = e?;
-        if let Ok(t) = std::fs::read_link(e.path()) {
-            if t.to_string_lossy().contains("memfd:memory-backend-memfd") {
-                return File::open(e.path()).with_context(|| format!("cannot open {}", e.path().display()));
-            }
-        }
+/// The guest RAM of a paused QEMU process, readable with `read_exact_at(buf, base + offset)`:
+/// whatever backs it (a shared file, a memfd, or plain private `-m` RAM).
+#[derive(Debug)]
+pub(crate) struct RamView {
+    file: File,
+    base: u64,
+    pub(crate) len: u64,
+    /// How it is read, for messages: `file <path>` or `/proc/<pid>/mem`.
+    pub(crate) how: String,
+}
+
+impl RamView {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, self.base + off)
     }
-    bail!("QEMU {pid} has no memory-backend-memfd fd")
+}
+
+/// Host virtual address of guest physical address 0 (the start of the main RAM block: `pc.ram`
+/// or the memory backend), from HMP's `gpa2hva`.
+fn ram_hva(q: &mut Qmp) -> anyhow::Result<u64> {
+    let out = q.execute("human-monitor-command", Some(json!({"command-line": "gpa2hva 0"})))?;
+    let s = out.as_str().unwrap_or("").trim();
+    // "Host virtual address for 0x0 (pc.ram) is 0x7f0437e00000"
+    let hex = s.rsplit(' ').next().and_then(|w| w.strip_prefix("0x")).with_context(|| format!("unexpected gpa2hva answer {s:?}"))?;
+    u64::from_str_radix(hex, 16).with_context(|| format!("unexpected gpa2hva answer {s:?}"))
+}
+
+/// The RAM of QEMU process `pid` (QMP `q`): its size from `query-memory-size-summary`, its
+/// address from `gpa2hva 0`, then the mapping of /proc/PID/maps that holds it. A file mapping
+/// (memory-backend-file, memfd) is read from the file (`/proc/PID/map_files/...`: a read of
+/// a hole allocates nothing); private RAM is read through `/proc/PID/mem` (the process must be
+/// paused; a never-touched page reads as zero without being allocated).
+pub(crate) fn open_ram(q: &mut Qmp, pid: u32) -> anyhow::Result<RamView> {
+    let sum = q.execute("query-memory-size-summary", None)?;
+    let len = sum.get("base-memory").and_then(Value::as_u64).context("query-memory-size-summary has no base-memory")?;
+    let hva = ram_hva(q)?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("cannot read /proc/{pid}/maps"))?;
+    for line in maps.lines() {
+        // start-end perms offset dev inode [path]
+        let f: Vec<&str> = line.splitn(6, ' ').collect();
+        let Some((lo, hi)) = f.first().and_then(|r| r.split_once('-')) else { continue };
+        let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else { continue };
+        if hva < lo || hva >= hi {
+            continue;
+        }
+        let inode = f.get(4).copied().unwrap_or("0");
+        let path = f.get(5).map_or("", |p| p.trim());
+        if inode != "0" && hi - hva >= len {
+            let off = u64::from_str_radix(f.get(2).copied().unwrap_or("0"), 16).unwrap_or(0);
+            let mf = format!("/proc/{pid}/map_files/{lo:x}-{hi:x}");
+            let file = File::open(&mf).with_context(|| format!("cannot open {mf} ({path})"))?;
+            return Ok(RamView { file, base: off + (hva - lo), len, how: format!("file {path}") });
+        }
+        let mem = format!("/proc/{pid}/mem");
+        let file = File::open(&mem).with_context(|| format!("cannot open {mem}"))?;
+        return Ok(RamView { file, base: hva, len, how: mem });
+    }
+    bail!("QEMU {pid}: no mapping of /proc/{pid}/maps holds its RAM at {hva:#x}")
 }
 
 /// Pages that differ between two RAMs: how many, and the first few with the byte range that
@@ -154,13 +202,15 @@ fn open_ram(pid: u32) -> anyhow::Result<File> {
 pub(crate) struct RamDiff {
     pub(crate) differ: u64,
     pub(crate) pages: u64,
+    /// Pages of the source that are not all zero (shows that real guest memory was compared).
+    pub(crate) nonzero: u64,
     /// (page, first differing byte, last differing byte), at most 4.
     pub(crate) first: Vec<(u64, usize, usize)>,
 }
 
 impl std::fmt::Display for RamDiff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} of {} pages differ between paused source and destination", self.differ, self.pages)?;
+        write!(f, "{} of {} pages ({} non-zero) differ between paused source and destination", self.differ, self.pages, self.nonzero)?;
         if !self.first.is_empty() {
             let list: Vec<String> = self.first.iter().map(|(p, a, b)| format!("page {p:#x} bytes {a:#x}..={b:#x}")).collect();
             write!(f, " ({}{})", list.join(", "), if self.differ > self.first.len() as u64 { ", ..." } else { "" })?;
@@ -180,9 +230,9 @@ impl RamDiff {
 }
 
 /// Compares the guest RAM of two paused QEMU processes page by page.
-pub(crate) fn compare_ram(pid_a: u32, pid_b: u32) -> anyhow::Result<RamDiff> {
-    let (a, b) = (open_ram(pid_a)?, open_ram(pid_b)?);
-    let (la, lb) = (a.metadata()?.len(), b.metadata()?.len());
+pub(crate) fn compare_ram(qa: &mut Qmp, pid_a: u32, qb: &mut Qmp, pid_b: u32) -> anyhow::Result<RamDiff> {
+    let (a, b) = (open_ram(qa, pid_a)?, open_ram(qb, pid_b)?);
+    let (la, lb) = (a.len, b.len);
     if la != lb {
         bail!("RAM sizes differ: {la} and {lb} bytes");
     }
@@ -192,8 +242,9 @@ pub(crate) fn compare_ram(pid_a: u32, pid_b: u32) -> anyhow::Result<RamDiff> {
     let mut off = 0u64;
     while off < la {
         let n = usize::try_from((la - off).min(CHUNK as u64))?;
-        a.read_exact_at(&mut ba[..n], off)?;
-        b.read_exact_at(&mut bb[..n], off)?;
+        a.read_at(&mut ba[..n], off).with_context(|| format!("reading source RAM ({}) at {off:#x}", a.how))?;
+        b.read_at(&mut bb[..n], off).with_context(|| format!("reading destination RAM ({}) at {off:#x}", b.how))?;
+        diff.nonzero += ba[..n].chunks(4096).filter(|p| p.iter().any(|&x| x != 0)).count() as u64;
         if ba[..n] != bb[..n] {
             for (i, (x, y)) in ba[..n].chunks(4096).zip(bb[..n].chunks(4096)).enumerate() {
                 if x == y {

@@ -80,8 +80,53 @@ fn marks(rs: &[&RunResult]) -> String {
     c.iter().map(|(k, v)| format!("{k} {v}/{}", rs.len())).collect::<Vec<_>>().join(", ")
 }
 
-const COLORS: [&str; 4] = ["#9e9e9e", "#616161", "#64b5f6", "#1565c0"];
-const MIGRATORS: [Migrator; 4] = [Migrator::QemuDefault, Migrator::QemuTuned, Migrator::LivemigFixed, Migrator::LivemigAdaptive];
+const COLORS: [&str; 6] = ["#9e9e9e", "#616161", "#64b5f6", "#1565c0", "#bdbdbd", "#0d47a1"];
+const MIGRATORS: [Migrator; 6] = [
+    Migrator::QemuDefault,
+    Migrator::QemuTuned,
+    Migrator::LivemigFixed,
+    Migrator::LivemigAdaptive,
+    Migrator::QemuDefault2s,
+    Migrator::LivemigAdaptive2s,
+];
+
+/// What a run's header needs beyond the options: the transport, QEMU's QMP greeting and (when
+/// regenerating from a results.json) the machine it was measured on.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Meta {
+    pub tls: bool,
+    pub qmp_greeting: Option<Value>,
+    pub machine: Option<Value>,
+}
+
+impl Meta {
+    /// From a results.json (runs before `tls` was recorded used plain TCP).
+    pub(crate) fn from_doc(doc: &Value) -> Meta {
+        Meta {
+            tls: doc.get("tls").and_then(Value::as_bool).unwrap_or(false),
+            qmp_greeting: doc["machine"].get("qmp_greeting").cloned(),
+            machine: doc.get("machine").cloned(),
+        }
+    }
+}
+
+/// "10.0.2 (Debian 1:10.0.2+ds-2...)" of a QMP greeting.
+fn greeting_version(g: &Value) -> Option<String> {
+    let q = &g["version"]["qemu"];
+    let v = format!("{}.{}.{}", q["major"].as_u64()?, q["minor"].as_u64()?, q["micro"].as_u64()?);
+    Some(match g["version"]["package"].as_str().map(str::trim) {
+        Some(p) if !p.is_empty() => format!("{v} ({p})"),
+        _ => v,
+    })
+}
+
+/// The livemig migrators of the ratio table, each against the QEMU migrators with the same
+/// maximum downtime.
+const PAIRS: [(Migrator, &[Migrator]); 3] = [
+    (Migrator::LivemigFixed, &[Migrator::QemuDefault, Migrator::QemuTuned]),
+    (Migrator::LivemigAdaptive, &[Migrator::QemuDefault, Migrator::QemuTuned]),
+    (Migrator::LivemigAdaptive2s, &[Migrator::QemuDefault2s]),
+];
 
 /// Grouped bars: one group per scenario, one bar per migrator (median of ok runs); a migrator
 /// with no ok run gets its mark written instead of a bar.
@@ -100,9 +145,12 @@ fn bar_svg(title: &str, unit: &str, link: &str, g: &BTreeMap<Key, Vec<&RunResult
             Some(rs) => (ok_vals(rs, f).map(|x| x.0), rs.iter().map(|r| r.mark.name()).find(|n| *n != "ok").unwrap_or("").to_string()),
         }
     };
-    let max = scen.iter().flat_map(|s| MIGRATORS.iter().filter_map(move |m| val(*s, *m).0)).fold(0.0f64, f64::max);
+    // The migrators that ran at this link, each with its colour.
+    let ms: Vec<(usize, Migrator)> = MIGRATORS.iter().copied().enumerate().filter(|(_, m)| g.keys().any(|k| k.1 == link && k.2 == *m)).collect();
+    let max = scen.iter().flat_map(|s| ms.iter().filter_map(move |(_, m)| val(*s, *m).0)).fold(0.0f64, f64::max);
     let max = if max > 0.0 { max * 1.1 } else { 1.0 };
-    let (w, h, left, top, bottom) = ((160.0 * scen.len() as f64 + 120.0).max(680.0), 360.0, 70.0, 40.0, 60.0);
+    let group = 32.0 * ms.len() as f64 + 32.0;
+    let (w, h, left, top, bottom) = ((group * scen.len() as f64 + 120.0).max(150.0 * ms.len() as f64 + 100.0).max(680.0), 360.0, 70.0, 40.0, 60.0);
     let ph = h - top - bottom;
     let mut s = String::new();
     let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#);
@@ -113,9 +161,10 @@ fn bar_svg(title: &str, unit: &str, link: &str, g: &BTreeMap<Key, Vec<&RunResult
         let _ = writeln!(s, r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##, w - 20.0, left - 5.0, y + 4.0, if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") });
     }
     for (i, sc) in scen.iter().enumerate() {
-        let gx = left + 10.0 + 160.0 * i as f64;
-        for (j, m) in MIGRATORS.iter().enumerate() {
-            let x = gx + 32.0 * j as f64;
+        let gx = left + 10.0 + group * i as f64;
+        for (k, (j, m)) in ms.iter().enumerate() {
+            let (j, m) = (*j, m);
+            let x = gx + 32.0 * k as f64;
             let (v, mark) = val(*sc, *m);
             match v {
                 Some(v) => {
@@ -128,10 +177,11 @@ fn bar_svg(title: &str, unit: &str, link: &str, g: &BTreeMap<Key, Vec<&RunResult
                 None => {}
             }
         }
-        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle" font-size="13">{}</text>"#, gx + 62.0, top + ph + 18.0, sc.name());
+        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle" font-size="13">{}</text>"#, gx + 16.0 * ms.len() as f64 - 2.0, top + ph + 18.0, sc.name());
     }
-    for (j, m) in MIGRATORS.iter().enumerate() {
-        let x = left + 150.0 * j as f64;
+    for (k, (j, m)) in ms.iter().enumerate() {
+        let (j, m) = (*j, m);
+        let x = left + 150.0 * k as f64;
         let _ = writeln!(s, r#"<rect x="{x}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{}">{}</text>"#, h - 22.0, COLORS[j], x + 16.0, h - 12.0, m.name());
     }
     s.push_str("</svg>\n");
@@ -141,30 +191,43 @@ fn bar_svg(title: &str, unit: &str, link: &str, g: &BTreeMap<Key, Vec<&RunResult
 /// Writes everything; returns the path of BENCHMARKS.md.
 /// `finished`: `None` for now (a fresh run, which also writes results.json); `Some` when
 /// regenerating from an existing results.json (not rewritten).
-pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, finished: Option<&str>, cancelled: bool) -> anyhow::Result<PathBuf> {
+pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, finished: Option<&str>, cancelled: bool, meta: &Meta) -> anyhow::Result<PathBuf> {
     let bench_dir = a.out.join("bench");
     let plots = bench_dir.join("plots");
     std::fs::create_dir_all(&plots).with_context(|| format!("cannot create {}", plots.display()))?;
     let fresh = finished.is_none();
     let finished = finished.map_or_else(utc_now, str::to_string);
     let cmdline = std::env::args().collect::<Vec<_>>().join(" ");
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
-        .unwrap_or_default();
-    let machine = json!({
-        "kernel": sh("uname", &["-r"]),
-        "cpu": cpu,
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "qemu": sh("qemu-system-x86_64", &["--version"]).lines().next().unwrap_or("").to_string(),
-        "accel": livemig_lab::Accel::from_env().unwrap_or(livemig_lab::Accel::Tcg).name(),
-        "accelerator": "tcg",
-    });
+    let machine = match &meta.machine {
+        Some(m) => m.clone(),
+        None => {
+            let cpu = std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+                .unwrap_or_default();
+            json!({
+                "kernel": sh("uname", &["-r"]),
+                "cpu": cpu,
+                "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "qemu": sh(&qemu_binary(), &["--version"]).lines().next().unwrap_or("").to_string(),
+                "qmp_greeting": meta.qmp_greeting.clone().unwrap_or(Value::Null),
+                "accel": livemig_lab::Accel::from_env().unwrap_or(livemig_lab::Accel::Tcg).name(),
+            })
+        }
+    };
     let json_path = bench_dir.join("results.json");
-    let doc = json!({"started": started, "finished": finished, "command": cmdline, "cancelled": cancelled, "machine": machine, "runs": results});
+    let transport = if meta.tls {
+        "TLS on both sides: livemig TLS 1.3 with certificates made by `livemig certs`; QEMU tls-creds-x509 (gnutls) with certificates made by openssl (ECDSA P-256 like livemig's; QEMU refuses rcgen's host certificates), tls-hostname checked, client certificates checked"
+    } else {
+        "plain TCP on both sides (`--no-tls`: livemig `--insecure`, QEMU without tls-creds)"
+    };
+    let doc = json!({"started": started, "finished": finished, "command": cmdline, "cancelled": cancelled, "tls": meta.tls, "transport": transport, "machine": machine, "runs": results});
     if fresh {
         std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("cannot write {}", json_path.display()))?;
     }
+    let greeting = machine.get("qmp_greeting").and_then(greeting_version);
+    let qemu_version = qemu_version_of(&machine);
+    let older = older_section(&a.out);
 
     let g = groups(results);
     let mut links: Vec<String> = Vec::new();
@@ -173,6 +236,7 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
             links.push(r.link.clone());
         }
     }
+    let has = |m: Migrator| results.iter().any(|r| r.migrator == m);
     let mut md = String::new();
     let _ = writeln!(md, "# Benchmarks: livemig against QEMU's own migration\n");
     let _ = writeln!(md, "Generated by `livemig bench` (see `bench/README.md`); every figure below comes from `bench/results.json` of the same run.{}\n", if cancelled { " **The run was cancelled: the tables are incomplete.**" } else { "" });
@@ -180,11 +244,18 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
     let _ = writeln!(md, "- date: {started} to {finished} (UTC)");
     let kvm = machine["accel"] == "kvm";
     let guests = if kvm { "guests on KVM (`-cpu host`) inside the KVM lane's L1 host, itself under TCG (`lane/`)" } else { "guests under TCG" };
-    let _ = writeln!(md, "- machine: {}, {} cores, kernel {}, {}, {guests} (1 vCPU, {} MiB, memfd share=on)", machine["cpu"].as_str().unwrap_or(""), machine["cores"], machine["kernel"].as_str().unwrap_or(""), machine["qemu"].as_str().unwrap_or(""), a.mem_mib);
+    let _ = writeln!(md, "- machine: {}, {} cores, kernel {}, {guests} (1 vCPU, {} MiB; `large`: {} MiB)", machine["cpu"].as_str().unwrap_or(""), machine["cores"], machine["kernel"].as_str().unwrap_or(""), a.mem_mib, a.large_mib);
+    let _ = writeln!(md, "- QEMU: `qemu-system-x86_64 --version`: {}; QMP greeting: {}", machine["qemu"].as_str().unwrap_or("?"), greeting.as_deref().unwrap_or("not recorded"));
+    let _ = writeln!(md, "- guest RAM: plain `-m` (private) for QEMU's own migration (what most VMs have; QEMU migrates any RAM), `memory-backend-file,share=on` on /dev/shm for livemig (which needs shared RAM; QEMU >= 8.1 skips only file-backed RAM with `x-ignore-shared`); each run's `settings` in results.json say which");
+    let _ = writeln!(md, "- transport: {transport}");
     let _ = writeln!(md, "- link: two network namespaces joined by a veth pair, `tc qdisc tbf rate <link>` (burst: 10 ms of the rate) on both ends{}", a.delay.map(|d| format!(", netem with {d} ms delay each way instead of tbf")).unwrap_or_default());
-    let _ = writeln!(md, "- scenarios: idle (heartbeat only); hot (rewrites {} MiB flat out, self-checking pages); cache (reads {} MiB of its root disk, then rewrites 8 MiB at 1 MiB/s); return (the cache guest migrated A->B, {:.0} s on B, migrated back: figures of the way back)", a.hot_mib, a.cache_mib, a.return_after / 1000.0);
-    let _ = writeln!(md, "- migrators: qemu-default (downtime-limit {}, max-bandwidth 2x the link); qemu-tuned (the same plus xbzrle, multifd, zstd and auto-converge where this QEMU has them; the settings used are in results.json); livemig-fixed (`--policy fixed --max-downtime {}`); livemig-adaptive (`--policy adaptive --max-downtime {}`)", a.max_downtime, a.max_downtime, a.adaptive_max_downtime);
-    let _ = writeln!(md, "- a migration not done after {:.0} s is stopped and marked `timeout`\n", a.timeout / 1000.0);
+    let _ = writeln!(md, "- scenarios: idle (heartbeat only); hot (rewrites {} MiB flat out, self-checking pages); cache (reads {} MiB of its root disk, then rewrites 8 MiB at 1 MiB/s); return (the cache guest migrated A->B, {:.0} s on B, migrated back: figures of the way back); large (a {} MiB guest that writes {} MiB once, then rewrites it at {} MiB/s)", a.hot_mib, a.cache_mib, a.return_after / 1000.0, a.large_mib, a.large_touch_mib(), a.large_rate);
+    let _ = writeln!(md, "- migrators, all with the same maximum downtime {md_}: qemu-default (`downtime-limit` {md_}, `max-bandwidth` = the link rate{asb}); qemu-tuned (the same plus multifd with zstd, auto-converge and xbzrle where this QEMU takes them together; the settings used are in results.json); livemig-fixed (`--policy fixed --max-downtime {md_}`); livemig-adaptive (`--policy adaptive --max-downtime {md_}`){two}", md_ = a.max_downtime, asb = if qemu_version >= (8, 2) { ", and `avail-switchover-bandwidth` = the link rate" } else { "" }, two = if has(Migrator::QemuDefault2s) || has(Migrator::LivemigAdaptive2s) { "; and a pair with 2 s: qemu-default-2s (qemu-default with `downtime-limit` 2000 ms) and livemig-adaptive-2s (`--policy adaptive --max-downtime 2s`)" } else { "" });
+    let _ = writeln!(md, "- a migration not done after {:.0} s ({:.0} s for `large`) is stopped and marked `timeout`", a.timeout / 1000.0, a.large_timeout / 1000.0);
+    if older.is_some() {
+        let _ = writeln!(md, "- older figures: the previous default run, measured on QEMU 7.2, is kept below in \"{OLDER_TITLE}\" (not like for like: QEMU 7.2 under TCG loses guest writes, both migrators used memfd RAM over plain TCP, QEMU had max-bandwidth 2x the link, livemig-adaptive a 2 s maximum downtime against QEMU's 300 ms)");
+    }
+    md.push('\n');
     md.push_str("## What is measured\n\n");
     md.push_str("- **mark**: `ok` only if the migration completed, the destination guest then printed a heartbeat (idle) or its verifier passes with 0 bad pages (writing guests), no oops, and (QEMU native, where source and destination are both paused before `cont`) the two RAMs were equal page by page (on KVM: but for KVM's own steal-time record, one page differing in its first 12 bytes, which the host kernel writes). `corrupt`: any of these checks failed. `timeout`: no switchover in time (QEMU cancelled, livemig stopped with SIGTERM; the source keeps running). `failed`: the migrator gave up or errored (livemig --policy fixed gives up at its iteration cap by design). A run that is not ok shows no figures.\n");
     md.push_str("- **total**: QEMU's `total-time`; livemig's report `total_time_ms` (start of `send` to the end). **downtime**: QEMU's `downtime`; livemig's `downtime_ms` (source `stop` to the destination's confirmed `cont`).\n");
@@ -216,21 +287,21 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
     }
 
     md.push_str("\n## livemig / best ok QEMU (ratio of medians; < 1 is better for livemig)\n\n");
-    md.push_str("The best QEMU is the ok QEMU migrator with the lowest median total time in that scenario and link.\n\n");
+    md.push_str("The best QEMU is the ok QEMU migrator with the same maximum downtime (qemu-default and qemu-tuned for livemig-fixed and livemig-adaptive, qemu-default-2s for livemig-adaptive-2s) with the lowest median total time in that scenario and link.\n\n");
     md.push_str("| scenario | link | livemig | vs | total | downtime | wire | CPU |\n|---|---|---|---|---|---|---|---|\n");
     let mut pairs: Vec<(Scenario, String)> = g.keys().map(|k| (k.0, k.1.clone())).collect();
     pairs.dedup();
     for (s, l) in &pairs {
         let med = |m: Migrator, f: &dyn Fn(&RunResult) -> Option<f64>| g.get(&(*s, l.clone(), m)).and_then(|rs| ok_vals(rs, f)).map(|x| x.0);
-        let best = [Migrator::QemuDefault, Migrator::QemuTuned]
-            .into_iter()
-            .filter_map(|m| med(m, &|r| r.total_ms).map(|t| (m, t)))
-            .min_by(|x, y| x.1.total_cmp(&y.1))
-            .map(|x| x.0);
-        for lm in [Migrator::LivemigFixed, Migrator::LivemigAdaptive] {
+        for (lm, qemus) in PAIRS {
             if !g.contains_key(&(*s, l.clone(), lm)) {
                 continue;
             }
+            let best = qemus
+                .iter()
+                .filter_map(|m| med(*m, &|r| r.total_ms).map(|t| (*m, t)))
+                .min_by(|x, y| x.1.total_cmp(&y.1))
+                .map(|x| x.0);
             let Some(q) = best else {
                 let _ = writeln!(md, "| {} | {l} | {} | no ok QEMU run | | | | |", s.name(), lm.name());
                 continue;
@@ -258,7 +329,7 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
     md.push_str("`wire / non-zero` is livemig's whole stream (`wire_bytes`) over the bytes its non-zero pages would take sent whole and uncompacted (`uncompacted_bytes`, 4096 per page); pages by class are medians.\n\n");
     md.push_str("| scenario | link | migrator | wire / non-zero | non-zero pages (MiB) | zero | dup | disk_ref | snapshot_ref | delta | raw | resent |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (k, rs) in &g {
-        if !matches!(k.2, Migrator::LivemigFixed | Migrator::LivemigAdaptive) {
+        if k.2.is_qemu() {
             continue;
         }
         let reps: Vec<&Value> = rs.iter().filter(|r| r.mark == Mark::Ok).filter_map(|r| r.send_report.as_ref()).collect();
@@ -342,17 +413,100 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
     }
     md.push_str("\n## Notes\n\n");
     if kvm {
-        md.push_str("- The guests run on KVM, so QEMU's native migration is a correct baseline here (under TCG, QEMU 7.2 loses guest writes).\n");
+        md.push_str("- The guests run on KVM, so QEMU's native migration is a correct baseline here (under TCG, QEMU before 9.0 loses guest writes).\n");
         md.push_str("- Timings are nested: livemig and QEMU run in the L1 host, whose code is emulated (TCG) on 2 cores; hashing, compression and copying cost several times what they cost on hardware, and more for livemig (it hashes pages; QEMU on KVM reads dirty bits). Compare migrators within one scenario and link, not with the TCG tables.\n");
-    } else {
-        md.push_str("- QEMU 7.2's own migration under TCG loses guest writes on this machine (see `../shared/FACTS.md`): QEMU runs of writing guests are expected to be marked `corrupt` (differing pages between the paused source and destination, bad pages in the guest verifier, or a crashed destination guest). This is QEMU + TCG, not the harness; under KVM QEMU's dirty tracking is exact. The table shows it as it happened.\n");
+    } else if qemu_version >= (9, 0) {
+        md.push_str("- QEMU's own dirty tracking is correct under TCG since QEMU 9.0 (commit 03bfc2188f, see `../shared/FACTS.md`), so QEMU's native migration is a correct baseline here; a `corrupt` QEMU run is a real finding.\n");
         md.push_str("- TCG guests are slow and share the 2 cores with the migrators: absolute figures are of this machine only; compare migrators within one scenario and link.\n");
+    } else {
+        md.push_str("- QEMU's own migration under TCG loses guest writes before QEMU 9.0 (see `../shared/FACTS.md`): QEMU runs of writing guests are expected to be marked `corrupt` (differing pages between the paused source and destination, bad pages in the guest verifier, or a crashed destination guest). This is QEMU + TCG, not the harness; under KVM QEMU's dirty tracking is exact. The table shows it as it happened.\n");
+        md.push_str("- TCG guests are slow and share the 2 cores with the migrators: absolute figures are of this machine only; compare migrators within one scenario and link.\n");
+    }
+    // Kept as they are: the KVM section of the BENCHMARKS.md being replaced, then the older
+    // QEMU 7.2 figures (bench/older-qemu-7.2.md).
+    if let Some(k) = kvm_section(&a.out) {
+        md.push('\n');
+        md.push_str(&k);
+    }
+    if let Some(o) = older {
+        md.push('\n');
+        md.push_str(&o);
     }
     let path = a.out.join("BENCHMARKS.md");
     std::fs::write(&path, md).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }
 
+/// The heading of the older figures' section (bench/older-qemu-7.2.md starts with it).
+const OLDER_TITLE: &str = "Older: QEMU 7.2 (2026-11-24)";
+
+/// `$LIVEMIG_QEMU`, else `qemu-system-x86_64`: the QEMU the lab's VMs run.
+fn qemu_binary() -> String {
+    std::env::var("LIVEMIG_QEMU").ok().filter(|q| !q.is_empty()).unwrap_or_else(|| "qemu-system-x86_64".into())
+}
+
+/// (major, minor) of the QEMU in `machine`: its QMP greeting, else its `--version` line (older
+/// results.json have only that).
+fn qemu_version_of(machine: &Value) -> (u64, u64) {
+    let q = &machine["qmp_greeting"]["version"]["qemu"];
+    if let (Some(a), Some(b)) = (q["major"].as_u64(), q["minor"].as_u64()) {
+        return (a, b);
+    }
+    let v = machine["qemu"].as_str().and_then(|v| v.split("version ").nth(1)).unwrap_or("");
+    let mut it = v.split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse::<u64>().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// `<out>/bench/older-qemu-7.2.md`, if there is one: appended to BENCHMARKS.md as it is.
+fn older_section(out: &Path) -> Option<String> {
+    std::fs::read_to_string(out.join("bench").join("older-qemu-7.2.md")).ok().filter(|s| !s.trim().is_empty())
+}
+
+/// The KVM lane's section of the BENCHMARKS.md at `out` ("## On KVM guests" up to the older
+/// figures or the end): written by hand from lane/bench.sh's report, so a new run keeps it.
+fn kvm_section(out: &Path) -> Option<String> {
+    let old = std::fs::read_to_string(out.join("BENCHMARKS.md")).ok()?;
+    let start = old.find("\n## On KVM guests")? + 1;
+    let rest = &old[start..];
+    let end = rest.find(&format!("\n## {OLDER_TITLE}")).map_or(rest.len(), |e| e + 1);
+    Some(rest[..end].trim_end().to_string() + "\n")
+}
+
 fn rel(base: &Path, p: &Path) -> String {
     p.strip_prefix(base).unwrap_or(p).display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_version_from_greeting_or_version_line() {
+        let m = json!({"qmp_greeting": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": "Debian 1:10.0.2"}}});
+        assert_eq!(qemu_version_of(&m), (10, 0));
+        assert_eq!(greeting_version(&m["qmp_greeting"]).as_deref(), Some("10.0.2 (Debian 1:10.0.2)"));
+        let old = json!({"qemu": "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"});
+        assert_eq!(qemu_version_of(&old), (7, 2));
+        assert_eq!(qemu_version_of(&json!({})), (0, 0));
+    }
+
+    #[test]
+    fn the_older_figures_start_with_their_title() {
+        let s = include_str!("../../../../bench/older-qemu-7.2.md");
+        assert!(s.starts_with(&format!("## {OLDER_TITLE}\n")));
+        assert!(!s.contains("](bench/plots/"), "the older plots are in bench/older-qemu-7.2/plots");
+    }
+
+    #[test]
+    fn the_kvm_section_is_kept_without_the_older_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = format!("# B\n\n## Notes\n\n- n\n\n## On KVM guests (x)\n\nk1\n\n### Summary\n\nk2\n\n## {OLDER_TITLE}\n\nold\n");
+        std::fs::write(dir.path().join("BENCHMARKS.md"), md).unwrap();
+        assert_eq!(kvm_section(dir.path()).unwrap(), "## On KVM guests (x)\n\nk1\n\n### Summary\n\nk2\n");
+        std::fs::write(dir.path().join("BENCHMARKS.md"), "# B\n\n## On KVM guests\n\nk\n").unwrap();
+        assert_eq!(kvm_section(dir.path()).unwrap(), "## On KVM guests\n\nk\n");
+        std::fs::write(dir.path().join("BENCHMARKS.md"), "# B\n").unwrap();
+        assert!(kvm_section(dir.path()).is_none());
+        assert!(older_section(dir.path()).is_none());
+    }
 }
