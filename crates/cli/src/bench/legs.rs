@@ -171,7 +171,7 @@ fn livemig(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
         Some(t) => sc.args(t.livemig_args(ctx.from_host)).args(["--tls-server-name", ctx.to_host]),
         None => sc.arg("--insecure"),
     };
-    sc.args(["--policy", policy, "--max-downtime", maxd, "--qmp"])
+    sc.args(["--engine", ctx.migrator.engine(), "--policy", policy, "--max-downtime", maxd, "--qmp"])
         .arg(ctx.from.qmp_path())
         .arg("--report")
         .arg(&send_report);
@@ -220,7 +220,7 @@ fn livemig(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     let report: Value = std::fs::read_to_string(&send_report).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or(Value::Null);
     leg.total_ms = report.get("total_time_ms").and_then(Value::as_f64);
     leg.downtime_ms = report.get("downtime_ms").and_then(Value::as_f64);
-    leg.capabilities = vec![format!("policy {policy}"), format!("max-downtime {maxd}")];
+    leg.capabilities = vec![format!("engine {}", ctx.migrator.engine()), format!("policy {policy}"), format!("max-downtime {maxd}")];
     leg.capabilities.push(match ctx.tls {
         Some(_) => format!("TLS 1.3, certificates of `livemig certs` (server name {})", ctx.to_host),
         None => "plain TCP (--insecure)".into(),

@@ -53,18 +53,25 @@ pub(crate) enum Migrator {
     QemuDefault,
     /// qemu-default plus multifd (zstd), auto-converge and xbzrle, where QEMU accepts them together.
     QemuTuned,
-    /// livemig send/receive, --policy fixed --max-downtime (= QEMU's rule).
+    /// livemig send/receive, shared engine, --policy fixed --max-downtime (= QEMU's rule).
     LivemigFixed,
-    /// livemig send/receive, --policy adaptive --max-downtime.
+    /// livemig send/receive, shared engine, --policy adaptive --max-downtime.
     LivemigAdaptive,
+    /// livemig send/receive, stream engine (QEMU's own pre-copy relayed), --policy adaptive
+    /// --max-downtime.
+    LivemigStream,
     /// qemu-default with a 2 s downtime-limit (the pair of livemig-adaptive-2s).
     #[value(name = "qemu-default-2s")]
     #[serde(rename = "qemu-default-2s")]
     QemuDefault2s,
-    /// livemig send/receive, --policy adaptive --max-downtime 2s.
+    /// livemig send/receive, shared engine, --policy adaptive --max-downtime 2s.
     #[value(name = "livemig-adaptive-2s")]
     #[serde(rename = "livemig-adaptive-2s")]
     LivemigAdaptive2s,
+    /// livemig send/receive, stream engine, --policy adaptive --max-downtime 2s.
+    #[value(name = "livemig-stream-2s")]
+    #[serde(rename = "livemig-stream-2s")]
+    LivemigStream2s,
 }
 
 impl Migrator {
@@ -74,8 +81,17 @@ impl Migrator {
             Migrator::QemuTuned => "qemu-tuned",
             Migrator::LivemigFixed => "livemig-fixed",
             Migrator::LivemigAdaptive => "livemig-adaptive",
+            Migrator::LivemigStream => "livemig-stream",
             Migrator::QemuDefault2s => "qemu-default-2s",
             Migrator::LivemigAdaptive2s => "livemig-adaptive-2s",
+            Migrator::LivemigStream2s => "livemig-stream-2s",
+        }
+    }
+    /// The livemig engine it runs (`--engine`), for livemig migrators.
+    pub(crate) fn engine(self) -> &'static str {
+        match self {
+            Migrator::LivemigStream | Migrator::LivemigStream2s => "stream",
+            _ => "shared",
         }
     }
     pub(crate) fn is_qemu(self) -> bool {
@@ -84,7 +100,7 @@ impl Migrator {
     /// Its maximum downtime: --max-downtime, or 2 s for the `-2s` pair.
     pub(crate) fn max_downtime(self, a: &BenchArgs) -> &str {
         match self {
-            Migrator::QemuDefault2s | Migrator::LivemigAdaptive2s => LONG_DOWNTIME,
+            Migrator::QemuDefault2s | Migrator::LivemigAdaptive2s | Migrator::LivemigStream2s => LONG_DOWNTIME,
             _ => &a.max_downtime,
         }
     }
@@ -94,7 +110,8 @@ impl Migrator {
 const LONG_DOWNTIME: &str = "2s";
 
 /// The migrators of the default plan on every scenario and link.
-const MAIN_MIGRATORS: [Migrator; 4] = [Migrator::QemuDefault, Migrator::QemuTuned, Migrator::LivemigFixed, Migrator::LivemigAdaptive];
+const MAIN_MIGRATORS: [Migrator; 5] =
+    [Migrator::QemuDefault, Migrator::QemuTuned, Migrator::LivemigFixed, Migrator::LivemigAdaptive, Migrator::LivemigStream];
 
 /// Below this link rate (bytes/s) the default plan adds the `-2s` pair to the hot scenario.
 const SLOW_LINK: u64 = 60_000_000;
@@ -304,7 +321,7 @@ fn migrators_for(a: &BenchArgs, s: Scenario, link: &str) -> Vec<Migrator> {
     }
     let mut v = MAIN_MIGRATORS.to_vec();
     if s == Scenario::Hot && is_slow(link) {
-        v.extend([Migrator::QemuDefault2s, Migrator::LivemigAdaptive2s]);
+        v.extend([Migrator::QemuDefault2s, Migrator::LivemigAdaptive2s, Migrator::LivemigStream2s]);
     }
     v
 }
@@ -325,9 +342,9 @@ fn estimate_s(s: Scenario, link: &str, m: Migrator, timeout_s: f64) -> f64 {
             Migrator::QemuDefault => timeout_s + 16.0,
             Migrator::QemuTuned => 48.0,
             Migrator::LivemigFixed => 58.0,
-            Migrator::LivemigAdaptive => 47.0,
+            Migrator::LivemigAdaptive | Migrator::LivemigStream => 47.0,
             Migrator::QemuDefault2s => 31.0,
-            Migrator::LivemigAdaptive2s => 25.0,
+            Migrator::LivemigAdaptive2s | Migrator::LivemigStream2s => 25.0,
         },
         (Scenario::Cache, false) => 21.0,
         (Scenario::Cache, true) => 45.0,
@@ -443,12 +460,13 @@ fn wait_until<T>(cancel: &AtomicBool, limit: Duration, what: &str, mut f: impl F
     }
 }
 
-/// The guest of scenario `s` for migrator `m`. QEMU's own migration gets plain private RAM
-/// (`-m`, what most VMs have; it migrates any RAM), livemig the lab's shared RAM backend.
+/// The guest of scenario `s` for migrator `m`. QEMU's own migration and livemig's stream engine
+/// get plain private RAM (`-m`, what most VMs have; both migrate any RAM), livemig's shared
+/// engine the lab's shared RAM backend.
 fn vm_cfg(env: &Env<'_>, s: Scenario, m: Migrator, name: &str, dir: &Path) -> VmConfig {
     let mut c = VmConfig::new(name, dir);
     c.mem_mib = env.a.mem_of(s);
-    if m.is_qemu() {
+    if m.is_qemu() || m.engine() == "stream" {
         c.backend = RamBackend::Anonymous;
     }
     match s {

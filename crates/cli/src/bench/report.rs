@@ -80,14 +80,16 @@ fn marks(rs: &[&RunResult]) -> String {
     c.iter().map(|(k, v)| format!("{k} {v}/{}", rs.len())).collect::<Vec<_>>().join(", ")
 }
 
-const COLORS: [&str; 6] = ["#9e9e9e", "#616161", "#64b5f6", "#1565c0", "#bdbdbd", "#0d47a1"];
-const MIGRATORS: [Migrator; 6] = [
+const COLORS: [&str; 8] = ["#9e9e9e", "#616161", "#64b5f6", "#1565c0", "#2e7d32", "#bdbdbd", "#0d47a1", "#1b5e20"];
+const MIGRATORS: [Migrator; 8] = [
     Migrator::QemuDefault,
     Migrator::QemuTuned,
     Migrator::LivemigFixed,
     Migrator::LivemigAdaptive,
+    Migrator::LivemigStream,
     Migrator::QemuDefault2s,
     Migrator::LivemigAdaptive2s,
+    Migrator::LivemigStream2s,
 ];
 
 /// What a run's header needs beyond the options: the transport, QEMU's QMP greeting and (when
@@ -122,10 +124,12 @@ fn greeting_version(g: &Value) -> Option<String> {
 
 /// The livemig migrators of the ratio table, each against the QEMU migrators with the same
 /// maximum downtime.
-const PAIRS: [(Migrator, &[Migrator]); 3] = [
+const PAIRS: [(Migrator, &[Migrator]); 5] = [
     (Migrator::LivemigFixed, &[Migrator::QemuDefault, Migrator::QemuTuned]),
     (Migrator::LivemigAdaptive, &[Migrator::QemuDefault, Migrator::QemuTuned]),
+    (Migrator::LivemigStream, &[Migrator::QemuDefault, Migrator::QemuTuned]),
     (Migrator::LivemigAdaptive2s, &[Migrator::QemuDefault2s]),
+    (Migrator::LivemigStream2s, &[Migrator::QemuDefault2s]),
 ];
 
 /// Grouped bars: one group per scenario, one bar per migrator (median of ok runs); a migrator
@@ -250,7 +254,7 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
     let _ = writeln!(md, "- transport: {transport}");
     let _ = writeln!(md, "- link: two network namespaces joined by a veth pair, `tc qdisc tbf rate <link>` (burst: 10 ms of the rate) on both ends{}", a.delay.map(|d| format!(", netem with {d} ms delay each way instead of tbf")).unwrap_or_default());
     let _ = writeln!(md, "- scenarios: idle (heartbeat only); hot (rewrites {} MiB flat out, self-checking pages); cache (reads {} MiB of its root disk, then rewrites 8 MiB at 1 MiB/s); return (the cache guest migrated A->B, {:.0} s on B, migrated back: figures of the way back); large (a {} MiB guest that writes {} MiB once, then rewrites it at {} MiB/s)", a.hot_mib, a.cache_mib, a.return_after / 1000.0, a.large_mib, a.large_touch_mib(), a.large_rate);
-    let _ = writeln!(md, "- migrators, all with the same maximum downtime {md_}: qemu-default (`downtime-limit` {md_}, `max-bandwidth` = the link rate{asb}); qemu-tuned (the same plus multifd with zstd, auto-converge and xbzrle where this QEMU takes them together; the settings used are in results.json); livemig-fixed (`--policy fixed --max-downtime {md_}`); livemig-adaptive (`--policy adaptive --max-downtime {md_}`){two}", md_ = a.max_downtime, asb = if qemu_version >= (8, 2) { ", and `avail-switchover-bandwidth` = the link rate" } else { "" }, two = if has(Migrator::QemuDefault2s) || has(Migrator::LivemigAdaptive2s) { "; and a pair with 2 s: qemu-default-2s (qemu-default with `downtime-limit` 2000 ms) and livemig-adaptive-2s (`--policy adaptive --max-downtime 2s`)" } else { "" });
+    let _ = writeln!(md, "- migrators, all with the same maximum downtime {md_}: qemu-default (`downtime-limit` {md_}, `max-bandwidth` = the link rate{asb}); qemu-tuned (the same plus multifd with zstd, auto-converge and xbzrle where this QEMU takes them together; the settings used are in results.json); livemig-fixed (shared engine, `--policy fixed --max-downtime {md_}`); livemig-adaptive (shared engine, `--policy adaptive --max-downtime {md_}`); livemig-stream (stream engine: QEMU's own pre-copy relayed and compacted, `--engine stream --policy adaptive --max-downtime {md_}`){two}", md_ = a.max_downtime, asb = if qemu_version >= (8, 2) { ", and `avail-switchover-bandwidth` = the link rate" } else { "" }, two = if has(Migrator::QemuDefault2s) || has(Migrator::LivemigAdaptive2s) { "; and a pair with 2 s: qemu-default-2s (qemu-default with `downtime-limit` 2000 ms), livemig-adaptive-2s (shared engine, `--policy adaptive --max-downtime 2s`) and livemig-stream-2s (stream engine, the same)" } else { "" });
     let _ = writeln!(md, "- a migration not done after {:.0} s ({:.0} s for `large`) is stopped and marked `timeout`", a.timeout / 1000.0, a.large_timeout / 1000.0);
     if older.is_some() {
         let _ = writeln!(md, "- older figures: the previous default run, measured on QEMU 7.2, is kept below in \"{OLDER_TITLE}\" (not like for like: QEMU 7.2 under TCG loses guest writes, both migrators used memfd RAM over plain TCP, QEMU had max-bandwidth 2x the link, livemig-adaptive a 2 s maximum downtime against QEMU's 300 ms)");
