@@ -894,9 +894,10 @@ mod tests {
         assert!(p.contains(&(Scenario::Large, "1gbit".into())));
         for (s, l) in &p {
             let ms = migrators_for(&a, *s, l);
-            let pair = ms.contains(&Migrator::QemuDefault2s) && ms.contains(&Migrator::LivemigAdaptive2s);
+            let pair = ms.contains(&Migrator::QemuDefault2s) && ms.contains(&Migrator::LivemigAdaptive2s) && ms.contains(&Migrator::LivemigStream2s);
             assert_eq!(pair, *s == Scenario::Hot && l == "100mbit", "{s:?} {l}");
-            assert_eq!(ms.len(), if pair { 6 } else { 4 });
+            assert!(ms.contains(&Migrator::LivemigStream), "both engines everywhere: {ms:?}");
+            assert_eq!(ms.len(), if pair { 8 } else { 5 });
         }
         // Explicit migrators are exactly those.
         let a = args(&["--migrator", "qemu-default-2s", "--scenario", "idle"]);
