@@ -1,11 +1,15 @@
 # The KVM lane's tests (a job for lane/run, run inside L1 with real KVM): the end-to-end
 # migration of a writing guest (the guest's own verifier must find 0 bad pages, the sender's
-# digest must match the destination's) with each tracker, on the same KVM guest.
+# digest must match the destination's) with each tracker of the shared engine, and with the
+# stream engine (QEMU's own dirty tracking: KVM's dirty log), on the same KVM guest.
 # The guest rewrites 64 MiB at 4 MiB/s and the maximum downtime is 1 s: livemig itself runs in
 # L1, which is emulated (TCG), so hashing 256 MiB takes about 250 ms there; the L2 guest runs at
 # KVM speed. Writes $LANE_OUT/<tracker>.json (the demo's report), <tracker>.log, <tracker>.svg,
 # and <tracker>-destination.console.log.
-# Arguments: the trackers to run, in order (default: soft-dirty content); a tracker named again
+# Arguments: the runs, in order: a tracker name (soft-dirty, content: the shared engine) or
+# `stream` (the stream engine; not in the default set yet: in the emulated L1 the relay moved only
+# ~1.3 MiB/s and the hot guest never converged, see lane/README.md) (default: soft-dirty
+# content); a run named again
 # runs again and its files get a suffix (content.2.json ...), so
 # `lane/run lane/tests.sh soft-dirty content soft-dirty content soft-dirty content` compares them.
 [ $# -gt 0 ] || set -- soft-dirty content
@@ -16,7 +20,9 @@ for tracker in "$@"; do
     seen="$seen$tracker "
     if [ "$n" = 0 ]; then t=$tracker; else t="$tracker.$((n + 1))"; fi
     echo "LANE-TEST start tracker=$tracker run=$t"
-    livemig demo --scenario dirty --rate 4 --max-downtime 1s --mem-mib 256 --tracker "$tracker" \
+    # (busybox sh: no arrays; $how is split on purpose)
+    if [ "$tracker" = stream ]; then how="--engine stream"; else how="--engine shared --tracker $tracker"; fi
+    livemig demo --scenario dirty --rate 4 --max-downtime 1s --mem-mib 256 $how \
         --workdir "/tmp/demo-$t" --report "$LANE_OUT/$t.json" >"$LANE_OUT/$t.log" 2>&1
     r=$?
     cat "$LANE_OUT/$t.log"
@@ -26,6 +32,8 @@ for tracker in "$@"; do
     # A destination kernel that oopsed after the verifier passes is a failure too.
     sleep 3
     cp "/tmp/demo-$t/destination.console.log" "$LANE_OUT/$t-destination.console.log" 2>/dev/null || true
+    for f in source.qemu.log destination.qemu.log; do cp "/tmp/demo-$t/$f" "$LANE_OUT/$t-$f" 2>/dev/null || true; done
+    [ $r = 0 ] || dmesg | tail -40
     if grep -qE 'BUG:|Oops|Kernel panic|soft lockup' "/tmp/demo-$t/destination.console.log"; then
         echo "LANE-TEST tracker=$t: the destination kernel oopsed"
         rc=1

@@ -45,6 +45,7 @@ fn kvm_lane_migrates_a_writing_guest_with_both_trackers() {
         let send = &r["send"];
         assert_eq!(r["accel"], "kvm", "{tracker}: the L2 guests ran on KVM");
         assert_eq!(r["outcome"], "completed", "{tracker}: {r:#}");
+        assert_eq!(send["engine"], "shared", "{send:#}");
         assert_eq!(send["tracker"], tracker, "{tracker}: the tracker asked for is the one used");
         assert_eq!(send["verification"]["ok"], true, "{tracker}: {:#}", send["verification"]);
         assert_eq!(send["verification"]["source_digest"], send["verification"]["destination_digest"]);
