@@ -35,6 +35,9 @@ pub enum Trigger {
     /// At the first Pages frame after the sender's `iteration_end` of iteration `k`; `None`: at
     /// the very first Pages frame.
     PagesAfterIterationEnd(Option<u32>),
+    /// At the frame number `nth` (from 0) of this kind (`livemig_wire::FrameKind as u16`, e.g.
+    /// 4 for the stream engine's Stream frames) going that way.
+    Frame(Dir, u16, u32),
 }
 
 /// What happens when the trigger fires.
@@ -47,6 +50,8 @@ pub enum Action {
     Before(Box<dyn FnOnce() + Send>),
     /// Forward the frame, then run the hook.
     After(Box<dyn FnOnce() + Send>),
+    /// Run the hook, then cut as [`Action::Cut`] (the triggering frame is not forwarded).
+    HookThenCut(Box<dyn FnOnce() + Send>),
 }
 
 struct Shared {
@@ -208,6 +213,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>) {
     let mut total: u64 = 0;
     // For PagesAfterIterationEnd: the iteration_end of k went by.
     let mut armed_after: Option<u32> = None;
+    // Frames seen so far of each kind, this way (for `Trigger::Frame`).
+    let mut kinds_seen = [0u32; 8];
     if dir == Dir::FromSender {
         let mut magic = [0u8; 8];
         if from.read_exact(&mut magic).is_err() {
@@ -257,7 +264,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>) {
                 None => format!("{arrow}{t}"),
             });
         }
-        let step = decide(sh, dir, kind, msg_type.as_ref().map(|(t, _)| t.as_str()), armed_after, total, frame.len());
+        let nth = kinds_seen.get(usize::from(kind)).copied();
+        if let Some(n) = kinds_seen.get_mut(usize::from(kind)) {
+            *n += 1;
+        }
+        let step = decide(sh, dir, (kind, nth), msg_type.as_ref().map(|(t, _)| t.as_str()), armed_after, total, frame.len());
         if dir == Dir::FromSender {
             if let Some(("iteration_end", Some(i))) = msg_type.as_ref().map(|(t, i)| (t.as_str(), *i)) {
                 armed_after = u32::try_from(i).ok();
@@ -330,7 +341,9 @@ fn byte_cut(sh: &Shared, total: u64, len: usize) -> Option<usize> {
     None
 }
 
-fn decide(sh: &Shared, dir: Dir, kind: u16, msg: Option<&str>, armed_after: Option<u32>, total: u64, len: usize) -> Step {
+/// `kind`: the frame's kind and how many frames of that kind went this way before it.
+fn decide(sh: &Shared, dir: Dir, kind: (u16, Option<u32>), msg: Option<&str>, armed_after: Option<u32>, total: u64, len: usize) -> Step {
+    let (kind, nth) = kind;
     if dir == Dir::FromSender {
         if let Some(keep) = byte_cut(sh, total, len) {
             return Step::Cut { keep, what: format!("cut after {} bytes from the sender", total - (len - keep) as u64) };
@@ -342,6 +355,7 @@ fn decide(sh: &Shared, dir: Dir, kind: u16, msg: Option<&str>, armed_after: Opti
         Some((Trigger::PagesAfterIterationEnd(k), _)) => {
             dir == Dir::FromSender && kind == 2 && k.is_none_or(|k| armed_after.is_some_and(|a| a >= k))
         }
+        Some((Trigger::Frame(d, k, n), _)) => *d == dir && *k == kind && nth == Some(*n),
         _ => false,
     };
     if !matched {
@@ -354,5 +368,10 @@ fn decide(sh: &Shared, dir: Dir, kind: u16, msg: Option<&str>, armed_after: Opti
         Action::Flip => Step::Flip(format!("flipped a byte: {what}")),
         Action::Before(h) => Step::Before(h, format!("hook before forwarding: {what}")),
         Action::After(h) => Step::After(h, format!("hook after forwarding: {what}")),
+        Action::HookThenCut(h) => {
+            drop(f);
+            h();
+            Step::Cut { keep: 0, what: format!("hook, then cut: {what}") }
+        }
     }
 }

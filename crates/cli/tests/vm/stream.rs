@@ -1,10 +1,14 @@
 //! The stream engine with real QEMU 10 guests: QEMU migrates with its own dirty tracking into
 //! livemig, which compacts and relays its stream; plain private RAM (`-m`), the VM most hosts run.
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use livemig_lab::RamBackend;
 use serde_json::Value;
 
-use crate::harness::{self, Migration, Pair};
+use crate::harness::{self, Migration, Pair, Running};
+use crate::proxy::{Action, Dir, Proxy, Trigger};
 
 /// Plain `-m` RAM on both sides.
 fn private_ram(name: &str, workload: Vec<(String, String)>) -> Pair {
@@ -47,4 +51,259 @@ fn private_ram_guest_migrates_through_the_stream_engine() {
     assert_eq!(pair.status_of_source(), "postmigrate");
     assert_eq!(pair.status_of_destination(), "running");
     pair.assert_destination_guest_verifies(3);
+}
+
+// ---- Failures (docs/FAILURES.md, rows S1-S6): one fault each, both VMs' states asserted. ----
+
+/// The stream engine's `send` arguments, plus `extra`.
+fn stream_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["--engine", "stream"];
+    a.extend_from_slice(extra);
+    a
+}
+
+/// The proxy's trace with runs of the same message collapsed (`<stream_ack x120`).
+fn trace_summary(proxy: &Proxy) -> String {
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for t in proxy.trace() {
+        match out.last_mut() {
+            Some((last, n)) if *last == t => *n += 1,
+            _ => out.push((t, 1)),
+        }
+    }
+    out.iter().map(|(t, n)| if *n > 1 { format!("{t} x{n}") } else { t.clone() }).collect::<Vec<_>>().join(" ")
+}
+
+/// A stream-engine migration whose sender goes through `proxy`; logs are prefixed by `tag`.
+fn through(pair: &Pair, proxy: &Proxy, tag: &str, send_args: &[&str], during: impl FnOnce(&mut Running)) -> Migration {
+    let args = stream_args(send_args);
+    let m = Migration::between_via(&pair.src, &pair.dst, &pair.dir, tag, &args, &[], |a| proxy.forward_to(a), during);
+    eprintln!("--- proxy: fired {:?}; messages: {}", proxy.fired(), trace_summary(proxy));
+    m
+}
+
+/// The proxy's fault fired; otherwise what went through and how `send` ended.
+fn assert_fired(proxy: &Proxy, m: &Migration) {
+    assert!(
+        proxy.fired().is_some(),
+        "the proxy's fault never fired; messages: {}; send ended with: {}",
+        trace_summary(proxy),
+        m.send_stderr.lines().last().unwrap_or("")
+    );
+}
+
+/// Whether a control message of this type went through the proxy.
+fn saw(proxy: &Proxy, what: &str) -> bool {
+    proxy.trace().iter().any(|t| t == what)
+}
+
+/// What every stream-engine failure before the commit must end as: `send` (stream engine) exits
+/// 1 saying the source keeps running, its report says `failed` and the source `running`;
+/// `receive` exits 1 saying the destination was not resumed (unless the test killed it); the
+/// source VM runs and its guest verifier passes again with no bad page; the destination never
+/// runs.
+fn assert_failed_safely(pair: &Pair, m: &Migration, receiver_killed: bool) {
+    assert_eq!(m.send_code, 1, "send must fail:\n{}", m.send_stderr);
+    assert!(m.send_stderr.contains("the source VM keeps running"), "{}", m.send_stderr);
+    assert_eq!(m.send_report["engine"], "stream", "{:#}", m.send_report);
+    assert_eq!(m.send_report["outcome"], "failed", "{:#}", m.send_report);
+    assert_eq!(m.send_report["source_state"], "running", "{:#}", m.send_report);
+    if !receiver_killed {
+        assert_eq!(m.recv_code, 1, "receive must fail:\n{}", m.recv_stderr);
+        assert!(m.recv_stderr.contains("the destination VM was not resumed"), "{}", m.recv_stderr);
+        assert_eq!(m.recv_report["outcome"], "failed", "{:#}", m.recv_report);
+    }
+    assert_eq!(pair.status_of_source(), "running");
+    assert_ne!(pair.status_of_destination(), "running");
+    pair.assert_source_guest_still_verifies(1);
+}
+
+/// Both agents name the lost connection.
+fn assert_says_connection_lost(m: &Migration) {
+    for (who, text) in [("send", &m.send_stderr), ("receive", &m.recv_stderr)] {
+        assert!(
+            text.contains("the migration connection failed")
+                && ["closed the connection", "reset", "Broken pipe"].iter().any(|w| text.contains(w)),
+            "{who} names the lost connection: {text}"
+        );
+    }
+}
+
+/// The fault came before QEMU's RAM was done: the sender never sent its checkpoint, the
+/// receiver never verified a digest.
+fn assert_in_precopy(m: &Migration) {
+    assert!(!m.recv_stderr.contains("stream digest verified"), "{}", m.recv_stderr);
+    assert_eq!(m.send_report["device_state_bytes"].as_u64().unwrap_or(0), 0, "{:#}", m.send_report);
+}
+
+/// Case S1: the connection is cut in QEMU's pre-copy, the source guest running: after 8 MiB from
+/// the sender over a 40 Mbit/s link (inside iteration 0, inside a Stream frame), and at the
+/// receiver's 20th `stream_ack` (its answer for a chunk written into the destination QEMU).
+#[test]
+fn stream_cut_in_precopy_leaves_the_source_running() {
+    let _g = harness::vm_lock();
+    let mut pair = private_ram("stream-cut-precopy", harness::dirty_guest(32, 8));
+
+    let proxy = Proxy::new(Trigger::SenderBytes(8 << 20), Action::Cut);
+    let m = through(&pair, &proxy, "bytes-", &["--bandwidth", "40mbit"], |_| {});
+    assert_fired(&proxy, &m);
+    assert!(!saw(&proxy, ">stream_checkpoint"), "{}", trace_summary(&proxy));
+    assert_in_precopy(&m);
+    assert_says_connection_lost(&m);
+    assert_failed_safely(&pair, &m, false);
+
+    pair.restart_destination();
+    // The receiver's control frames: `welcome`, `stream_ready`, then one `stream_ack` per chunk
+    // written into the destination QEMU: cut at the 20th ack (~10 MiB of QEMU's stream).
+    let proxy = Proxy::new(Trigger::Frame(Dir::FromReceiver, livemig_wire::FrameKind::Control as u16, 21), Action::Cut);
+    let m = through(&pair, &proxy, "ack-", &[], |_| {});
+    assert_fired(&proxy, &m);
+    assert_eq!(proxy.trace().iter().filter(|t| *t == "<stream_ack").count(), 20, "{}", trace_summary(&proxy));
+    assert_in_precopy(&m);
+    assert_says_connection_lost(&m);
+    assert_failed_safely(&pair, &m, false);
+}
+
+/// Complete `LIVEMIG-HEARTBEAT` lines (the guest prints one a second while it runs) in a console
+/// log from byte `from` on.
+fn heartbeats_since(console: &std::path::Path, from: usize) -> usize {
+    let data = std::fs::read(console).unwrap_or_default();
+    let new = String::from_utf8_lossy(&data[from.min(data.len())..]).into_owned();
+    // The last piece has no line end yet: not counted.
+    let complete = new.rsplit_once('\n').map_or("", |(done, _)| done);
+    complete.split('\n').filter(|l| l.trim_end_matches('\r').starts_with("LIVEMIG-HEARTBEAT")).count()
+}
+
+/// Case S2: the connection is cut at the sender's `stream_checkpoint`: QEMU's RAM is done, so
+/// QEMU has stopped the source guest (the proxy holds the checkpoint 3 s first and sees no
+/// heartbeat from the guest meanwhile). The migration fails and the source guest runs again.
+#[test]
+fn stream_cut_at_the_checkpoint_resumes_the_stopped_source() {
+    let _g = harness::vm_lock();
+    let pair = private_ram("stream-cut-checkpoint", harness::dirty_guest(32, 8));
+    let console = pair.src.console_path().to_path_buf();
+    let silent: Arc<Mutex<Option<usize>>> = Arc::new(Mutex::new(None));
+    let proxy = {
+        let silent = Arc::clone(&silent);
+        Proxy::new(
+            Trigger::Control(Dir::FromSender, "stream_checkpoint"),
+            Action::HookThenCut(Box::new(move || {
+                let mark = std::fs::metadata(&console).map_or(0, |m| usize::try_from(m.len()).unwrap_or(usize::MAX));
+                std::thread::sleep(Duration::from_secs(3));
+                *silent.lock().unwrap() = Some(heartbeats_since(&console, mark));
+            })),
+        )
+    };
+    let m = through(&pair, &proxy, "", &[], |_| {});
+    assert_fired(&proxy, &m);
+    let beats = silent.lock().unwrap().expect("the hook ran");
+    // At most one line that was on its way out when the guest stopped.
+    assert!(beats <= 1, "the source guest printed {beats} heartbeats in 3 s at the checkpoint: it was not stopped");
+    assert!(m.send_stderr.contains("releasing the switchover-ack"), "{}", m.send_stderr);
+    assert!(!m.recv_stderr.contains("stream digest verified"), "the checkpoint never arrived: {}", m.recv_stderr);
+    assert_says_connection_lost(&m);
+    assert_failed_safely(&pair, &m, false);
+    // The guest runs again: heartbeats.
+    let mark = pair.src.console_mark();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(heartbeats_since(pair.src.console_path(), mark) >= 2, "the source guest does not run again");
+}
+
+/// Case S3: the connection is cut in QEMU's device state (the source guest stopped since the
+/// checkpoint): at the receiver's `stream_verified` (the digest matched; the device state may be
+/// on its way into the destination QEMU), and at the sender's `stream_end` (the source QEMU's
+/// whole stream was read: it completed, the source is in `postmigrate`).
+#[test]
+fn stream_cut_in_the_device_state_restores_the_source() {
+    let _g = harness::vm_lock();
+    let mut pair = private_ram("stream-cut-device", harness::dirty_guest(32, 8));
+
+    let proxy = Proxy::new(Trigger::Control(Dir::FromReceiver, "stream_verified"), Action::Cut);
+    let m = through(&pair, &proxy, "verified-", &[], |_| {});
+    assert_fired(&proxy, &m);
+    assert!(saw(&proxy, ">stream_checkpoint"), "{}", trace_summary(&proxy));
+    assert!(m.recv_stderr.contains("stream digest verified"), "{}", m.recv_stderr);
+    assert!(!saw(&proxy, ">commit"), "{}", trace_summary(&proxy));
+    assert_says_connection_lost(&m);
+    assert_failed_safely(&pair, &m, false);
+
+    pair.restart_destination();
+    let proxy = Proxy::new(Trigger::Control(Dir::FromSender, "stream_end"), Action::Cut);
+    let m = through(&pair, &proxy, "end-", &[], |_| {});
+    assert_fired(&proxy, &m);
+    assert!(saw(&proxy, "<stream_verified"), "{}", trace_summary(&proxy));
+    assert!(!saw(&proxy, ">commit") && !saw(&proxy, "<loaded"), "{}", trace_summary(&proxy));
+    assert!(m.send_report["device_state_bytes"].as_u64().unwrap_or(0) > 0, "the device state went: {:#}", m.send_report);
+    assert_says_connection_lost(&m);
+    assert_failed_safely(&pair, &m, false);
+}
+
+/// Case S4: `livemig receive` is killed (SIGKILL) 2 s into QEMU's pre-copy over a 40 Mbit/s link.
+#[test]
+fn stream_receiver_killed_in_precopy_leaves_the_source_running() {
+    let _g = harness::vm_lock();
+    let pair = private_ram("stream-kill-recv", harness::dirty_guest(32, 8));
+    let m = Migration::run_with(&pair, &stream_args(&["--bandwidth", "40mbit"]), &[], |r| {
+        r.wait_send_progress("QEMU migrates into the relay");
+        std::thread::sleep(Duration::from_secs(2));
+        r.kill_receiver();
+    });
+    assert_ne!(m.recv_code, 0, "killed");
+    assert_in_precopy(&m);
+    assert!(m.send_stderr.contains("the migration connection failed"), "{}", m.send_stderr);
+    assert_failed_safely(&pair, &m, true);
+}
+
+/// Case S5: the destination QEMU is killed (-9) 2 s into QEMU's pre-copy over a 40 Mbit/s link:
+/// the receiver cannot write the stream into it and says so; the sender relays its reason.
+#[test]
+fn stream_destination_qemu_killed_mid_migration_leaves_the_source_running() {
+    let _g = harness::vm_lock();
+    let pair = private_ram("stream-kill-dst", harness::dirty_guest(32, 8));
+    let pid = pair.dst.pid();
+    let m = Migration::run_with(&pair, &stream_args(&["--bandwidth", "40mbit"]), &[], |r| {
+        r.wait_send_progress("QEMU migrates into the relay");
+        std::thread::sleep(Duration::from_secs(2));
+        Pair::kill_destination_qemu(pid);
+    });
+    assert_in_precopy(&m);
+    assert!(m.recv_stderr.contains("destination QEMU"), "{}", m.recv_stderr);
+    assert!(m.send_stderr.contains("the destination aborted the migration"), "the sender relays the receiver's reason: {}", m.send_stderr);
+    assert!(m.send_stderr.contains("destination QEMU"), "{}", m.send_stderr);
+    assert_failed_safely(&pair, &m, false);
+    assert!(pair.status_of_destination().starts_with("unreachable"), "the destination QEMU is dead");
+}
+
+/// Case S6: one byte flipped in the middle of the sender's fourth Stream frame (pre-copy): the
+/// receiver's frame checksum catches it, nothing of it reaches the destination QEMU, the sender
+/// relays the receiver's reason.
+#[test]
+fn stream_corrupted_stream_frame_is_detected() {
+    let _g = harness::vm_lock();
+    let pair = private_ram("stream-corrupt", harness::dirty_guest(32, 8));
+    let proxy = Proxy::new(Trigger::Frame(Dir::FromSender, livemig_wire::FrameKind::Stream as u16, 3), Action::Flip);
+    let m = through(&pair, &proxy, "", &[], |_| {});
+    assert_fired(&proxy, &m);
+    let corrupt = "received a corrupted Stream frame";
+    assert!(m.recv_stderr.contains(corrupt) && m.recv_stderr.contains("checksum mismatch"), "{}", m.recv_stderr);
+    assert!(m.send_stderr.contains(corrupt), "the sender relays the receiver's reason: {}", m.send_stderr);
+    assert_in_precopy(&m);
+    assert_failed_safely(&pair, &m, false);
+}
+
+/// The switchover with a final pass larger than the relay's window (8 MiB of QEMU's stream
+/// unacknowledged): a guest rewriting 32 MiB flat out, a 3 s maximum downtime, so QEMU's last
+/// pass, written while it holds its big lock, carries most of the 32 MiB. The relay must keep
+/// draining it while QEMU does not answer QMP; the migration completes within the maximum.
+#[test]
+fn stream_final_pass_larger_than_the_relay_window_completes() {
+    let _g = harness::vm_lock();
+    let pair = private_ram("stream-big-final", harness::dirty_guest(32, 0));
+    let m = Migration::run(&pair, &stream_args(&["--max-downtime", "3s"]), &[]);
+    m.assert_completed();
+    let downtime = m.send_report["downtime_ms"].as_f64().unwrap();
+    assert!(downtime <= 3000.0, "downtime {downtime} ms above the 3 s maximum: {:#}", m.send_report);
+    assert_eq!(pair.status_of_source(), "postmigrate");
+    assert_eq!(pair.status_of_destination(), "running");
+    pair.assert_destination_guest_verifies(2);
 }
