@@ -71,6 +71,106 @@ pub fn usable(version: QemuVersion, kvm: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// The destination's switchover-ack, held until the controller says go, and the source QEMU's
+/// end of the return path (written by the dispatcher and by the release).
+struct Gate {
+    inner: Mutex<GateInner>,
+}
+
+struct GateInner {
+    open: bool,
+    held: Option<Vec<u8>>,
+    qemu: std::os::unix::net::UnixStream,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(g: &mut GateInner, b: &[u8]) -> Result<(), AgentError> {
+        use std::io::Write as _;
+        g.qemu.write_all(b).map_err(|source| AgentError::Network { what: "cannot write the return path into the source QEMU".into(), source })
+    }
+
+    /// A return-path message: the switchover-ack is held while the gate is closed.
+    fn pass(&self, raw: &[u8], is_ack: bool) -> Result<bool, AgentError> {
+        let mut g = self.lock();
+        if is_ack && !g.open {
+            g.held = Some(raw.to_vec());
+            return Ok(true);
+        }
+        Self::write(&mut g, raw).map(|()| false)
+    }
+
+    /// Opens the gate: the held ack (if it came) goes to QEMU now, a later one at once.
+    fn release(&self) -> Result<(), AgentError> {
+        let mut g = self.lock();
+        g.open = true;
+        match g.held.take() {
+            Some(a) => Self::write(&mut g, &a),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What the dispatcher passes on to the steering loop.
+type Inbound = Result<Message, AgentError>;
+
+/// Reads every frame from the receiver: applies `stream_ack`s to the window and relays the
+/// return path (through the gate) itself, and passes the rest on. On a thread of its own, so a
+/// QMP call that waits for QEMU's lock (QEMU holds it while it writes its last pass) never stops
+/// the acks that let the relay drain that pass, nor the destination's answer QEMU waits for.
+fn spawn_dispatcher(
+    frames: crossbeam_channel::Receiver<Result<livemig_wire::Frame, WireError>>,
+    window: Arc<Window>,
+    gate: Arc<Gate>,
+    out: crossbeam_channel::Sender<Inbound>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("livemig-dispatch".into()).spawn(move || {
+        let mut rp = ReturnPathParser::new();
+        for r in frames {
+            let item: Option<Inbound> = match r {
+                Ok(f) => match f.kind {
+                    FrameKind::ReturnPath => {
+                        let mut evs = Vec::new();
+                        rp.feed(&f.payload, &mut |e| evs.push(e));
+                        let mut err = None;
+                        for e in evs {
+                            let r = match e {
+                                RpEvent::Message(m) => gate.pass(m.raw(), m.kind() == RpKind::SwitchoverAck).map(drop),
+                                RpEvent::Opaque(b) => gate.pass(&b, false).map(drop),
+                                RpEvent::Fallback { .. } => Ok(()),
+                            };
+                            if let Err(e) = r {
+                                err = Some(e);
+                                break;
+                            }
+                        }
+                        err.map(Err)
+                    }
+                    FrameKind::Control => match f.message() {
+                        Ok(Message::StreamAck { seq }) => {
+                            window.ack(seq);
+                            None
+                        }
+                        Ok(m) => Some(Ok(m)),
+                        Err(e) => Some(Err(e.into())),
+                    },
+                    other => Some(Err(AgentError::Protocol { expected: "control or return-path frames".into(), got: format!("{other:?}") })),
+                },
+                Err(e) => Some(Err(e.into())),
+            };
+            if let Some(item) = item {
+                let stop = item.is_err();
+                if out.send(item).is_err() || stop {
+                    break;
+                }
+            }
+        }
+    })
+}
+
 /// Runs the stream engine on a connected source QMP (`st`).
 pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut SourceState, version: QemuVersion) -> Result<(), AgentError> {
     let throttle = matches!(opts.policy, crate::send::PolicyKind::Adaptive) && opts.on_no_converge == livemig_control::OnNoConverge::Throttle;
@@ -180,9 +280,14 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     };
     let net = |source| AgentError::Network { what: "cannot configure QEMU's migration socket".into(), source };
     qemu.set_nonblocking(false).map_err(net)?;
-    let mut qemu_w = qemu.try_clone().map_err(net)?;
+    let qemu_w = qemu.try_clone().map_err(net)?;
+    let closer = qemu.try_clone().map_err(net)?;
 
     let window = Arc::new(Window::new(DEFAULT_WINDOW));
+    let gate = Arc::new(Gate { inner: Mutex::new(GateInner { open: !ack_gate, held: None, qemu: qemu_w }) });
+    let (in_tx, inbound) = crossbeam_channel::bounded::<Inbound>(256);
+    let dispatcher = spawn_dispatcher(frames, Arc::clone(&window), Arc::clone(&gate), in_tx)
+        .map_err(|source| AgentError::Network { what: "cannot start the dispatch thread".into(), source })?;
     let stats = Arc::new(Mutex::new(RelayStats::default()));
     let cfg = SourceConfig {
         encode: EncodeOptions { compressor: opts.compressor, ..EncodeOptions::default() },
@@ -195,7 +300,7 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
             .spawn(move || relay_source(qemu, out, window, stats, cfg))
             .map_err(|source| AgentError::Network { what: "cannot start the relay thread".into(), source })?
     };
-    let r = steer(opts, obs, report, st, &frames, &mut writer, &window, &stats, &mut qemu_w, ack_gate, throttle);
+    let r = steer(opts, obs, report, st, &inbound, &mut writer, &window, &stats, &gate, throttle);
     let s = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
     report.set_class_stats(&s.classes);
     report.ram_bytes = s.ram_bytes;
@@ -220,16 +325,13 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     report.wire_bytes = writer.total_bytes();
     if r.is_err() {
         window.close();
-        let _ = qemu_w.shutdown(std::net::Shutdown::Both);
+        let _ = closer.shutdown(std::net::Shutdown::Both);
     }
     let r = match r {
         Err(AgentError::Wire(_)) => {
             // A broken connection is often the receiver giving up: prefer the reason it sent.
-            match frames.recv_timeout(Duration::from_secs(1)) {
-                Ok(Ok(f)) if f.kind == FrameKind::Control => match f.message() {
-                    Ok(Message::Abort { reason }) => Err(AgentError::PeerAborted { peer: "destination", reason }),
-                    _ => r,
-                },
+            match inbound.recv_timeout(Duration::from_secs(1)) {
+                Ok(Ok(Message::Abort { reason })) => Err(AgentError::PeerAborted { peer: "destination", reason }),
                 _ => r,
             }
         }
@@ -241,9 +343,10 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
             let _ = writer.marker(Duration::from_secs(2));
         }
     }
-    drop(frames);
+    drop(inbound);
     let _ = writer.finish();
     let _ = relay.join();
+    let _ = dispatcher.join();
     r
 }
 
@@ -255,21 +358,18 @@ fn steer(
     obs: &mut dyn Observer,
     report: &mut Report,
     st: &mut SourceState,
-    frames: &crossbeam_channel::Receiver<Result<livemig_wire::Frame, WireError>>,
+    inbound: &crossbeam_channel::Receiver<Inbound>,
     writer: &mut Writer,
     window: &Window,
     stats: &Mutex<RelayStats>,
-    qemu_w: &mut std::os::unix::net::UnixStream,
-    ack_gate: bool,
+    gate: &Gate,
     throttle: bool,
 ) -> Result<(), AgentError> {
-    use std::io::Write as _;
     let start = Instant::now();
     let mut controller = opts.policy.controller(opts.limits, opts.on_no_converge);
     let mut history: Vec<IterationStats> = Vec::new();
-    let mut rp = ReturnPathParser::new();
-    let mut held_ack: Option<Vec<u8>> = None;
-    let mut gate_open = !ack_gate;
+    let mut gate_open = gate.lock().open;
+    let mut said_held = false;
     let mut released_at: Option<Instant> = None;
     let mut source_done = false;
     let mut loaded = false;
@@ -279,58 +379,39 @@ fn steer(
     let mut last_sync = 0u64;
     let (mut mark_wire, mut mark_pages, mut mark_t) = (0u64, 0u64, Instant::now());
     let mut last_rate = opts.bandwidth.map_or(0.0, |b| b as f64);
+    let mut recent_rates: Vec<f64> = Vec::new();
     let mut throttle_max = 0.0f64;
     let mut predicted = None;
     let stats_of = || stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let wr = |q: &mut std::os::unix::net::UnixStream, b: &[u8]| {
-        q.write_all(b).map_err(|source| AgentError::Network { what: "cannot write the return path into the source QEMU".into(), source })
-    };
     loop {
         if opts.cancel.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(AgentError::Cancelled);
         }
         let wait = if released_at.is_some() { Duration::from_millis(1) } else { Duration::from_millis(20) };
-        match frames.recv_timeout(wait) {
-            Ok(Ok(f)) => match f.kind {
-                FrameKind::ReturnPath => {
-                    let mut evs = Vec::new();
-                    rp.feed(&f.payload, &mut |e| evs.push(e));
-                    for e in evs {
-                        match e {
-                            RpEvent::Message(m) if m.kind() == RpKind::SwitchoverAck && !gate_open => {
-                                obs.progress(Progress::Phase("holding the destination's switchover-ack: QEMU iterates until the controller says go"));
-                                held_ack = Some(m.raw().to_vec());
-                            }
-                            RpEvent::Message(m) => wr(qemu_w, m.raw())?,
-                            RpEvent::Opaque(b) => wr(qemu_w, &b)?,
-                            RpEvent::Fallback { reason } => {
-                                report.warnings.push(format!("the return path is relayed verbatim from here on: {reason}"));
-                            }
-                        }
-                    }
+        if !said_held && gate.lock().held.is_some() {
+            said_held = true;
+            obs.progress(Progress::Phase("holding the destination's switchover-ack: QEMU iterates until the controller says go"));
+        }
+        match inbound.recv_timeout(wait) {
+            Ok(Ok(m)) => match m {
+                Message::StreamResend { seq, item } => {
+                    let page = window.page(seq, item).ok_or_else(|| AgentError::Protocol {
+                        expected: "a resend of a page still in the window".into(),
+                        got: format!("chunk {seq} item {item}"),
+                    })?;
+                    report.resent_pages += 1;
+                    writer.send(Out::Frame(FrameKind::Stream, resend_payload(seq, item, &page)))?;
                 }
-                FrameKind::Control => match f.message()? {
-                    Message::StreamAck { seq } => window.ack(seq),
-                    Message::StreamResend { seq, item } => {
-                        let page = window.page(seq, item).ok_or_else(|| AgentError::Protocol {
-                            expected: "a resend of a page still in the window".into(),
-                            got: format!("chunk {seq} item {item}"),
-                        })?;
-                        report.resent_pages += 1;
-                        writer.send(Out::Frame(FrameKind::Stream, resend_payload(seq, item, &page)))?;
-                    }
-                    Message::StreamVerified { bytes } => {
-                        verified = true;
-                        report.verification.ok = true;
-                        obs.progress(Progress::Phase(&format!("the destination verified the stream's digest ({} MiB)", bytes >> 20)));
-                    }
-                    Message::Loaded => loaded = true,
-                    Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
-                    other => return Err(AgentError::Protocol { expected: "stream acknowledgements".into(), got: other.name().into() }),
-                },
-                other => return Err(AgentError::Protocol { expected: "control or return-path frames".into(), got: format!("{other:?}") }),
+                Message::StreamVerified { bytes } => {
+                    verified = true;
+                    report.verification.ok = true;
+                    obs.progress(Progress::Phase(&format!("the destination verified the stream's digest ({} MiB)", bytes >> 20)));
+                }
+                Message::Loaded => loaded = true,
+                Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
+                other => return Err(AgentError::Protocol { expected: "stream acknowledgements".into(), got: other.name().into() }),
             },
-            Ok(Err(e)) => return Err(e.into()),
+            Ok(Err(e)) => return Err(e),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(AgentError::Wire(WireError::Closed)),
         }
@@ -381,7 +462,13 @@ fn steer(
         let sent = pages - mark_pages;
         let wire_delta = wire - mark_wire;
         if sent >= 64 {
-            last_rate = wire_delta as f64 / dt.as_secs_f64().max(1e-3);
+            // The link's rate, not what QEMU had to send: once little is left, an iteration's
+            // bytes per second say how little, so the best of the last few busy ones counts.
+            recent_rates.push(wire_delta as f64 / dt.as_secs_f64().max(1e-3));
+            if recent_rates.len() > 5 {
+                recent_rates.remove(0);
+            }
+            last_rate = recent_rates.iter().copied().fold(0.0, f64::max);
         }
         let stats_it = IterationStats {
             index,
@@ -419,9 +506,7 @@ fn steer(
                     let _ = st.qmp().migrate_set_parameters(json!({"avail-switchover-bandwidth": whole(rate)}));
                 }
                 obs.progress(Progress::Phase("switchover: releasing the switchover-ack"));
-                if let Some(a) = held_ack.take() {
-                    wr(qemu_w, &a)?;
-                }
+                gate.release()?;
             }
             Decision::Throttle { fraction, .. } if throttle => {
                 let pct = whole(fraction * 100.0).clamp(1, 99);
@@ -451,23 +536,15 @@ fn steer(
     if let Err(e) = writer.send(Out::Message(Message::Commit)).and_then(|()| writer.marker(opts.timeout).map(drop)) {
         return Err(AgentError::Unconfirmed(e.chain()));
     }
-    let deadline = Instant::now() + opts.timeout;
-    loop {
-        match frames.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(Ok(f)) if f.kind == FrameKind::Control => match f.message() {
-                Ok(Message::Resumed) => break,
-                Ok(Message::StreamAck { .. }) => {}
-                Ok(Message::Abort { reason }) => {
-                    st.committed = false;
-                    return Err(AgentError::PeerAborted { peer: "destination", reason });
-                }
-                Ok(other) => return Err(AgentError::Unconfirmed(format!("it answered `{}`", other.name()))),
-                Err(e) => return Err(AgentError::Unconfirmed(e.to_string())),
-            },
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(AgentError::Unconfirmed(e.to_string())),
-            Err(_) => return Err(AgentError::Unconfirmed("no answer to the commit".into())),
+    match inbound.recv_timeout(opts.timeout) {
+        Ok(Ok(Message::Resumed)) => {}
+        Ok(Ok(Message::Abort { reason })) => {
+            st.committed = false;
+            return Err(AgentError::PeerAborted { peer: "destination", reason });
         }
+        Ok(Ok(other)) => return Err(AgentError::Unconfirmed(format!("it answered `{}`", other.name()))),
+        Ok(Err(e)) => return Err(AgentError::Unconfirmed(e.chain())),
+        Err(_) => return Err(AgentError::Unconfirmed("no answer to the commit".into())),
     }
     report.downtime_ms = Some(t_stop.elapsed().as_secs_f64() * 1000.0);
     obs.progress(Progress::Phase("completed: the destination VM runs"));
