@@ -202,6 +202,11 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     }
     st.qmp().migrate_set_parameters(params).map_err(AgentError::qmp("the source QEMU refused the migration parameters"))?;
 
+    if opts.snapshot_dir.is_some() {
+        let w = "the stream engine neither uses nor keeps memory snapshots yet: --snapshot-dir is not used (--engine shared does)".to_string();
+        obs.progress(Progress::Phase(&w));
+        report.warnings.push(w);
+    }
     if !opts.disk_images.is_empty() {
         obs.progress(Progress::Phase("indexing the disk images"));
     }
