@@ -585,23 +585,7 @@ fn precopy_and_switchover(
     st.qmp()
         .migrate(&format!("unix:{}", sock.display()))
         .map_err(AgentError::qmp("the source QEMU refused to migrate its device state"))?;
-    let deadline = Instant::now() + opts.timeout;
-    let mut conn = loop {
-        match listener.accept() {
-            Ok((c, _)) => break c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return Err(AgentError::Timeout { what: "the source QEMU to connect its device-state stream".into(), secs: opts.timeout.as_secs_f64() });
-                }
-                let info = st.qmp().query_migrate().map_err(AgentError::qmp("cannot query the source's migration"))?;
-                if info.status.as_deref() == Some("failed") {
-                    return Err(AgentError::DeviceState(info.error_desc.unwrap_or_else(|| "failed".into())));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(source) => return Err(AgentError::Network { what: "cannot accept QEMU's device-state stream".into(), source }),
-        }
-    };
+    let mut conn = accept_qemu(&listener, st, opts.timeout, "device-state stream")?;
     let io = |source| AgentError::Network { what: "cannot read QEMU's device-state stream".into(), source };
     conn.set_nonblocking(false).map_err(io)?;
     conn.set_read_timeout(Some(opts.timeout)).map_err(io)?;
@@ -656,6 +640,28 @@ fn precopy_and_switchover(
     report.downtime_ms = Some(ms(t_stop.elapsed()));
     obs.progress(Progress::Phase("completed: the destination VM runs"));
     Ok(())
+}
+
+/// Waits for the source QEMU to connect its outgoing migration (`what`) to `listener` (non
+/// blocking), failing early when QEMU's migration failed.
+pub(crate) fn accept_qemu(listener: &UnixListener, st: &SourceState, timeout: Duration, what: &str) -> Result<std::os::unix::net::UnixStream, AgentError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((c, _)) => return Ok(c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(AgentError::Timeout { what: format!("the source QEMU to connect its {what}"), secs: timeout.as_secs_f64() });
+                }
+                let info = st.qmp().query_migrate().map_err(AgentError::qmp("cannot query the source's migration"))?;
+                if info.status.as_deref() == Some("failed") {
+                    return Err(AgentError::DeviceState(info.error_desc.unwrap_or_else(|| "failed".into())));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(source) => return Err(AgentError::Network { what: format!("cannot accept QEMU's {what}"), source }),
+        }
+    }
 }
 
 fn iteration_stats(

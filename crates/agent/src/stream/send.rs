@@ -266,23 +266,7 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     st.migrating = true;
     st.stopped = st.was_running;
     st.qmp().migrate(&format!("unix:{}", sock.display())).map_err(AgentError::qmp("the source QEMU refused to migrate"))?;
-    let deadline = Instant::now() + opts.timeout;
-    let qemu = loop {
-        match listener.accept() {
-            Ok((c, _)) => break c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return Err(AgentError::Timeout { what: "the source QEMU to connect its migration stream".into(), secs: opts.timeout.as_secs_f64() });
-                }
-                let info = st.qmp().query_migrate().map_err(AgentError::qmp("cannot query the source's migration"))?;
-                if info.status.as_deref() == Some("failed") {
-                    return Err(AgentError::DeviceState(info.error_desc.unwrap_or_else(|| "failed".into())));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(source) => return Err(AgentError::Network { what: "cannot accept QEMU's migration stream".into(), source }),
-        }
-    };
+    let qemu = crate::send::accept_qemu(&listener, st, opts.timeout, "migration stream")?;
     let net = |source| AgentError::Network { what: "cannot configure QEMU's migration socket".into(), source };
     qemu.set_nonblocking(false).map_err(net)?;
     let qemu_w = qemu.try_clone().map_err(net)?;
