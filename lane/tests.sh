@@ -2,9 +2,10 @@
 # migration of a writing guest (the guest's own verifier must find 0 bad pages, the sender's
 # digest must match the destination's) with each tracker of the shared engine, and with the
 # stream engine (QEMU's own dirty tracking: KVM's dirty log), on the same KVM guest.
-# The guest rewrites 64 MiB at 4 MiB/s and the maximum downtime is 1 s: livemig itself runs in
-# L1, which is emulated (TCG), so hashing 256 MiB takes about 250 ms there; the L2 guest runs at
-# KVM speed. Writes $LANE_OUT/<tracker>.json (the demo's report), <tracker>.log, <tracker>.svg,
+# The guest rewrites 64 MiB at 4 MiB/s and the maximum downtime is 3 s: livemig itself runs in
+# L1, which is emulated (TCG); since 2026-11-30 its pipeline moves only ~5 MiB/s there (it was
+# 1 s while hashing 256 MiB took about 250 ms; see lane/README.md), the L2 guest runs at KVM speed.
+# The tests check correctness on KVM (digests, the guest's verifier, no oops), not speed. Writes $LANE_OUT/<tracker>.json (the demo's report), <tracker>.log, <tracker>.svg,
 # and <tracker>-destination.console.log.
 # Arguments: the runs, in order: a tracker name (soft-dirty, content: the shared engine) or
 # `stream` (the stream engine; not in the default set yet: in the emulated L1 the relay moved only
@@ -22,7 +23,7 @@ for tracker in "$@"; do
     echo "LANE-TEST start tracker=$tracker run=$t"
     # (busybox sh: no arrays; $how is split on purpose)
     if [ "$tracker" = stream ]; then how="--engine stream"; else how="--engine shared --tracker $tracker"; fi
-    livemig demo --scenario dirty --rate 4 --max-downtime 1s --mem-mib 256 $how \
+    livemig demo --scenario dirty --rate 4 --max-downtime 3s --mem-mib 256 $how \
         --workdir "/tmp/demo-$t" --report "$LANE_OUT/$t.json" >"$LANE_OUT/$t.log" 2>&1
     r=$?
     cat "$LANE_OUT/$t.log"

@@ -304,7 +304,7 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         fallback: s.fallback.clone(),
         cache_pages: s.cache_pages,
         switchover_ack_held: ack_gate,
-        qemu_downtime_ms: None,
+        qemu_downtime_ms: report.qemu_downtime_ms,
     });
     if let Some(f) = &s.fallback {
         let w = format!("the stream parser fell back to passing QEMU's stream verbatim (not compacted) from there on: {f}");
@@ -421,9 +421,6 @@ fn steer(
             Some("cancelled" | "cancelling") => return Err(AgentError::DeviceState("the source QEMU's migration was cancelled".into())),
             Some("completed") if !source_done => {
                 source_done = true;
-                if let Some(s) = report.stream.as_mut() {
-                    s.qemu_downtime_ms = info.downtime.map(|d| d as f64);
-                }
                 report.qemu_downtime_ms = info.downtime.map(|d| d as f64);
                 obs.progress(Progress::Phase("the source QEMU completed: waiting for the destination"));
             }

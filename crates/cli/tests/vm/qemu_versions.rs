@@ -7,25 +7,36 @@ use livemig_lab::RamBackend;
 
 use crate::harness::{self, Migration, Pair};
 
-/// The QEMU the tests run (the system's) is >= 8.1: a memfd VM is refused by both agents before
-/// any page moves, with the fix in the message; both VMs stay as they were.
+/// The QEMU the tests run (the system's) is >= 8.1: the shared engine refuses a memfd VM before
+/// any page moves, with the fix in the message (the receiver, never reached, gives up waiting and
+/// touches nothing); `--engine auto` then migrates the same VM through the stream engine, where
+/// QEMU's own pre-copy carries the RAM and nothing is copied in the downtime unannounced.
 #[test]
-fn memfd_vm_is_refused_on_current_qemu_with_the_fix() {
+fn memfd_vm_is_refused_by_the_shared_engine_and_taken_by_the_stream_engine_on_current_qemu() {
     let _g = harness::vm_lock();
     let pair = Pair::start_with_backend("memfd10", harness::dirty_guest(16, 5), RamBackend::Memfd, |d| d);
-    let m = Migration::run(&pair, &[], &[]);
+    let m = Migration::run(&pair, &["--engine", "shared"], &[]);
     assert_eq!(m.send_code, 1, "{}", m.send_stderr);
-    assert_eq!(m.recv_code, 1, "{}", m.recv_stderr);
-    for (who, text) in [("send", &m.send_stderr), ("receive", &m.recv_stderr)] {
-        assert!(text.contains("memory-backend-memfd") && text.contains(">= 8.1"), "{who} names the cause: {text}");
-        assert!(text.contains("memory-backend-file") && text.contains("/dev/shm"), "{who} names the fix: {text}");
-    }
+    let text = &m.send_stderr;
+    assert!(text.contains("memory-backend-memfd") && text.contains(">= 8.1"), "send names the cause: {text}");
+    assert!(text.contains("memory-backend-file") && text.contains("/dev/shm"), "send names the fix: {text}");
+    assert_eq!(m.recv_code, 1, "the receiver gives up when no sender comes: {}", m.recv_stderr);
+    assert!(m.recv_stderr.contains("timed out"), "{}", m.recv_stderr);
     let version = m.send_report["qemu_version"].as_str().expect("the report names QEMU's version").to_string();
     assert!(!version.starts_with("7."), "the tests' default QEMU is current: {version}");
     assert_eq!(m.send_report["wire_bytes"].as_u64().unwrap_or(0), 0, "no page was sent");
     assert_eq!(pair.status_of_source(), "running");
-    assert_ne!(pair.status_of_destination(), "running");
+    assert_eq!(pair.status_of_destination(), "inmigrate", "the destination was not touched");
     pair.assert_source_guest_still_verifies(1);
+
+    let m = Migration::run(&pair, &["--engine", "auto"], &[]);
+    m.assert_completed();
+    assert_eq!(m.send_report["engine"], "stream", "{:#}", m.send_report);
+    assert!(m.send_report["engine_reason"].as_str().is_some_and(|r| r.contains("tracks dirty pages itself")), "{:#}", m.send_report);
+    assert_eq!(m.send_report["verification"]["ok"], true);
+    assert_eq!(pair.status_of_source(), "postmigrate");
+    assert_eq!(pair.status_of_destination(), "running");
+    pair.assert_destination_guest_verifies(2);
 }
 
 /// QEMU 7.2 skips memfd RAM with x-ignore-shared: the same memfd VM migrates there, with a small
