@@ -317,14 +317,7 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     }
     let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
 
-    obs.progress(Progress::Phase("connecting to the receiver"));
-    let stream = link::connect(&opts.to, opts.connect_timeout)?;
-    link::tune(&stream, opts.timeout)?;
-    let name = opts.server_name.clone().unwrap_or_else(|| transport::host_of(&opts.to).to_string());
-    let channel = transport::client(&opts.transport, &stream, &name)?;
-    report.peer = Some(channel.peer.clone());
-    let (mut reader, mut writer_half) = (channel.reader, channel.writer);
-    livemig_wire::write_magic(&mut writer_half)?;
+    let (stream, mut reader, mut writer_half) = connect_receiver(opts, obs, report)?;
     let regions: Vec<RegionInfo> = mem.layout().into_iter().map(|(id, size)| RegionInfo { id, size }).collect();
     livemig_wire::write_message(
         &mut writer_half,
@@ -640,6 +633,28 @@ fn precopy_and_switchover(
     report.downtime_ms = Some(ms(t_stop.elapsed()));
     obs.progress(Progress::Phase("completed: the destination VM runs"));
     Ok(())
+}
+
+/// The connection to the receiver: the TCP stream (for its socket options) and the channel's halves.
+pub(crate) type Connection = (std::net::TcpStream, Box<dyn std::io::Read + Send>, Box<dyn std::io::Write + Send>);
+
+/// Connects to the receiver at `opts.to` (retrying while it does not listen yet), sets up the
+/// transport (TLS checks the receiver's name) and sends livemig's magic: the TCP stream and the
+/// channel's halves. Both engines start here.
+pub(crate) fn connect_receiver(
+    opts: &SendOptions,
+    obs: &mut dyn Observer,
+    report: &mut Report,
+) -> Result<Connection, AgentError> {
+    obs.progress(Progress::Phase("connecting to the receiver"));
+    let stream = link::connect(&opts.to, opts.connect_timeout)?;
+    link::tune(&stream, opts.timeout)?;
+    let name = opts.server_name.clone().unwrap_or_else(|| transport::host_of(&opts.to).to_string());
+    let channel = transport::client(&opts.transport, &stream, &name)?;
+    report.peer = Some(channel.peer.clone());
+    let mut writer = channel.writer;
+    livemig_wire::write_magic(&mut writer)?;
+    Ok((stream, channel.reader, writer))
 }
 
 /// Waits for the source QEMU to connect its outgoing migration (`what`) to `listener` (non

@@ -30,7 +30,6 @@ use crate::link::{self, Out, Writer};
 use crate::qemu::QemuVersion;
 use crate::report::{IterationRecord, Report, ThrottleReport};
 use crate::send::{SendOptions, SourceState};
-use crate::transport;
 use crate::{Observer, Progress, SOFTWARE};
 
 /// How often the controller samples QEMU's migration (an iteration is at least this long and
@@ -211,14 +210,7 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         obs.progress(Progress::Phase("indexing the disk images"));
     }
     let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
-    obs.progress(Progress::Phase("connecting to the receiver"));
-    let stream = link::connect(&opts.to, opts.connect_timeout)?;
-    link::tune(&stream, opts.timeout)?;
-    let name = opts.server_name.clone().unwrap_or_else(|| transport::host_of(&opts.to).to_string());
-    let channel = transport::client(&opts.transport, &stream, &name)?;
-    report.peer = Some(channel.peer.clone());
-    let (mut reader, mut writer_half) = (channel.reader, channel.writer);
-    livemig_wire::write_magic(&mut writer_half)?;
+    let (stream, mut reader, mut writer_half) = crate::send::connect_receiver(opts, obs, report)?;
     livemig_wire::write_message(
         &mut writer_half,
         &Message::Hello {
