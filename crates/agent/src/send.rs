@@ -2,7 +2,7 @@
 //! device state, and resumes the source on any failure before the destination resumes.
 
 use std::io::Read;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -578,28 +578,7 @@ fn precopy_and_switchover(
     st.qmp()
         .migrate(&format!("unix:{}", sock.display()))
         .map_err(AgentError::qmp("the source QEMU refused to migrate its device state"))?;
-    let mut conn = accept_qemu(&listener, st, opts.timeout, "device-state stream")?;
-    let io = |source| AgentError::Network { what: "cannot read QEMU's device-state stream".into(), source };
-    conn.set_nonblocking(false).map_err(io)?;
-    conn.set_read_timeout(Some(opts.timeout)).map_err(io)?;
-    let mut bytes = 0u64;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = conn.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        bytes += n as u64;
-        if bytes > opts.max_device_state {
-            return Err(AgentError::DeviceState(format!(
-                "QEMU's device-state stream passed {} KiB, above --max-device-state ({} KiB): QEMU is copying guest \
-                 RAM while the source is paused (a RAM block that x-ignore-shared does not skip?)",
-                bytes >> 10,
-                opts.max_device_state >> 10
-            )));
-        }
-        writer.send(Out::Frame(FrameKind::DeviceState, buf[..n].to_vec()))?;
-    }
+    let bytes = relay_device_state(listener, st, opts, writer)?;
     let info = st.qmp().wait_migration(opts.timeout).map_err(AgentError::qmp("cannot follow the source's migration"))?;
     if info.status.as_deref() != Some("completed") {
         return Err(AgentError::DeviceState(
@@ -657,25 +636,184 @@ pub(crate) fn connect_receiver(
     Ok((stream, channel.reader, writer))
 }
 
-/// Waits for the source QEMU to connect its outgoing migration (`what`) to `listener` (non
-/// blocking), failing early when QEMU's migration failed.
-pub(crate) fn accept_qemu(listener: &UnixListener, st: &SourceState, timeout: Duration, what: &str) -> Result<std::os::unix::net::UnixStream, AgentError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match listener.accept() {
-            Ok((c, _)) => return Ok(c),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return Err(AgentError::Timeout { what: format!("the source QEMU to connect its {what}"), secs: timeout.as_secs_f64() });
+/// What the thread that owns QEMU's outgoing connection reports.
+enum FromQemu {
+    /// QEMU connected (the stream itself, when the caller reads it).
+    Connected(Option<UnixStream>),
+    /// Bytes read from the connection (device state).
+    Data(Vec<u8>),
+    /// QEMU closed its end: everything was read.
+    End,
+    /// Accepting or reading failed.
+    Failed(AgentError),
+}
+
+/// Accepts the source QEMU's outgoing migration (`what`) on `listener` on a thread of its own and,
+/// with `drain`, reads it there to the end, sending what it reads.
+///
+/// Why a thread: QEMU connects asynchronously after `migrate` returned and may then write while it
+/// holds its big lock (the setup sections; the whole device state when the source is paused). A
+/// `query-migrate` needs that lock; if the same thread had to both answer for the socket and wait
+/// for that reply, QEMU would block on a full socket nobody reads and the query would time out (a
+/// CI run saw exactly that). Here the socket is accepted and read independently of QMP.
+fn spawn_qemu_acceptor(
+    listener: &UnixListener,
+    timeout: Duration,
+    what: &str,
+    drain: bool,
+) -> Result<QemuAcceptor, AgentError> {
+    let listener = listener
+        .try_clone()
+        .map_err(|source| AgentError::Network { what: format!("cannot listen for QEMU's {what}"), source })?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let what = what.to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::clone(&stop);
+    std::thread::Builder::new()
+        .name("livemig-qemu-accept".into())
+        .spawn(move || {
+            let deadline = Instant::now() + timeout;
+            let conn = loop {
+                match listener.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline || stopped.load(Ordering::Relaxed) {
+                            // Timed out (the caller says so) or nobody waits any more.
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(source) => {
+                        let _ = tx.send(FromQemu::Failed(AgentError::Network { what: format!("cannot accept QEMU's {what}"), source }));
+                        return;
+                    }
                 }
-                let info = st.qmp().query_migrate().map_err(AgentError::qmp("cannot query the source's migration"))?;
-                if info.status.as_deref() == Some("failed") {
-                    return Err(AgentError::DeviceState(info.error_desc.unwrap_or_else(|| "failed".into())));
-                }
-                std::thread::sleep(Duration::from_millis(2));
+            };
+            let io = |source| AgentError::Network { what: format!("cannot read QEMU's {what}"), source };
+            // Device state comes in one burst: a read timeout bounds a stalled QEMU. A relayed
+            // stream may be quiet for long; its reader decides.
+            let read_timeout = drain.then_some(timeout);
+            if let Err(e) = conn.set_nonblocking(false).and_then(|()| conn.set_read_timeout(read_timeout)) {
+                let _ = tx.send(FromQemu::Failed(io(e)));
+                return;
             }
-            Err(source) => return Err(AgentError::Network { what: format!("cannot accept QEMU's {what}"), source }),
+            if !drain {
+                let _ = tx.send(FromQemu::Connected(Some(conn)));
+                return;
+            }
+            if tx.send(FromQemu::Connected(None)).is_err() {
+                return;
+            }
+            let mut conn = conn;
+            loop {
+                let mut buf = vec![0u8; 256 * 1024];
+                match conn.read(&mut buf) {
+                    Ok(0) => {
+                        let _ = tx.send(FromQemu::End);
+                        return;
+                    }
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.send(FromQemu::Data(buf)).is_err() {
+                            return; // The caller gave up (e.g. the device state passed its cap).
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.send(FromQemu::Failed(io(e)));
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|source| AgentError::Network { what: "cannot start the thread that accepts QEMU's connection".into(), source })?;
+    Ok(QemuAcceptor { rx, stop })
+}
+
+/// The receiving end of [`spawn_qemu_acceptor`]; dropping it stops a thread still accepting.
+struct QemuAcceptor {
+    rx: crossbeam_channel::Receiver<FromQemu>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for QemuAcceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Waits for the next report of the acceptor; until QEMU connected, checks every 50 ms whether
+/// QEMU's migration failed (a QMP query is safe then: QEMU writes nothing before it connected,
+/// and afterwards the acceptor reads).
+fn next_from_qemu(
+    rx: &crossbeam_channel::Receiver<FromQemu>,
+    st: &SourceState,
+    connected: bool,
+    deadline: Instant,
+    timeout: Duration,
+    what: &str,
+) -> Result<FromQemu, AgentError> {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(FromQemu::Failed(e)) => return Err(e),
+            Ok(m) => return Ok(m),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                return Err(AgentError::Timeout { what: format!("the source QEMU to connect its {what}"), secs: timeout.as_secs_f64() })
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if Instant::now() > deadline {
+                    let what = if connected { format!("QEMU's {what}") } else { format!("the source QEMU to connect its {what}") };
+                    return Err(AgentError::Timeout { what, secs: timeout.as_secs_f64() });
+                }
+                if !connected {
+                    let info = st.qmp().query_migrate().map_err(AgentError::qmp("cannot query the source's migration"))?;
+                    if info.status.as_deref() == Some("failed") {
+                        return Err(AgentError::DeviceState(info.error_desc.unwrap_or_else(|| "failed".into())));
+                    }
+                }
+            }
         }
+    }
+}
+
+/// Waits for the source QEMU to connect its outgoing migration (`what`) to `listener` (non
+/// blocking), failing early when QEMU's migration failed. The connection comes back blocking.
+pub(crate) fn accept_qemu(listener: &UnixListener, st: &SourceState, timeout: Duration, what: &str) -> Result<UnixStream, AgentError> {
+    let acceptor = spawn_qemu_acceptor(listener, timeout, what, false)?;
+    match next_from_qemu(&acceptor.rx, st, false, Instant::now() + timeout, timeout, what)? {
+        FromQemu::Connected(Some(c)) => Ok(c),
+        _ => Err(AgentError::Network { what: format!("QEMU's {what}"), source: std::io::Error::other("unexpected report of the acceptor") }),
+    }
+}
+
+/// Carries QEMU's device state from its connection on `listener` to the receiver, as it is read;
+/// fails past `--max-device-state`. Returns the bytes carried.
+fn relay_device_state(listener: UnixListener, st: &SourceState, opts: &SendOptions, writer: &mut Writer) -> Result<u64, AgentError> {
+    const WHAT: &str = "device-state stream";
+    let acceptor = spawn_qemu_acceptor(&listener, opts.timeout, WHAT, true)?;
+    let mut connected = false;
+    let mut deadline = Instant::now() + opts.timeout;
+    let mut bytes = 0u64;
+    loop {
+        match next_from_qemu(&acceptor.rx, st, connected, deadline, opts.timeout, WHAT)? {
+            FromQemu::Connected(_) => connected = true,
+            FromQemu::Data(data) => {
+                bytes += data.len() as u64;
+                if bytes > opts.max_device_state {
+                    return Err(AgentError::DeviceState(format!(
+                        "QEMU's device-state stream passed {} KiB, above --max-device-state ({} KiB): QEMU is copying guest \
+                         RAM while the source is paused (a RAM block that x-ignore-shared does not skip?)",
+                        bytes >> 10,
+                        opts.max_device_state >> 10
+                    )));
+                }
+                writer.send(Out::Frame(FrameKind::DeviceState, data))?;
+            }
+            FromQemu::End => return Ok(bytes),
+            FromQemu::Failed(e) => return Err(e),
+        }
+        // The socket's own read timeout bounds each read; this bounds a stalled relay.
+        deadline = Instant::now() + opts.timeout;
     }
 }
 
@@ -805,4 +943,66 @@ fn send_pages(
     }
     obs.progress(Progress::Sending { iteration, sent, dirty: n, wire_bytes: writer.total_bytes() });
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+
+    /// A fake source QEMU like the real one at switchover: on `query-migrate` it connects its
+    /// device state and writes all of it (8 MiB, far past a socket buffer) *before* it answers,
+    /// as QEMU does while it holds its big lock. The relay must read the socket while it waits
+    /// for that reply, or both wait for each other until the QMP timeout.
+    #[test]
+    fn device_state_is_read_while_qemu_holds_its_lock_before_answering_qmp() {
+        const STATE: usize = 8 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("device-state.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (client, server) = UnixStream::pair().unwrap();
+        let fake = std::thread::spawn(move || {
+            let mut w = server.try_clone().unwrap();
+            let mut r = BufReader::new(server);
+            let mut line = String::new();
+            let mut recv = |r: &mut BufReader<UnixStream>| -> serde_json::Value {
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(n) if n > 0 => serde_json::from_str(&line).unwrap(),
+                    _ => serde_json::Value::Null, // livemig hung up
+                }
+            };
+            writeln!(w, r#"{{"QMP": {{"version": {{"qemu": {{"micro": 2, "minor": 0, "major": 10}}, "package": ""}}, "capabilities": []}}}}"#).unwrap();
+            let caps = recv(&mut r);
+            writeln!(w, "{}", serde_json::json!({ "return": {}, "id": caps["id"] })).unwrap();
+            let mut sent = false;
+            loop {
+                let cmd = recv(&mut r);
+                if cmd.is_null() {
+                    return;
+                }
+                assert_eq!(cmd["execute"], "query-migrate", "{cmd}");
+                if !sent {
+                    let mut conn = UnixStream::connect(&sock).unwrap();
+                    conn.write_all(&vec![0x5a; STATE]).unwrap();
+                    sent = true;
+                }
+                writeln!(w, "{}", serde_json::json!({ "return": { "status": "active" }, "id": cmd["id"] })).unwrap();
+            }
+        });
+        let qmp = Qmp::from_stream(client, Duration::from_secs(5)).unwrap();
+        let st = SourceState { qmp: Some(Arc::new(Mutex::new(qmp))), ..SourceState::default() };
+        let mut opts = SendOptions::new(PathBuf::new(), String::new());
+        opts.timeout = Duration::from_secs(5);
+        let (pipe_r, pipe_w) = UnixStream::pair().unwrap();
+        let drain = std::thread::spawn(move || std::io::copy(&mut { pipe_r }, &mut std::io::sink()).unwrap());
+        let mut writer = Writer::spawn(Box::new(pipe_w), None);
+        let bytes = relay_device_state(listener, &st, &opts, &mut writer).expect("the device state is relayed");
+        assert_eq!(bytes, STATE as u64);
+        writer.finish().unwrap();
+        assert!(drain.join().unwrap() >= STATE as u64, "every byte reached the receiver's side");
+        drop(st);
+        fake.join().unwrap();
+    }
 }
