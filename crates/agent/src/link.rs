@@ -318,6 +318,23 @@ mod tests {
         assert_eq!(reader.join().unwrap() as u64, total);
     }
 
+    /// An abort reason with terminal escapes, a CR and a newline reaches the operator escaped.
+    #[test]
+    fn a_peer_abort_reason_is_printed_escaped() {
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let inbox = Inbox::spawn(Box::new(b), "destination");
+        let reason = "disk full\x1b[2J\r\nlivemig: migration completed".to_string();
+        write_message(&mut a, &Message::Abort { reason }).unwrap();
+        let e = inbox.next(Duration::from_secs(5), "the abort").unwrap_err();
+        assert!(matches!(e, AgentError::PeerAborted { peer: "destination", .. }), "{e:?}");
+        let shown = e.to_string();
+        assert_eq!(
+            shown,
+            "the destination aborted the migration: disk full\\u{1b}[2J\\r\\nlivemig: migration completed"
+        );
+        assert!(!e.chain().chars().any(char::is_control), "{}", e.chain());
+    }
+
     #[test]
     fn writer_error_surfaces() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();

@@ -47,7 +47,8 @@ fn halves(stream: &TcpStream) -> Result<(TcpStream, TcpStream), AgentError> {
 }
 
 fn open(s: Session) -> Channel {
-    let peer = s.peer();
+    // The subject and names of the peer's certificate: peer text, printed and reported.
+    let peer = livemig_wire::sanitize_peer_text(&s.peer());
     let (reader, writer) = s.split();
     Channel { reader, writer, peer }
 }

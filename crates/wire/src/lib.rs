@@ -8,6 +8,12 @@
 //!
 //! Control messages travel as JSON payloads ([`Message`]); page batches and QEMU's device-state
 //! stream travel as raw bytes and never go through serde.
+//!
+//! **Peer text.** Every string of a control message read from the wire (abort reasons, software
+//! versions, names and ids) goes through [`sanitize_peer_text`] when it is decoded
+//! ([`Frame::message`]), and so do the parser's complaints about a malformed message: control
+//! characters come out escaped and the length is capped, so nothing a peer sends can move the
+//! cursor, clear or retitle the operator's terminal, or forge lines of a log.
 
 use std::io::{self, Read, Write};
 
@@ -125,9 +131,10 @@ pub enum WireError {
         /// Its length.
         len: u32,
     },
-    /// A control message that does not parse.
-    #[error("received a malformed control message")]
-    BadMessage(#[source] serde_json::Error),
+    /// A control message that does not parse (or, when writing, does not serialise): the
+    /// parser's complaint, passed through [`sanitize_peer_text`] (it may quote the peer's text).
+    #[error("received a malformed control message: {0}")]
+    BadMessage(String),
     /// A frame of another kind than expected.
     #[error("expected {expected} but received {got}")]
     Unexpected {
@@ -168,7 +175,71 @@ impl Frame {
                 got: format!("a {:?} frame", self.kind),
             });
         }
-        serde_json::from_slice(&self.payload).map_err(WireError::BadMessage)
+        serde_json::from_slice::<Message>(&self.payload).map(Message::sanitized).map_err(bad_message)
+    }
+}
+
+/// A JSON error as [`WireError::BadMessage`], its text sanitised (serde quotes unknown variants
+/// and fields as the peer sent them).
+fn bad_message(e: serde_json::Error) -> WireError {
+    WireError::BadMessage(sanitize_peer_text(&e.to_string()))
+}
+
+/// Most characters of peer text kept by [`sanitize_peer_text`] (escapes included); longer text
+/// is cut and ends with `…`.
+pub const MAX_PEER_TEXT: usize = 1024;
+
+/// Whether `c` must not reach a terminal as it is: C0 and C1 control characters (ESC, CR, LF, TAB,
+/// BEL, DEL, CSI...), the line and paragraph separators, and the bidirectional formatting
+/// characters (which reorder what is displayed).
+fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
+}
+
+/// Makes text that came from the peer safe to print on one line of a terminal or a log: control
+/// characters (ESC, CR, LF, TAB, DEL, C1, line separators, bidirectional overrides) are replaced by
+/// escapes (`\n`, `\r`, `\t`, else `\u{1b}`-style); printable Unicode, backslashes included, is
+/// kept. The result has at most [`MAX_PEER_TEXT`] characters: longer text is cut (never inside an
+/// escape) and ends with `…`.
+pub fn sanitize_peer_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_PEER_TEXT));
+    let mut chars = 0usize;
+    // Where `out` is cut if the text turns out too long: the last boundary with room for `…`.
+    let mut cut = None;
+    for c in text.chars() {
+        let before = out.len();
+        chars += if is_unsafe_char(c) {
+            let escape = match c {
+                '\n' => "\\n".to_string(),
+                '\r' => "\\r".to_string(),
+                '\t' => "\\t".to_string(),
+                c => format!("\\u{{{:x}}}", u32::from(c)),
+            };
+            out.push_str(&escape);
+            escape.len()
+        } else {
+            out.push(c);
+            1
+        };
+        if chars >= MAX_PEER_TEXT && cut.is_none() {
+            cut = Some(before);
+        }
+        if chars > MAX_PEER_TEXT {
+            out.truncate(cut.unwrap_or(before));
+            out.push('…');
+            return out;
+        }
+    }
+    out
+}
+
+/// Sanitises a peer string in place (no allocation when it is clean and short).
+fn clean(s: &mut String) {
+    if s.len() > MAX_PEER_TEXT || s.chars().any(is_unsafe_char) {
+        *s = sanitize_peer_text(s);
     }
 }
 
@@ -195,7 +266,7 @@ pub fn write_frame<W: Write + ?Sized>(w: &mut W, kind: FrameKind, payload: &[u8]
 
 /// Serialises and writes a control message.
 pub fn write_message<W: Write + ?Sized>(w: &mut W, msg: &Message) -> Result<(), WireError> {
-    let payload = serde_json::to_vec(msg).map_err(WireError::BadMessage)?;
+    let payload = serde_json::to_vec(msg).map_err(bad_message)?;
     write_frame(w, FrameKind::Control, &payload)?;
     w.flush().map_err(|e| WireError::io("sending a frame", e))
 }
@@ -439,6 +510,54 @@ pub enum Message {
 }
 
 impl Message {
+    /// The message with every string passed through [`sanitize_peer_text`]: what
+    /// [`Frame::message`] returns. Legitimate values (versions, hex digests, QEMU's names) have
+    /// no control characters and stay as they are.
+    pub fn sanitized(mut self) -> Message {
+        // No wildcard: a new variant with text must be looked at here.
+        match &mut self {
+            Message::Hello { software, regions, vm, disks, engine, version: _, min_version: _, page_size: _ } => {
+                clean(software);
+                regions.iter_mut().for_each(|r| clean(&mut r.id));
+                if let Some(vm) = vm {
+                    clean(vm);
+                }
+                disks.iter_mut().for_each(|d| clean(&mut d.index_hash));
+                clean(engine);
+            }
+            Message::Welcome { software, holds, version: _ } => {
+                clean(software);
+                holds.snapshots.iter_mut().for_each(clean);
+            }
+            Message::Plan { snapshot } => {
+                if let Some(s) = snapshot {
+                    clean(s);
+                }
+            }
+            Message::Switchover { digest, pages: _ } | Message::Verified { digest, ok: _ } => clean(digest),
+            Message::StreamSetup { capabilities } => capabilities.iter_mut().for_each(|(c, _)| clean(c)),
+            Message::StreamBlocks { blocks, cache_pages: _ } => blocks.iter_mut().for_each(|(b, _)| clean(b)),
+            Message::StreamCheckpoint { digest, at, bytes: _ } => {
+                clean(digest);
+                clean(at);
+            }
+            Message::Abort { reason } => clean(reason),
+            Message::Resend { .. }
+            | Message::EndAck { .. }
+            | Message::IterationEnd { .. }
+            | Message::DeviceStateEnd { .. }
+            | Message::Loaded
+            | Message::Commit
+            | Message::Resumed
+            | Message::StreamReady
+            | Message::StreamAck { .. }
+            | Message::StreamResend { .. }
+            | Message::StreamVerified { .. }
+            | Message::StreamEnd { .. } => {}
+        }
+        self
+    }
+
     /// Short name for error messages.
     pub fn name(&self) -> &'static str {
         match self {
@@ -478,9 +597,11 @@ fn engine_shared() -> String {
     ENGINE_SHARED.to_string()
 }
 
-/// Parses a JSON value into a type, for callers with their own message structures.
+/// Parses a JSON value into a type, for callers with their own message structures (the parser's
+/// complaints are sanitised; the strings of `T` are the caller's to pass through
+/// [`sanitize_peer_text`]).
 pub fn from_json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireError> {
-    serde_json::from_slice(payload).map_err(WireError::BadMessage)
+    serde_json::from_slice(payload).map_err(bad_message)
 }
 
 /// Negotiates the protocol version from a peer's range: the highest both speak.
@@ -585,6 +706,66 @@ mod tests {
         let mut buf = Vec::new();
         write_frame(&mut buf, FrameKind::Control, br#"{"type":"nonsense"}"#).unwrap();
         assert!(matches!(read_message(&mut Cursor::new(buf)), Err(WireError::BadMessage(_))));
+    }
+
+    #[test]
+    fn peer_text_is_escaped_and_capped() {
+        assert_eq!(sanitize_peer_text("plain text, ünïcödé ✓ \\ 日本"), "plain text, ünïcödé ✓ \\ 日本");
+        assert_eq!(sanitize_peer_text("\x1b[2J\r\nfake: ok\t."), "\\u{1b}[2J\\r\\nfake: ok\\t.");
+        assert_eq!(sanitize_peer_text("\x07\x7f\u{9b}\0"), "\\u{7}\\u{7f}\\u{9b}\\u{0}");
+        assert_eq!(sanitize_peer_text("a\u{202e}b\u{2028}c\u{2066}"), "a\\u{202e}b\\u{2028}c\\u{2066}");
+        assert_eq!(sanitize_peer_text(""), "");
+
+        let exact = "x".repeat(MAX_PEER_TEXT);
+        assert_eq!(sanitize_peer_text(&exact), exact, "text of exactly the cap is kept whole");
+        let long = sanitize_peer_text(&"é".repeat(5000));
+        assert_eq!(long.chars().count(), MAX_PEER_TEXT);
+        assert!(long.ends_with('…') && long.starts_with("éé"), "{long}");
+        // Escapes are never cut in the middle.
+        let esc = sanitize_peer_text(&"\x1b".repeat(1000));
+        assert!(esc.chars().count() <= MAX_PEER_TEXT);
+        assert!(esc.ends_with("\\u{1b}…"), "{}", &esc[esc.len() - 20..]);
+    }
+
+    proptest! {
+        #[test]
+        fn sanitized_text_has_no_control_characters(text in "(?s).{0,2000}") {
+            let s = sanitize_peer_text(&text);
+            prop_assert!(!s.chars().any(is_unsafe_char), "{:?}", s);
+            prop_assert!(s.chars().count() <= MAX_PEER_TEXT);
+            if text.chars().count() < MAX_PEER_TEXT / 8 {
+                prop_assert!(!s.ends_with('…') || text.ends_with('…'));
+            }
+        }
+    }
+
+    #[test]
+    fn decoded_messages_carry_sanitized_text() {
+        let decode = |m: &Message| {
+            let mut buf = Vec::new();
+            write_message(&mut buf, m).unwrap();
+            read_message(&mut Cursor::new(buf)).unwrap()
+        };
+        let got = decode(&Message::Abort { reason: "boom\x1b[2J\r\nlivemig: completed".into() });
+        assert_eq!(got, Message::Abort { reason: "boom\\u{1b}[2J\\r\\nlivemig: completed".into() });
+        let got = decode(&Message::Welcome {
+            version: 3,
+            software: "livemig\x1b]0;owned\x07 1.0".into(),
+            holds: Holdings { disks: vec![], snapshots: vec!["a\nb".into()] },
+        });
+        let Message::Welcome { software, holds, .. } = got else { panic!("{got:?}") };
+        assert_eq!(software, "livemig\\u{1b}]0;owned\\u{7} 1.0");
+        assert_eq!(holds.snapshots, ["a\\nb"]);
+        // Clean messages come through unchanged.
+        let clean = Message::StreamCheckpoint { bytes: 1, digest: "00ff".into(), at: "ram-done".into() };
+        assert_eq!(decode(&clean), clean);
+        // A malformed message quoting the peer's text (serde names an unknown variant as sent).
+        let mut buf = Vec::new();
+        write_frame(&mut buf, FrameKind::Control, b"{\"type\":\"x\\u001b[2J\\r\\n\"}").unwrap();
+        let e = read_message(&mut Cursor::new(buf)).unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, WireError::BadMessage(_)), "{e:?}");
+        assert!(!text.chars().any(char::is_control) && text.contains("\\u{1b}[2J\\r\\n"), "{text}");
     }
 
     #[test]
