@@ -250,11 +250,14 @@ struct HoldingsArgs {
     /// to one of its 4 KiB blocks go as references. Repeat for several.
     #[arg(long = "disk-image", value_name = "PATH")]
     disk_images: Vec<PathBuf>,
-    /// Where disk-image indexes are cached (default ~/.cache/livemig/index, as `livemig index`).
+    /// Where disk-image indexes are cached (default ~/.cache/livemig/index, as `livemig index`);
+    /// created mode 0700, refused if another user owns it or others can use it.
     #[arg(long, value_name = "DIR")]
     index_cache: Option<PathBuf>,
     /// Keep a memory snapshot of the VM here after a successful migration, and use one (if both
-    /// hosts hold it) for references in a later migration of the same VM.
+    /// hosts hold it) for references in a later migration of the same VM. Snapshots are copies of
+    /// guest memory: the directory is created mode 0700 (files 0600) and refused if another user
+    /// owns it or group or others have any permission on it (`chmod 700 DIR`).
     #[arg(long, value_name = "DIR")]
     snapshot_dir: Option<PathBuf>,
     /// Byte budget of --snapshot-dir; the oldest snapshots are evicted.

@@ -63,6 +63,9 @@ pub enum IndexError {
         #[source]
         source: io::Error,
     },
+    /// The cache directory belongs to another user, or group or others can use it.
+    #[error(transparent)]
+    Insecure(crate::InsecureDir),
     /// The index file cannot be written.
     #[error("cannot write the index file {path}")]
     Write {

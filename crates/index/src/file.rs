@@ -182,14 +182,14 @@ impl Fields<'_> {
 }
 
 impl DiskIndex {
-    /// Writes the index file (to a temporary file in the same directory, then renamed).
+    /// Writes the index file, mode 0600 (to a temporary file in the same directory, then renamed).
     pub fn save(&self, file: &Path) -> Result<(), IndexError> {
         let werr = |source| IndexError::Write { path: file.to_path_buf(), source };
         let mut name = file.as_os_str().to_owned();
         name.push(format!(".tmp-{}", std::process::id()));
         let tmp = PathBuf::from(name);
         let result = (|| -> io::Result<()> {
-            let mut w = BufWriter::new(File::create(&tmp)?);
+            let mut w = BufWriter::new(crate::private::create_file(&tmp)?);
             let mut h = Xxh3::new();
             let entries = u64::try_from(self.keys.len()).unwrap_or(u64::MAX);
             let head = header(&self.meta, entries);
@@ -313,13 +313,20 @@ impl DiskIndex {
     }
 
     /// The index of `image` from its file in `cache_dir` when that describes the image as it is,
-    /// else built (with `progress`) and saved there. Returns how it was obtained.
+    /// else built (with `progress`) and saved there. Returns how it was obtained. `cache_dir` is
+    /// created mode 0700 if needed, and refused ([`IndexError::Insecure`]) if it belongs to
+    /// another user or group or others have any permission on it.
     pub fn load_or_build(
         image: &Path,
         cache_dir: &Path,
         progress: &mut dyn FnMut(BuildProgress),
     ) -> Result<(DiskIndex, Origin), IndexError> {
         let canon = fs::canonicalize(image).map_err(|source| IndexError::Open { path: image.to_path_buf(), source })?;
+        crate::private::private_dir(cache_dir, "index cache directory", "fingerprints of the disk image's blocks")
+            .map_err(|e| match e {
+                crate::private::DirError::Io(source) => IndexError::CacheDir { path: cache_dir.to_path_buf(), source },
+                crate::private::DirError::Insecure(i) => IndexError::Insecure(i),
+            })?;
         let file = cache_dir.join(cache_file_name(&canon));
         let previous = match Self::load(&canon, &file) {
             Ok(index) => return Ok((index, Origin::Loaded { file })),
@@ -327,7 +334,6 @@ impl DiskIndex {
             Err(e) => Some(e),
         };
         let index = Self::build(&canon, progress)?;
-        fs::create_dir_all(cache_dir).map_err(|source| IndexError::CacheDir { path: cache_dir.to_path_buf(), source })?;
         index.save(&file)?;
         Ok((index, Origin::Built { file, previous }))
     }

@@ -12,12 +12,15 @@
 //!   are compacted elsewhere); a trailing partial block is not indexed either.
 //! - [`DiskIndex::load_or_build`] keeps the index in a cache directory and rebuilds it when the
 //!   image changed (size, mtime, ctime, inode, device or a content sample differ) or the index
-//!   file is unreadable, truncated or corrupted.
+//!   file is unreadable, truncated or corrupted. The cache directory is created mode 0700 and
+//!   index files 0600; a cache directory of another user or that others can use is refused
+//!   ([`IndexError::Insecure`]), as is such a snapshot directory ([`snapshot`]).
 //! - [`DiskIndex::identity`] is the [`ImageIdentity`] both sides compare in the handshake.
 
 mod build;
 mod error;
 mod file;
+mod private;
 mod reader;
 pub mod snapshot;
 
@@ -29,6 +32,7 @@ use xxhash_rust::xxh3::xxh3_128;
 pub use build::BuildProgress;
 pub use error::IndexError;
 pub use file::{cache_file_name, Origin};
+pub use private::InsecureDir;
 pub use reader::BlockReader;
 pub use snapshot::{save_from, Snapshot, SnapshotError, SnapshotInfo, SnapshotStore, SnapshotWriter};
 

@@ -17,13 +17,18 @@
 //! publishing, the oldest snapshots (of every VM) are evicted until the store fits its byte
 //! budget (allocated bytes on disk, so holes do not count).
 //!
+//! A snapshot is a copy of guest memory, keys and passwords included: the store directory is
+//! created mode 0700 and every directory and file in it 0700 / 0600, and [`SnapshotStore::open`]
+//! refuses a directory of another user or one that group or others have any permission on
+//! ([`SnapshotError::Insecure`], which says how to fix it).
+//!
 //! Nothing is fsynced: a snapshot is a cache. Opening checks the meta, the file sizes and the
 //! checksum of the fingerprints, and [`Snapshot::read_page`] checks every page it reads against
 //! its fingerprint, so a snapshot torn by a crash (or damaged since) yields errors, never wrong
 //! pages.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -34,6 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
+use crate::private::{self, DirError, InsecureDir};
 use crate::{Fingerprint, BLOCK_SIZE, BLOCK_SIZE_U64};
 
 /// Version of the on-disk snapshot format (in meta.json).
@@ -61,6 +67,9 @@ pub enum SnapshotError {
         #[source]
         source: io::Error,
     },
+    /// The store directory belongs to another user, or group or others can use it.
+    #[error(transparent)]
+    Insecure(InsecureDir),
     /// A snapshot file or directory cannot be written (disk full, read-only, removed...).
     #[error("cannot write the snapshot file {path}")]
     Write {
@@ -260,13 +269,18 @@ fn remove_tree(path: &Path) -> io::Result<()> {
 }
 
 impl SnapshotStore {
-    /// Opens (creating it if needed) a store in `dir` that keeps at most `max_bytes` allocated
-    /// on disk. Temporary directories left by writers of processes that no longer run are
-    /// removed.
+    /// Opens (creating it mode 0700 if needed) a store in `dir` that keeps at most `max_bytes`
+    /// allocated on disk. A directory of another user, or one that group or others have any
+    /// permission on, is refused ([`SnapshotError::Insecure`]). Temporary directories left by
+    /// writers of processes that no longer run are removed.
     pub fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<SnapshotStore> {
         let dir = dir.into();
         let derr = |source| SnapshotError::Dir { path: dir.clone(), source };
-        fs::create_dir_all(&dir).map_err(derr)?;
+        private::private_dir(&dir, "snapshot directory", "copies of guest memory (with the guest's keys and passwords)")
+            .map_err(|e| match e {
+                DirError::Io(source) => derr(source),
+                DirError::Insecure(i) => SnapshotError::Insecure(i),
+            })?;
         for entry in fs::read_dir(&dir).map_err(derr)? {
             let entry = entry.map_err(derr)?;
             let name = entry.file_name();
@@ -302,7 +316,7 @@ impl SnapshotStore {
         let fps_len = usize::try_from(pages).map_err(|_| SnapshotError::TooManyPages { pages })?;
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = self.dir.join(format!("{TMP_PREFIX}{}-{n}-{}", std::process::id(), now_unix_nanos()));
-        fs::create_dir(&tmp).map_err(|source| SnapshotError::Write { path: tmp.clone(), source })?;
+        private::create_dir(&tmp).map_err(|source| SnapshotError::Write { path: tmp.clone(), source })?;
         let memory_path = tmp.join(MEMORY_FILE);
         // From here on the writer's drop removes the directory on any error.
         let mut w = SnapshotWriter {
@@ -316,7 +330,7 @@ impl SnapshotStore {
             finished: false,
         };
         let werr = |source| SnapshotError::Write { path: memory_path.clone(), source };
-        let f = OpenOptions::new().read(true).write(true).create_new(true).open(&memory_path).map_err(werr)?;
+        let f = private::create_new_file(&memory_path).map_err(werr)?;
         f.set_len(len).map_err(werr)?;
         w.memory = Some(f);
         w.fingerprints = vec![zero_fingerprint(); fps_len];
@@ -514,7 +528,9 @@ impl SnapshotWriter<'_> {
             path: meta_path.clone(),
             source: io::Error::other(e),
         })?;
-        fs::write(&meta_path, text).map_err(|source| SnapshotError::Write { path: meta_path.clone(), source })?;
+        private::create_file(&meta_path)
+            .and_then(|mut f| f.write_all(&text))
+            .map_err(|source| SnapshotError::Write { path: meta_path.clone(), source })?;
 
         publish(&self.tmp, &target, &store.dir)?;
         self.finished = true;
@@ -552,7 +568,7 @@ fn punch(file: &File, offset: u64) -> io::Result<()> {
 
 /// Writes the fingerprints file; returns its xxh3-128.
 fn write_fingerprints(path: &Path, fps: &[u128]) -> io::Result<u128> {
-    let mut w = BufWriter::with_capacity(1 << 20, File::create(path)?);
+    let mut w = BufWriter::with_capacity(1 << 20, private::create_file(path)?);
     let mut h = Xxh3::new();
     for fp in fps {
         let b = fp.to_le_bytes();
@@ -570,7 +586,7 @@ fn publish(tmp: &Path, target: &Path, store_dir: &Path) -> Result<()> {
         move |source| SnapshotError::Write { path, source }
     };
     if let Some(vm_dir) = target.parent() {
-        fs::create_dir_all(vm_dir).map_err(werr(vm_dir))?;
+        private::create_dir_all(vm_dir).map_err(werr(vm_dir))?;
     }
     match fs::rename(tmp, target) {
         Ok(()) => Ok(()),

@@ -260,6 +260,52 @@ fn abandoned_writer_leaves_nothing() {
     assert!(entries(&s).is_empty());
 }
 
+/// Snapshots are copies of guest memory: the store and everything in it is the user's alone.
+#[test]
+fn snapshots_are_written_0700_and_0600() {
+    let d = tempfile::tempdir().unwrap();
+    let s = store(&d, u64::MAX);
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().mode() & 0o777;
+    assert_eq!(mode(s.dir()), 0o700);
+    let mut w = s.writer("vm-a", 4).unwrap();
+    w.write_page(1, &page(1)).unwrap();
+    let info = w.finish(7).unwrap();
+    assert_eq!(mode(&info.path), 0o700, "the snapshot directory");
+    assert_eq!(mode(info.path.parent().unwrap()), 0o700, "the VM directory");
+    for f in [MEMORY_FILE, FINGERPRINTS_FILE, META_FILE] {
+        assert_eq!(mode(&info.path.join(f)), 0o600, "{f}");
+    }
+    // A snapshot written over an existing one (same VM and id) too.
+    let info = save_from(&s, "vm-a", 7, 2, |_, b| {
+        b.fill(3);
+        Ok(())
+    })
+    .unwrap();
+    for f in [MEMORY_FILE, FINGERPRINTS_FILE, META_FILE] {
+        assert_eq!(mode(&info.path.join(f)), 0o600, "{f}");
+    }
+}
+
+#[test]
+fn a_store_others_can_enter_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("snapshots");
+    fs::create_dir(&dir).unwrap();
+    for m in [0o755, 0o711, 0o770, 0o1777] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(m)).unwrap();
+        let e = SnapshotStore::open(&dir, 1 << 30).unwrap_err();
+        let SnapshotError::Insecure(i) = &e else { panic!("{e:?}") };
+        assert_eq!((i.mode, i.path.as_path()), (m, dir.as_path()));
+        let text = e.to_string();
+        let want = format!("the snapshot directory {} has mode {m:04o}: group or others can read, write or enter it", dir.display());
+        assert!(text.starts_with(&want), "{text}");
+        assert!(text.contains("guest memory") && text.ends_with(&format!("run `chmod 700 {}`", dir.display())), "{text}");
+    }
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    SnapshotStore::open(&dir, 1 << 30).expect("accepted after chmod 700");
+}
+
 #[test]
 fn stale_temporary_directories_of_dead_processes_are_removed_on_open() {
     let d = tempfile::tempdir().unwrap();

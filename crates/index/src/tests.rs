@@ -107,6 +107,34 @@ fn empty_and_partial_images() {
     assert_eq!(again.identity(), idx.identity());
 }
 
+/// The index cache holds fingerprints of the image: directory 0700, index files 0600, and a cache
+/// directory others can use is refused with the fix.
+#[test]
+fn the_index_cache_is_private() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), &seeds(50));
+    let cache = dir.path().join("cache");
+    let (_, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+    assert_eq!(fs::metadata(&cache).unwrap().mode() & 0o777, 0o700);
+    assert_eq!(fs::metadata(o.file()).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(fs::read_dir(&cache).unwrap().count(), 1, "no temporary file left");
+
+    fs::set_permissions(&cache, fs::Permissions::from_mode(0o755)).unwrap();
+    let e = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap_err();
+    let IndexError::Insecure(i) = &e else { panic!("{e:?}") };
+    assert_eq!(i.mode, 0o755);
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!("the index cache directory {} has mode 0755", cache.display()))
+            && text.contains(&format!("run `chmod 700 {}`", cache.display())),
+        "{text}"
+    );
+    fs::set_permissions(&cache, fs::Permissions::from_mode(0o700)).unwrap();
+    let (_, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
+    assert!(!o.built(), "after chmod 700 the cached index is used again: {o:?}");
+}
+
 #[test]
 fn a_directory_is_not_an_image() {
     let dir = tempfile::tempdir().unwrap();

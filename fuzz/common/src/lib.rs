@@ -14,11 +14,13 @@ use std::sync::OnceLock;
 
 use livemig_compact::{delta_apply, fingerprint, DiskRef, PageClass, PAGE_SIZE, RECORD_HEADER};
 
-/// A fresh directory for this process's scratch files (under `$TMPDIR`).
+/// A fresh directory for this process's scratch files (under `$TMPDIR`), mode 0700: the snapshot
+/// store and index cache refuse a directory that others can use.
 pub fn scratch_dir(name: &str) -> PathBuf {
+    use std::os::unix::fs::DirBuilderExt;
     let dir = std::env::temp_dir().join(format!("livemig-fuzz-{}-{name}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("create the scratch directory");
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).expect("create the scratch directory");
     dir
 }
 
