@@ -1,5 +1,6 @@
 //! `livemig certs DIR`: makes the TLS material for `send`/`receive` (a CA, a certificate and key
-//! per host, and a pre-shared key file).
+//! per host, and a pre-shared key file: `livemig-psk-v1:` and 32 random bytes in hex, the only
+//! PSK format `--psk-file` accepts).
 
 use std::path::PathBuf;
 
@@ -35,7 +36,7 @@ pub(crate) fn run(a: &CertsArgs) -> anyhow::Result<u8> {
          livemig receive ... --tls-cert {d}/{dst}.pem --tls-key {d}/{dst}-key.pem --tls-ca {d}/ca.pem"
     );
     println!(
-        "or a pre-shared key (same file on both hosts): livemig send|receive ... --psk-file {d}/{}",
+        "or a pre-shared key (a random key; copy the same file to both hosts, mode 0600): livemig send|receive ... --psk-file {d}/{}",
         livemig_tls::PSK_FILE
     );
     Ok(exit::OK)

@@ -99,7 +99,9 @@ struct TransportArgs {
     /// The CA that signs both hosts' certificates (PEM).
     #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_key"])]
     tls_ca: Option<PathBuf>,
-    /// TLS 1.3 authenticated by a pre-shared key file (at least 32 bytes) instead of certificates.
+    /// TLS 1.3 authenticated by a pre-shared key instead of certificates: the file `livemig certs
+    /// DIR` writes (DIR/psk, a random key: `livemig-psk-v1:` and 64 hex digits), the same on both
+    /// hosts. Passphrases and other files are refused: they could be guessed offline.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
     psk_file: Option<PathBuf>,
     /// Plain, unauthenticated TCP instead of TLS: only on a network you trust with the guest's

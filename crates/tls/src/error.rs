@@ -84,15 +84,19 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
-    /// The PSK file is too short to be a key.
-    #[error("the PSK file {} holds {len} bytes; at least {min} are needed (e.g. head -c 32 /dev/urandom > FILE)", path.display())]
-    PskTooShort {
+    /// The PSK file is not a key made by `livemig certs` (a passphrase, or any other file): a
+    /// key that could be guessed would let whoever recorded a handshake try guesses offline.
+    #[error(
+        "the PSK file {} is not a livemig key: {why}. A PSK must be a random key in the format `livemig certs` writes \
+         (one line: `{prefix}` and 64 hex digits); passphrases and other files are refused because they can be \
+         guessed offline. Make a key with `livemig certs DIR` (it writes DIR/{file}) and copy that file to both hosts",
+        path.display(), prefix = crate::psk::PSK_PREFIX, file = crate::PSK_FILE
+    )]
+    PskFormat {
         /// The file.
         path: PathBuf,
-        /// Its length.
-        len: usize,
-        /// The minimum.
-        min: usize,
+        /// What is wrong with it.
+        why: String,
     },
     /// The server name given to [`crate::connect`] is neither a DNS name nor an IP address.
     #[error("{name:?} is not a valid TLS server name (a DNS name or an IP address)")]

@@ -7,9 +7,14 @@
 //!   checks the server's name (a DNS name or IP address SAN) against the name it connected to.
 //!   [`make_certs`] makes a CA and one certificate per host.
 //! - **Pre-shared key** ([`Auth::Psk`]): rustls has no external-PSK support, so the PSK is turned
-//!   into a certificate identity both sides derive alike:
-//!   1. seed = `blake3::derive_key("livemig psk ed25519 v1", psk_file_bytes)` (32 bytes; the whole
-//!      file, byte for byte, is the key, and it must be at least 32 bytes long);
+//!   into a certificate identity both sides derive alike. The PSK file must hold a random key in
+//!   the one format [`make_certs`] writes: the line `livemig-psk-v1:` followed by 32 random bytes
+//!   as 64 lowercase hex digits (and a newline). Anything else (a passphrase, a file of one's
+//!   own) is refused with [`TlsError::PskFormat`]: the derivation is one fast hash without salt,
+//!   which is safe only because the key has 256 bits of entropy; a guessable key could be
+//!   guessed offline by anyone who recorded a handshake (each guess checked against the
+//!   certificate's public key).
+//!   1. seed = `blake3::derive_key("livemig psk ed25519 v1", key)` (the 32 bytes of the key);
 //!   2. the Ed25519 private key is that seed (as PKCS#8 v1: the fixed prefix
 //!      `30 2e 02 01 00 30 05 06 03 2b 65 70 04 22 04 20` followed by the seed);
 //!   3. each side makes a self-signed certificate of that key and presents it;
@@ -52,7 +57,7 @@ use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerCo
 
 pub use error::TlsError;
 pub use make::{make_certs, CA_FILE, PSK_FILE};
-pub use psk::MIN_PSK_LEN;
+pub use psk::{generate_psk, psk_file_text, PSK_KEY_LEN, PSK_PREFIX};
 
 /// How the agents authenticate each other.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +71,8 @@ pub enum Auth {
         /// The CA certificate(s) the peer's certificate must be signed by, PEM.
         ca: PathBuf,
     },
-    /// A pre-shared key: the bytes of the file (at least [`MIN_PSK_LEN`]), the same on both sides.
+    /// A pre-shared key: a file as [`make_certs`] writes it (`livemig-psk-v1:` and 32 random
+    /// bytes in hex), the same on both sides.
     Psk {
         /// The PSK file.
         file: PathBuf,
@@ -139,22 +145,21 @@ fn finish(mut client: ClientConfig, mut server: ServerConfig, psk: bool) -> TlsS
 
 impl TlsSetup {
     /// Loads and checks the files of `auth`: PEM syntax, key matching certificate, our
-    /// certificate valid under the CA (certificate mode); length (PSK mode). Errors name the file.
+    /// certificate valid under the CA (certificate mode); the key's format (PSK mode). Errors name
+    /// the file.
     pub fn load(auth: &Auth) -> Result<TlsSetup, TlsError> {
         match auth {
             Auth::Certs { cert, key, ca } => Self::load_certs(cert, key, ca),
             Auth::Psk { file } => {
-                let psk = read_file(file)?;
-                if psk.len() < MIN_PSK_LEN {
-                    return Err(TlsError::PskTooShort { path: file.clone(), len: psk.len(), min: MIN_PSK_LEN });
-                }
-                Self::from_psk(&psk)
+                let text = read_file(file)?;
+                let key = psk::parse_psk(&text).map_err(|why| TlsError::PskFormat { path: file.clone(), why })?;
+                Self::from_psk(&key)
             }
         }
     }
 
-    /// PSK mode from the key bytes themselves (at least [`MIN_PSK_LEN`]).
-    fn from_psk(psk: &[u8]) -> Result<TlsSetup, TlsError> {
+    /// PSK mode from the key itself.
+    fn from_psk(psk: &[u8; psk::PSK_KEY_LEN]) -> Result<TlsSetup, TlsError> {
         let provider = provider();
         let id = psk::identity(psk)?;
         let verifier = Arc::new(psk::PskVerifier::new(id.spki.clone(), Arc::clone(&provider)));

@@ -13,7 +13,6 @@ use rcgen::{
 
 use time::OffsetDateTime;
 
-use crate::psk::MIN_PSK_LEN;
 use crate::TlsError;
 
 /// The CA certificate made by [`make_certs`], in its directory.
@@ -82,7 +81,8 @@ fn san(name: &str) -> Result<SanType, TlsError> {
 
 /// Makes in `dir` (created if needed) a CA certificate `ca.pem`, for each host a certificate
 /// `HOST.pem` signed by it and its key `HOST-key.pem` (SANs: the host, plus localhost, 127.0.0.1
-/// and ::1; usable as server and client; valid from a day ago for ten years), and a random 32-byte PSK file `psk`. Keys and the PSK
+/// and ::1; usable as server and client; valid from a day ago for ten years), and a PSK file `psk`
+/// (`livemig-psk-v1:` and 32 random bytes in hex, see [`crate::psk_file_text`]). Keys and the PSK
 /// are mode 0600. The CA's key is not kept: run again in a new directory to add hosts. Refuses
 /// to overwrite existing files. Returns the files made.
 pub fn make_certs(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, TlsError> {
@@ -149,13 +149,9 @@ pub fn make_certs(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, TlsError
         made.push(key_path);
     }
 
-    let mut psk = [0u8; MIN_PSK_LEN];
-    rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut psk)
-        .map_err(|_| TlsError::Generate { what: "the PSK".into(), source: rcgen::Error::RingUnspecified })?;
+    let psk = crate::psk::generate_psk()?;
     let psk_path = dir.join(PSK_FILE);
-    write_new(&psk_path, &psk, true)?;
+    write_new(&psk_path, psk.as_bytes(), true)?;
     made.push(psk_path);
     Ok(made)
 }

@@ -16,8 +16,68 @@ use crate::TlsError;
 /// The blake3 key-derivation context of the Ed25519 seed.
 pub(crate) const DERIVE_CONTEXT: &str = "livemig psk ed25519 v1";
 
-/// Minimum length of a PSK file.
-pub const MIN_PSK_LEN: usize = 32;
+/// Random bytes of a PSK.
+pub const PSK_KEY_LEN: usize = 32;
+
+/// What a PSK file starts with: the file is this prefix, [`PSK_KEY_LEN`] random bytes as 64
+/// lowercase hex digits, and a newline.
+pub const PSK_PREFIX: &str = "livemig-psk-v1:";
+
+/// Fewer distinct byte values than this among the 32 bytes of a key is refused as not random: a
+/// random key has so few with a probability below 1e-25; `00…00`, `0123…ef` repeated and the
+/// like are caught.
+const MIN_DISTINCT_BYTES: usize = 12;
+
+/// The content of a PSK file holding `key`.
+pub fn psk_file_text(key: &[u8; PSK_KEY_LEN]) -> String {
+    let mut s = String::with_capacity(PSK_PREFIX.len() + 2 * PSK_KEY_LEN + 1);
+    s.push_str(PSK_PREFIX);
+    for b in key {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s.push('\n');
+    s
+}
+
+/// A new random key as the content of a PSK file (what `livemig certs` writes).
+pub fn generate_psk() -> Result<String, TlsError> {
+    let mut key = [0u8; PSK_KEY_LEN];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut key)
+        .map_err(|_| TlsError::Generate { what: "the PSK".into(), source: rcgen::Error::RingUnspecified })?;
+    Ok(psk_file_text(&key))
+}
+
+/// The key in the content of a PSK file, or why it is not one: exactly [`PSK_PREFIX`], 64
+/// lowercase hex digits and an optional newline (`\n` or `\r\n`).
+pub(crate) fn parse_psk(file: &[u8]) -> Result<[u8; PSK_KEY_LEN], String> {
+    let Some(rest) = file.strip_prefix(PSK_PREFIX.as_bytes()) else {
+        return Err(if file.len() == PSK_KEY_LEN && std::str::from_utf8(file).is_err() {
+            "it holds 32 raw bytes (a key of an older `livemig certs`, from before the format had a prefix)".to_string()
+        } else {
+            format!("it does not start with `{PSK_PREFIX}`")
+        });
+    };
+    let hex = rest.strip_suffix(b"\n").map_or(rest, |r| r.strip_suffix(b"\r").unwrap_or(r));
+    if hex.len() != 2 * PSK_KEY_LEN || !hex.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)) {
+        return Err(format!(
+            "after `{PSK_PREFIX}` it needs exactly {} lowercase hex digits and a newline",
+            2 * PSK_KEY_LEN
+        ));
+    }
+    let mut key = [0u8; PSK_KEY_LEN];
+    for (k, pair) in key.iter_mut().zip(hex.chunks_exact(2)) {
+        let digit = |c: u8| if c.is_ascii_digit() { c - b'0' } else { c - b'a' + 10 };
+        *k = (digit(pair[0]) << 4) | digit(pair[1]);
+    }
+    let mut seen = [false; 256];
+    key.iter().for_each(|&b| seen[usize::from(b)] = true);
+    if seen.iter().filter(|&&s| s).count() < MIN_DISTINCT_BYTES {
+        return Err("its key is not random (too few distinct bytes)".to_string());
+    }
+    Ok(key)
+}
 
 /// An Ed25519 PKCS#8 v1 (RFC 8410) private key is this fixed prefix and the 32-byte seed.
 const PKCS8_ED25519_PREFIX: [u8; 16] =
@@ -34,8 +94,9 @@ pub(crate) struct PskIdentity {
     pub(crate) spki: Vec<u8>,
 }
 
-/// Derives the identity from the PSK bytes (at least [`MIN_PSK_LEN`], checked by the caller).
-pub(crate) fn identity(psk: &[u8]) -> Result<PskIdentity, TlsError> {
+/// Derives the identity from the 32 random bytes of the key. One fast derivation is enough: the
+/// key has 256 bits of entropy (a guessable passphrase never gets here, see [`parse_psk`]).
+pub(crate) fn identity(psk: &[u8; PSK_KEY_LEN]) -> Result<PskIdentity, TlsError> {
     let seed = blake3::derive_key(DERIVE_CONTEXT, psk);
     let mut pkcs8 = Vec::with_capacity(PKCS8_ED25519_PREFIX.len() + seed.len());
     pkcs8.extend_from_slice(&PKCS8_ED25519_PREFIX);
@@ -154,6 +215,19 @@ impl ClientCertVerifier for PskVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_file_parses_back_to_its_key() {
+        let key: [u8; PSK_KEY_LEN] = std::array::from_fn(|i| u8::try_from(i).expect("small").wrapping_mul(73) ^ 0x5c);
+        let text = psk_file_text(&key);
+        assert_eq!(text.len(), PSK_PREFIX.len() + 2 * PSK_KEY_LEN + 1);
+        assert_eq!(parse_psk(text.as_bytes()), Ok(key));
+        assert_eq!(parse_psk(text.trim_end().as_bytes()), Ok(key));
+        let fresh = generate_psk().expect("generate");
+        assert!(parse_psk(fresh.as_bytes()).is_ok(), "{fresh}");
+        assert_ne!(fresh, generate_psk().expect("generate"));
+        assert!(parse_psk(b"password123").is_err());
+    }
 
     #[test]
     fn identity_is_deterministic_and_depends_on_the_psk() {

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
-use livemig_tls::{accept, connect, make_certs, Auth, Session, TlsError, TlsSetup, CA_FILE, PSK_FILE};
+use livemig_tls::{
+    accept, connect, generate_psk, make_certs, psk_file_text, Auth, Session, TlsError, TlsSetup, CA_FILE, PSK_FILE,
+    PSK_PREFIX,
+};
 
 /// Only a guard: a bug fails the test instead of hanging it.
 const GUARD: Duration = Duration::from_secs(30);
@@ -101,7 +104,9 @@ fn make_certs_makes_the_files_with_private_keys_0600() {
         let secret = p.ends_with("psk") || p.to_string_lossy().ends_with("-key.pem");
         assert_eq!(mode, if secret { 0o600 } else { 0o644 }, "{}", p.display());
     }
-    assert_eq!(std::fs::read(dir.path().join(PSK_FILE)).expect("psk").len(), 32);
+    let psk = std::fs::read_to_string(dir.path().join(PSK_FILE)).expect("psk");
+    let hex = psk.strip_prefix("livemig-psk-v1:").and_then(|r| r.strip_suffix('\n')).expect(&psk);
+    assert!(hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{psk}");
     // Never overwrites.
     let e = make_certs(dir.path(), &["alpha".into()]).expect_err("refuses to overwrite");
     assert!(e.to_string().contains("ca.pem"), "{e}");
@@ -184,10 +189,11 @@ fn wrong_psk_is_refused_on_both_sides() {
     let dir = tempfile::tempdir().expect("tempdir");
     let one = dir.path().join("one");
     let two = dir.path().join("two");
-    std::fs::write(&one, [1u8; 40]).expect("write");
-    let mut other = [1u8; 40];
-    other[39] = 2;
-    std::fs::write(&two, other).expect("write");
+    let key: [u8; 32] = std::array::from_fn(|i| u8::try_from(i * 7 + 1).expect("small"));
+    std::fs::write(&one, psk_file_text(&key)).expect("write");
+    let mut other = key;
+    other[31] ^= 1;
+    std::fs::write(&two, psk_file_text(&other)).expect("write");
     let (s, c, _raw) = pair(&psk_setup(&one), &psk_setup(&two), "host");
     assert_refused(s, c);
     let (s, c, _raw) = pair(&psk_setup(&two), &psk_setup(&one), "host");
@@ -204,14 +210,59 @@ fn a_certificate_peer_cannot_talk_to_a_psk_peer() {
     assert_refused(s, c);
 }
 
+/// Two sides that each read the same key, written by the certs code (twice, as on two hosts
+/// given a copy), with or without its newline, agree; a fresh key is another identity.
 #[test]
-fn short_psk_file_is_rejected() {
+fn a_key_written_by_the_certs_code_is_accepted_and_both_sides_agree() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let p = dir.path().join("short");
-    std::fs::write(&p, [9u8; 31]).expect("write");
-    let e = TlsSetup::load(&Auth::Psk { file: p.clone() }).expect_err("too short");
-    assert!(matches!(e, TlsError::PskTooShort { len: 31, .. }), "{e:?}");
-    assert!(e.to_string().contains(&p.display().to_string()) && e.to_string().contains("31 bytes"), "{e}");
+    let text = generate_psk().expect("generate");
+    assert!(text.starts_with(PSK_PREFIX) && text.ends_with('\n') && text.len() == PSK_PREFIX.len() + 65, "{text}");
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    std::fs::write(&a, &text).expect("write");
+    std::fs::write(&b, text.trim_end()).expect("write");
+    let (s, c, _raw) = ok_pair(&psk_setup(&a), &psk_setup(&b), "host");
+    exchange(s, c);
+    let other = dir.path().join("other");
+    std::fs::write(&other, generate_psk().expect("generate")).expect("write");
+    let (s, c, _raw) = pair(&psk_setup(&a), &psk_setup(&other), "host");
+    assert_refused(s, c);
+}
+
+/// A passphrase, or any file that is not a key as `livemig certs` writes it, is refused with an
+/// error that names the file and says how to make a proper key.
+#[test]
+fn a_psk_that_is_not_a_livemig_key_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = psk_file_text(&std::array::from_fn(|i| u8::try_from(i * 7 + 5).expect("small")));
+    let hex = good.trim_end().strip_prefix(PSK_PREFIX).expect("prefix").to_string();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("password", b"password123".to_vec(), "does not start with `livemig-psk-v1:`"),
+        ("long-passphrase", b"correct horse battery staple, a long passphrase\n".to_vec(), "does not start with"),
+        ("old-raw", (0u8..32).map(|i| i.wrapping_mul(151) | 0x80).collect(), "32 raw bytes"),
+        ("short", format!("{PSK_PREFIX}{}\n", &hex[..62]).into_bytes(), "64 lowercase hex digits"),
+        ("long", format!("{PSK_PREFIX}{hex}00\n").into_bytes(), "64 lowercase hex digits"),
+        ("upper", format!("{PSK_PREFIX}{}\n", hex.to_uppercase()).into_bytes(), "64 lowercase hex digits"),
+        ("two-lines", format!("{good}\n").into_bytes(), "64 lowercase hex digits"),
+        ("spaces", format!(" {good}").into_bytes(), "does not start with"),
+        ("zeros", format!("{PSK_PREFIX}{}\n", "0".repeat(64)).into_bytes(), "not random"),
+        ("pattern", format!("{PSK_PREFIX}{}\n", "0123456789abcdef".repeat(4)).into_bytes(), "not random"),
+        ("empty", Vec::new(), "does not start with"),
+    ];
+    for (name, content, why) in cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, &content).expect("write");
+        let e = TlsSetup::load(&Auth::Psk { file: p.clone() }).expect_err(name);
+        assert!(matches!(e, TlsError::PskFormat { .. }), "{name}: {e:?}");
+        let text = e.to_string();
+        assert!(text.contains(&format!("the PSK file {} is not a livemig key", p.display())), "{name}: {text}");
+        assert!(text.contains(why), "{name}: {text}");
+        assert!(text.contains("guessed offline") && text.contains("livemig certs DIR"), "{name}: {text}");
+    }
+    // The same key written right loads, with "\r\n" too.
+    let p = dir.path().join("good");
+    std::fs::write(&p, good.replace('\n', "\r\n")).expect("write");
+    TlsSetup::load(&Auth::Psk { file: p }).expect("a well-formed key");
 }
 
 fn load_err(auth: Auth) -> TlsError {

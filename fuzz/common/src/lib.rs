@@ -453,7 +453,9 @@ pub fn tls_setup() -> &'static livemig_tls::TlsSetup {
     S.get_or_init(|| {
         let dir = scratch_dir("tls");
         let file = dir.join("psk");
-        fs::write(&file, [0x5a_u8; 48]).expect("write the PSK file");
+        // A fixed key (reproducible runs) in the one format a PSK file may have.
+        let key: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(97) ^ 0x5a);
+        fs::write(&file, livemig_tls::psk_file_text(&key)).expect("write the PSK file");
         livemig_tls::TlsSetup::load(&livemig_tls::Auth::Psk { file }).expect("load the PSK setup")
     })
 }
