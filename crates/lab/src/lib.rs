@@ -17,6 +17,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+pub mod ram;
 use serde::{Deserialize, Serialize};
 
 /// Errors of the lab.
@@ -277,6 +278,10 @@ impl VmConfig {
     pub fn qmp_path(&self) -> PathBuf {
         self.run_dir.join(format!("{}.qmp.sock", self.name))
     }
+    /// A second QMP monitor, for tests that watch a VM while livemig holds the first one.
+    pub fn observer_qmp_path(&self) -> PathBuf {
+        self.run_dir.join(format!("{}.qmp2.sock", self.name))
+    }
     pub fn console_path(&self) -> PathBuf {
         self.run_dir.join(format!("{}.console.log", self.name))
     }
@@ -307,8 +312,9 @@ impl VmConfig {
             return Err(LabError::Config("mem_mib is 0".into()));
         }
         let qmp = self.qmp_path();
-        if qmp.as_os_str().len() >= 108 {
-            return Err(LabError::Config(format!("QMP socket path too long for a unix socket: {}", qmp.display())));
+        let observer = self.observer_qmp_path();
+        if observer.as_os_str().len() >= 108 {
+            return Err(LabError::Config(format!("QMP socket path too long for a unix socket: {}", observer.display())));
         }
         let p = |p: &Path| p.to_string_lossy().into_owned();
         let m = self.mem_mib;
@@ -358,6 +364,8 @@ impl VmConfig {
             "chardev:con0".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", p(&qmp)),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", p(&observer)),
             "-kernel".into(),
             p(&image.kernel),
             "-initrd".into(),
@@ -535,6 +543,11 @@ impl Vm {
     }
     pub fn qmp_path(&self) -> &Path {
         &self.qmp
+    }
+    /// The second QMP monitor of a VM started from a [`VmConfig`] (see
+    /// [`VmConfig::observer_qmp_path`]): free while livemig holds the first.
+    pub fn observer_qmp_path(&self) -> PathBuf {
+        self.qmp.with_file_name(format!("{}.qmp2.sock", self.name))
     }
     pub fn console_path(&self) -> &Path {
         &self.console

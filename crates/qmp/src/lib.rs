@@ -494,6 +494,26 @@ impl Qmp {
         self.execute_as("query-status", None)
     }
 
+    /// Where the main RAM block lives in the QEMU process: the host virtual address of guest
+    /// physical address 0 (HMP `gpa2hva 0`, e.g. "Host virtual address for 0x0 (pc.ram) is
+    /// 0x7f0437e00000") and its size (`query-memory-size-summary`'s `base-memory`).
+    pub fn ram_location(&mut self) -> Result<(u64, u64), QmpError> {
+        let sum = self.execute("query-memory-size-summary", None)?;
+        let len = sum
+            .get("base-memory")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| QmpError::Protocol(format!("query-memory-size-summary has no base-memory: {sum}")))?;
+        let out = self.execute("human-monitor-command", Some(json!({ "command-line": "gpa2hva 0" })))?;
+        let s = out.as_str().unwrap_or("").trim();
+        let hva = s
+            .rsplit(' ')
+            .next()
+            .and_then(|w| w.strip_prefix("0x"))
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .ok_or_else(|| QmpError::Protocol(format!("unexpected gpa2hva answer {s:?}")))?;
+        Ok((hva, len))
+    }
+
     /// `query-memdev`: the memory backends.
     pub fn query_memdev(&mut self) -> Result<Vec<Memdev>, QmpError> {
         self.execute_as("query-memdev", None)

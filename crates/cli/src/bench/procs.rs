@@ -1,17 +1,15 @@
 //! Child processes with their CPU time, CPU time of running processes and threads, and the
-//! comparison of two paused VMs' RAM (any backend: found through QEMU itself).
+//! comparison of two paused VMs' RAM (through `livemig_lab::ram`).
 #![allow(unsafe_code)]
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+use livemig_lab::ram::{RamDiff, RamView};
 use livemig_qmp::Qmp;
-use serde_json::{json, Value};
 
 /// Clock ticks per second of /proc/PID/stat.
 fn clk_tck() -> f64 {
@@ -136,129 +134,12 @@ impl Drop for Proc {
     }
 }
 
-/// The guest RAM of a paused QEMU process, readable with `read_exact_at(buf, base + offset)`:
-/// whatever backs it (a shared file, a memfd, or plain private `-m` RAM).
-#[derive(Debug)]
-pub(crate) struct RamView {
-    file: File,
-    base: u64,
-    pub(crate) len: u64,
-    /// How it is read, for messages: `file <path>` or `/proc/<pid>/mem`.
-    pub(crate) how: String,
-}
-
-impl RamView {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, self.base + off)
-    }
-}
-
-/// Host virtual address of guest physical address 0 (the start of the main RAM block: `pc.ram`
-/// or the memory backend), from HMP's `gpa2hva`.
-fn ram_hva(q: &mut Qmp) -> anyhow::Result<u64> {
-    let out = q.execute("human-monitor-command", Some(json!({"command-line": "gpa2hva 0"})))?;
-    let s = out.as_str().unwrap_or("").trim();
-    // "Host virtual address for 0x0 (pc.ram) is 0x7f0437e00000"
-    let hex = s.rsplit(' ').next().and_then(|w| w.strip_prefix("0x")).with_context(|| format!("unexpected gpa2hva answer {s:?}"))?;
-    u64::from_str_radix(hex, 16).with_context(|| format!("unexpected gpa2hva answer {s:?}"))
-}
-
-/// The RAM of QEMU process `pid` (QMP `q`): its size from `query-memory-size-summary`, its
-/// address from `gpa2hva 0`, then the mapping of /proc/PID/maps that holds it. A file mapping
-/// (memory-backend-file, memfd) is read from the file (`/proc/PID/map_files/...`: a read of
-/// a hole allocates nothing); private RAM is read through `/proc/PID/mem` (the process must be
-/// paused; a never-touched page reads as zero without being allocated).
-pub(crate) fn open_ram(q: &mut Qmp, pid: u32) -> anyhow::Result<RamView> {
-    let sum = q.execute("query-memory-size-summary", None)?;
-    let len = sum.get("base-memory").and_then(Value::as_u64).context("query-memory-size-summary has no base-memory")?;
-    let hva = ram_hva(q)?;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("cannot read /proc/{pid}/maps"))?;
-    for line in maps.lines() {
-        // start-end perms offset dev inode [path]
-        let f: Vec<&str> = line.splitn(6, ' ').collect();
-        let Some((lo, hi)) = f.first().and_then(|r| r.split_once('-')) else { continue };
-        let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else { continue };
-        if hva < lo || hva >= hi {
-            continue;
-        }
-        let inode = f.get(4).copied().unwrap_or("0");
-        let path = f.get(5).map_or("", |p| p.trim());
-        if inode != "0" && hi - hva >= len {
-            let off = u64::from_str_radix(f.get(2).copied().unwrap_or("0"), 16).unwrap_or(0);
-            let mf = format!("/proc/{pid}/map_files/{lo:x}-{hi:x}");
-            let file = File::open(&mf).with_context(|| format!("cannot open {mf} ({path})"))?;
-            return Ok(RamView { file, base: off + (hva - lo), len, how: format!("file {path}") });
-        }
-        let mem = format!("/proc/{pid}/mem");
-        let file = File::open(&mem).with_context(|| format!("cannot open {mem}"))?;
-        return Ok(RamView { file, base: hva, len, how: mem });
-    }
-    bail!("QEMU {pid}: no mapping of /proc/{pid}/maps holds its RAM at {hva:#x}")
-}
-
-/// Pages that differ between two RAMs: how many, and the first few with the byte range that
-/// differs in each (what a reader needs to tell a guest page from a hypervisor-owned one).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct RamDiff {
-    pub(crate) differ: u64,
-    pub(crate) pages: u64,
-    /// Pages of the source that are not all zero (shows that real guest memory was compared).
-    pub(crate) nonzero: u64,
-    /// (page, first differing byte, last differing byte), at most 4.
-    pub(crate) first: Vec<(u64, usize, usize)>,
-}
-
-impl std::fmt::Display for RamDiff {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} of {} pages ({} non-zero) differ between paused source and destination", self.differ, self.pages, self.nonzero)?;
-        if !self.first.is_empty() {
-            let list: Vec<String> = self.first.iter().map(|(p, a, b)| format!("page {p:#x} bytes {a:#x}..={b:#x}")).collect();
-            write!(f, " ({}{})", list.join(", "), if self.differ > self.first.len() as u64 { ", ..." } else { "" })?;
-        }
-        Ok(())
-    }
-}
-
-impl RamDiff {
-    /// On KVM, one page per vCPU differs in its first 12 bytes after every QEMU native migration:
-    /// KVM's own steal-time record (`u64 steal; u32 version`), which the host kernel updates
-    /// when a vCPU is scheduled, not the guest. A difference is that record's only when it has
-    /// at most `vcpus` pages, each differing only within its first 16 bytes.
-    pub(crate) fn only_kvm_records(&self, vcpus: u64) -> bool {
-        self.differ > 0 && self.differ <= vcpus && self.first.len() as u64 == self.differ && self.first.iter().all(|&(_, _, hi)| hi < 16)
-    }
-}
-
 /// Compares the guest RAM of two paused QEMU processes page by page.
 pub(crate) fn compare_ram(qa: &mut Qmp, pid_a: u32, qb: &mut Qmp, pid_b: u32) -> anyhow::Result<RamDiff> {
-    let (a, b) = (open_ram(qa, pid_a)?, open_ram(qb, pid_b)?);
-    let (la, lb) = (a.len, b.len);
-    if la != lb {
-        bail!("RAM sizes differ: {la} and {lb} bytes");
-    }
-    const CHUNK: usize = 1 << 20;
-    let (mut ba, mut bb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
-    let mut diff = RamDiff { pages: la / 4096, ..RamDiff::default() };
-    let mut off = 0u64;
-    while off < la {
-        let n = usize::try_from((la - off).min(CHUNK as u64))?;
-        a.read_at(&mut ba[..n], off).with_context(|| format!("reading source RAM ({}) at {off:#x}", a.how))?;
-        b.read_at(&mut bb[..n], off).with_context(|| format!("reading destination RAM ({}) at {off:#x}", b.how))?;
-        diff.nonzero += ba[..n].chunks(4096).filter(|p| p.iter().any(|&x| x != 0)).count() as u64;
-        if ba[..n] != bb[..n] {
-            for (i, (x, y)) in ba[..n].chunks(4096).zip(bb[..n].chunks(4096)).enumerate() {
-                if x == y {
-                    continue;
-                }
-                diff.differ += 1;
-                if diff.first.len() < 4 {
-                    let lo = x.iter().zip(y).position(|(p, q)| p != q).unwrap_or(0);
-                    let hi = x.iter().zip(y).rposition(|(p, q)| p != q).unwrap_or(0);
-                    diff.first.push((off / 4096 + i as u64, lo, hi));
-                }
-            }
-        }
-        off += n as u64;
-    }
-    Ok(diff)
+    let open = |q: &mut Qmp, pid: u32| -> anyhow::Result<RamView> {
+        let (hva, len) = q.ram_location()?;
+        RamView::open(pid, hva, len).with_context(|| format!("cannot open the RAM of QEMU {pid}"))
+    };
+    let (a, b) = (open(qa, pid_a)?, open(qb, pid_b)?);
+    Ok(livemig_lab::ram::compare(&a, &b)?)
 }

@@ -14,23 +14,33 @@ use crate::harness::{self, Migration, Pair};
 /// A guest with its root disk that reads `mib` MiB of it into its page cache, then rewrites
 /// 8 MiB at 2 MiB/s.
 fn cache_guest(name: &str, mib: u64) -> Pair {
+    cache_guest_on(name, mib, livemig_lab::RamBackend::ShmFile)
+}
+
+/// [`cache_guest`] with its RAM on `backend`, both sides.
+pub(crate) fn cache_guest_on(name: &str, mib: u64, backend: livemig_lab::RamBackend) -> Pair {
     let workload = [("mode", "cache"), ("mib", &mib.to_string()), ("then-dirty-mib", "8"), ("rate", "2"), ("pattern", "uniform"), ("verify-secs", "2")]
         .iter()
         .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
         .collect();
+    let dst_backend = backend.clone();
     Pair::start_custom(
         name,
         workload,
         |mut c| {
             c.with_disk = true;
             c.mem_mib = 512;
+            c.backend = backend;
             c
         },
-        |d| d,
+        |mut d| {
+            d.backend = dst_backend;
+            d
+        },
     )
 }
 
-fn pages(r: &Value, class: &str) -> u64 {
+pub(crate) fn pages(r: &Value, class: &str) -> u64 {
     r["pages"][class].as_u64().unwrap_or(0)
 }
 

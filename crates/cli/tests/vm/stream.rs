@@ -53,6 +53,76 @@ fn private_ram_guest_migrates_through_the_stream_engine() {
     pair.assert_destination_guest_verifies(3);
 }
 
+/// Both VMs' RAM, read from outside while both are paused (the source in `postmigrate`, the
+/// destination loaded and waiting for livemig's `commit`): what [`Action::Before`] at the commit
+/// records. Each VM through its second QMP monitor (livemig holds the first).
+#[derive(Debug)]
+struct PausedRams {
+    source_status: String,
+    destination_status: String,
+    diff: livemig_lab::ram::RamDiff,
+}
+
+fn read_both_rams(src: (&std::path::Path, u32), dst: (&std::path::Path, u32)) -> PausedRams {
+    let open = |qmp: &std::path::Path, pid: u32| {
+        let mut q = livemig_qmp::Qmp::connect(qmp, Duration::from_secs(10)).expect("the second QMP monitor");
+        let status = q.query_status().expect("query-status").status;
+        let (hva, len) = q.ram_location().expect("where the RAM is");
+        (status, livemig_lab::ram::RamView::open(pid, hva, len).expect("the RAM opens"))
+    };
+    let (source_status, a) = open(src.0, src.1);
+    let (destination_status, b) = open(dst.0, dst.1);
+    let diff = livemig_lab::ram::compare(&a, &b).expect("both RAMs read");
+    PausedRams { source_status, destination_status, diff }
+}
+
+/// Every page class of the stream engine arrives byte-exact: a private-RAM guest that read 200 MiB
+/// of its root disk into its page cache (disk references), then rewrites 8 MiB at 2 MiB/s (deltas,
+/// compressed pages), with its zero and duplicate pages. At the commit, both VMs paused, the test
+/// reads both RAMs from outside (`/proc/PID/mem`): every page equal. The migration then completes.
+#[test]
+fn stream_every_class_arrives_and_the_destination_ram_equals_the_source_ram() {
+    let _g = harness::vm_lock();
+    let pair = crate::compaction::cache_guest_on("stream-exact", 200, RamBackend::Anonymous);
+    let disk = harness::image().disk.display().to_string();
+    let seen: Arc<Mutex<Option<PausedRams>>> = Arc::new(Mutex::new(None));
+    let proxy = {
+        let seen = Arc::clone(&seen);
+        let src = (pair.src.observer_qmp_path(), pair.src.pid());
+        let dst = (pair.dst.observer_qmp_path(), pair.dst.pid());
+        Proxy::new(
+            Trigger::Control(Dir::FromSender, "commit"),
+            Action::Before(Box::new(move || {
+                *seen.lock().unwrap() = Some(read_both_rams((&src.0, src.1), (&dst.0, dst.1)));
+            })),
+        )
+    };
+    let args = stream_args(&["--disk-image", &disk]);
+    let m = Migration::between_via(&pair.src, &pair.dst, &pair.dir, "", &args, &["--disk-image", &disk], |a| proxy.forward_to(a), |_| {});
+    eprintln!("--- proxy: fired {:?}; messages: {}", proxy.fired(), trace_summary(&proxy));
+    m.assert_completed();
+    assert_fired(&proxy, &m);
+    let rams = seen.lock().unwrap().take().expect("the hook ran");
+    assert_eq!((rams.source_status.as_str(), rams.destination_status.as_str()), ("postmigrate", "paused"), "{rams:?}");
+    assert_eq!(rams.diff.differ, 0, "{}", rams.diff);
+    // Real guest memory was compared: the page cache and the rewritten 8 MiB at least.
+    assert!(rams.diff.nonzero > 30_000, "{}", rams.diff);
+    let s = &m.send_report;
+    assert_eq!(s["engine"], "stream", "{s:#}");
+    assert!(s["stream"]["fallback"].is_null(), "{s:#}");
+    use crate::compaction::pages;
+    assert!(pages(s, "disk_ref") > 20_000, "page-cache blocks not sent as disk references: {:#}", s["pages"]);
+    for class in ["dup", "delta", "raw"] {
+        assert!(pages(s, class) > 0, "no {class} page: {:#}", s["pages"]);
+    }
+    // Zero pages travel as QEMU's own ZERO records, passed through.
+    assert!(s["stream"]["zero_records"].as_u64().unwrap() > 0, "{:#}", s["stream"]);
+    assert_eq!(s["disk_images_used"], 1, "{s:#}");
+    assert_eq!(pair.status_of_source(), "postmigrate");
+    assert_eq!(pair.status_of_destination(), "running");
+    pair.assert_destination_guest_verifies(2);
+}
+
 // ---- Failures (docs/FAILURES.md, rows S1-S6): one fault each, both VMs' states asserted. ----
 
 /// The stream engine's `send` arguments, plus `extra`.
@@ -306,4 +376,34 @@ fn stream_final_pass_larger_than_the_relay_window_completes() {
     assert_eq!(pair.status_of_source(), "postmigrate");
     assert_eq!(pair.status_of_destination(), "running");
     pair.assert_destination_guest_verifies(2);
+}
+
+/// Adaptive downtime control on the stream engine (the shared engine's test, on QEMU's own
+/// pre-copy): a private-RAM guest rewrites a 16 MiB working set flat out over a 100 Mbit/s link.
+/// The fixed rule with 300 ms never converges and gives up at its cap, the source running and
+/// intact; the adaptive policy with a 2 s maximum switches over within it and the guest verifies on the destination.
+#[test]
+fn stream_hot_guest_fixed_gives_up_adaptive_completes_within_its_maximum() {
+    let _g = harness::vm_lock();
+    let mut pair = private_ram("stream-hot", harness::dirty_guest(16, 0));
+    let fixed = Migration::run(
+        &pair,
+        &stream_args(&["--policy", "fixed", "--max-downtime", "300ms", "--max-iterations", "6", "--bandwidth", "100mbit"]),
+        &[],
+    );
+    assert_eq!(fixed.send_code, 1, "{}", fixed.send_stderr);
+    assert!(fixed.send_stderr.contains("did not converge"), "{}", fixed.send_stderr);
+    assert_failed_safely(&pair, &fixed, false);
+
+    pair.restart_destination();
+    let adaptive = Migration::run(&pair, &stream_args(&["--policy", "adaptive", "--max-downtime", "2s", "--bandwidth", "100mbit"]), &[]);
+    adaptive.assert_completed();
+    let r = &adaptive.send_report;
+    let downtime = r["downtime_ms"].as_f64().unwrap();
+    assert!(downtime <= 2000.0, "downtime {downtime} ms exceeds the 2 s maximum: {r:#}");
+    assert!(r["qemu_downtime_ms"].as_f64().is_some(), "QEMU's own figure is reported: {r:#}");
+    assert!(r["iterations"].as_array().unwrap().len() >= 2, "{r:#}");
+    assert_eq!(pair.status_of_source(), "postmigrate");
+    assert_eq!(pair.status_of_destination(), "running");
+    pair.assert_destination_guest_verifies(3);
 }
