@@ -98,7 +98,7 @@ pub fn compare(a: &RamView, b: &RamView) -> io::Result<RamDiff> {
     let mut off = 0u64;
     let at = |e: io::Error, which: &str, how: &str, off: u64| io::Error::new(e.kind(), format!("reading {which} RAM ({how}) at {off:#x}: {e}"));
     while off < a.len {
-        let n = (a.len - off).min(CHUNK as u64) as usize;
+        let n = usize::try_from((a.len - off).min(CHUNK as u64)).unwrap_or(CHUNK);
         a.read_at(&mut ba[..n], off).map_err(|e| at(e, "source", &a.how, off))?;
         b.read_at(&mut bb[..n], off).map_err(|e| at(e, "destination", &b.how, off))?;
         diff.nonzero += ba[..n].chunks(4096).filter(|p| p.iter().any(|&x| x != 0)).count() as u64;

@@ -601,8 +601,10 @@ fn one_leg(env: &Env<'_>, spec: &RunSpec<'_>, from: &Vm, to: &Vm, forward: bool,
         && !spec.m.is_qemu()
         && (env.send_help.contains("--snapshot-dir") || env.recv_help.contains("--snapshot-dir"));
     if snapshots {
-        std::fs::create_dir_all(&snap_a)?;
-        std::fs::create_dir_all(&snap_b)?;
+        // Private, as livemig requires of a store of guest memory.
+        for d in [&snap_a, &snap_b] {
+            std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700).create(d)?;
+        }
     }
     let ctx = LegCtx {
         exe: &env.exe,

@@ -297,13 +297,14 @@ fn sigterm_or_sigint_cancels_and_the_source_keeps_running() {
     }
 }
 
-/// A tmpfs mounted for the test, unmounted on drop (also when the test panics).
+/// A tmpfs mounted for the test (mode 0700: livemig refuses a store others can enter),
+/// unmounted on drop (also when the test panics).
 struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).output();
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"]).arg(dir).output();
         match out {
             Ok(o) if o.status.success() => Tmpfs(dir.to_path_buf()),
             Ok(o) => panic!(
