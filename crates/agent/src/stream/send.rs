@@ -35,6 +35,10 @@ use crate::{Observer, Progress, SOFTWARE};
 /// How often the controller samples QEMU's migration (an iteration is at least this long and
 /// ends at a sample after QEMU synced its dirty bitmap again).
 const SAMPLE: Duration = Duration::from_millis(250);
+/// The shortest iteration the controller is shown (see `steer`).
+const MIN_ITERATION: Duration = Duration::from_millis(500);
+/// How often a long pass of QEMU's says how much it has left.
+const PASS_NOTE: Duration = Duration::from_secs(5);
 
 /// The capabilities the source QEMU migrates with: what the relay needs on, what it cannot
 /// parse off; each only if this QEMU knows it.
@@ -358,6 +362,7 @@ fn steer(
     let mut index = 0u32;
     let mut last_sample = Instant::now();
     let mut last_sync = 0u64;
+    let mut last_pass_note = Instant::now();
     let (mut mark_wire, mut mark_pages, mut mark_t) = (0u64, 0u64, Instant::now());
     let mut last_rate = opts.bandwidth.map_or(0.0, |b| b as f64);
     let mut recent_rates: Vec<f64> = Vec::new();
@@ -428,12 +433,23 @@ fn steer(
             }
             continue;
         }
-        // One iteration per sample after QEMU synced its dirty bitmap again.
+        // An iteration is QEMU's own: it ends when QEMU synced its dirty bitmap again, at least
+        // MIN_ITERATION after the last one. Never a slice of a pass: while QEMU's first pass
+        // over RAM crawls through a slow link its `remaining` shrinks as it goes, which is not a
+        // working set shrinking (a switchover decided on that in the KVM lane, mid first pass);
+        // and QEMU, spinning on syncs while the switchover-ack is held or its own check fails,
+        // must not run the iteration cap down in seconds.
         let sync = info.dirty_sync_count.unwrap_or(0);
-        if sync == last_sync && released_at.is_none() && mark_t.elapsed() < SAMPLE * 8 {
+        if sync == last_sync || (index > 0 && mark_t.elapsed() < MIN_ITERATION) {
+            if sync == last_sync && last_pass_note.elapsed() >= PASS_NOTE {
+                last_pass_note = Instant::now();
+                let left = info.remaining.unwrap_or(0) >> 20;
+                obs.progress(Progress::Phase(&format!("QEMU's pass over the dirty pages goes on: {left} MiB left")));
+            }
             continue;
         }
         last_sync = sync;
+        last_pass_note = Instant::now();
         let wire = writer.total_bytes();
         let pages = s.pages + s.zero_records;
         let dt = mark_t.elapsed();
