@@ -19,7 +19,7 @@ pub use error::AgentError;
 pub use receive::{receive, ReceiveOptions};
 pub use report::{IterationRecord, Report};
 pub use scanner::TrackerKind;
-pub use send::{send, Engine, PolicyKind, SendOptions};
+pub use send::{send, Engine, PolicyKind, SendOptions, OUTCOME_OVER_MAXIMUM};
 pub use transport::Transport;
 
 /// Name and version sent in the handshake.

@@ -30,6 +30,9 @@ use crate::report::{IterationRecord, Report, ThrottleReport};
 use crate::throttle::{self, Throttler};
 use crate::{MemSource, Observer, Progress, SOFTWARE};
 
+/// The report's outcome of a migration that completed with a downtime above `--max-downtime`.
+pub const OUTCOME_OVER_MAXIMUM: &str = "completed-over-maximum";
+
 /// Which downtime controller drives the iterations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PolicyKind {
@@ -235,6 +238,19 @@ pub fn send(opts: &SendOptions, obs: &mut dyn Observer) -> (Report, Result<(), A
             }
         }
         report.error = Some(msg);
+    }
+    // A downtime above the operator's maximum is not a plain "completed" (the destination runs,
+    // but the guest was paused longer than allowed): its own outcome, a warning, exit code 5.
+    if let (true, Some(d)) = (result.is_ok(), report.downtime_ms) {
+        let max = opts.limits.max_downtime_ms;
+        if d > max {
+            report.outcome = OUTCOME_OVER_MAXIMUM.into();
+            let predicted = report.predicted_downtime_ms.map_or_else(String::new, |p| format!(", predicted {p:.0} ms"));
+            report.warnings.push(format!(
+                "the downtime was {d:.0} ms, above the maximum of {max:.0} ms{predicted}: the destination VM runs, but \
+                 its guest was paused longer than --max-downtime allows"
+            ));
+        }
     }
     if let Some(qmp) = st.qmp.as_ref() {
         report.source_state = Some(match throttle::lock(qmp).query_status() {

@@ -32,6 +32,9 @@ pub mod exit {
     pub const CANCELLED: u8 = 3;
     /// The destination was told to resume but did not confirm: the source stays paused.
     pub const UNKNOWN: u8 = 4;
+    /// The migration completed (the destination runs) but its downtime was above
+    /// `--max-downtime`: the operator's limit was broken, said loudly.
+    pub const OVER_MAXIMUM: u8 = 5;
 }
 
 #[derive(Parser, Debug)]
@@ -290,6 +293,12 @@ fn finish(role: &str, report: &Report, result: Result<(), AgentError>, path: Opt
         eprintln!("livemig {role}: {e:#}");
     }
     match result {
+        Ok(()) if report.outcome == livemig_agent::OUTCOME_OVER_MAXIMUM => {
+            for w in report.warnings.iter().filter(|w| w.starts_with("the downtime was")) {
+                eprintln!("livemig {role}: WARNING: {w}");
+            }
+            exit::OVER_MAXIMUM
+        }
         Ok(()) => exit::OK,
         Err(e) => {
             let code = match e {

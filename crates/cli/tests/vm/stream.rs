@@ -407,3 +407,30 @@ fn stream_hot_guest_fixed_gives_up_adaptive_completes_within_its_maximum() {
     assert_eq!(pair.status_of_destination(), "running");
     pair.assert_destination_guest_verifies(3);
 }
+
+/// A downtime above the maximum is said, not reported as a plain "completed": the proxy holds
+/// the destination's `resumed` 1.5 s (the destination runs; the sender waits for its word), with
+/// a 1 s maximum. `send` exits 5 with outcome `completed-over-maximum` and a warning naming the
+/// downtime and the maximum; the destination runs, the source is in `postmigrate`.
+#[test]
+fn stream_downtime_above_the_maximum_is_exit_5_and_a_warning() {
+    let _g = harness::vm_lock();
+    let pair = private_ram("stream-over-max", harness::dirty_guest(8, 1));
+    let proxy = Proxy::new(
+        Trigger::Control(Dir::FromReceiver, "resumed"),
+        Action::Before(Box::new(|| std::thread::sleep(Duration::from_millis(1500)))),
+    );
+    let m = through(&pair, &proxy, "", &["--max-downtime", "1s"], |_| {});
+    assert_fired(&proxy, &m);
+    assert_eq!(m.send_code, 5, "{}", m.send_stderr);
+    assert_eq!(m.recv_code, 0, "{}", m.recv_stderr);
+    let s = &m.send_report;
+    assert_eq!(s["outcome"], "completed-over-maximum", "{s:#}");
+    assert!(s["downtime_ms"].as_f64().unwrap() > 1000.0, "{s:#}");
+    let warned = s["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap_or("").contains("above the maximum of 1000 ms"));
+    assert!(warned, "{s:#}");
+    assert!(m.send_stderr.contains("WARNING: the downtime was"), "{}", m.send_stderr);
+    assert_eq!(pair.status_of_source(), "postmigrate");
+    assert_eq!(pair.status_of_destination(), "running");
+    pair.assert_destination_guest_verifies(2);
+}
