@@ -178,6 +178,11 @@ fn run(
     let mut reader = Counting { inner: channel.reader, count: Arc::clone(&count) };
     livemig_wire::read_magic(&mut reader)?;
     let hello = livemig_wire::read_message(&mut reader)?;
+    // A tunnel sender, or an engine this build does not know, is refused before QEMU is touched.
+    if let Some(reason) = crate::stream::tunnel::receive_refuses(&hello) {
+        let _ = livemig_wire::write_message(writer, &Message::Abort { reason: reason.clone() });
+        return Err(AgentError::Incompatible(reason));
+    }
     if matches!(&hello, Message::Hello { engine, .. } if engine == ENGINE_STREAM) {
         report.engine = ENGINE_STREAM.into();
         report.tracker = "qemu".into();
@@ -465,7 +470,7 @@ fn receive_stream(
     r
 }
 
-fn accept(listener: &TcpListener, opts: &ReceiveOptions) -> Result<TcpStream, AgentError> {
+pub(crate) fn accept(listener: &TcpListener, opts: &ReceiveOptions) -> Result<TcpStream, AgentError> {
     let net = |source| AgentError::Network { what: "cannot accept the sender's connection".into(), source };
     listener.set_nonblocking(true).map_err(net)?;
     let deadline = Instant::now() + opts.accept_timeout;

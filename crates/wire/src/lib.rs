@@ -384,8 +384,10 @@ pub enum Message {
         /// Disk images the sender can reference blocks of.
         #[serde(default)]
         disks: Vec<DiskOffer>,
-        /// How the RAM travels: [`ENGINE_SHARED`] (livemig reads the shared RAM) or
-        /// [`ENGINE_STREAM`] (QEMU's own stream, relayed; protocol version 3).
+        /// How the RAM travels: [`ENGINE_SHARED`] (livemig reads the shared RAM),
+        /// [`ENGINE_STREAM`] (QEMU's own stream, relayed; protocol version 3) or
+        /// [`ENGINE_TUNNEL`] (the same relay between two QEMU unix sockets, no QMP; version 3).
+        /// A receiver refuses a value it does not serve (see [`ENGINE_TUNNEL`]).
         #[serde(default = "engine_shared")]
         engine: String,
     },
@@ -590,6 +592,11 @@ impl Message {
 pub const ENGINE_SHARED: &str = "shared";
 /// [`Message::Hello`]'s `engine` for the stream engine.
 pub const ENGINE_STREAM: &str = "stream";
+/// [`Message::Hello`]'s `engine` of `livemig tunnel send`: the stream engine's relay between two
+/// QEMU unix sockets, without QMP (protocol version 3, as the stream engine). Only a `livemig
+/// tunnel receive` accepts it, and a tunnel receiver accepts nothing else: each side refuses the
+/// other role, and any engine it does not know, with an `Abort` that says so.
+pub const ENGINE_TUNNEL: &str = "tunnel";
 /// The first protocol version with the stream engine.
 pub const STREAM_PROTOCOL_VERSION: u32 = 3;
 

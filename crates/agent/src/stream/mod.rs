@@ -6,13 +6,15 @@
 //! - [`chunk`]: the frame payload (opaque spans, page records) and its codec;
 //! - [`cache`]: the receiver's bounded page cache, mirrored with the sender's encoder;
 //! - [`source`]: the source half of the relay (QEMU socket -> frames), no QMP;
-//! - [`send`] / [`receive`]: the two agents' QMP-driven phases.
+//! - [`send`] / [`receive`]: the two agents' QMP-driven phases;
+//! - [`tunnel`]: the relay alone between two QEMU unix sockets, no QMP (`livemig tunnel`).
 
 pub mod cache;
 pub mod chunk;
 pub mod receive;
 pub mod send;
 pub mod source;
+pub mod tunnel;
 
 use serde::Serialize;
 

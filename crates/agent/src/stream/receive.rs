@@ -100,18 +100,60 @@ pub(crate) fn run(
     let rp_read = qemu_sock.try_clone().map_err(sock)?;
     let closer = qemu_sock.try_clone().map_err(sock)?;
     let _rp = spawn_return_path(rp_read, writer.sender());
-    let r = rebuild(opts, obs, report, qmp, qemu_sock, frames, writer, disks);
+    let r = rebuild(opts, obs, report, &mut QmpIncoming(qmp), qemu_sock, frames, writer, disks);
     // Ends the return-path thread (it holds a producer of the connection's frames).
     let _ = closer.shutdown(std::net::Shutdown::Both);
     r
 }
 
+/// What the rebuild asks of the destination QEMU beyond its incoming socket: the stream engine
+/// answers over QMP; `livemig tunnel receive` (no QMP) from the return path.
+pub(super) trait Incoming {
+    /// The whole stream is in QEMU (polled every millisecond from then on): whether QEMU loaded
+    /// it. An error when QEMU says it failed.
+    fn poll_loaded(&mut self) -> Result<bool, AgentError>;
+    /// Whether the rebuild then waits for the sender's commit and resumes the destination
+    /// ([`Incoming::resume`]); if not, it ends once QEMU loaded the stream.
+    fn awaits_commit(&self) -> bool {
+        true
+    }
+    /// Resumes the destination VM (the sender committed); a warning to report, if any.
+    fn resume(&mut self) -> Result<Option<String>, AgentError>;
+}
+
+/// The stream engine's destination: QEMU's migration status and `cont` over QMP.
+struct QmpIncoming<'a>(&'a mut Qmp);
+
+impl Incoming for QmpIncoming<'_> {
+    fn poll_loaded(&mut self) -> Result<bool, AgentError> {
+        let qmp = &mut *self.0;
+        let info = qmp.query_migrate().map_err(AgentError::qmp("cannot follow the destination's migration"))?;
+        match info.status.as_deref() {
+            Some("completed") => {
+                let s = qmp.query_status().map_err(AgentError::qmp("cannot query the destination VM's state"))?;
+                if s.running {
+                    return Err(AgentError::Incompatible("the destination VM started running before the commit (start it with -S)".into()));
+                }
+                Ok(true)
+            }
+            Some("failed") => Err(AgentError::DeviceState(info.error_desc.unwrap_or_else(|| "the destination's migration failed".into()))),
+            _ => Ok(false),
+        }
+    }
+
+    fn resume(&mut self) -> Result<Option<String>, AgentError> {
+        self.0.cont().map(|()| None).map_err(AgentError::qmp("cannot resume the destination VM"))
+    }
+}
+
+/// Rebuilds QEMU's stream from the sender's frames into `qemu_sock` until the destination
+/// (`dest`) loaded it, and, if it awaits one, until the sender's commit resumed it.
 #[allow(clippy::too_many_arguments)]
-fn rebuild(
+pub(super) fn rebuild(
     opts: &ReceiveOptions,
     obs: &mut dyn Observer,
     report: &mut Report,
-    qmp: &mut Qmp,
+    dest: &mut dyn Incoming,
     qemu_sock: UnixStream,
     frames: &crossbeam_channel::Receiver<Result<Frame, WireError>>,
     writer: &mut Writer,
@@ -134,24 +176,18 @@ fn rebuild(
             None => match frames.recv_timeout(if ended.is_some() { Duration::from_millis(1) } else { Duration::from_millis(200) }) {
                 Ok(f) => f?,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    if ended.is_some() && !loaded {
-                        // The whole stream is in QEMU: wait for it to load.
-                        let info = qmp.query_migrate().map_err(AgentError::qmp("cannot follow the destination's migration"))?;
-                        match info.status.as_deref() {
-                            Some("completed") => {
-                                let s = qmp.query_status().map_err(AgentError::qmp("cannot query the destination VM's state"))?;
-                                if s.running {
-                                    return Err(AgentError::Incompatible("the destination VM started running before the commit (start it with -S)".into()));
-                                }
-                                loaded = true;
-                                writer.send(Out::Message(Message::Loaded))?;
-                                obs.progress(Progress::Phase("the destination QEMU loaded the stream; waiting for the commit"));
-                            }
-                            Some("failed") => {
-                                return Err(AgentError::DeviceState(info.error_desc.unwrap_or_else(|| "the destination's migration failed".into())))
-                            }
-                            _ => {}
+                    // The whole stream is in QEMU: wait for it to load.
+                    if ended.is_some() && !loaded && dest.poll_loaded()? {
+                        loaded = true;
+                        writer.send(Out::Message(Message::Loaded))?;
+                        if !dest.awaits_commit() {
+                            obs.progress(Progress::Phase("the destination QEMU loaded the stream"));
+                            report.set_class_stats(&rb.stats);
+                            report.resent_pages = rb.resent;
+                            let _ = writer.marker(Duration::from_secs(5));
+                            return Ok(());
                         }
+                        obs.progress(Progress::Phase("the destination QEMU loaded the stream; waiting for the commit"));
                     }
                     continue;
                 }
@@ -245,7 +281,10 @@ fn rebuild(
                     if !loaded {
                         return Err(AgentError::Protocol { expected: "the stream loaded before the commit".into(), got: "commit".into() });
                     }
-                    qmp.cont().map_err(AgentError::qmp("cannot resume the destination VM"))?;
+                    if let Some(w) = dest.resume()? {
+                        obs.progress(Progress::Phase(&w));
+                        report.warnings.push(w);
+                    }
                     writer.send(Out::Message(Message::Resumed))?;
                     let _ = writer.marker(Duration::from_secs(5));
                     obs.progress(Progress::Phase("completed: the destination VM runs"));

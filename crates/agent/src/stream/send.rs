@@ -76,7 +76,7 @@ pub fn usable(version: QemuVersion, kvm: bool) -> Result<(), String> {
 
 /// The destination's switchover-ack, held until the controller says go, and the source QEMU's
 /// end of the return path (written by the dispatcher and by the release).
-struct Gate {
+pub(super) struct Gate {
     inner: Mutex<GateInner>,
 }
 
@@ -87,6 +87,11 @@ struct GateInner {
 }
 
 impl Gate {
+    /// A gate on the source QEMU's end of the return path, `open` or holding the ack.
+    pub(super) fn new(qemu: std::os::unix::net::UnixStream, open: bool) -> Gate {
+        Gate { inner: Mutex::new(GateInner { open, held: None, qemu }) }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, GateInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -118,13 +123,13 @@ impl Gate {
 }
 
 /// What the dispatcher passes on to the steering loop.
-type Inbound = Result<Message, AgentError>;
+pub(super) type Inbound = Result<Message, AgentError>;
 
 /// Reads every frame from the receiver: applies `stream_ack`s to the window and relays the
 /// return path (through the gate) itself, and passes the rest on. On a thread of its own, so a
 /// QMP call that waits for QEMU's lock (QEMU holds it while it writes its last pass) never stops
 /// the acks that let the relay drain that pass, nor the destination's answer QEMU waits for.
-fn spawn_dispatcher(
+pub(super) fn spawn_dispatcher(
     frames: crossbeam_channel::Receiver<Result<livemig_wire::Frame, WireError>>,
     window: Arc<Window>,
     gate: Arc<Gate>,
@@ -269,7 +274,7 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     let closer = qemu.try_clone().map_err(net)?;
 
     let window = Arc::new(Window::new(DEFAULT_WINDOW));
-    let gate = Arc::new(Gate { inner: Mutex::new(GateInner { open: !ack_gate, held: None, qemu: qemu_w }) });
+    let gate = Arc::new(Gate::new(qemu_w, !ack_gate));
     let (in_tx, inbound) = crossbeam_channel::bounded::<Inbound>(256);
     let dispatcher = spawn_dispatcher(frames, Arc::clone(&window), Arc::clone(&gate), in_tx)
         .map_err(|source| AgentError::Network { what: "cannot start the dispatch thread".into(), source })?;
