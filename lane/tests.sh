@@ -2,18 +2,17 @@
 # migration of a writing guest (the guest's own verifier must find 0 bad pages, the sender's
 # digest must match the destination's) with each tracker of the shared engine, and with the
 # stream engine (QEMU's own dirty tracking: KVM's dirty log), on the same KVM guest.
-# The guest rewrites 64 MiB at 4 MiB/s and the maximum downtime is 3 s: livemig itself runs in
-# L1, which is emulated (TCG); since 2026-11-30 its pipeline moves only ~5 MiB/s there (it was
-# 1 s while hashing 256 MiB took about 250 ms; see lane/README.md), the L2 guest runs at KVM speed.
-# The tests check correctness on KVM (digests, the guest's verifier, no oops), not speed. Writes $LANE_OUT/<tracker>.json (the demo's report), <tracker>.log, <tracker>.svg,
-# and <tracker>-destination.console.log.
+# The guest rewrites 64 MiB at 4 MiB/s and the maximum downtime is 10 s: livemig and QEMU run in
+# L1, whose code is emulated (TCG) and moves only 2-5 MiB/s of migration there on this machine
+# (lane/README.md), while the L2 guest runs at KVM speed; the tests check correctness on KVM
+# (digests, the guest's verifier, no oops), not speed. Writes $LANE_OUT/<run>.json (the demo's
+# report), <run>.log, <run>.svg, <run>.top (what took L1's CPUs, every 5 s), both QEMUs' logs and
+# <run>-destination.console.log.
 # Arguments: the runs, in order: a tracker name (soft-dirty, content: the shared engine) or
-# `stream` (the stream engine; not in the default set yet: in the emulated L1 the relay moved only
-# ~1.3 MiB/s and the hot guest never converged, see lane/README.md) (default: soft-dirty
-# content); a run named again
-# runs again and its files get a suffix (content.2.json ...), so
+# `stream` (the stream engine) (default: soft-dirty content stream); a run named again runs again
+# and its files get a suffix (content.2.json ...), so
 # `lane/run lane/tests.sh soft-dirty content soft-dirty content soft-dirty content` compares them.
-[ $# -gt 0 ] || set -- soft-dirty content
+[ $# -gt 0 ] || set -- soft-dirty content stream
 rc=0
 seen=" "
 for tracker in "$@"; do
@@ -23,9 +22,14 @@ for tracker in "$@"; do
     echo "LANE-TEST start tracker=$tracker run=$t"
     # (busybox sh: no arrays; $how is split on purpose)
     if [ "$tracker" = stream ]; then how="--engine stream"; else how="--engine shared --tracker $tracker"; fi
-    livemig demo --scenario dirty --rate 4 --max-downtime 3s --mem-mib 256 $how \
+    free -m
+    # What takes L1's CPUs and memory during the run (lane/README.md: the 2026-11-30 slowness).
+    (while sleep 5; do date +%T; free -m | sed -n 2p; top -b -n1 | sed -n 1,14p; done) >"$LANE_OUT/$t.top" 2>&1 &
+    sampler=$!
+    livemig demo --scenario dirty --rate 4 --max-downtime 10s --mem-mib 256 $how \
         --workdir "/tmp/demo-$t" --report "$LANE_OUT/$t.json" >"$LANE_OUT/$t.log" 2>&1
     r=$?
+    kill $sampler 2>/dev/null
     cat "$LANE_OUT/$t.log"
     echo "LANE-TEST end tracker=$t rc=$r"
     [ $r = 0 ] || rc=1
@@ -34,7 +38,14 @@ for tracker in "$@"; do
     sleep 3
     cp "/tmp/demo-$t/destination.console.log" "$LANE_OUT/$t-destination.console.log" 2>/dev/null || true
     for f in source.qemu.log destination.qemu.log; do cp "/tmp/demo-$t/$f" "$LANE_OUT/$t-$f" 2>/dev/null || true; done
-    [ $r = 0 ] || dmesg | tail -40
+    if [ $r != 0 ]; then
+        # Why a QEMU went away is in its own log: on the console, so a failed test shows it.
+        for f in source.qemu.log destination.qemu.log; do
+            echo "--- $t: $f (last 30 lines)"
+            tail -30 "/tmp/demo-$t/$f" 2>/dev/null
+        done
+        dmesg | tail -40
+    fi
     if grep -qE 'BUG:|Oops|Kernel panic|soft lockup' "/tmp/demo-$t/destination.console.log"; then
         echo "LANE-TEST tracker=$t: the destination kernel oopsed"
         rc=1

@@ -108,6 +108,14 @@ pub enum AgentError {
     /// The destination was told to resume but did not confirm.
     #[error("the destination was told to resume but did not confirm ({0}); the source stays paused: check the destination before resuming either VM")]
     Unconfirmed(String),
+    /// Someone resumed the source VM (another QMP client's `cont`) after `send` paused it for
+    /// the switchover: what it wrote since is not in the final pass.
+    #[error("the source VM was resumed during the switchover, after livemig paused it (a `cont` from another QMP client or the management layer?): what it wrote since would be missing on the destination")]
+    SourceResumedDuringSwitchover,
+    /// Receiver: the commit's `cont` failed and the destination VM's real state could not be
+    /// learnt: it may run. The sender is told nothing (no `abort`, which would resume the source).
+    #[error("the destination VM's state is unknown after the commit ({0}): it may run; the source stays paused: check the destination before resuming either VM")]
+    DestinationStateUnknown(String),
 }
 
 impl AgentError {

@@ -85,6 +85,7 @@ pub fn receive(opts: &ReceiveOptions, obs: &mut dyn Observer) -> (Report, Result
     report.outcome = match &result {
         Ok(()) => "completed",
         Err(AgentError::Cancelled) => "cancelled",
+        Err(AgentError::DestinationStateUnknown(_)) => "unknown",
         Err(_) => "failed",
     }
     .into();
@@ -96,7 +97,10 @@ pub fn receive(opts: &ReceiveOptions, obs: &mut dyn Observer) -> (Report, Result
                 e,
                 AgentError::Wire(WireError::Closed | WireError::Io { .. } | WireError::TimedOut { .. })
             );
-            if !matches!(e, AgentError::PeerAborted { .. }) && !connection_lost {
+            // After a commit whose outcome is unknown, an abort would make the sender resume
+            // the source while the destination may run: say nothing, the sender stays unsure.
+            let unknown = matches!(e, AgentError::DestinationStateUnknown(_));
+            if !matches!(e, AgentError::PeerAborted { .. }) && !connection_lost && !unknown {
                 let _ = livemig_wire::write_message(c, &Message::Abort { reason: format!("destination: {}", e.chain()) });
             }
         }
@@ -110,6 +114,64 @@ pub fn receive(opts: &ReceiveOptions, obs: &mut dyn Observer) -> (Report, Result
     report.compute_compaction_ratio();
     report.total_time_ms = start.elapsed().as_secs_f64() * 1000.0;
     (report, result)
+}
+
+/// After the commit: `cont` on the destination. When `cont` errs or times out QEMU may still have
+/// run it, so the destination's real state decides, never the error: `query-status` on the same
+/// connection, else on a fresh one to `qmp_path`. Running: `Ok` with a warning saying what
+/// happened. Certainly not running: an error (the sender is told and may resume the source).
+/// Unknown: [`AgentError::DestinationStateUnknown`] (the sender is told nothing and keeps the
+/// source paused).
+pub(crate) fn resume_after_commit(qmp: &mut Qmp, qmp_path: &std::path::Path) -> Result<Option<String>, AgentError> {
+    // Which process QEMU is, before anything can go wrong (SO_PEERCRED; 0 if not visible here).
+    let qemu = qmp.peer_pid().ok().filter(|&p| p > 0).map(|pid| (pid, process_start(pid)));
+    let cont_err = match qmp.cont() {
+        Ok(()) => return Ok(None),
+        Err(e) => e,
+    };
+    let status = qmp.query_status().or_else(|first| {
+        // The old connection may be out of step (a reply that never came): a new one.
+        qmp.reconnect(qmp_path).map_err(|e| format!("{first}; a new QMP connection: {e}"))?;
+        qmp.query_status().map_err(|e| format!("{first}; on a new QMP connection: {e}"))
+    });
+    match status {
+        Ok(s) if s.running => Ok(Some(format!(
+            "`cont` failed ({cont_err}) but the destination VM runs (query-status: {}): the migration completed",
+            s.status
+        ))),
+        Ok(s) => Err(AgentError::Qmp {
+            what: format!("cannot resume the destination VM (it is `{}`)", s.status),
+            source: cont_err,
+        }),
+        // A QEMU that is gone (exited, killed: no such process, a zombie, or the pid reused)
+        // certainly does not run the guest: the sender may resume the source.
+        Err(why) if qemu.is_some_and(|(pid, start)| process_gone(pid, start)) => Err(AgentError::Qmp {
+            what: format!("cannot resume the destination VM: its QEMU (pid {}) is gone ({why})", qemu.map_or(0, |q| q.0)),
+            source: cont_err,
+        }),
+        Err(why) => Err(AgentError::DestinationStateUnknown(format!("`cont` failed: {cont_err}; its state cannot be read: {why}"))),
+    }
+}
+
+/// The fields of /proc/PID/stat after the command name: (state, start time in clock ticks).
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = text.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Field 3 is the state, field 22 the start time (man 5 proc): indexes 0 and 19 here.
+    Some((f.first()?.chars().next()?, f.get(19)?.parse().ok()?))
+}
+
+fn process_start(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|(_, start)| start)
+}
+
+/// Whether process `pid` (started at `start`) no longer exists as a living process.
+fn process_gone(pid: u32, start: Option<u64>) -> bool {
+    match proc_stat(pid) {
+        None => true,
+        Some((state, now)) => matches!(state, 'Z' | 'X' | 'x') || start.is_some_and(|s| s != now),
+    }
 }
 
 /// Counts bytes read from the peer.
@@ -367,7 +429,10 @@ fn run(
                     if !loaded {
                         return Err(AgentError::Protocol { expected: "device state before commit".into(), got: "commit".into() });
                     }
-                    qmp.cont().map_err(AgentError::qmp("cannot resume the destination VM"))?;
+                    if let Some(w) = resume_after_commit(qmp, &opts.qmp)? {
+                        obs.progress(Progress::Phase(&w));
+                        report.warnings.push(w);
+                    }
                     let _ = livemig_wire::write_message(writer, &Message::Resumed);
                     obs.progress(Progress::Phase("completed: the destination VM runs"));
                     report.wire_bytes = count.load(Ordering::Relaxed);

@@ -481,10 +481,18 @@ fn precopy_and_switchover(
                 ));
                 return Err(AgentError::NotConverged(reason.clone()));
             }
-            Decision::Throttle { fraction, .. } => match throttler.as_ref() {
-                Some(t) => t.set(*fraction),
-                None => return Err(AgentError::NotConverged(format!("{}; the VM is paused, so it cannot be throttled", decision.reason()))),
-            },
+            Decision::Throttle { fraction, .. } => {
+                // A VM paused when the migration began may have been resumed since: throttle it
+                // then (its throttler starts now).
+                if throttler.is_none() && st.qmp().query_status().map_err(AgentError::qmp("the source QEMU is gone"))?.running {
+                    st.was_running = true;
+                    throttler = Some(Throttler::start(Arc::clone(st.qmp.as_ref().expect("QMP connected"))));
+                }
+                match throttler.as_ref() {
+                    Some(t) => t.set(*fraction),
+                    None => return Err(AgentError::NotConverged(format!("{}; the VM is paused, so it cannot be throttled", decision.reason()))),
+                }
+            }
             Decision::Continue { .. } => {}
         }
         let throttle_level = throttler.as_ref().map_or(0.0, Throttler::level);
@@ -519,10 +527,15 @@ fn precopy_and_switchover(
     check_cancel(opts)?;
     obs.progress(Progress::Phase("switchover: pausing the source VM"));
     let t_stop = Instant::now();
-    if st.was_running {
-        st.stopped = true;
-        st.qmp().stop().map_err(AgentError::qmp("cannot pause the source VM"))?;
-    }
+    // Always stop: a VM that was paused when the migration began may have been resumed since
+    // (by the operator or its management), and a final pass over a running guest would lose
+    // its last writes. On a failure it is resumed if it ran just before this stop.
+    let now = st.qmp().query_status().map_err(AgentError::qmp("cannot query the source VM's state"))?;
+    st.was_running |= now.running;
+    st.stopped = true;
+    st.qmp().stop().map_err(AgentError::qmp("cannot pause the source VM"))?;
+    // From here a RESUME event means someone else ran the guest again (checked before the commit).
+    let _ = st.qmp().take_events();
     let (scan, missed) = tracker.final_scan(&src, &ledger)?;
     if let Some(missed) = missed {
         report.tracker_missed_pages = Some(missed.len() as u64);
@@ -609,6 +622,14 @@ fn precopy_and_switchover(
         other => return Err(AgentError::Protocol { expected: "loaded".into(), got: other.name().into() }),
     }
     check_cancel(opts)?;
+    // The source must have stayed paused since the final pass: QEMU tells every monitor, so a
+    // `cont` from anyone shows as a RESUME event on ours (read with this query's reply).
+    st.qmp().query_status().map_err(AgentError::qmp("cannot query the source VM's state"))?;
+    if st.qmp().take_events().iter().any(|e| e.name == "RESUME") {
+        // It was meant to run: on the way out it runs again.
+        st.was_running = true;
+        return Err(AgentError::SourceResumedDuringSwitchover);
+    }
 
     obs.progress(Progress::Phase("switchover: resuming the destination"));
     st.committed = true;

@@ -303,7 +303,7 @@ fn finish(role: &str, report: &Report, result: Result<(), AgentError>, path: Opt
         Err(e) => {
             let code = match e {
                 AgentError::Cancelled => exit::CANCELLED,
-                AgentError::Unconfirmed(_) => exit::UNKNOWN,
+                AgentError::Unconfirmed(_) | AgentError::DestinationStateUnknown(_) => exit::UNKNOWN,
                 _ => exit::FAILED,
             };
             // Say what the source VM is now, as QEMU reported it at the end, not what it should be.
@@ -316,6 +316,7 @@ fn finish(role: &str, report: &Report, result: Result<(), AgentError>, path: Opt
                     "the source QEMU no longer answers: check the source VM".to_string()
                 }
                 ("send", _, Some(s)) => format!("the source VM is in state `{s}`: check it"),
+                ("receive", exit::UNKNOWN, _) => "the destination VM may run: check it before resuming either VM".to_string(),
                 _ => "the destination VM was not resumed".to_string(),
             };
             eprintln!("livemig {role}: {} ({after})", report.error.as_deref().unwrap_or("failed"));

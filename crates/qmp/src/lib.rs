@@ -255,6 +255,15 @@ impl Qmp {
         Qmp::from_stream(stream, timeout)
     }
 
+    /// Closes this connection and connects anew to `path` (QEMU serves one client per QMP
+    /// socket at a time, so the old one must be gone first): for a connection that fell out of
+    /// step, e.g. after a reply that never came. On error `self` stays closed.
+    pub fn reconnect(&mut self, path: &Path) -> Result<(), QmpError> {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        *self = Qmp::connect(path, self.timeout)?;
+        Ok(())
+    }
+
     /// Same as [`Qmp::connect`] on an already connected stream (e.g. a socket pair or an fd
     /// handed over by a management layer).
     pub fn from_stream(stream: UnixStream, timeout: Duration) -> Result<Qmp, QmpError> {

@@ -100,7 +100,7 @@ pub(crate) fn run(
     let rp_read = qemu_sock.try_clone().map_err(sock)?;
     let closer = qemu_sock.try_clone().map_err(sock)?;
     let _rp = spawn_return_path(rp_read, writer.sender());
-    let r = rebuild(opts, obs, report, &mut QmpIncoming(qmp), qemu_sock, frames, writer, disks);
+    let r = rebuild(opts, obs, report, &mut QmpIncoming { qmp, path: &opts.qmp }, qemu_sock, frames, writer, disks);
     // Ends the return-path thread (it holds a producer of the connection's frames).
     let _ = closer.shutdown(std::net::Shutdown::Both);
     r
@@ -122,11 +122,14 @@ pub(super) trait Incoming {
 }
 
 /// The stream engine's destination: QEMU's migration status and `cont` over QMP.
-struct QmpIncoming<'a>(&'a mut Qmp);
+struct QmpIncoming<'a> {
+    qmp: &'a mut Qmp,
+    path: &'a std::path::Path,
+}
 
 impl Incoming for QmpIncoming<'_> {
     fn poll_loaded(&mut self) -> Result<bool, AgentError> {
-        let qmp = &mut *self.0;
+        let qmp = &mut *self.qmp;
         let info = qmp.query_migrate().map_err(AgentError::qmp("cannot follow the destination's migration"))?;
         match info.status.as_deref() {
             Some("completed") => {
@@ -142,7 +145,7 @@ impl Incoming for QmpIncoming<'_> {
     }
 
     fn resume(&mut self) -> Result<Option<String>, AgentError> {
-        self.0.cont().map(|()| None).map_err(AgentError::qmp("cannot resume the destination VM"))
+        crate::receive::resume_after_commit(self.qmp, self.path)
     }
 }
 

@@ -504,6 +504,13 @@ fn steer(
                     // rate of the local socket (refused by older QEMU: then its estimate stays).
                     let _ = st.qmp().migrate_set_parameters(json!({"avail-switchover-bandwidth": whole(rate)}));
                 }
+                // QEMU stops the guest itself when it completes; a VM paused when the migration
+                // began may run by now: on a failure it is resumed if it runs at this point.
+                let now = st.qmp().query_status();
+                if let Ok(now) = now {
+                    st.was_running |= now.running;
+                    st.stopped = st.was_running;
+                }
                 obs.progress(Progress::Phase("switchover: releasing the switchover-ack"));
                 gate.release()?;
             }

@@ -13,9 +13,26 @@ use serde_json::Value;
 
 static VM_LOCK: Mutex<()> = Mutex::new(());
 
-/// Serialises the VM tests: a pair of TCG guests takes both cores.
-pub fn vm_lock() -> MutexGuard<'static, ()> {
-    VM_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+/// Held while a VM test runs: see [`vm_lock`].
+pub struct VmGuard {
+    _thread: MutexGuard<'static, ()>,
+    _process: std::fs::File,
+}
+
+/// Serialises the VM tests: a pair of TCG guests takes both cores. Within this process (a mutex)
+/// and across processes (an exclusive lock on `$TMPDIR/livemig-vm-tests.lock`), so two test runs
+/// on one machine take turns instead of starving each other's guests.
+pub fn vm_lock() -> VmGuard {
+    let thread = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let path = std::env::temp_dir().join("livemig-vm-tests.lock");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    file.lock().unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
+    VmGuard { _thread: thread, _process: file }
 }
 
 /// Workload parameters of a guest that rewrites `mib` MiB at `rate` MiB/s (0: flat out).

@@ -2,6 +2,7 @@
 //! They need the test guest (`livemig guest build`, done by `.ci/run`) and run one at a time
 //! (a pair of TCG guests takes both cores).
 
+mod commit;
 mod compaction;
 mod faults;
 mod harness;
