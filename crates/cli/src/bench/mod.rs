@@ -39,8 +39,8 @@ pub(crate) enum Scenario {
     Cache,
     /// The cache guest migrated A->B, run --return-after, migrated back B->A (figures of the way back).
     Return,
-    /// A --large-mib guest (4 GiB) that writes 70 % of its RAM once, then keeps rewriting it
-    /// slowly (--large-rate).
+    /// A --large-mib guest (4 GiB; a list runs one per size) that writes 70 % of its RAM once,
+    /// then keeps rewriting it slowly (--large-rate).
     Large,
 }
 
@@ -162,9 +162,11 @@ pub(crate) struct BenchArgs {
     /// How much of its root disk the cache guest reads, MiB.
     #[arg(long, default_value_t = 256)]
     cache_mib: u64,
-    /// RAM of the `large` guest, MiB (it writes 70 % of it once).
-    #[arg(long, default_value_t = 4096)]
-    large_mib: u64,
+    /// RAM of the `large` guest, MiB (it writes 70 % of it once). A comma-separated list (e.g.
+    /// 1024,2048,4096) runs `large` once per size in the same bench, smallest first; its
+    /// timeout (--large-timeout) and time estimates, given for 4096, scale linearly with the size.
+    #[arg(long, value_delimiter = ',', default_value = "4096", value_parser = parse_large_mib)]
+    large_mib: Vec<u64>,
     /// How fast the `large` guest keeps rewriting its working set afterwards, MiB/s.
     #[arg(long, default_value_t = 2)]
     large_rate: u64,
@@ -182,7 +184,8 @@ pub(crate) struct BenchArgs {
     /// A migration not finished after this is stopped and marked `timeout`.
     #[arg(long, default_value = "60s", value_parser = units::parse_duration_ms)]
     timeout: f64,
-    /// The same for the `large` scenario.
+    /// The same for the `large` scenario, for a 4096 MiB guest: other --large-mib sizes get it
+    /// scaled linearly (2048: half), but never less than --timeout (or this, if it is less).
     #[arg(long, default_value = "240s", value_parser = units::parse_duration_ms)]
     large_timeout: f64,
     /// `return`: how long the guest runs on B before it goes back.
@@ -234,6 +237,10 @@ pub(crate) struct RunResult {
     pub link: String,
     pub migrator: Migrator,
     pub run: usize,
+    /// The guest's RAM, MiB (`--mem-mib`, or this run's `--large-mib` size). 0 in results.json
+    /// files written before it was recorded: [`fill_mem`] gives those their run's options.
+    #[serde(default)]
+    pub mem_mib: u64,
     pub mark: Mark,
     pub detail: String,
     pub total_ms: Option<f64>,
@@ -256,12 +263,13 @@ pub(crate) struct RunResult {
 
 impl RunResult {
     /// A run marked `failed` with nothing measured yet.
-    fn failed(scenario: Scenario, link: &str, migrator: Migrator, run: usize, detail: String, workdir: PathBuf) -> RunResult {
+    fn failed(c: &Case, migrator: Migrator, run: usize, detail: String, workdir: PathBuf) -> RunResult {
         RunResult {
-            scenario,
-            link: link.to_string(),
+            scenario: c.s,
+            link: c.link.clone(),
             migrator,
             run,
+            mem_mib: c.mib,
             mark: Mark::Failed,
             detail,
             total_ms: None,
@@ -287,25 +295,113 @@ impl BenchArgs {
     pub(crate) fn tls_on(&self) -> bool {
         !self.no_tls
     }
-    /// The migration timeout of scenario `s`, ms.
-    fn timeout_for(&self, s: Scenario) -> f64 {
+    /// The migration timeout of scenario `s` with a `mib` guest, ms: `large`: --large-timeout
+    /// (meant for [`LARGE_REF_MIB`]) scaled linearly with the size, at least --timeout (or
+    /// --large-timeout itself if that is shorter, so 4096 MiB gets exactly --large-timeout).
+    pub(crate) fn timeout_for(&self, s: Scenario, mib: u64) -> f64 {
         if s == Scenario::Large {
-            self.large_timeout
+            (self.large_timeout * large_scale(mib)).max(self.timeout.min(self.large_timeout))
         } else {
             self.timeout
         }
     }
-    /// Guest RAM of scenario `s`, MiB.
-    pub(crate) fn mem_of(&self, s: Scenario) -> u64 {
-        if s == Scenario::Large {
-            self.large_mib
-        } else {
-            self.mem_mib
-        }
+    /// The `large` guest sizes, MiB: --large-mib ascending, each once.
+    pub(crate) fn large_sizes(&self) -> Vec<u64> {
+        let mut v = self.large_mib.clone();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
-    /// The `large` guest's buffer: 70 % of its RAM.
-    pub(crate) fn large_touch_mib(&self) -> u64 {
-        self.large_mib * 7 / 10
+}
+
+/// The `large` guest's buffer: 70 % of its RAM (`mib`).
+pub(crate) fn large_touch_mib(mib: u64) -> u64 {
+    mib.saturating_mul(7) / 10
+}
+
+/// The `large` guest size the `large` figures were measured at (LARGE_* constants,
+/// --large-timeout's meaning, the wait for its first verifier passes), MiB.
+const LARGE_REF_MIB: u64 = 4096;
+
+/// A `mib` guest against [`LARGE_REF_MIB`]: the factor the `large` figures are scaled by
+/// (linearly: filling, copying and migrating RAM all go by its size).
+fn large_scale(mib: u64) -> f64 {
+    mib as f64 / LARGE_REF_MIB as f64
+}
+
+/// One --large-mib value: whole MiB above 0.
+fn parse_large_mib(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("a guest needs RAM: give MiB above 0, e.g. 4096 or a list 1024,2048,4096".into()),
+        Ok(v) => Ok(v),
+        Err(_) => Err(format!("`{s}` is not a whole number of MiB: give e.g. 4096 or a list 1024,2048,4096")),
+    }
+}
+
+/// One scenario at one link, with its guest's RAM: `large` is one case per --large-mib size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Case {
+    pub s: Scenario,
+    /// Guest RAM, MiB.
+    pub mib: u64,
+    pub link: String,
+}
+
+impl Case {
+    fn label(&self) -> String {
+        case_label(self.s, self.mib)
+    }
+    fn tag(&self) -> String {
+        case_tag(self.s, self.mib)
+    }
+}
+
+/// A size for people: `4 GiB`, `768 MiB`.
+pub(crate) fn size_label(mib: u64) -> String {
+    if mib.is_multiple_of(1024) {
+        format!("{} GiB", mib / 1024)
+    } else {
+        format!("{mib} MiB")
+    }
+}
+
+/// The scenario as the tables show it: `large` with its size (`large 1 GiB`), the others by name.
+pub(crate) fn case_label(s: Scenario, mib: u64) -> String {
+    if s == Scenario::Large {
+        format!("large {}", size_label(mib))
+    } else {
+        s.name().to_string()
+    }
+}
+
+/// The same for file and directory names: `large-1024`, `idle`.
+pub(crate) fn case_tag(s: Scenario, mib: u64) -> String {
+    if s == Scenario::Large {
+        format!("large-{mib}")
+    } else {
+        s.name().to_string()
+    }
+}
+
+/// Fills in `mem_mib` of runs from a results.json written before it was recorded, from that
+/// run's command line: `large` its single --large-mib (else 4096), the others its --mem-mib
+/// (else 512).
+pub(crate) fn fill_mem(runs: &mut [RunResult], command: &str) {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let opt = |name: &str| -> Option<String> {
+        let eq = format!("{name}=");
+        words.iter().enumerate().find_map(|(i, w)| {
+            if *w == name {
+                words.get(i + 1).map(|v| (*v).to_string())
+            } else {
+                w.strip_prefix(&eq).map(str::to_string)
+            }
+        })
+    };
+    let large = opt("--large-mib").and_then(|v| v.parse::<u64>().ok()).filter(|v| *v > 0).unwrap_or(LARGE_REF_MIB);
+    let mem = opt("--mem-mib").and_then(|v| v.parse::<u64>().ok()).filter(|v| *v > 0).unwrap_or(512);
+    for r in runs.iter_mut().filter(|r| r.mem_mib == 0) {
+        r.mem_mib = if r.scenario == Scenario::Large { large } else { mem };
     }
 }
 
@@ -328,9 +424,11 @@ fn migrators_for(a: &BenchArgs, s: Scenario, link: &str) -> Vec<Migrator> {
 
 /// Estimated wall seconds of one run, boots and checks included: measured on this machine
 /// (2 cores, TCG; QEMU 7.2 2026-11-24, QEMU 10 2026-11-30, see bench/README.md); slower links
-/// scaled from one 100mbit run.
-fn estimate_s(s: Scenario, link: &str, m: Migrator, timeout_s: f64) -> f64 {
+/// scaled from one 100mbit run. `large`: linear in its size `mib`: a fixed part
+/// ([`LARGE_FIXED_S`]) and the fill and the migration, measured with 4096 MiB and scaled.
+fn estimate_s(s: Scenario, mib: u64, link: &str, m: Migrator, timeout_s: f64) -> f64 {
     let slow = is_slow(link);
+    let k = large_scale(mib);
     match (s, slow) {
         (Scenario::Idle, false) => 9.0,
         (Scenario::Idle, true) => 10.0,
@@ -350,29 +448,43 @@ fn estimate_s(s: Scenario, link: &str, m: Migrator, timeout_s: f64) -> f64 {
         (Scenario::Cache, true) => 45.0,
         (Scenario::Return, false) => 35.0,
         (Scenario::Return, true) => 75.0,
-        // Boot and fill of the 4 GiB guest (~LARGE_BOOT_S), the migration, the checks.
-        (Scenario::Large, false) => LARGE_BOOT_S + if m.is_qemu() { 60.0 } else { 50.0 },
-        (Scenario::Large, true) => LARGE_BOOT_S + timeout_s.min(300.0) + 40.0,
+        // Boot and checks (any size), the fill and the migration (scaled from 4 GiB).
+        (Scenario::Large, false) => LARGE_FIXED_S + (LARGE_FILL_S + if m.is_qemu() { LARGE_MIGRATE_QEMU_S } else { LARGE_MIGRATE_LIVEMIG_S }) * k,
+        (Scenario::Large, true) => LARGE_FIXED_S + LARGE_FILL_S * k + timeout_s.min(300.0) + 20.0,
     }
 }
 
-/// Boot, fill and first verifier passes of the `large` guest, s (measured 71-92 s, see
-/// bench/README.md).
-const LARGE_BOOT_S: f64 = 80.0;
+/// The part of a `large` run that does not grow with its size, s: the guest kernel's boot, the
+/// wait for its first verifier passes (LARGE_VERIFY_SECS apart), the destination's start and
+/// the checks after the migration (--passes verifier passes). Fitted to the wall times of
+/// 512 MiB and 768 MiB runs (52-58 s, 2026-11-30) and of 4096 MiB runs (102-125 s): 45 s.
+const LARGE_FIXED_S: f64 = 45.0;
+/// Writing 70 % of a 4096 MiB guest once under TCG, s; other sizes: scaled linearly
+/// (boot and fill together measured 71-92 s at 4096 MiB, 31 s at 512, 36 s at 768).
+const LARGE_FILL_S: f64 = 55.0;
+/// The migration of a 4096 MiB `large` guest at 1gbit with its teardown, s: QEMU's (27-31 s
+/// measured), livemig's; other sizes: scaled linearly (7 s at 512 and 768 MiB).
+const LARGE_MIGRATE_QEMU_S: f64 = 40.0;
+const LARGE_MIGRATE_LIVEMIG_S: f64 = 30.0;
 
-fn plan(a: &BenchArgs) -> Vec<(Scenario, String)> {
+/// The cases to run, in order: `large` once per --large-mib size, smallest first.
+fn plan(a: &BenchArgs) -> Vec<Case> {
     let all = [Scenario::Idle, Scenario::Hot, Scenario::Cache, Scenario::Return, Scenario::Large];
-    if a.scenarios.is_empty() && a.links.is_empty() {
+    let pairs: Vec<(Scenario, String)> = if a.scenarios.is_empty() && a.links.is_empty() {
         let mut p: Vec<(Scenario, String)> = all.iter().map(|s| (*s, "1gbit".to_string())).collect();
         p.push((Scenario::Hot, "100mbit".into()));
-        return p;
-    }
-    let scen: Vec<Scenario> = if a.scenarios.is_empty() { all.to_vec() } else { a.scenarios.clone() };
-    let links: Vec<String> = if a.links.is_empty() { vec!["1gbit".into(), "100mbit".into()] } else { a.links.clone() };
+        p
+    } else {
+        let scen: Vec<Scenario> = if a.scenarios.is_empty() { all.to_vec() } else { a.scenarios.clone() };
+        let links: Vec<String> = if a.links.is_empty() { vec!["1gbit".into(), "100mbit".into()] } else { a.links.clone() };
+        links.iter().flat_map(|l| scen.iter().map(move |s| (*s, l.clone()))).collect()
+    };
     let mut p = Vec::new();
-    for l in &links {
-        for s in &scen {
-            p.push((*s, l.clone()));
+    for (s, link) in pairs {
+        if s == Scenario::Large {
+            p.extend(a.large_sizes().into_iter().map(|mib| Case { s, mib, link: link.clone() }));
+        } else {
+            p.push(Case { s, mib: a.mem_mib, link });
         }
     }
     p
@@ -463,9 +575,9 @@ fn wait_until<T>(cancel: &AtomicBool, limit: Duration, what: &str, mut f: impl F
 /// The guest of scenario `s` for migrator `m`. QEMU's own migration and livemig's stream engine
 /// get plain private RAM (`-m`, what most VMs have; both migrate any RAM), livemig's shared
 /// engine the lab's shared RAM backend.
-fn vm_cfg(env: &Env<'_>, s: Scenario, m: Migrator, name: &str, dir: &Path) -> VmConfig {
+fn vm_cfg(env: &Env<'_>, s: Scenario, mib: u64, m: Migrator, name: &str, dir: &Path) -> VmConfig {
     let mut c = VmConfig::new(name, dir);
-    c.mem_mib = env.a.mem_of(s);
+    c.mem_mib = mib;
     if m.is_qemu() || m.engine() == "stream" {
         c.backend = RamBackend::Anonymous;
     }
@@ -481,7 +593,7 @@ fn vm_cfg(env: &Env<'_>, s: Scenario, m: Migrator, name: &str, dir: &Path) -> Vm
             .param("verify-secs", 2),
         Scenario::Large => c
             .param("mode", "dirty")
-            .param("mib", env.a.large_touch_mib())
+            .param("mib", large_touch_mib(mib))
             .param("rate", env.a.large_rate)
             .param("pattern", "uniform")
             .param("verify-secs", LARGE_VERIFY_SECS),
@@ -507,7 +619,7 @@ fn console_has(vm: &Vm, pat: &str) -> bool {
 }
 
 /// Waits until the guest is in its steady state; returns its write rate then (writes/s).
-fn wait_ready(env: &Env<'_>, s: Scenario, vm: &mut Vm, rate: &mut WriteRate) -> anyhow::Result<Option<f64>> {
+fn wait_ready(env: &Env<'_>, s: Scenario, mib: u64, vm: &mut Vm, rate: &mut WriteRate) -> anyhow::Result<Option<f64>> {
     let c = &env.cancel;
     let check = |vm: &mut Vm| -> anyhow::Result<()> {
         if !vm.is_alive() {
@@ -523,9 +635,10 @@ fn wait_ready(env: &Env<'_>, s: Scenario, vm: &mut Vm, rate: &mut WriteRate) -> 
         return Ok(None);
     }
     let t0 = Instant::now();
-    // The large guest writes GiBs once under TCG before its first verifier pass.
-    let (limit, n) = if s == Scenario::Large { (900, 2) } else { (240, 3) };
-    wait_until(c, Duration::from_secs(limit), "verifier passes of the guest", || {
+    // The large guest writes GiBs once under TCG before its first verifier pass: 900 s for
+    // 4096 MiB, scaled linearly with its size (not below the others' 240 s).
+    let (limit, n) = if s == Scenario::Large { ((900.0 * large_scale(mib)).max(240.0), 2) } else { (240.0, 3) };
+    wait_until(c, Duration::from_secs_f64(limit), "verifier passes of the guest", || {
         check(vm)?;
         rate.poll(vm);
         Ok((rate.samples.len() >= n).then_some(()))
@@ -535,14 +648,16 @@ fn wait_ready(env: &Env<'_>, s: Scenario, vm: &mut Vm, rate: &mut WriteRate) -> 
 
 /// Checks the destination guest after a completed leg: a heartbeat (idle) or `passes` verifier
 /// passes with no bad page, and no kernel oops. (mark, passes, bad pages, detail)
-fn check_guest(env: &Env<'_>, s: Scenario, vm: &mut Vm) -> anyhow::Result<(Mark, Option<usize>, Option<u64>, String)> {
+fn check_guest(env: &Env<'_>, s: Scenario, mib: u64, vm: &mut Vm) -> anyhow::Result<(Mark, Option<usize>, Option<u64>, String)> {
     let oops = |vm: &Vm| {
         let c = vm.console();
         ["Oops", "Kernel panic", "BUG:", "general protection", "LIVEMIG-ERROR"].iter().find(|p| c.contains(**p)).map(|p| p.to_string())
     };
     let t0 = Instant::now();
-    let per_pass = if s == Scenario::Large { 10 + 3 * LARGE_VERIFY_SECS } else { 10 };
-    let limit = Duration::from_secs(60 + per_pass * env.a.passes as u64);
+    // A large guest's pass over its buffer takes seconds (~3.4 s at 4 GiB) besides the
+    // LARGE_VERIFY_SECS between passes: larger than 4 GiB scales it up, smaller keeps it.
+    let per_pass = if s == Scenario::Large { (10 + 3 * LARGE_VERIFY_SECS) as f64 * large_scale(mib).max(1.0) } else { 10.0 };
+    let limit = Duration::from_secs_f64(60.0 + per_pass * env.a.passes as f64);
     loop {
         if let Some(p) = oops(vm) {
             return Ok((Mark::Corrupt, None, None, format!("destination console shows `{p}`")));
@@ -583,6 +698,10 @@ fn start_vm(env: &Env<'_>, cfg: &VmConfig, ns: &str) -> anyhow::Result<Vm> {
 
 struct RunSpec<'a> {
     s: Scenario,
+    /// Guest RAM, MiB.
+    mib: u64,
+    /// `large-1024`, `idle`: names its directories.
+    tag: String,
     link: &'a str,
     link_bps: u64,
     m: Migrator,
@@ -622,13 +741,13 @@ fn one_leg(env: &Env<'_>, spec: &RunSpec<'_>, from: &Vm, to: &Vm, forward: bool,
         migrator: spec.m,
         max_downtime: spec.m.max_downtime(env.a),
         tls: env.tls.as_ref(),
-        timeout: Duration::from_secs_f64(env.a.timeout_for(spec.s) / 1000.0),
+        timeout: Duration::from_secs_f64(env.a.timeout_for(spec.s, spec.mib) / 1000.0),
         cancel: &env.cancel,
         dir,
         disk: &env.image.disk,
         send_disk_image: env.send_help.contains("--disk-image"),
         recv_disk_image: env.recv_help.contains("--disk-image"),
-        vm_id: env.send_help.contains("--vm-id").then(|| format!("lmb-{}-{}-{}-{}", spec.s.name(), spec.link, spec.m.name(), spec.run + 1)),
+        vm_id: env.send_help.contains("--vm-id").then(|| format!("lmb-{}-{}-{}-{}", spec.tag, spec.link, spec.m.name(), spec.run + 1)),
         send_snapshot_dir: snapshots && env.send_help.contains("--snapshot-dir"),
         recv_snapshot_dir: snapshots && env.recv_help.contains("--snapshot-dir"),
         send_snapshot: if forward { &snap_a } else { &snap_b },
@@ -638,7 +757,7 @@ fn one_leg(env: &Env<'_>, spec: &RunSpec<'_>, from: &Vm, to: &Vm, forward: bool,
 }
 
 fn snapshots_dir(env: &Env<'_>, spec: &RunSpec<'_>) -> PathBuf {
-    env.work.join(format!("snapshots-{}-{}-{}-{}", spec.s.name(), spec.link, spec.m.name(), spec.run + 1))
+    env.work.join(format!("snapshots-{}-{}-{}-{}", spec.tag, spec.link, spec.m.name(), spec.run + 1))
 }
 
 /// Removes a directory when dropped (memory snapshots: hundreds of MiB per run).
@@ -653,8 +772,8 @@ impl Drop for RemoveOnDrop {
 
 /// Checks the guest on `vm` after a leg that went through: its verifier figures go to `r`, and a
 /// failed check becomes the mark and is added to the leg's detail.
-fn check_after_leg(env: &Env<'_>, s: Scenario, vm: &mut Vm, r: &mut RunResult, leg: &mut Leg) -> anyhow::Result<Option<Mark>> {
-    let (m, passes, bad, detail) = check_guest(env, s, vm)?;
+fn check_after_leg(env: &Env<'_>, spec: &RunSpec<'_>, vm: &mut Vm, r: &mut RunResult, leg: &mut Leg) -> anyhow::Result<Option<Mark>> {
+    let (m, passes, bad, detail) = check_guest(env, spec.s, spec.mib, vm)?;
     r.verify_passes = passes;
     r.bad_pages = bad;
     if m == Mark::Ok {
@@ -674,13 +793,14 @@ fn leg_mark(leg: &Leg) -> Option<Mark> {
 }
 
 fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: usize) -> anyhow::Result<RunResult> {
-    let label = format!("[{}/{n}] {} {} {} run {}", idx + 1, spec.s.name(), spec.link, spec.m.name(), spec.run + 1);
-    let dir = legs::run_dir(&env.work, &format!("{}-{}-{}-{}", spec.s.name(), spec.link, spec.m.name(), spec.run + 1))?;
+    let label = format!("[{}/{n}] {} {} {} run {}", idx + 1, case_label(spec.s, spec.mib), spec.link, spec.m.name(), spec.run + 1);
+    let dir = legs::run_dir(&env.work, &format!("{}-{}-{}-{}", spec.tag, spec.link, spec.m.name(), spec.run + 1))?;
     let t_run = Instant::now();
     let _snapshots = RemoveOnDrop(snapshots_dir(env, spec));
-    let mut r = RunResult::failed(spec.s, spec.link, spec.m, spec.run + 1, String::new(), dir.clone());
+    let case = Case { s: spec.s, mib: spec.mib, link: spec.link.to_string() };
+    let mut r = RunResult::failed(&case, spec.m, spec.run + 1, String::new(), dir.clone());
     st.live(&format!("{label}: booting the source guest"));
-    let cfg = vm_cfg(env, spec.s, spec.m, "a", &dir);
+    let cfg = vm_cfg(env, spec.s, spec.mib, spec.m, "a", &dir);
     let mut a = start_vm(env, &cfg, &env.hosts.src_ns)?;
     if env.greeting.borrow().is_none() {
         // A moment's QMP connection (the migrators connect later), for QEMU's own version.
@@ -690,7 +810,7 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
     }
     let mut rate_a = WriteRate::default();
     st.live(&format!("{label}: waiting for the guest workload"));
-    r.guest_rate_before = wait_ready(env, spec.s, &mut a, &mut rate_a)?;
+    r.guest_rate_before = wait_ready(env, spec.s, spec.mib, &mut a, &mut rate_a)?;
     st.live(&format!("{label}: starting the destination QEMU"));
     let mut b = start_vm(env, &cfg.as_incoming("b"), &env.hosts.dst_ns)?;
     st.live(&format!("{label}: migrating{}", if spec.s == Scenario::Return { " A->B" } else { "" }));
@@ -701,7 +821,7 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
     }
     if mark.is_none() {
         st.live(&format!("{label}: checking the destination guest"));
-        mark = check_after_leg(env, spec.s, &mut b, &mut r, &mut leg)?;
+        mark = check_after_leg(env, spec, &mut b, &mut r, &mut leg)?;
     }
     if spec.s == Scenario::Return && mark.is_none() {
         drop(a);
@@ -721,7 +841,7 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
         mark = leg_mark(&leg);
         if mark.is_none() {
             st.live(&format!("{label}: checking the guest back on A"));
-            mark = check_after_leg(env, spec.s, &mut a2, &mut r, &mut leg)?;
+            mark = check_after_leg(env, spec, &mut a2, &mut r, &mut leg)?;
         }
         drop(a2);
     }
@@ -750,7 +870,8 @@ fn cancel_soon(c: &AtomicBool) -> bool {
 pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
     if let Some(p) = &a.from_json {
         let doc: Value = serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?)?;
-        let runs: Vec<RunResult> = serde_json::from_value(doc.get("runs").cloned().unwrap_or(Value::Null)).context("no runs in that file")?;
+        let mut runs: Vec<RunResult> = serde_json::from_value(doc.get("runs").cloned().unwrap_or(Value::Null)).context("no runs in that file")?;
+        fill_mem(&mut runs, doc.get("command").and_then(Value::as_str).unwrap_or(""));
         let started = doc.get("started").and_then(Value::as_str).unwrap_or("?").to_string();
         let finished = doc.get("finished").and_then(Value::as_str).unwrap_or("?").to_string();
         let meta = report::Meta::from_doc(&doc);
@@ -759,18 +880,18 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let plan = plan(a);
-    let mut jobs = Vec::new();
-    for (s, l) in &plan {
-        for m in migrators_for(a, *s, l) {
+    let mut jobs: Vec<(&Case, Migrator, usize)> = Vec::new();
+    for c in &plan {
+        for m in migrators_for(a, c.s, &c.link) {
             for run in 0..a.runs {
-                jobs.push((*s, l.clone(), m, run));
+                jobs.push((c, m, run));
             }
         }
     }
-    let est_of = |s: Scenario, l: &str, m: Migrator| estimate_s(s, l, m, a.timeout_for(s) / 1000.0);
-    let est: f64 = jobs.iter().map(|(s, l, m, _)| est_of(*s, l, *m)).sum();
+    let est_of = |c: &Case, m: Migrator| estimate_s(c.s, c.mib, &c.link, m, a.timeout_for(c.s, c.mib) / 1000.0);
+    let est: f64 = jobs.iter().map(|(c, m, _)| est_of(c, *m)).sum();
     eprintln!(
-        "bench: {} runs ({} scenario x link pairs, {} runs each), {}, estimated {:.0} min",
+        "bench: {} runs ({} cases of scenario, guest size and link; {} runs each), {}, estimated {:.0} min",
         jobs.len(),
         plan.len(),
         a.runs,
@@ -778,19 +899,27 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
         est / 60.0
     );
     if a.dry_run {
-        for (s, l) in &plan {
-            let ms = migrators_for(a, *s, l);
-            let t: f64 = ms.iter().map(|m| est_of(*s, l, *m)).sum::<f64>() * a.runs as f64;
+        for c in &plan {
+            let ms = migrators_for(a, c.s, &c.link);
+            let t: f64 = ms.iter().map(|m| est_of(c, *m)).sum::<f64>() * a.runs as f64;
             let names: Vec<String> = ms.iter().map(|m| format!("{} (max downtime {})", m.name(), m.max_downtime(a))).collect();
-            eprintln!("  {} at {l}, {} MiB guest, ~{:.0} min: {}", s.name(), a.mem_of(*s), t / 60.0, names.join(", "));
+            eprintln!(
+                "  {} at {}, {} MiB guest, timeout {:.0} s, ~{:.0} min: {}",
+                c.label(),
+                c.link,
+                c.mib,
+                a.timeout_for(c.s, c.mib) / 1000.0,
+                t / 60.0,
+                names.join(", ")
+            );
         }
         return Ok(0);
     }
     if !is_root() {
         bail!("livemig bench needs root (it creates network namespaces, veth pairs and tc qdiscs); run it with sudo");
     }
-    for (_, l) in &plan {
-        units::parse_rate(l).map_err(|e| anyhow::anyhow!("--link {l}: {e}"))?;
+    for c in &plan {
+        units::parse_rate(&c.link).map_err(|e| anyhow::anyhow!("--link {}: {e}", c.link))?;
     }
     let cancel = signal::cancel_flag();
     let removed = net::remove_leftovers();
@@ -829,22 +958,23 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
     let mut shaped: Option<String> = None;
     let n = jobs.len();
     let mut cancelled = false;
-    for (i, (s, l, m, run)) in jobs.iter().enumerate() {
+    for (i, (c, m, run)) in jobs.iter().enumerate() {
         if env.cancel.load(Ordering::SeqCst) {
             cancelled = true;
             break;
         }
+        let l = &c.link;
         let link_bps = units::parse_rate(l).map_err(anyhow::Error::msg)?;
-        if shaped.as_deref() != Some(l) {
+        if shaped.as_deref() != Some(l.as_str()) {
             env.hosts.shape(&net::Shape { rate: l.clone(), delay_ms: a.delay.unwrap_or(0.0) }, link_bps)?;
             shaped = Some(l.clone());
         }
-        let spec = RunSpec { s: *s, link: l, link_bps, m: *m, run: *run };
+        let spec = RunSpec { s: c.s, mib: c.mib, tag: c.tag(), link: l, link_bps, m: *m, run: *run };
         match run_one(&env, &spec, &mut st, i, n) {
             Ok(r) => {
                 st.line(&format!(
                     "{} {} {} run {}: {}{}",
-                    s.name(),
+                    c.label(),
                     l,
                     m.name(),
                     run + 1,
@@ -860,9 +990,9 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
                 break;
             }
             Err(e) => {
-                st.line(&format!("{} {} {} run {}: failed: {e:#}", s.name(), l, m.name(), run + 1));
+                st.line(&format!("{} {} {} run {}: failed: {e:#}", c.label(), l, m.name(), run + 1));
                 let detail = format!("{e:#}").lines().next().unwrap_or("").to_string();
-                results.push(RunResult::failed(*s, l, *m, run + 1, detail, work.clone()));
+                results.push(RunResult::failed(c, *m, run + 1, detail, work.clone()));
             }
         }
     }
@@ -893,8 +1023,9 @@ mod tests {
         let a = args(&[]);
         let p = plan(&a);
         assert_eq!(p.len(), 6);
-        assert!(p.contains(&(Scenario::Large, "1gbit".into())));
-        for (s, l) in &p {
+        assert!(p.contains(&Case { s: Scenario::Large, mib: 4096, link: "1gbit".into() }));
+        assert!(p.contains(&Case { s: Scenario::Idle, mib: 512, link: "1gbit".into() }));
+        for Case { s, link: l, .. } in &p {
             let ms = migrators_for(&a, *s, l);
             let pair = ms.contains(&Migrator::QemuDefault2s) && ms.contains(&Migrator::LivemigAdaptive2s) && ms.contains(&Migrator::LivemigStream2s);
             assert_eq!(pair, *s == Scenario::Hot && l == "100mbit", "{s:?} {l}");
@@ -919,8 +1050,106 @@ mod tests {
         assert!(!args(&["--no-tls"]).tls_on());
         assert!(args(&["--no-tls", "--tls"]).tls_on());
         let a = args(&["--large-mib", "1000"]);
-        assert_eq!((a.mem_of(Scenario::Large), a.large_touch_mib(), a.mem_of(Scenario::Hot)), (1000, 700, 512));
-        assert_eq!(a.timeout_for(Scenario::Large), 240_000.0);
+        assert_eq!((a.large_sizes(), large_touch_mib(1000), a.mem_mib), (vec![1000], 700, 512));
+        assert_eq!(args(&[]).timeout_for(Scenario::Large, 4096), 240_000.0);
+        assert_eq!(a.timeout_for(Scenario::Hot, 1000), 60_000.0);
+    }
+
+    fn parse_err(v: &[&str]) -> String {
+        match Cli::try_parse_from(std::iter::once("bench").chain(v.iter().copied())) {
+            Ok(_) => panic!("{v:?} parsed"),
+            Err(e) => {
+                assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{v:?}: {e}");
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn large_mib_takes_a_list_run_smallest_first() {
+        assert_eq!(args(&[]).large_sizes(), vec![4096]);
+        assert_eq!(args(&["--large-mib", "2048"]).large_sizes(), vec![2048]);
+        assert_eq!(args(&["--large-mib", "4096,1024,2048"]).large_sizes(), vec![1024, 2048, 4096]);
+        assert_eq!(args(&["--large-mib=1024,1024,512"]).large_sizes(), vec![512, 1024], "each size once");
+        assert_eq!(args(&["--large-mib", "1024", "--large-mib", "2048"]).large_sizes(), vec![1024, 2048]);
+        let e = parse_err(&["--large-mib", "0"]);
+        assert!(e.contains("--large-mib") && e.contains("above 0"), "{e}");
+        let e = parse_err(&["--large-mib", "abc"]);
+        assert!(e.contains("`abc` is not a whole number of MiB"), "{e}");
+        let e = parse_err(&["--large-mib", "1024,2g"]);
+        assert!(e.contains("`2g` is not a whole number of MiB"), "{e}");
+        parse_err(&["--large-mib", "1024,,2048"]);
+        parse_err(&["--large-mib", "1024,0"]);
+    }
+
+    #[test]
+    fn the_plan_has_one_large_case_per_size_in_ascending_order() {
+        let a = args(&["--scenario", "large", "--scenario", "idle", "--link", "1gbit", "--large-mib", "4096,1024,2048"]);
+        let p = plan(&a);
+        let got: Vec<(Scenario, u64, &str)> = p.iter().map(|c| (c.s, c.mib, c.link.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![(Scenario::Large, 1024, "1gbit"), (Scenario::Large, 2048, "1gbit"), (Scenario::Large, 4096, "1gbit"), (Scenario::Idle, 512, "1gbit")]
+        );
+        assert_eq!(p.iter().map(Case::label).collect::<Vec<_>>(), ["large 1 GiB", "large 2 GiB", "large 4 GiB", "idle"]);
+        assert_eq!(p.iter().map(Case::tag).collect::<Vec<_>>(), ["large-1024", "large-2048", "large-4096", "idle"]);
+        assert_eq!(case_label(Scenario::Large, 768), "large 768 MiB");
+        // The default plan: every size at 1gbit, in order, each with every migrator.
+        let p = plan(&args(&["--large-mib", "2048,1024"]));
+        let large: Vec<u64> = p.iter().filter(|c| c.s == Scenario::Large).map(|c| c.mib).collect();
+        assert_eq!((p.len(), large), (7, vec![1024, 2048]));
+        // Two links: the sizes at each.
+        let p = plan(&args(&["--scenario", "large", "--large-mib", "1024,2048"]));
+        assert_eq!(p.iter().map(|c| (c.mib, c.link.as_str())).collect::<Vec<_>>(), [(1024, "1gbit"), (2048, "1gbit"), (1024, "100mbit"), (2048, "100mbit")]);
+    }
+
+    #[test]
+    fn large_timeouts_and_estimates_scale_with_the_size() {
+        let a = args(&["--large-mib", "512,1024,2048,4096,8192"]);
+        let t: Vec<f64> = a.large_sizes().iter().map(|m| a.timeout_for(Scenario::Large, *m) / 1000.0).collect();
+        // 240 s at 4096, linear, never under --timeout (60 s).
+        assert_eq!(t, [60.0, 60.0, 120.0, 240.0, 480.0]);
+        let a = args(&["--large-timeout", "30s", "--large-mib", "2048,4096"]);
+        assert_eq!(a.timeout_for(Scenario::Large, 4096), 30_000.0, "4096 gets exactly --large-timeout");
+        assert_eq!(a.timeout_for(Scenario::Large, 2048), 30_000.0, "not under the shorter of the two");
+        let e = |mib, m| estimate_s(Scenario::Large, mib, "1gbit", m, 240.0);
+        // The 4 GiB figures as measured.
+        assert_eq!((e(4096, Migrator::QemuDefault), e(4096, Migrator::LivemigAdaptive)), (140.0, 130.0));
+        assert_eq!(e(2048, Migrator::QemuDefault), LARGE_FIXED_S + (LARGE_FILL_S + LARGE_MIGRATE_QEMU_S) / 2.0);
+        assert!(e(1024, Migrator::LivemigStream) < e(2048, Migrator::LivemigStream));
+        // The smoke run of 2026-11-30 took 52-54 s at 512 MiB and 58 s at 768 MiB.
+        for (mib, wall) in [(512, 53.0), (768, 58.0)] {
+            let est = e(mib, Migrator::QemuDefault);
+            assert!((est - wall).abs() < 0.15 * wall, "{mib}: {est} against {wall}");
+        }
+    }
+
+    #[test]
+    fn results_record_the_guest_size_and_old_files_get_their_runs_option() {
+        let c = Case { s: Scenario::Large, mib: 2048, link: "1gbit".into() };
+        let r = RunResult::failed(&c, Migrator::LivemigStream, 1, "x".into(), PathBuf::from("/tmp/x"));
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["mem_mib"], 2048);
+        let back: RunResult = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!((back.mem_mib, back.scenario), (2048, Scenario::Large));
+        // A results.json of before: no mem_mib.
+        let mut old = v;
+        old.as_object_mut().unwrap().remove("mem_mib");
+        let mut idle = old.clone();
+        idle["scenario"] = "idle".into();
+        let load = |cmd: &str| {
+            let mut runs: Vec<RunResult> = serde_json::from_value(Value::Array(vec![old.clone(), idle.clone()])).unwrap();
+            assert_eq!(runs[0].mem_mib, 0);
+            fill_mem(&mut runs, cmd);
+            (runs[0].mem_mib, runs[1].mem_mib)
+        };
+        assert_eq!(load("target/release/livemig bench --runs 1 --out /tmp/benchq10"), (4096, 512));
+        assert_eq!(load("livemig bench --large-mib 2048 --mem-mib 1024"), (2048, 1024));
+        assert_eq!(load("livemig bench --large-mib=1000"), (1000, 512));
+        // A recorded size is kept.
+        let mut runs = vec![r];
+        fill_mem(&mut runs, "livemig bench --large-mib 4096");
+        assert_eq!(runs[0].mem_mib, 2048);
     }
 
     #[test]
@@ -934,11 +1163,12 @@ mod tests {
 
     #[test]
     fn estimates_cover_every_pair() {
-        let a = args(&[]);
-        for (s, l) in plan(&a) {
-            for m in migrators_for(&a, s, &l) {
-                let e = estimate_s(s, &l, m, a.timeout_for(s) / 1000.0);
-                assert!(e > 5.0 && e < 600.0, "{s:?} {l} {m:?}: {e}");
+        for a in [args(&[]), args(&["--large-mib", "1024,2048,4096"]), args(&["--scenario", "large", "--large-mib", "512,4096"])] {
+            for Case { s, mib, link: l } in plan(&a) {
+                for m in migrators_for(&a, s, &l) {
+                    let e = estimate_s(s, mib, &l, m, a.timeout_for(s, mib) / 1000.0);
+                    assert!(e > 5.0 && e < 600.0, "{s:?} {mib} {l} {m:?}: {e}");
+                }
             }
         }
     }

@@ -9,7 +9,7 @@ use std::process::Command;
 use anyhow::Context;
 use serde_json::json;
 
-use super::{BenchArgs, Mark, Migrator, RunResult, Scenario};
+use super::{case_label, case_tag, large_touch_mib, size_label, BenchArgs, Mark, Migrator, RunResult, Scenario};
 
 fn sh(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd).args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
@@ -58,14 +58,113 @@ fn fmt_stats(s: Option<(f64, f64, f64)>, scale: f64, prec: usize) -> String {
     }
 }
 
-type Key = (Scenario, String, Migrator);
+/// (scenario, guest MiB, link, migrator): `large` is one group per size, ascending.
+type Key = (Scenario, u64, String, Migrator);
 
 fn groups(results: &[RunResult]) -> BTreeMap<Key, Vec<&RunResult>> {
     let mut g: BTreeMap<Key, Vec<&RunResult>> = BTreeMap::new();
     for r in results {
-        g.entry((r.scenario, r.link.clone(), r.migrator)).or_default().push(r);
+        g.entry((r.scenario, r.mem_mib, r.link.clone(), r.migrator)).or_default().push(r);
     }
     g
+}
+
+/// The `large` sizes in `results`, ascending; --large-mib if there is no `large` run.
+fn large_sizes_of(a: &BenchArgs, results: &[RunResult]) -> Vec<u64> {
+    let v: std::collections::BTreeSet<u64> = results.iter().filter(|r| r.scenario == Scenario::Large).map(|r| r.mem_mib).collect();
+    if v.is_empty() {
+        a.large_sizes()
+    } else {
+        v.into_iter().collect()
+    }
+}
+
+/// `1024, 2048 and 4096` of a list.
+fn and_list(v: &[String]) -> String {
+    match v {
+        [] => String::new(),
+        [x] => x.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// "Downtime, total time and wire bytes by RAM size": for each link where `large` ran at more
+/// than one size, one row per migrator and one column per size (medians of ok runs), then
+/// livemig-stream against qemu-default at each size. Empty when no link has two sizes.
+fn by_size_section(g: &BTreeMap<Key, Vec<&RunResult>>) -> String {
+    let mut links: Vec<&str> = Vec::new();
+    for k in g.keys().filter(|k| k.0 == Scenario::Large) {
+        if !links.contains(&k.2.as_str()) {
+            links.push(&k.2);
+        }
+    }
+    let mut md = String::new();
+    for link in links {
+        let sizes: std::collections::BTreeSet<u64> = g.keys().filter(|k| k.0 == Scenario::Large && k.2 == link).map(|k| k.1).collect();
+        if sizes.len() < 2 {
+            continue;
+        }
+        if md.is_empty() {
+            md.push_str("\n## Downtime, total time and wire bytes by RAM size\n");
+        }
+        let rs_of = |size: u64, m: Migrator| g.get(&(Scenario::Large, size, link.to_string(), m));
+        let med = |size: u64, m: Migrator, f: &dyn Fn(&RunResult) -> Option<f64>| rs_of(size, m).and_then(|rs| ok_vals(rs, f)).map(|x| x.0);
+        let ms: Vec<Migrator> = MIGRATORS.iter().copied().filter(|m| sizes.iter().any(|size| rs_of(*size, *m).is_some())).collect();
+        let _ = writeln!(
+            md,
+            "\n`large` at {link}, guest RAM {} (70 % of it written once, then rewritten slowly). Each cell: downtime / total time / bytes on the wire, medians of ok runs; a size with no ok run shows its marks.\n",
+            and_list(&sizes.iter().map(|m| size_label(*m)).collect::<Vec<_>>())
+        );
+        md.push_str("| migrator |");
+        for size in &sizes {
+            let _ = write!(md, " {} |", size_label(*size));
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"---|".repeat(sizes.len()));
+        md.push('\n');
+        for m in &ms {
+            let _ = write!(md, "| {} |", m.name());
+            for size in &sizes {
+                let cell = match rs_of(*size, *m) {
+                    None => String::new(),
+                    Some(rs) if rs.iter().all(|r| r.mark != Mark::Ok) => marks(rs),
+                    Some(rs) => {
+                        let f = |v: Option<f64>, p: usize| v.map_or_else(|| "–".into(), |x| format!("{x:.p$}"));
+                        let partial = if rs.iter().any(|r| r.mark != Mark::Ok) { format!(" ({})", marks(rs)) } else { String::new() };
+                        format!(
+                            "{} ms / {} s / {} MiB{partial}",
+                            f(med(*size, *m, &|r| r.downtime_ms), 0),
+                            f(med(*size, *m, &|r| r.total_ms).map(|t| t / 1000.0), 1),
+                            f(med(*size, *m, &|r| r.wire_bytes.map(mib)), 0)
+                        )
+                    }
+                };
+                let _ = write!(md, " {cell} |");
+            }
+            md.push('\n');
+        }
+        let (l, q) = (Migrator::LivemigStream, Migrator::QemuDefault);
+        if ms.contains(&l) && ms.contains(&q) {
+            let parts: Vec<String> = sizes
+                .iter()
+                .map(|size| {
+                    let d = (med(*size, l, &|r| r.downtime_ms), med(*size, q, &|r| r.downtime_ms));
+                    let w = (med(*size, l, &|r| r.wire_bytes.map(mib)), med(*size, q, &|r| r.wire_bytes.map(mib)));
+                    let text = match (d, w) {
+                        ((Some(ld), Some(qd)), (Some(lw), Some(qw))) => format!(
+                            "downtime {} ({ld:.0} vs {qd:.0} ms), wire {} QEMU's ({lw:.0} vs {qw:.0} MiB)",
+                            if qd > 0.0 { format!("{:.2}x QEMU's", ld / qd) } else { "– (QEMU's 0 ms)".into() },
+                            if lw < qw { "below" } else { "not below" }
+                        ),
+                        _ => "–".into(),
+                    };
+                    format!("{}: {text}", size_label(*size))
+                })
+                .collect();
+            let _ = writeln!(md, "\n{} against {} (medians of ok runs; – where either has no ok run): {}.", l.name(), q.name(), parts.join("; "));
+        }
+    }
+    md
 }
 
 fn ok_vals(rs: &[&RunResult], f: impl Fn(&RunResult) -> Option<f64>) -> Option<(f64, f64, f64)> {
@@ -135,22 +234,22 @@ const PAIRS: [(Migrator, &[Migrator]); 5] = [
 /// Grouped bars: one group per scenario, one bar per migrator (median of ok runs); a migrator
 /// with no ok run gets its mark written instead of a bar.
 fn bar_svg(title: &str, unit: &str, link: &str, g: &BTreeMap<Key, Vec<&RunResult>>, f: &dyn Fn(&RunResult) -> Option<f64>) -> Option<String> {
-    let scen: Vec<Scenario> = {
-        let mut v: Vec<Scenario> = g.keys().filter(|k| k.1 == link).map(|k| k.0).collect();
+    let scen: Vec<(Scenario, u64)> = {
+        let mut v: Vec<(Scenario, u64)> = g.keys().filter(|k| k.2 == link).map(|k| (k.0, k.1)).collect();
         v.dedup();
         v
     };
     if scen.is_empty() {
         return None;
     }
-    let val = |s: Scenario, m: Migrator| -> (Option<f64>, String) {
-        match g.get(&(s, link.to_string(), m)) {
+    let val = |(s, mib): (Scenario, u64), m: Migrator| -> (Option<f64>, String) {
+        match g.get(&(s, mib, link.to_string(), m)) {
             None => (None, String::new()),
             Some(rs) => (ok_vals(rs, f).map(|x| x.0), rs.iter().map(|r| r.mark.name()).find(|n| *n != "ok").unwrap_or("").to_string()),
         }
     };
     // The migrators that ran at this link, each with its colour.
-    let ms: Vec<(usize, Migrator)> = MIGRATORS.iter().copied().enumerate().filter(|(_, m)| g.keys().any(|k| k.1 == link && k.2 == *m)).collect();
+    let ms: Vec<(usize, Migrator)> = MIGRATORS.iter().copied().enumerate().filter(|(_, m)| g.keys().any(|k| k.2 == link && k.3 == *m)).collect();
     let max = scen.iter().flat_map(|s| ms.iter().filter_map(move |(_, m)| val(*s, *m).0)).fold(0.0f64, f64::max);
     let max = if max > 0.0 { max * 1.1 } else { 1.0 };
     let group = 32.0 * ms.len() as f64 + 32.0;
@@ -173,7 +272,7 @@ fn bar_svg(title: &str, unit: &str, link: &str, g: &BTreeMap<Key, Vec<&RunResult
             match v {
                 Some(v) => {
                     let bh = ph * v / max;
-                    let _ = writeln!(s, r#"<rect x="{x}" y="{}" width="28" height="{bh}" fill="{}"><title>{} {}: {v:.1}</title></rect>"#, top + ph - bh, COLORS[j], sc.name(), m.name());
+                    let _ = writeln!(s, r#"<rect x="{x}" y="{}" width="28" height="{bh}" fill="{}"><title>{} {}: {v:.1}</title></rect>"#, top + ph - bh, COLORS[j], case_label(sc.0, sc.1), m.name());
                 }
                 None if !mark.is_empty() => {
                     let _ = writeln!(s, r#"<text x="{}" y="{}" transform="rotate(-90 {} {})" fill="{}">{mark}</text>"#, x + 18.0, top + ph - 4.0, x + 18.0, top + ph - 4.0, COLORS[j]);
@@ -181,7 +280,7 @@ fn bar_svg(title: &str, unit: &str, link: &str, g: &BTreeMap<Key, Vec<&RunResult
                 None => {}
             }
         }
-        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle" font-size="13">{}</text>"#, gx + 16.0 * ms.len() as f64 - 2.0, top + ph + 18.0, sc.name());
+        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle" font-size="13">{}</text>"#, gx + 16.0 * ms.len() as f64 - 2.0, top + ph + 18.0, case_label(sc.0, sc.1));
     }
     for (k, (j, m)) in ms.iter().enumerate() {
         let (j, m) = (*j, m);
@@ -248,14 +347,22 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
     let _ = writeln!(md, "- date: {started} to {finished} (UTC)");
     let kvm = machine["accel"] == "kvm";
     let guests = if kvm { "guests on KVM (`-cpu host`) inside the KVM lane's L1 host, itself under TCG (`lane/`)" } else { "guests under TCG" };
-    let _ = writeln!(md, "- machine: {}, {} cores, kernel {}, {guests} (1 vCPU, {} MiB; `large`: {} MiB)", machine["cpu"].as_str().unwrap_or(""), machine["cores"], machine["kernel"].as_str().unwrap_or(""), a.mem_mib, a.large_mib);
+    let large = large_sizes_of(a, results);
+    let large_list = and_list(&large.iter().map(u64::to_string).collect::<Vec<_>>());
+    let _ = writeln!(md, "- machine: {}, {} cores, kernel {}, {guests} (1 vCPU, {} MiB; `large`: {large_list} MiB)", machine["cpu"].as_str().unwrap_or(""), machine["cores"], machine["kernel"].as_str().unwrap_or(""), a.mem_mib);
     let _ = writeln!(md, "- QEMU: `qemu-system-x86_64 --version`: {}; QMP greeting: {}", machine["qemu"].as_str().unwrap_or("?"), greeting.as_deref().unwrap_or("not recorded"));
     let _ = writeln!(md, "- guest RAM: plain `-m` (private) for QEMU's own migration and livemig's stream engine (what most VMs have; both migrate any RAM), `memory-backend-file,share=on` on /dev/shm for livemig's shared engine (which needs shared RAM; QEMU >= 8.1 skips only file-backed RAM with `x-ignore-shared`); each run's `settings` in results.json say which");
     let _ = writeln!(md, "- transport: {transport}");
     let _ = writeln!(md, "- link: two network namespaces joined by a veth pair, `tc qdisc tbf rate <link>` (burst: 10 ms of the rate) on both ends{}", a.delay.map(|d| format!(", netem with {d} ms delay each way instead of tbf")).unwrap_or_default());
-    let _ = writeln!(md, "- scenarios: idle (heartbeat only); hot (rewrites {} MiB flat out, self-checking pages); cache (reads {} MiB of its root disk, then rewrites 8 MiB at 1 MiB/s); return (the cache guest migrated A->B, {:.0} s on B, migrated back: figures of the way back); large (a {} MiB guest that writes {} MiB once, then rewrites it at {} MiB/s)", a.hot_mib, a.cache_mib, a.return_after / 1000.0, a.large_mib, a.large_touch_mib(), a.large_rate);
+    let _ = writeln!(md, "- scenarios: idle (heartbeat only); hot (rewrites {} MiB flat out, self-checking pages); cache (reads {} MiB of its root disk, then rewrites 8 MiB at 1 MiB/s); return (the cache guest migrated A->B, {:.0} s on B, migrated back: figures of the way back); large (a guest of {large_list} MiB that writes {} MiB once, then rewrites it at {} MiB/s{})", a.hot_mib, a.cache_mib, a.return_after / 1000.0, and_list(&large.iter().map(|m| large_touch_mib(*m).to_string()).collect::<Vec<_>>()), a.large_rate, if large.len() > 1 { "; one case per size, in the tables `large <size>`" } else { "" });
     let _ = writeln!(md, "- migrators, all with the same maximum downtime {md_}: qemu-default (`downtime-limit` {md_}, `max-bandwidth` = the link rate{asb}); qemu-tuned (the same plus multifd with zstd, auto-converge and xbzrle where this QEMU takes them together; the settings used are in results.json); livemig-fixed (shared engine, `--policy fixed --max-downtime {md_}`); livemig-adaptive (shared engine, `--policy adaptive --max-downtime {md_}`); livemig-stream (stream engine: QEMU's own pre-copy relayed and compacted, `--engine stream --policy adaptive --max-downtime {md_}`){two}", md_ = a.max_downtime, asb = if qemu_version >= (8, 2) { ", and `avail-switchover-bandwidth` = the link rate" } else { "" }, two = if has(Migrator::QemuDefault2s) || has(Migrator::LivemigAdaptive2s) { "; and a pair with 2 s: qemu-default-2s (qemu-default with `downtime-limit` 2000 ms), livemig-adaptive-2s (shared engine, `--policy adaptive --max-downtime 2s`) and livemig-stream-2s (stream engine, the same)" } else { "" });
-    let _ = writeln!(md, "- a migration not done after {:.0} s ({:.0} s for `large`) is stopped and marked `timeout`", a.timeout / 1000.0, a.large_timeout / 1000.0);
+    let large_timeouts = and_list(&large.iter().map(|m| format!("{:.0} s", a.timeout_for(Scenario::Large, *m) / 1000.0)).collect::<Vec<_>>());
+    let _ = writeln!(
+        md,
+        "- a migration not done after {:.0} s ({large_timeouts} for `large`{}) is stopped and marked `timeout`",
+        a.timeout / 1000.0,
+        if large.len() > 1 || large.first() != Some(&4096) { format!(" of {large_list} MiB: --large-timeout {:.0} s scaled linearly from 4096 MiB, at least --timeout", a.large_timeout / 1000.0) } else { String::new() }
+    );
     if older.is_some() {
         let _ = writeln!(md, "- older figures: the previous default run, measured on QEMU 7.2, is kept below in \"{OLDER_TITLE}\" (not like for like: QEMU 7.2 under TCG loses guest writes, both migrators used memfd RAM over plain TCP, QEMU had max-bandwidth 2x the link, livemig-adaptive a 2 s maximum downtime against QEMU's 300 ms)");
     }
@@ -269,7 +376,7 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
 
     md.push_str("## Summary (median of ok runs, range in parentheses)\n\n");
     md.push_str("| scenario | link | migrator | runs | total (s) | downtime (ms) | wire (MiB) | CPU (s) | guest w/s before -> during |\n|---|---|---|---|---|---|---|---|---|\n");
-    for ((s, l, m), rs) in &g {
+    for ((s, mib, l, m), rs) in &g {
         let before = ok_vals(rs, |r| r.guest_rate_before);
         let during = ok_vals(rs, |r| r.guest_rate_during);
         let gw = match (before, during) {
@@ -280,7 +387,7 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
         let _ = writeln!(
             md,
             "| {} | {l} | {} | {} | {} | {} | {} | {} | {gw} |",
-            s.name(),
+            case_label(*s, *mib),
             m.name(),
             marks(rs),
             fmt_stats(ok_vals(rs, |r| r.total_ms), 1000.0, 2),
@@ -293,12 +400,13 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
     md.push_str("\n## livemig / best ok QEMU (ratio of medians; < 1 is better for livemig)\n\n");
     md.push_str("The best QEMU is the ok QEMU migrator with the same maximum downtime (qemu-default and qemu-tuned for livemig-fixed and livemig-adaptive, qemu-default-2s for livemig-adaptive-2s) with the lowest median total time in that scenario and link.\n\n");
     md.push_str("| scenario | link | livemig | vs | total | downtime | wire | CPU |\n|---|---|---|---|---|---|---|---|\n");
-    let mut pairs: Vec<(Scenario, String)> = g.keys().map(|k| (k.0, k.1.clone())).collect();
+    let mut pairs: Vec<(Scenario, u64, String)> = g.keys().map(|k| (k.0, k.1, k.2.clone())).collect();
     pairs.dedup();
-    for (s, l) in &pairs {
-        let med = |m: Migrator, f: &dyn Fn(&RunResult) -> Option<f64>| g.get(&(*s, l.clone(), m)).and_then(|rs| ok_vals(rs, f)).map(|x| x.0);
+    for (s, mib, l) in &pairs {
+        let med = |m: Migrator, f: &dyn Fn(&RunResult) -> Option<f64>| g.get(&(*s, *mib, l.clone(), m)).and_then(|rs| ok_vals(rs, f)).map(|x| x.0);
+        let label = case_label(*s, *mib);
         for (lm, qemus) in PAIRS {
-            if !g.contains_key(&(*s, l.clone(), lm)) {
+            if !g.contains_key(&(*s, *mib, l.clone(), lm)) {
                 continue;
             }
             let best = qemus
@@ -307,7 +415,7 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
                 .min_by(|x, y| x.1.total_cmp(&y.1))
                 .map(|x| x.0);
             let Some(q) = best else {
-                let _ = writeln!(md, "| {} | {l} | {} | no ok QEMU run | | | | |", s.name(), lm.name());
+                let _ = writeln!(md, "| {label} | {l} | {} | no ok QEMU run | | | | |", lm.name());
                 continue;
             };
             let ratio = |f: &dyn Fn(&RunResult) -> Option<f64>| match (med(lm, f), med(q, f)) {
@@ -317,8 +425,7 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
             };
             let _ = writeln!(
                 md,
-                "| {} | {l} | {} | {} | {} | {} | {} | {} |",
-                s.name(),
+                "| {label} | {l} | {} | {} | {} | {} | {} | {} |",
                 lm.name(),
                 q.name(),
                 ratio(&|r| r.total_ms),
@@ -329,11 +436,13 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
         }
     }
 
+    md.push_str(&by_size_section(&g));
+
     md.push_str("\n## Memory compaction (livemig's own reports, ok runs)\n\n");
     md.push_str("`wire / non-zero` is livemig's whole stream (`wire_bytes`) over the bytes its non-zero pages would take sent whole and uncompacted (`uncompacted_bytes`, 4096 per page); pages by class are medians.\n\n");
     md.push_str("| scenario | link | migrator | wire / non-zero | non-zero pages (MiB) | zero | dup | disk_ref | snapshot_ref | delta | raw | resent |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (k, rs) in &g {
-        if k.2.is_qemu() {
+        if k.3.is_qemu() {
             continue;
         }
         let reps: Vec<&Value> = rs.iter().filter(|r| r.mark == Mark::Ok).filter_map(|r| r.send_report.as_ref()).collect();
@@ -345,9 +454,9 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            k.0.name(),
-            k.1,
-            k.2.name(),
+            case_label(k.0, k.1),
+            k.2,
+            k.3.name(),
             fmt_stats(stats(reps.iter().filter_map(|v| v["wire_fraction"].as_f64()).collect()), 1.0, 3),
             med(&|v: &Value| v["uncompacted_bytes"].as_f64()).map_or_else(|| "–".into(), |x| format!("{:.1}", x / 1048576.0)),
             class("zero"),
@@ -368,7 +477,7 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
             let _ = writeln!(
                 md,
                 "| {} | {} | {} | {} | ok | {:.2} | {:.0} | {:.1} | {:.2} | {note} |",
-                r.scenario.name(),
+                case_label(r.scenario, r.mem_mib),
                 r.link,
                 r.migrator.name(),
                 r.run,
@@ -378,7 +487,7 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
                 r.cpu_ms.unwrap_or(f64::NAN) / 1000.0
             );
         } else {
-            let _ = writeln!(md, "| {} | {} | {} | {} | **{}** | | | | | {note} |", r.scenario.name(), r.link, r.migrator.name(), r.run, r.mark.name());
+            let _ = writeln!(md, "| {} | {} | {} | {} | **{}** | | | | | {note} |", case_label(r.scenario, r.mem_mib), r.link, r.migrator.name(), r.run, r.mark.name());
         }
     }
 
@@ -399,18 +508,18 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
         }
     }
     md.push_str("WWS (pages dirtied) per iteration of livemig's pre-copy, first ok run of each livemig scenario, link and policy (from its send report `iterations[]`):\n\n");
-    for ((s, l, m), rs) in &g {
+    for ((s, mib, l, m), rs) in &g {
         if m.is_qemu() {
             continue;
         }
         if let Some(rep) = rs.iter().find(|r| r.mark == Mark::Ok).and_then(|r| r.send_report.as_ref()) {
-            let p = plots.join(format!("wws-{}-{l}-{}.svg", s.name(), m.name()));
+            let p = plots.join(format!("wws-{}-{l}-{}.svg", case_tag(*s, *mib), m.name()));
             match livemig_sim::plot_report_svg(rep, &p) {
                 Ok(()) => {
-                    let _ = writeln!(md, "![WWS {} {l} {}]({})\n", s.name(), m.name(), rel(&a.out, &p));
+                    let _ = writeln!(md, "![WWS {} {l} {}]({})\n", case_label(*s, *mib), m.name(), rel(&a.out, &p));
                 }
                 Err(e) => {
-                    let _ = writeln!(md, "(WWS plot of {} {l} {} failed: {e})\n", s.name(), m.name());
+                    let _ = writeln!(md, "(WWS plot of {} {l} {} failed: {e})\n", case_label(*s, *mib), m.name());
                 }
             }
         }
@@ -482,7 +591,96 @@ fn rel(base: &Path, p: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Case;
     use super::*;
+
+    /// A `large` run of `mib` at 1gbit: ok with these figures, or `mark` with none.
+    fn run(mib: u64, m: Migrator, n: usize, figures: Option<(f64, f64, u64)>) -> RunResult {
+        let c = Case { s: Scenario::Large, mib, link: "1gbit".into() };
+        let mut r = RunResult::failed(&c, m, n, String::new(), PathBuf::from("/tmp"));
+        if let Some((downtime, total, wire_mib)) = figures {
+            r.mark = Mark::Ok;
+            r.downtime_ms = Some(downtime);
+            r.total_ms = Some(total);
+            r.wire_bytes = Some(wire_mib << 20);
+        }
+        r
+    }
+
+    fn synthetic() -> Vec<RunResult> {
+        vec![
+            run(1024, Migrator::QemuDefault, 1, Some((300.0, 8000.0, 800))),
+            run(1024, Migrator::LivemigAdaptive, 1, None),
+            run(1024, Migrator::LivemigStream, 1, Some((150.0, 9000.0, 700))),
+            run(2048, Migrator::QemuDefault, 1, Some((280.0, 16000.0, 1500))),
+            run(2048, Migrator::LivemigAdaptive, 1, Some((250.0, 20000.0, 1400))),
+            run(2048, Migrator::LivemigStream, 1, Some((420.0, 17000.0, 1600))),
+            run(4096, Migrator::QemuDefault, 1, Some((310.0, 31000.0, 3000))),
+            run(4096, Migrator::LivemigAdaptive, 1, Some((290.0, 50000.0, 2900))),
+            run(4096, Migrator::LivemigStream, 1, None),
+        ]
+    }
+
+    #[test]
+    fn the_by_size_table_has_a_row_per_migrator_and_the_stream_ratios() {
+        let rs = synthetic();
+        let md = by_size_section(&groups(&rs));
+        assert!(md.contains("## Downtime, total time and wire bytes by RAM size"), "{md}");
+        assert!(md.contains("| migrator | 1 GiB | 2 GiB | 4 GiB |\n|---|---|---|---|\n"), "{md}");
+        assert!(md.contains("| qemu-default | 300 ms / 8.0 s / 800 MiB | 280 ms / 16.0 s / 1500 MiB | 310 ms / 31.0 s / 3000 MiB |\n"), "{md}");
+        assert!(md.contains("| livemig-adaptive | failed 1/1 | 250 ms / 20.0 s / 1400 MiB | 290 ms / 50.0 s / 2900 MiB |\n"), "{md}");
+        assert!(md.contains("| livemig-stream | 150 ms / 9.0 s / 700 MiB | 420 ms / 17.0 s / 1600 MiB | failed 1/1 |\n"), "{md}");
+        assert!(!md.contains("qemu-tuned"), "only migrators that ran: {md}");
+        let line = md.lines().find(|l| l.starts_with("livemig-stream against qemu-default")).expect(&md);
+        assert!(line.contains("1 GiB: downtime 0.50x QEMU's (150 vs 300 ms), wire below QEMU's (700 vs 800 MiB)"), "{line}");
+        assert!(line.contains("2 GiB: downtime 1.50x QEMU's (420 vs 280 ms), wire not below QEMU's (1600 vs 1500 MiB)"), "{line}");
+        assert!(line.contains("4 GiB: –."), "no ok stream run at 4 GiB: {line}");
+        // A partly ok size shows its marks; the medians are of the ok runs.
+        let mut rs = synthetic();
+        rs.push(run(1024, Migrator::LivemigStream, 2, None));
+        let md = by_size_section(&groups(&rs));
+        assert!(md.contains("| livemig-stream | 150 ms / 9.0 s / 700 MiB (failed 1/2, ok 1/2) |"), "{md}");
+    }
+
+    #[test]
+    fn the_by_size_table_needs_two_sizes() {
+        let one: Vec<RunResult> = synthetic().into_iter().filter(|r| r.mem_mib == 4096).collect();
+        assert_eq!(by_size_section(&groups(&one)), "");
+        // Two sizes at 100mbit only: the table is of that link.
+        let mut rs = one;
+        for mib in [1024, 2048] {
+            let mut r = run(mib, Migrator::QemuDefault, 1, Some((100.0, 1000.0, 10)));
+            r.link = "100mbit".into();
+            rs.push(r);
+        }
+        let md = by_size_section(&groups(&rs));
+        assert!(md.contains("`large` at 100mbit, guest RAM 1 GiB and 2 GiB") && !md.contains("at 1gbit"), "{md}");
+        assert!(!md.contains("livemig-stream against"), "no stream run there: {md}");
+    }
+
+    #[test]
+    fn benchmarks_md_names_each_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cli = vec!["bench".to_string(), "--out".into(), dir.path().display().to_string()];
+        cli.extend(["--large-mib".into(), "4096".into()]);
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: BenchArgs,
+        }
+        let a = <Cli as clap::Parser>::parse_from(cli).a;
+        let meta = Meta { tls: true, qmp_greeting: None, machine: Some(json!({"cpu": "x", "cores": 2, "kernel": "k", "qemu": "QEMU emulator version 10.0.2"})) };
+        let p = write_all(&a, &synthetic(), "s", Some("f"), false, &meta).unwrap();
+        let md = std::fs::read_to_string(p).unwrap();
+        assert!(md.contains("`large`: 1024, 2048 and 4096 MiB)"), "sizes of the results, not of the invocation");
+        assert!(md.contains("(60 s, 120 s and 240 s for `large` of 1024, 2048 and 4096 MiB"), "{md}");
+        assert!(md.contains("large (a guest of 1024, 2048 and 4096 MiB that writes 716, 1433 and 2867 MiB once"), "{md}");
+        assert!(md.contains("| large 1 GiB | 1gbit | qemu-default | ok 1/1 | 8.00 |"), "{md}");
+        assert!(md.contains("| large 2 GiB | 1gbit | livemig-stream | qemu-default |"), "ratio table per size: {md}");
+        assert!(md.contains("| large 4 GiB | 1gbit | livemig-stream | 1 | **failed** |"), "{md}");
+        assert!(md.contains("## Downtime, total time and wire bytes by RAM size"));
+        assert!(!dir.path().join("bench/results.json").exists(), "regenerating does not rewrite results.json");
+    }
 
     #[test]
     fn qemu_version_from_greeting_or_version_line() {
