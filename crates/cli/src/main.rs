@@ -9,6 +9,7 @@ mod signal;
 mod sim_cmd;
 mod snapshot_cmd;
 mod trace_cmd;
+mod tunnel_cmd;
 mod units;
 
 use std::path::PathBuf;
@@ -69,6 +70,12 @@ enum Command {
     Trace(trace_cmd::TraceArgs),
     /// Benchmark livemig against QEMU's own migration on a shaped link (root; network namespaces).
     Bench(bench::BenchArgs),
+    /// Relay a migration that libvirt (or another owner of QEMU's monitor) drives over unix
+    /// sockets, compacted over livemig's connection: no QMP on either side.
+    Tunnel {
+        #[command(subcommand)]
+        command: tunnel_cmd::TunnelCommand,
+    },
     /// The test guest.
     Guest {
         #[command(subcommand)]
@@ -404,6 +411,7 @@ fn main() -> ExitCode {
         Command::Plot(a) => sim_cmd::run_plot(a),
         Command::Trace(a) => trace_cmd::run(a),
         Command::Snapshot { command } => snapshot_cmd::run(command),
+        Command::Tunnel { command } => tunnel_cmd::run(command),
         Command::Guest { command: GuestCommand::Build } => livemig_lab::GuestImage::build()
             .map(|g| {
                 println!("guest ready: kernel {}, initramfs {}, disk {}", g.kernel.display(), g.initrd.display(), g.disk.display());

@@ -12,6 +12,7 @@ mod qemu_versions;
 mod stream;
 mod tls;
 mod tracker;
+mod tunnel;
 
 use std::time::Duration;
 
