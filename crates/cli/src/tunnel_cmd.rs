@@ -146,6 +146,17 @@ fn run_receive(a: &TunnelReceiveArgs) -> anyhow::Result<u8> {
 /// saying what became of the QEMU this end serves; the exit code (0, 1, or 3 when cancelled).
 fn finish(name: &str, report: &Report, result: Result<(), AgentError>, path: Option<&PathBuf>) -> u8 {
     eprint!("{}", report.summary());
+    if let Some(s) = &report.stream {
+        let mib = s.raw_bytes as f64 / f64::from(1u32 << 20);
+        if report.role == tunnel::ROLE_SEND {
+            eprintln!(
+                "stream:       {mib:.1} MiB of QEMU's migration stream: {} page records compacted, {} ZERO records, {} `ram` sections",
+                s.pages, s.zero_records, s.ram_sections
+            );
+        } else {
+            eprintln!("stream:       {mib:.1} MiB of QEMU's migration stream rebuilt into the destination QEMU");
+        }
+    }
     if let Err(e) = write_report(path, report) {
         eprintln!("livemig {name}: {e:#}");
     }

@@ -508,6 +508,13 @@ fn watch(
     stats: &Mutex<RelayStats>,
     done: &crossbeam_channel::Receiver<Result<u64, AgentError>>,
 ) -> Result<(), AgentError> {
+    fn ended_at(bytes: u64, obs: &mut dyn Observer) -> Option<Instant> {
+        obs.progress(Progress::Phase(&format!(
+            "the source QEMU's stream ended ({} MiB): waiting for the destination QEMU's result",
+            bytes >> 20
+        )));
+        Some(Instant::now())
+    }
     let stats_of = || stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut verified = false;
     let mut loaded = false;
@@ -518,6 +525,18 @@ fn watch(
     loop {
         if opts.cancel.load(Ordering::Relaxed) {
             return Err(AgentError::Cancelled);
+        }
+        if loaded && ended.is_none() {
+            // The receiver sends `loaded` after the whole stream, so the relay is ending; the
+            // receiver is done and may close the connection now: only the relay is awaited.
+            match done.recv_timeout(opts.timeout) {
+                Ok(Ok(bytes)) => ended = ended_at(bytes, obs),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(AgentError::Timeout { what: "the end of the source QEMU's stream".into(), secs: opts.timeout.as_secs_f64() }),
+            }
+        }
+        if ended.is_some() && loaded {
+            break;
         }
         match inbound.recv_timeout(Duration::from_millis(20)) {
             Ok(Ok(m)) => match m {
@@ -545,19 +564,12 @@ fn watch(
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(AgentError::Wire(WireError::Closed)),
         }
-        match done.try_recv() {
-            Ok(Ok(bytes)) => {
-                ended = Some(Instant::now());
-                obs.progress(Progress::Phase(&format!(
-                    "the source QEMU's stream ended ({} MiB): waiting for the destination QEMU's result",
-                    bytes >> 20
-                )));
+        if ended.is_none() {
+            match done.try_recv() {
+                Ok(Ok(bytes)) => ended = ended_at(bytes, obs),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {}
             }
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {}
-        }
-        if ended.is_some() && loaded {
-            break;
         }
         if ended.is_some_and(|t| t.elapsed() > opts.timeout) {
             return Err(AgentError::Timeout { what: "the destination QEMU's result".into(), secs: opts.timeout.as_secs_f64() });
