@@ -92,9 +92,12 @@ fn a_disk_image_changed_between_hosts_is_resent_never_written_wrong() {
     drop(f);
     let cache = pair.dir.join("index-cache");
     let cache = cache.display().to_string();
+    // Integrity is the point here, not the downtime: the final pass's references that do not
+    // resolve come back whole in the downtime, which the prediction does not foresee (397 ms for
+    // a predicted 139 ms once): a maximum the resends fit in.
     let m = Migration::run(
         &pair,
-        &["--disk-image", &original.display().to_string(), "--index-cache", &cache],
+        &["--disk-image", &original.display().to_string(), "--index-cache", &cache, "--max-downtime", "3s"],
         &["--disk-image", &copy.display().to_string(), "--index-cache", &cache, "--verify-reread"],
     );
     m.assert_completed();
