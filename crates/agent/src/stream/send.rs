@@ -220,33 +220,15 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     }
     let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
     let (stream, mut reader, mut writer_half) = crate::send::connect_receiver(opts, obs, report)?;
-    livemig_wire::write_message(
+    let disks = hello_and_welcome(
+        &mut reader,
         &mut writer_half,
-        &Message::Hello {
-            version: PROTOCOL_VERSION,
-            min_version: MIN_PROTOCOL_VERSION,
-            software: SOFTWARE.into(),
-            page_size: 4096,
-            regions: Vec::new(),
-            vm: None,
-            disks: holdings::offers(&indexes)?,
-            engine: ENGINE_STREAM.into(),
-        },
+        indexes,
+        MIN_PROTOCOL_VERSION,
+        ENGINE_STREAM,
+        "the stream engine",
+        report,
     )?;
-    let holds: Holdings = match livemig_wire::read_message(&mut reader)? {
-        Message::Welcome { version, holds, software } => {
-            if version < STREAM_PROTOCOL_VERSION {
-                return Err(AgentError::Incompatible(format!(
-                    "the receiver ({software}) speaks protocol {version}, the stream engine needs {STREAM_PROTOCOL_VERSION}"
-                )));
-            }
-            holds
-        }
-        Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
-        other => return Err(AgentError::Protocol { expected: "welcome".into(), got: other.name().into() }),
-    };
-    report.disk_images_used = holds.disks.len();
-    let disks = SenderDisks::new(indexes, &holds.disks).map(|d| d as Arc<dyn livemig_compact::DiskLookup>);
     livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: None })?;
     livemig_wire::write_message(&mut writer_half, &Message::StreamSetup { capabilities: caps.clone() })?;
     match livemig_wire::read_message(&mut reader)? {
@@ -338,6 +320,48 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     let _ = relay.join();
     let _ = dispatcher.join();
     r
+}
+
+/// The stream engine's and the tunnel's side of the handshake: `hello` offering the disk images
+/// (`engine`, protocol `min_version`..current), then the receiver's `welcome`, which must speak at
+/// least the stream protocol (`who` names the sender in the refusal). Returns the disk images both
+/// hold, for references.
+pub(crate) fn hello_and_welcome(
+    reader: &mut dyn std::io::Read,
+    writer: &mut dyn std::io::Write,
+    indexes: Vec<livemig_index::DiskIndex>,
+    min_version: u32,
+    engine: &str,
+    who: &str,
+    report: &mut Report,
+) -> Result<Option<Arc<dyn livemig_compact::DiskLookup>>, AgentError> {
+    livemig_wire::write_message(
+        writer,
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            min_version,
+            software: SOFTWARE.into(),
+            page_size: 4096,
+            regions: Vec::new(),
+            vm: None,
+            disks: holdings::offers(&indexes)?,
+            engine: engine.into(),
+        },
+    )?;
+    let holds: Holdings = match livemig_wire::read_message(reader)? {
+        Message::Welcome { version, holds, software } => {
+            if version < STREAM_PROTOCOL_VERSION {
+                return Err(AgentError::Incompatible(format!(
+                    "the receiver ({software}) speaks protocol {version}, {who} needs {STREAM_PROTOCOL_VERSION}"
+                )));
+            }
+            holds
+        }
+        Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
+        other => return Err(AgentError::Protocol { expected: "welcome".into(), got: other.name().into() }),
+    };
+    report.disk_images_used = holds.disks.len();
+    Ok(SenderDisks::new(indexes, &holds.disks).map(|d| d as Arc<dyn livemig_compact::DiskLookup>))
 }
 
 /// The precopy, switchover and commit phases: relays the return path (holding the

@@ -36,17 +36,17 @@ use std::time::{Duration, Instant};
 use livemig_compact::{Compressor, EncodeOptions};
 use livemig_stream::{ReturnPathParser, RpEvent, RpKind};
 use livemig_wire::{
-    negotiate, Frame, FrameKind, Holdings, Message, WireError, ENGINE_SHARED, ENGINE_STREAM, ENGINE_TUNNEL, PROTOCOL_VERSION,
+    negotiate, Frame, FrameKind, Message, WireError, ENGINE_SHARED, ENGINE_STREAM, ENGINE_TUNNEL, PROTOCOL_VERSION,
     STREAM_PROTOCOL_VERSION,
 };
 
 use super::chunk::resend_payload;
 use super::receive::{connect_incoming, rebuild, Incoming};
-use super::send::{spawn_dispatcher, Gate, Inbound};
+use super::send::{hello_and_welcome, spawn_dispatcher, Gate, Inbound};
 use super::source::{relay_source, RelayStats, SourceConfig, Window, DEFAULT_WINDOW};
 use super::StreamReport;
 use crate::error::AgentError;
-use crate::holdings::{self, ReceiverDisks, SenderDisks};
+use crate::holdings::{self, ReceiverDisks};
 use crate::link::{self, Out, Writer};
 use crate::receive::ReceiveOptions;
 use crate::report::Report;
@@ -351,33 +351,15 @@ fn send_run(opts: &TunnelSendOptions, obs: &mut dyn Observer, report: &mut Repor
     }
     let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
     let (stream, mut reader, mut writer_half) = crate::send::connect_receiver(&opts.connection(), obs, report)?;
-    livemig_wire::write_message(
+    let disks = hello_and_welcome(
+        &mut reader,
         &mut writer_half,
-        &Message::Hello {
-            version: PROTOCOL_VERSION,
-            min_version: STREAM_PROTOCOL_VERSION,
-            software: SOFTWARE.into(),
-            page_size: 4096,
-            regions: Vec::new(),
-            vm: None,
-            disks: holdings::offers(&indexes)?,
-            engine: ENGINE_TUNNEL.into(),
-        },
+        indexes,
+        STREAM_PROTOCOL_VERSION,
+        ENGINE_TUNNEL,
+        "a tunnel",
+        report,
     )?;
-    let holds: Holdings = match livemig_wire::read_message(&mut reader)? {
-        Message::Welcome { version, holds, software } => {
-            if version < STREAM_PROTOCOL_VERSION {
-                return Err(AgentError::Incompatible(format!(
-                    "the receiver ({software}) speaks protocol {version}, a tunnel needs {STREAM_PROTOCOL_VERSION}"
-                )));
-            }
-            holds
-        }
-        Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
-        other => return Err(AgentError::Protocol { expected: "welcome".into(), got: other.name().into() }),
-    };
-    report.disk_images_used = holds.disks.len();
-    let disks = SenderDisks::new(indexes, &holds.disks).map(|d| d as Arc<dyn livemig_compact::DiskLookup>);
     obs.progress(Progress::Phase(&format!(
         "the tunnel receiver accepted: waiting for the source QEMU to migrate to unix:{}",
         sock.path.display()
