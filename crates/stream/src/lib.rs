@@ -19,6 +19,9 @@
 //! The return path (destination to source, the same socket in reverse) is cut into messages by
 //! [`ReturnPathParser`], so a relay can forward them or withhold one (`SWITCHOVER_ACK`).
 //!
+//! [`chunk`] is the frame payload a relay carries those events in between its two halves: opaque
+//! spans verbatim, each page record as its header plus an opaque record of its data.
+//!
 //! This crate knows nothing of sockets, QMP or compaction.
 
 use std::fmt;
@@ -26,6 +29,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+pub mod chunk;
 mod parser;
 mod return_path;
 

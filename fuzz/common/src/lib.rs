@@ -558,3 +558,24 @@ pub fn qemu_stream_seeds() -> Vec<(&'static str, Vec<u8>)> {
 
 #[cfg(test)]
 mod tests;
+
+// stream_chunk
+
+/// The seeds of `stream_chunk`: a chunk of opaque spans and page records (a header with a block
+/// name and a short one; the record bytes, opaque to this codec, are a page index and the start
+/// of a page), an empty chunk, a resend.
+pub fn stream_chunk_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use livemig_stream::chunk::{resend_payload, ChunkBuilder};
+    let mut b = ChunkBuilder::new(3);
+    b.opaque(b"QEVM\0\0\0\x03");
+    let mut named = 0x2000u64.to_be_bytes().to_vec();
+    named.push(6);
+    named.extend_from_slice(b"pc.ram");
+    let mut rec = 7u64.to_le_bytes().to_vec();
+    rec.extend_from_slice(&ram_page(7)[..64]);
+    b.page(&named, &rec);
+    b.page(&0x3000u64.to_be_bytes(), &rec);
+    b.opaque(&[0x04, 0, 0, 0, 2]);
+    let chunk = b.finish();
+    vec![("chunk", chunk), ("empty", ChunkBuilder::new(0).finish()), ("resend", resend_payload(9, 2, &ram_page(5)))]
+}

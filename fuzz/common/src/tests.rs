@@ -178,3 +178,21 @@ fn qemu_stream_seeds_parse_as_meant() {
         }
     }
 }
+
+#[test]
+fn stream_chunk_seeds_parse_as_meant() {
+    use livemig_stream::chunk::{parse, Item, Payload};
+    let all = seeds("stream_chunk");
+    assert_eq!(all.len(), 3);
+    for (name, s) in all {
+        match (name.as_str(), parse(&s).unwrap_or_else(|e| panic!("{name}: {e}"))) {
+            ("chunk", Payload::Chunk { seq: 3, items }) => {
+                assert_eq!(items.len(), 4);
+                assert!(matches!(items[1], Item::Page { header, .. } if header.len() == 15));
+            }
+            ("empty", Payload::Chunk { seq: 0, items }) => assert!(items.is_empty()),
+            ("resend", Payload::Resend { seq: 9, item: 2, data }) => assert_eq!(data, &crate::ram_page(5)),
+            (n, p) => panic!("{n}: {p:?}"),
+        }
+    }
+}

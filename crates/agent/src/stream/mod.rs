@@ -3,14 +3,15 @@
 //! its page records, carries it over its connection (TLS), and `receive` rebuilds the exact
 //! bytes for the destination QEMU. See `../shared/ARCHITECTURE.md` and `crates/stream`.
 //!
-//! - [`chunk`]: the frame payload (opaque spans, page records) and its codec;
+//! - [`chunk`]: the frame payload (opaque spans, page records) and its codec (in `livemig-stream`,
+//!   beside QEMU's stream codec, so the fuzzer reaches it without the agent);
 //! - [`cache`]: the receiver's bounded page cache, mirrored with the sender's encoder;
 //! - [`source`]: the source half of the relay (QEMU socket -> frames), no QMP;
 //! - [`send`] / [`receive`]: the two agents' QMP-driven phases;
 //! - [`tunnel`]: the relay alone between two QEMU unix sockets, no QMP (`livemig tunnel`).
 
 pub mod cache;
-pub mod chunk;
+pub use livemig_stream::chunk;
 pub mod receive;
 pub mod send;
 pub mod source;

@@ -226,6 +226,11 @@ fn main() {
         put(&dir, "qemu_stream", &format!("{name}-61"), &with_mode(61, &stream));
     }
 
+    // stream_chunk: the stream engine's frame payloads, as the relay's builders write them
+    for (name, payload) in common::stream_chunk_seeds() {
+        put(&dir, "stream_chunk", name, &payload);
+    }
+
     let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("livemig-fuzz-{}-index", std::process::id())));
     let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("livemig-fuzz-{}-tls", std::process::id())));
     let _ = std::io::stdout().flush();

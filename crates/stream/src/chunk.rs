@@ -1,18 +1,18 @@
-//! The stream engine's frame payload ([`livemig_wire::FrameKind::Stream`]): a chunk of QEMU's
+//! The stream engine's frame payload (livemig-wire's `FrameKind::Stream`): a chunk of QEMU's
 //! migration stream in order, its opaque spans verbatim and each PAGE record as the record's
 //! header bytes (exactly as QEMU wrote them) plus one `livemig-compact` record of its data; or
 //! one page sent whole again after a miss.
 //!
 //! ```text
 //! chunk:  u8 1, u64 seq, u32 items, then per item:
-//!           u8 1 (opaque), u32 len, len bytes
+//!           u8 1 (opaque), u32 len (>= 1), len bytes
 //!           u8 2 (page),   u16 header len (8..=264), header bytes, u32 record len, record bytes
 //! resend: u8 2, u64 seq, u32 item, 4096 bytes
 //! ```
 //! All integers little-endian. Lengths are checked against what is left of the payload before
 //! anything is allocated; unknown kinds and tags are rejected (0 is reserved).
 
-use livemig_compact::PAGE_SIZE;
+use crate::PAGE_SIZE;
 
 /// Longest PAGE record header: be64 word, u8 length, a 255-byte block name.
 pub const MAX_HEADER: usize = 8 + 1 + 255;
@@ -81,7 +81,8 @@ impl ChunkBuilder {
         ChunkBuilder { buf, items: 0, raw: 0 }
     }
 
-    /// Appends opaque bytes (merged with an opaque item just before).
+    /// Appends opaque bytes as an item of their own; none adds no item (the parser refuses an
+    /// empty span, so every payload has one encoding).
     pub fn opaque(&mut self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
@@ -192,6 +193,9 @@ pub fn parse(payload: &[u8]) -> Result<Payload<'_>, ChunkError> {
                 match c.u8("item tag")? {
                     TAG_OPAQUE => {
                         let len = c.u32("opaque length")? as usize;
+                        if len == 0 {
+                            return Err(ChunkError("an empty opaque span".into()));
+                        }
                         items.push(Item::Opaque(c.take(len, "opaque span")?));
                     }
                     TAG_PAGE => {
@@ -293,5 +297,11 @@ mod tests {
         huge.extend_from_slice(&0u64.to_le_bytes());
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(parse(&huge).unwrap_err().0.contains("cannot fit"));
+        // An empty opaque span: the builder never writes one (found by the stream_chunk fuzzer).
+        let mut empty = vec![KIND_CHUNK];
+        empty.extend_from_slice(&0u64.to_le_bytes());
+        empty.extend_from_slice(&1u32.to_le_bytes());
+        empty.extend_from_slice(&[TAG_OPAQUE, 0, 0, 0, 0]);
+        assert!(parse(&empty).unwrap_err().0.contains("empty opaque span"));
     }
 }
