@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,8 @@ use livemig_wire::{
 };
 
 use crate::error::AgentError;
-use crate::transport::{self, Transport};
+use crate::arrival::{self, Counting};
+use crate::transport::Transport;
 use crate::holdings::{self, ReceiverDisks};
 use crate::link;
 use crate::report::{IterationRecord, Report};
@@ -174,20 +175,6 @@ fn process_gone(pid: u32, start: Option<u64>) -> bool {
     }
 }
 
-/// Counts bytes read from the peer.
-struct Counting<R> {
-    inner: R,
-    count: Arc<AtomicU64>,
-}
-
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-}
-
 fn run(
     opts: &ReceiveOptions,
     obs: &mut dyn Observer,
@@ -230,16 +217,21 @@ fn run(
     let incoming = dir.path().join("incoming.sock");
 
     obs.progress(Progress::Phase("waiting for the sender"));
-    let stream = accept(&listener, opts)?;
-    link::tune(&stream, opts.timeout)?;
-    let channel = transport::server(&opts.transport, &stream)?;
-    report.peer = Some(channel.peer.clone());
+    let wait = arrival::Wait {
+        transport: &opts.transport,
+        timeout: opts.timeout,
+        accept_timeout: opts.accept_timeout,
+        handshake_bound: arrival::HANDSHAKE_BOUND.min(opts.timeout),
+        cancel: &opts.cancel,
+        who: "the sender",
+    };
+    let arrival::Arrival { stream, reader, writer, peer, hello } =
+        arrival::accept_sender(listener, &wait, obs, &mut report.refused_connections, &mut report.refused_connections_total)?;
+    report.peer = Some(peer);
     // Kept by the caller, so a failure can still tell the sender why.
-    let writer = conn_slot.insert(channel.writer);
-    let count = Arc::new(AtomicU64::new(0));
-    let mut reader = Counting { inner: channel.reader, count: Arc::clone(&count) };
-    livemig_wire::read_magic(&mut reader)?;
-    let hello = livemig_wire::read_message(&mut reader)?;
+    let writer = conn_slot.insert(writer);
+    let count = Arc::clone(&reader.count);
+    let mut reader = reader;
     // A tunnel sender, or an engine this build does not know, is refused before QEMU is touched.
     if let Some(reason) = crate::stream::tunnel::receive_refuses(&hello) {
         let _ = livemig_wire::write_message(writer, &Message::Abort { reason: reason.clone() });
@@ -533,30 +525,6 @@ fn receive_stream(
     drop(frames);
     let _ = writer.finish();
     r
-}
-
-pub(crate) fn accept(listener: &TcpListener, opts: &ReceiveOptions) -> Result<TcpStream, AgentError> {
-    let net = |source| AgentError::Network { what: "cannot accept the sender's connection".into(), source };
-    listener.set_nonblocking(true).map_err(net)?;
-    let deadline = Instant::now() + opts.accept_timeout;
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).map_err(net)?;
-                return Ok(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if opts.cancel.load(Ordering::Relaxed) {
-                    return Err(AgentError::Cancelled);
-                }
-                if Instant::now() > deadline {
-                    return Err(AgentError::Timeout { what: "the sender to connect".into(), secs: opts.accept_timeout.as_secs_f64() });
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(net(e)),
-        }
-    }
 }
 
 /// The digest of the destination memory as it is now, read back page by page.

@@ -128,6 +128,11 @@ pub struct Report {
     pub snapshot_kept: Option<String>,
     /// Things that did not stop the migration but the operator should know.
     pub warnings: Vec<String>,
+    /// Receive: connections refused while waiting for the sender (not a livemig sender, a
+    /// failed TLS handshake, no hello in time); the first 32.
+    pub refused_connections: Vec<crate::arrival::RefusedConnection>,
+    /// Receive: how many connections were refused in all.
+    pub refused_connections_total: u64,
     /// Every iteration.
     pub iterations: Vec<IterationRecord>,
     /// Throttling applied to the source guest, if any.

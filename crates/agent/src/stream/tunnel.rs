@@ -29,7 +29,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,7 +51,7 @@ use crate::link::{self, Out, Writer};
 use crate::receive::ReceiveOptions;
 use crate::report::Report;
 use crate::send::SendOptions;
-use crate::transport::{self, Transport};
+use crate::transport::Transport;
 use crate::{Observer, Progress, SOFTWARE};
 
 /// The report's `role` of `livemig tunnel send`.
@@ -672,20 +672,6 @@ fn shut_failed(status: u32) -> AgentError {
     ))
 }
 
-/// Counts bytes read from the peer.
-struct Counting<R> {
-    inner: R,
-    count: Arc<AtomicU64>,
-}
-
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-}
-
 /// What the receiver learnt of QEMU's stream from the sender's control messages.
 #[derive(Debug, Default, Clone)]
 struct Seen {
@@ -769,16 +755,20 @@ fn receive_run(
     let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
     let ropts = opts.rebuild();
     obs.progress(Progress::Phase("waiting for the tunnel's sender"));
-    let stream = crate::receive::accept(&listener, &ropts)?;
-    drop(listener);
-    link::tune(&stream, opts.timeout)?;
-    let channel = transport::server(&opts.transport, &stream)?;
-    report.peer = Some(channel.peer.clone());
-    let writer = conn_slot.insert(channel.writer);
-    let count = Arc::new(AtomicU64::new(0));
-    let mut reader = Counting { inner: channel.reader, count: Arc::clone(&count) };
-    livemig_wire::read_magic(&mut reader)?;
-    let hello = livemig_wire::read_message(&mut reader)?;
+    let wait = crate::arrival::Wait {
+        transport: &opts.transport,
+        timeout: opts.timeout,
+        accept_timeout: opts.accept_timeout,
+        handshake_bound: crate::arrival::HANDSHAKE_BOUND.min(opts.timeout),
+        cancel: &ropts.cancel,
+        who: "the tunnel's sender",
+    };
+    let crate::arrival::Arrival { stream, reader, writer, peer, hello } =
+        crate::arrival::accept_sender(listener, &wait, obs, &mut report.refused_connections, &mut report.refused_connections_total)?;
+    report.peer = Some(peer);
+    let writer = conn_slot.insert(writer);
+    let count = Arc::clone(&reader.count);
+    let mut reader = reader;
     let refuse = |writer: &mut dyn Write, reason: String| -> AgentError {
         let _ = livemig_wire::write_message(writer, &Message::Abort { reason: reason.clone() });
         AgentError::Incompatible(reason)

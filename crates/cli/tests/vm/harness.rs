@@ -142,6 +142,11 @@ impl Pair {
         Self::status(self.dst.qmp_path())
     }
 
+    /// The destination's state through its second monitor, while `receive` holds the first.
+    pub fn observed_status_of_destination(&self) -> String {
+        Self::status(&self.dst.observer_qmp_path())
+    }
+
     fn assert_guest_verifies(vm: &Vm, from: usize, passes: usize, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(240);
         loop {

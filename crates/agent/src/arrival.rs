@@ -1,0 +1,354 @@
+//! Waiting for the sender on the receiver's port: connections that are not a livemig sender (a
+//! port scanner, a garbage client, a peer that fails the TLS handshake, one that stalls) are
+//! refused, logged and reported, and the receiver keeps listening until an authenticated sender
+//! has said hello. Then the port is closed, so every later connection is refused by the kernel.
+//!
+//! Each connection's handshake runs on a thread of its own, bounded in time
+//! ([`HANDSHAKE_BOUND`]: its socket is shut down when it is over) and in number
+//! ([`MAX_PENDING`] at once; more are closed at once), so neither a slow nor a flooding client
+//! can keep the real sender out for longer than that.
+
+use std::io::Read;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use livemig_wire::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::error::AgentError;
+use crate::transport::{self, Channel, Transport};
+use crate::{link, Observer, Progress};
+
+/// Longest a connection may take from `accept` to its hello (TLS handshake included).
+pub(crate) const HANDSHAKE_BOUND: Duration = Duration::from_secs(10);
+/// Connections in their handshake at once; one more is closed at once.
+pub(crate) const MAX_PENDING: usize = 8;
+/// Refused connections kept in the report (the count goes on).
+const MAX_REPORTED: usize = 32;
+
+/// A connection refused while waiting for the sender.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusedConnection {
+    /// The peer's address.
+    pub peer: String,
+    /// Why (a failed TLS handshake, a wrong magic, no hello within the bound ...).
+    pub reason: String,
+}
+
+/// Counts bytes read from the peer.
+pub(crate) struct Counting<R> {
+    pub(crate) inner: R,
+    pub(crate) count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// An authenticated sender that said hello.
+pub(crate) struct Arrival {
+    pub(crate) stream: TcpStream,
+    /// The channel's reader, past the magic and the hello, counting from the first byte.
+    pub(crate) reader: Counting<Box<dyn Read + Send>>,
+    pub(crate) writer: Box<dyn std::io::Write + Send>,
+    /// Who the transport says the peer is.
+    pub(crate) peer: String,
+    pub(crate) hello: Message,
+}
+
+/// What [`accept_sender`] needs.
+pub(crate) struct Wait<'a> {
+    pub(crate) transport: &'a Transport,
+    /// The link's timeout, set on the sender's socket once it arrived.
+    pub(crate) timeout: Duration,
+    /// Longest wait for a sender.
+    pub(crate) accept_timeout: Duration,
+    /// Bound of one connection's handshake.
+    pub(crate) handshake_bound: Duration,
+    pub(crate) cancel: &'a AtomicBool,
+    /// Who is awaited, for messages ("the sender", "the tunnel's sender").
+    pub(crate) who: &'a str,
+}
+
+struct Pending {
+    id: u64,
+    since: Instant,
+    socket: TcpStream,
+}
+
+type Outcome = (u64, SocketAddr, Result<Box<Arrival>, String>);
+
+/// Accepts connections on `listener` until one is an authenticated sender that said hello, and
+/// returns it; the listener is closed on return. Every refused connection is said to `obs` and
+/// pushed to `refused`.
+pub(crate) fn accept_sender(
+    listener: TcpListener,
+    w: &Wait<'_>,
+    obs: &mut dyn Observer,
+    refused: &mut Vec<RefusedConnection>,
+    refused_count: &mut u64,
+) -> Result<Arrival, AgentError> {
+    let net = |source| AgentError::Network { what: format!("cannot accept {}'s connection", w.who), source };
+    listener.set_nonblocking(true).map_err(net)?;
+    let deadline = Instant::now() + w.accept_timeout;
+    let (tx, rx) = mpsc::channel::<Outcome>();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut next_id = 0u64;
+    let mut refuse = |obs: &mut dyn Observer, peer: String, reason: String| {
+        obs.progress(Progress::Phase(&format!("refused a connection from {peer}: {reason}; still waiting for {}", w.who)));
+        *refused_count += 1;
+        if refused.len() < MAX_REPORTED {
+            refused.push(RefusedConnection { peer, reason });
+        }
+    };
+    let result = loop {
+        // The handshakes that ended, in the order they ended.
+        let mut arrived = None;
+        while let Ok((id, addr, r)) = rx.try_recv() {
+            pending.retain(|p| p.id != id);
+            match r {
+                Ok(a) if arrived.is_none() => arrived = Some(a),
+                // A second sender that finished in the same instant: the first one wins.
+                Ok(_) => refuse(obs, addr.to_string(), format!("{} had already arrived", w.who)),
+                Err(reason) => refuse(obs, addr.to_string(), reason),
+            }
+        }
+        if let Some(a) = arrived {
+            break Ok(*a);
+        }
+        // Handshakes over their bound: their sockets are shut, their threads then report.
+        for p in &pending {
+            if p.since.elapsed() > w.handshake_bound {
+                let _ = p.socket.shutdown(Shutdown::Both);
+            }
+        }
+        if w.cancel.load(Ordering::Relaxed) {
+            break Err(AgentError::Cancelled);
+        }
+        match listener.accept() {
+            Ok((s, addr)) => {
+                if pending.len() >= MAX_PENDING {
+                    let _ = s.shutdown(Shutdown::Both);
+                    refuse(obs, addr.to_string(), format!("{MAX_PENDING} connections were already in their handshake"));
+                    continue;
+                }
+                let socket = match s.try_clone() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        refuse(obs, addr.to_string(), format!("cannot use the connection: {e}"));
+                        continue;
+                    }
+                };
+                next_id += 1;
+                let id = next_id;
+                pending.push(Pending { id, since: Instant::now(), socket });
+                let (tx, transport, bound, timeout) = (tx.clone(), w.transport.clone(), w.handshake_bound, w.timeout);
+                let spawned = std::thread::Builder::new()
+                    .name("livemig-arrival".into())
+                    .spawn(move || {
+                        let r = handshake(s, &transport, bound, timeout).map(Box::new);
+                        let _ = tx.send((id, addr, r));
+                    });
+                if let Err(e) = spawned {
+                    pending.retain(|p| p.id != id);
+                    refuse(obs, addr.to_string(), format!("cannot start its handshake thread: {e}"));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    break Err(AgentError::Timeout { what: format!("{} to connect", w.who), secs: w.accept_timeout.as_secs_f64() });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // A connection that was reset while queued, or the like: not the listener's end.
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::Interrupted) => {}
+            Err(e) => break Err(net(e)),
+        }
+    };
+    // Whoever is still in a handshake is too late.
+    for p in &pending {
+        let _ = p.socket.shutdown(Shutdown::Both);
+    }
+    drop(listener);
+    result
+}
+
+/// One connection's handshake: the transport's (TLS), then the magic and a hello, all within
+/// `bound` (socket timeouts here; the caller shuts the socket when the whole bound is over).
+fn handshake(stream: TcpStream, transport: &Transport, bound: Duration, timeout: Duration) -> Result<Arrival, String> {
+    let set = |d: Duration| -> Result<(), String> {
+        stream.set_nonblocking(false).map_err(|e| format!("cannot configure the socket: {e}"))?;
+        link::tune(&stream, d).map_err(|e| e.chain())
+    };
+    set(bound)?;
+    let Channel { reader, writer, peer } = transport::server(transport, &stream).map_err(|e| e.chain())?;
+    let mut reader = Counting { inner: reader, count: Arc::new(AtomicU64::new(0)) };
+    livemig_wire::read_magic(&mut reader).map_err(|e| format!("not a livemig sender: {e}"))?;
+    let hello = match livemig_wire::read_message(&mut reader) {
+        Ok(m @ Message::Hello { .. }) => m,
+        Ok(other) => return Err(format!("not a livemig sender: its first message was `{}`, not hello", other.name())),
+        Err(e) => return Err(format!("no hello: {e}")),
+    };
+    set(timeout)?;
+    Ok(Arrival { stream, reader, writer, peer, hello })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpStream;
+
+    fn hello() -> Message {
+        Message::Hello {
+            version: livemig_wire::PROTOCOL_VERSION,
+            min_version: livemig_wire::MIN_PROTOCOL_VERSION,
+            software: "test".into(),
+            page_size: 4096,
+            regions: Vec::new(),
+            vm: None,
+            disks: Vec::new(),
+            engine: livemig_wire::ENGINE_STREAM.into(),
+        }
+    }
+
+    fn psk_transport(dir: &std::path::Path, name: &str, byte: u8) -> Transport {
+        let file = dir.join(name);
+        let key: [u8; livemig_tls::PSK_KEY_LEN] = std::array::from_fn(|i| u8::try_from(i).unwrap().wrapping_mul(37).wrapping_add(byte));
+        std::fs::write(&file, livemig_tls::psk_file_text(&key)).unwrap();
+        let mut perm = std::fs::metadata(&file).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o600);
+        std::fs::set_permissions(&file, perm).unwrap();
+        let setup = livemig_tls::TlsSetup::load(&livemig_tls::Auth::Psk { file }).unwrap();
+        Transport::Tls(Arc::new(setup))
+    }
+
+    /// What a real sender does: the transport's handshake, the magic, a hello; then it waits
+    /// for the welcome (reads until the receiver closes).
+    fn sender(addr: SocketAddr, t: &Transport) -> Result<(), String> {
+        let s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        let Channel { mut reader, mut writer, .. } = transport::client(t, &s, "localhost").map_err(|e| e.chain())?;
+        livemig_wire::write_magic(&mut writer).map_err(|e| e.to_string())?;
+        livemig_wire::write_message(&mut writer, &hello()).map_err(|e| e.to_string())?;
+        // Accepted: the receiver answers; refused: the connection just ends.
+        let mut answer = Vec::new();
+        let _ = reader.read_to_end(&mut answer);
+        if answer == b"ok" { Ok(()) } else { Err(format!("refused ({} bytes of answer)", answer.len())) }
+    }
+
+    struct Run {
+        /// The hello and the peer of the arrival.
+        arrival: Result<(Message, String), AgentError>,
+        refused: Vec<RefusedConnection>,
+        total: u64,
+        addr: SocketAddr,
+    }
+
+    /// Listens, runs `clients` against the address, waits for the sender with a short bound.
+    fn run(t: &Transport, bound: Duration, accept_timeout: Duration, clients: impl FnOnce(SocketAddr) + Send + 'static) -> Run {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let c = std::thread::spawn(move || clients(addr));
+        let cancel = AtomicBool::new(false);
+        let w = Wait { transport: t, timeout: Duration::from_secs(5), accept_timeout, handshake_bound: bound, cancel: &cancel, who: "the sender" };
+        let (mut refused, mut total) = (Vec::new(), 0);
+        let arrival = accept_sender(listener, &w, &mut crate::Quiet, &mut refused, &mut total).map(|mut a| {
+            a.writer.write_all(b"ok").unwrap();
+            a.writer.flush().unwrap();
+            (a.hello, a.peer)
+        });
+        // The arrival's connection is closed: the sender's read ends, then its thread.
+        c.join().expect("the clients ran as expected");
+        Run { arrival, refused, total, addr }
+    }
+
+    fn reasons(r: &Run) -> String {
+        r.refused.iter().map(|x| format!("{}: {}", x.peer, x.reason)).collect::<Vec<_>>().join("\n")
+    }
+
+    #[test]
+    fn strays_are_refused_and_the_sender_after_them_is_accepted_then_the_port_closes() {
+        let t = Transport::Insecure;
+        let tc = t.clone();
+        let r = run(&t, Duration::from_millis(500), Duration::from_secs(30), move |addr| {
+            // A port scanner: connects and closes.
+            drop(TcpStream::connect(addr).unwrap());
+            // A garbage client.
+            let mut g = TcpStream::connect(addr).unwrap();
+            g.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+            // One that connects and says nothing (held open past the bound).
+            let silent = TcpStream::connect(addr).unwrap();
+            // The right magic, then not a hello.
+            let mut m = TcpStream::connect(addr).unwrap();
+            livemig_wire::write_magic(&mut m).unwrap();
+            livemig_wire::write_message(&mut m, &Message::Plan { snapshot: None }).unwrap();
+            std::thread::sleep(Duration::from_millis(1500));
+            sender(addr, &tc).unwrap();
+            drop((g, silent, m));
+        });
+        let a = r.arrival.as_ref().map_err(|e| e.chain()).expect("the sender arrives");
+        assert!(matches!(a.0, Message::Hello { .. }));
+        assert_eq!(r.total, 4, "{}", reasons(&r));
+        let all = reasons(&r);
+        assert!(all.contains("not a livemig sender: the peer is not a livemig agent (bad magic"), "{all}");
+        assert!(all.contains("its first message was `plan`, not hello"), "{all}");
+        assert_eq!(r.refused.iter().filter(|x| x.reason.contains("no hello") || x.reason.contains("not a livemig sender: ")).count(), 4, "{all}");
+        // The port is closed now: a second sender is refused by the kernel.
+        let e = TcpStream::connect(r.addr).expect_err("nobody listens any more");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn a_failed_tls_handshake_is_refused_and_the_right_key_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = psk_transport(dir.path(), "good", 7);
+        let wrong = psk_transport(dir.path(), "wrong", 8);
+        let (g, w) = (good.clone(), wrong.clone());
+        let r = run(&good, Duration::from_secs(5), Duration::from_secs(30), move |addr| {
+            let e = sender(addr, &w).expect_err("the wrong key fails");
+            assert!(e.contains("TLS handshake"), "{e}");
+            // Plain TCP speaking to a TLS receiver.
+            let _ = sender(addr, &Transport::Insecure);
+            sender(addr, &g).unwrap();
+        });
+        let a = r.arrival.as_ref().map_err(|e| e.chain()).expect("the sender with the right key arrives");
+        assert!(!a.1.is_empty());
+        assert_eq!(r.total, 2, "{}", reasons(&r));
+        assert!(r.refused.iter().all(|x| x.reason.contains("TLS handshake")), "{}", reasons(&r));
+    }
+
+    #[test]
+    fn no_sender_in_time_is_a_timeout_that_names_the_refused() {
+        let r = run(&Transport::Insecure, Duration::from_millis(300), Duration::from_secs(2), |addr| {
+            let mut g = TcpStream::connect(addr).unwrap();
+            let _ = g.write_all(&[0u8; 64]);
+        });
+        let e = r.arrival.expect_err("nobody arrived");
+        assert!(matches!(e, AgentError::Timeout { .. }), "{e:?}");
+        assert_eq!(r.total, 1);
+    }
+
+    #[test]
+    fn a_flood_of_silent_connections_cannot_keep_the_sender_out_past_the_bound() {
+        let r = run(&Transport::Insecure, Duration::from_millis(400), Duration::from_secs(30), |addr| {
+            let held: Vec<TcpStream> = (0..MAX_PENDING + 4).filter_map(|_| TcpStream::connect(addr).ok()).collect();
+            std::thread::sleep(Duration::from_millis(100));
+            // Retried as a real sender does while it is refused.
+            for _ in 0..50 {
+                if sender(addr, &Transport::Insecure).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            drop(held);
+        });
+        r.arrival.as_ref().map_err(|e| e.chain()).expect("the sender arrives");
+        assert!(r.refused.iter().any(|x| x.reason.contains("already in their handshake")), "{}", reasons(&r));
+    }
+}
