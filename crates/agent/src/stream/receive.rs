@@ -169,6 +169,9 @@ pub(super) fn rebuild(
     let mut checkpoint_at: Option<u64> = None;
     let mut loaded = false;
     let mut page = Box::new([0u8; PAGE_SIZE]);
+    // The last frame from the sender: a link silent for `--timeout` while a frame is due is a
+    // stalled link or sender (the socket has no read timeout: its reader is a thread).
+    let mut last_frame = Instant::now();
     loop {
         if opts.cancel.load(Ordering::Relaxed) {
             return Err(AgentError::Cancelled);
@@ -177,8 +180,16 @@ pub(super) fn rebuild(
             Some(f) => f,
             // Once the whole stream is in QEMU, its load is polled closely: that wait is downtime.
             None => match frames.recv_timeout(if ended.is_some() { Duration::from_millis(1) } else { Duration::from_millis(200) }) {
-                Ok(f) => f?,
+                Ok(f) => {
+                    last_frame = Instant::now();
+                    f?
+                }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    // While the destination QEMU loads what it got, the sender has nothing to say.
+                    let loading = ended.is_some() && !loaded;
+                    if !loading && last_frame.elapsed() > opts.timeout {
+                        return Err(AgentError::Wire(WireError::TimedOut { what: "waiting for the sender's next frame" }));
+                    }
                     // The whole stream is in QEMU: wait for it to load.
                     if ended.is_some() && !loaded && dest.poll_loaded()? {
                         loaded = true;

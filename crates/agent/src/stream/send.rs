@@ -316,7 +316,15 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         }
     }
     drop(inbound);
+    if r.is_err() {
+        // Nothing more to say: a receiver that stopped reading (a stalled link) must not hold
+        // the writer.
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
     let _ = writer.finish();
+    // The receiver is done (or gone): end the reader under the dispatcher (the socket has no
+    // read timeout, and a stalled link brings no end).
+    let _ = stream.shutdown(std::net::Shutdown::Both);
     let _ = relay.join();
     let _ = dispatcher.join();
     r
@@ -433,6 +441,7 @@ fn steer(
         if source_done && loaded {
             break;
         }
+        window.check_progress(opts.timeout)?;
         // In the downtime (QEMU has stopped the guest) every millisecond of polling is downtime.
         let in_downtime = stats.lock().unwrap_or_else(|e| e.into_inner()).completion_started.is_some();
         if last_sample.elapsed() < if in_downtime { Duration::from_millis(1) } else { SAMPLE } {

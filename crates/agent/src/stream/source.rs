@@ -33,6 +33,9 @@ struct WinInner {
     acked_raw: u64,
     acked_at: Vec<(Instant, u64)>,
     closed: bool,
+    /// Since when the oldest unacknowledged chunk waits for progress (its insertion, or the last
+    /// acknowledgement after it); `None` when nothing is unacknowledged.
+    waiting_since: Option<Instant>,
 }
 
 /// Unacknowledged chunks: their raw size and their pages (for resends).
@@ -65,6 +68,9 @@ impl Window {
         let mut g = self.lock();
         g.raw += raw;
         g.chunks.push_back((seq, raw, pages));
+        if g.waiting_since.is_none() {
+            g.waiting_since = Some(Instant::now());
+        }
     }
 
     /// The receiver wrote every chunk up to `seq` into the destination QEMU.
@@ -76,6 +82,7 @@ impl Window {
             g.acked_raw += raw;
         }
         let total = g.acked_raw;
+        g.waiting_since = (!g.chunks.is_empty()).then(Instant::now);
         g.acked_at.push((Instant::now(), total));
         if g.acked_at.len() > 4096 {
             g.acked_at.drain(..2048);
@@ -88,6 +95,24 @@ impl Window {
         let g = self.lock();
         let c = g.chunks.iter().find(|c| c.0 == seq)?;
         c.2.iter().find(|(i, _)| *i == item).map(|(_, p)| p.clone())
+    }
+
+    /// How long unacknowledged chunks have waited with no acknowledgement at all (zero when
+    /// none waits).
+    pub fn stalled_for(&self) -> Duration {
+        self.lock().waiting_since.map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    /// An error once chunks have waited `timeout` with no acknowledgement: the link or the
+    /// receiver stalled (a silent link fills no socket buffer the window does not fit in, so
+    /// no write ever times out).
+    pub fn check_progress(&self, timeout: Duration) -> Result<(), crate::error::AgentError> {
+        if self.stalled_for() > timeout {
+            return Err(crate::error::AgentError::Wire(livemig_wire::WireError::TimedOut {
+                what: "waiting for the receiver to acknowledge QEMU's stream",
+            }));
+        }
+        Ok(())
     }
 
     /// Raw bytes the receiver acknowledged in total.
@@ -377,5 +402,28 @@ impl State {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_waiting_past_the_timeout_with_no_acknowledgement_is_a_stalled_link() {
+        let w = Window::new(1 << 20);
+        let t = Duration::from_millis(50);
+        assert!(w.check_progress(t).is_ok(), "nothing unacknowledged");
+        w.insert(0, 100, Vec::new());
+        w.insert(1, 100, Vec::new());
+        std::thread::sleep(Duration::from_millis(80));
+        let e = w.check_progress(t).expect_err("two chunks waited 80 ms");
+        assert!(e.chain().contains("no progress within the timeout"), "{}", e.chain());
+        // An acknowledgement is progress: the clock starts again for the chunk still waiting.
+        w.ack(0);
+        assert!(w.check_progress(t).is_ok());
+        w.ack(1);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(w.check_progress(t).is_ok(), "nothing unacknowledged, however long");
     }
 }

@@ -546,6 +546,7 @@ fn watch(
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(AgentError::Wire(WireError::Closed)),
         }
+        window.check_progress(opts.timeout)?;
         if ended.is_none() {
             match done.try_recv() {
                 Ok(Ok(bytes)) => ended = ended_at(bytes, obs),

@@ -401,3 +401,41 @@ fn destination_memory_damaged_before_the_switchover_is_caught_by_verification() 
     assert_ne!(m.send_report["verification"]["source_digest"], m.send_report["verification"]["destination_digest"]);
     assert_failed_safely(&pair, &m);
 }
+
+/// `livemig certs` in `dir`, and the PSK arguments of both agents.
+fn psk(dir: &Path) -> Vec<String> {
+    crate::tls::psk_args(&crate::tls::certs(dir))
+}
+
+/// Case 14 (issue 14 item 9): faults of a TLS connection (PSK), at the TCP level under TLS (a
+/// proxy that parses nothing): the connection cut after 1 MiB from the sender (inside the first
+/// iteration, inside a TLS record), then the link stalled there, nothing more going either way
+/// and both connections held open (both agents with `--timeout 5s`). Each fails safely, as over
+/// plain TCP.
+#[test]
+fn tls_connection_cut_or_stalled_leaves_the_source_running() {
+    let _g = harness::vm_lock();
+    let mut pair = Pair::start("tls-faults", harness::dirty_guest(16, 5), |d| d);
+    let keys = tempfile::tempdir().unwrap();
+    let args = psk(keys.path());
+    let args = crate::tls::strs(&args);
+
+    let proxy = Proxy::raw(MIB, Action::Cut);
+    let m = Migration::between_via(&pair.src, &pair.dst, &pair.dir, "tls-cut-", &args, &args, |a| proxy.forward_to(a), |_| {});
+    eprintln!("--- proxy: fired {:?}", proxy.fired());
+    proxy.assert_fired();
+    assert_eq!(m.send_report["transport"], "tls-psk", "{:#}", m.send_report);
+    assert_says_connection_lost(&m);
+    assert_failed_safely(&pair, &m);
+
+    pair.restart_destination();
+    let mut stall = args.clone();
+    stall.extend(["--timeout", "5s"]);
+    let proxy = Proxy::raw(MIB, Action::Stall);
+    let m = Migration::between_via(&pair.src, &pair.dst, &pair.dir, "tls-stall-", &stall, &stall, |a| proxy.forward_to(a), |_| {});
+    eprintln!("--- proxy: fired {:?}", proxy.fired());
+    proxy.assert_fired();
+    assert!(m.send_stderr.contains("no progress within the timeout"), "send names the stalled link: {}", m.send_stderr);
+    assert!(m.recv_stderr.contains("no progress within the timeout"), "receive names the stalled link: {}", m.recv_stderr);
+    assert_failed_safely(&pair, &m);
+}

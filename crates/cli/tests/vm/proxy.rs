@@ -1,10 +1,14 @@
-//! A TCP fault proxy between `livemig send` and `livemig receive` (plain TCP, `--insecure`).
+//! A TCP fault proxy between `livemig send` and `livemig receive`.
 //!
 //! It accepts one connection from the sender, connects to the receiver, and copies both
-//! directions on threads while parsing livemig's frames (sender -> receiver after the 8-byte
-//! magic, receiver -> sender from the start). When its trigger fires it applies one fault, once:
-//! cut both connections, flip one byte inside the triggering frame's payload, or run a hook
-//! before or after forwarding the frame (to kill a process at an exact protocol step).
+//! directions on threads while parsing livemig's frames (plain TCP, `--insecure`: sender ->
+//! receiver after the 8-byte magic, receiver -> sender from the start). When its trigger fires it
+//! applies one fault, once: cut both connections, flip one byte inside the triggering frame's
+//! payload, or run a hook before or after forwarding the frame (to kill a process at an exact
+//! protocol step).
+//!
+//! [`Proxy::raw`] parses nothing, for TLS between the agents (issue 14 item 9): it cuts or
+//! stalls the connection after a number of bytes from the sender.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -52,6 +56,9 @@ pub enum Action {
     After(Box<dyn FnOnce() + Send>),
     /// Run the hook, then cut as [`Action::Cut`] (the triggering frame is not forwarded).
     HookThenCut(Box<dyn FnOnce() + Send>),
+    /// Stop forwarding either way and hold both connections open, reading nothing more: a link
+    /// that went silent (only with [`Proxy::raw`] and [`Trigger::SenderBytes`]).
+    Stall,
 }
 
 struct Shared {
@@ -66,6 +73,12 @@ struct Shared {
     /// Directions that ended (both pumps).
     ended: Mutex<u32>,
     ended_cv: Condvar,
+    /// Parse nothing (TLS between the agents).
+    raw: bool,
+    /// The link is stalled: nothing more goes either way.
+    stalled: std::sync::atomic::AtomicBool,
+    /// The proxy cut both connections (or is dropped): a stalled pump may end.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -75,6 +88,7 @@ impl Shared {
     }
 
     fn cut(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         for s in self.sockets.lock().unwrap().drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
@@ -95,16 +109,31 @@ impl Proxy {
         if matches!(trigger, Trigger::SenderBytes(_)) {
             assert!(matches!(action, Action::Cut), "a byte-count trigger only cuts");
         }
+        assert!(!matches!(action, Action::Stall), "only a raw proxy stalls");
+        Self::start(Some((trigger, action)), false)
+    }
+
+    /// A proxy that parses nothing (the agents speak TLS), with a fault after `bytes` from the
+    /// sender: [`Action::Cut`] or [`Action::Stall`].
+    pub fn raw(bytes: u64, action: Action) -> Proxy {
+        assert!(matches!(action, Action::Cut | Action::Stall), "a raw proxy cuts or stalls");
+        Self::start(Some((Trigger::SenderBytes(bytes), action)), true)
+    }
+
+    fn start(fault: Option<(Trigger, Action)>, raw: bool) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy listens");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
-            fault: Mutex::new(Some((trigger, action))),
+            fault: Mutex::new(fault),
             fired: Mutex::new(None),
             cv: Condvar::new(),
             trace: Mutex::new(Vec::new()),
             sockets: Mutex::new(Vec::new()),
             ended: Mutex::new(0),
             ended_cv: Condvar::new(),
+            raw,
+            stalled: std::sync::atomic::AtomicBool::new(false),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel::<String>();
         let sh = Arc::clone(&shared);
@@ -187,6 +216,7 @@ fn serve(listener: &TcpListener, target: &mpsc::Receiver<String>, sh: &Arc<Share
     let _ = receiver.set_nodelay(true);
     sh.sockets.lock().unwrap().extend([sender.try_clone().unwrap(), receiver.try_clone().unwrap()]);
     let (s2, r2) = (sender.try_clone().unwrap(), receiver.try_clone().unwrap());
+    let pump = if sh.raw { pump_raw } else { pump };
     let up = {
         let sh = Arc::clone(sh);
         std::thread::spawn(move || pump(sender, receiver, Dir::FromSender, &sh))
@@ -307,6 +337,62 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>) {
     }
 }
 
+/// Copies `from` to `to` as bytes (TLS records), applying a byte-count cut or stall, or one the
+/// test fired.
+fn pump_raw(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut total: u64 = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = from.read(&mut buf);
+        // A stalled link carries nothing more, not even a close or a reset.
+        if sh.stalled.load(SeqCst) {
+            return hold(sh);
+        }
+        let n = match n {
+            Ok(0) => return done(sh, &from, &to, true),
+            Ok(n) => n,
+            Err(_) if sh.closed.load(SeqCst) => return,
+            Err(_) => return done(sh, &from, &to, false),
+        };
+        total += n as u64;
+        let mut keep = n;
+        let mut action = None;
+        if dir == Dir::FromSender {
+            let mut f = sh.fault.lock().unwrap();
+            if let Some((Trigger::SenderBytes(at), _)) = f.as_ref() {
+                if total >= *at {
+                    keep = n - usize::try_from(total - *at).expect("within this read");
+                    action = f.take().map(|(_, a)| a);
+                }
+            }
+        }
+        if to.write_all(&buf[..keep]).is_err() {
+            return done(sh, &from, &to, false);
+        }
+        match action {
+            None => {}
+            Some(Action::Stall) => {
+                sh.stalled.store(true, SeqCst);
+                sh.fire(format!("stalled after {} bytes from the sender", total - (n - keep) as u64));
+                return hold(sh);
+            }
+            Some(_) => {
+                let _ = to.flush();
+                sh.fire(format!("cut after {} bytes from the sender", total - (n - keep) as u64));
+                return sh.cut();
+            }
+        }
+    }
+}
+
+/// A stalled direction: reads and forwards nothing until the proxy is cut or dropped.
+fn hold(sh: &Shared) {
+    while !sh.closed.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The end of one direction. A clean close is passed on. An error (a peer died) breaks both
 /// connections, but only once the other direction has delivered what that peer sent before (at
 /// most 2 s): as over one TCP connection, a peer's last message (an `abort` with its reason)
@@ -373,5 +459,6 @@ fn decide(sh: &Shared, dir: Dir, kind: (u16, Option<u32>), msg: Option<&str>, ar
             h();
             Step::Cut { keep: 0, what: format!("hook, then cut: {what}") }
         }
+        Action::Stall => unreachable!("Proxy::new does not take a stall"),
     }
 }

@@ -436,3 +436,40 @@ fn stream_downtime_above_the_maximum_is_exit_5_and_a_warning() {
     assert_eq!(pair.status_of_destination(), "running");
     pair.assert_destination_guest_verifies(2);
 }
+
+/// Case S9 (issue 14 item 9): the stream engine over TLS (PSK), its connection cut after 8 MiB
+/// from the sender in QEMU's pre-copy (at the TCP level, inside a TLS record), then the link
+/// stalled there with nothing more going either way (both agents with `--timeout 5s`): each
+/// fails safely, the source runs.
+#[test]
+fn stream_tls_connection_cut_or_stalled_leaves_the_source_running() {
+    let _g = harness::vm_lock();
+    let mut pair = private_ram("stream-tls-faults", harness::dirty_guest(32, 8));
+    let keys = tempfile::tempdir().unwrap();
+    let psk = crate::tls::psk_args(&crate::tls::certs(keys.path()));
+    let recv = crate::tls::strs(&psk);
+    let send = stream_args(&recv);
+
+    let proxy = Proxy::raw(8 << 20, Action::Cut);
+    let mut cut = send.clone();
+    cut.extend(["--bandwidth", "40mbit"]);
+    let m = Migration::between_via(&pair.src, &pair.dst, &pair.dir, "tls-cut-", &cut, &recv, |a| proxy.forward_to(a), |_| {});
+    assert_fired(&proxy, &m);
+    assert_eq!(m.send_report["transport"], "tls-psk", "{:#}", m.send_report);
+    assert_in_precopy(&m);
+    assert_says_connection_lost(&m);
+    assert_failed_safely(&pair, &m, false);
+
+    pair.restart_destination();
+    let proxy = Proxy::raw(8 << 20, Action::Stall);
+    let (mut send, mut recv) = (send, recv);
+    send.extend(["--bandwidth", "40mbit", "--timeout", "5s"]);
+    recv.extend(["--timeout", "5s"]);
+    let m = Migration::between_via(&pair.src, &pair.dst, &pair.dir, "tls-stall-", &send, &recv, |a| proxy.forward_to(a), |_| {});
+    assert_fired(&proxy, &m);
+    assert_in_precopy(&m);
+    // Each side finds the silence itself: nothing of the other's end crosses a stalled link.
+    assert!(m.send_stderr.contains("no progress within the timeout while waiting for the receiver to acknowledge"), "{}", m.send_stderr);
+    assert!(m.recv_stderr.contains("no progress within the timeout while waiting for the sender's next frame"), "{}", m.recv_stderr);
+    assert_failed_safely(&pair, &m, false);
+}
