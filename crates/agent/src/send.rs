@@ -521,6 +521,16 @@ fn precopy_and_switchover(
             slices: stats.slices,
         })
         .filter(|r| r.slices > 0);
+        if let Some(t) = &report.throttle {
+            // QMP `stop` freezes the guest's clocks too (measured: BENCHMARKS.md, "Throttling").
+            let w = format!(
+                "the source guest was throttled by stopping its vCPUs ({} stop/cont slices, {:.1} s stopped in all): its clock stands that much behind the host's until its time sync (NTP, chrony) corrects it; QEMU's own CPU throttle, which the stream engine uses, does not stop the clock",
+                t.slices,
+                t.stunned_ms / 1000.0
+            );
+            obs.progress(Progress::Phase(&w));
+            report.warnings.push(w);
+        }
     }
 
     // Switchover: from here the source is paused until the destination runs or we resume it.

@@ -207,6 +207,8 @@ fn guest_too_hot_for_the_maximum_is_throttled_until_it_fits() {
     let max = r["throttle"]["max"].as_f64().unwrap_or(0.0);
     assert!(max >= 0.5, "the guest was not throttled: {r:#}");
     assert!(r["throttle"]["stunned_ms"].as_f64().unwrap() > 0.0, "{r:#}");
+    // The stun's side effect is said: the guest's clock stood still while it was stopped.
+    assert!(r["warnings"].to_string().contains("its clock stands that much behind the host's"), "{r:#}");
     let decisions: Vec<&str> = r["iterations"].as_array().unwrap().iter().filter_map(|i| i["decision"].as_str()).collect();
     assert!(decisions.contains(&"throttle"), "{decisions:?}");
     assert_eq!(pair.status_of_source(), "postmigrate");
