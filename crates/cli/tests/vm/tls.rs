@@ -58,7 +58,18 @@ fn migrates_over_tls_with_certificates() {
     assert_eq!(m.recv_report["transport"], "tls-certificates");
     assert!(m.send_report["peer"].as_str().unwrap().contains("localhost"), "{:#}", m.send_report);
     assert!(!m.send_stderr.contains("--insecure"), "no plain-TCP warning over TLS: {}", m.send_stderr);
+    assert_tls_page_key(&m);
     pair.assert_destination_guest_verifies(2);
+}
+
+/// Over TLS both sides export the page key from the session: the reports say so and never
+/// hold the key.
+fn assert_tls_page_key(m: &Migration) {
+    for r in [&m.send_report, &m.recv_report] {
+        assert_eq!(r["page_key"], "tls-exporter", "{r:#}");
+        assert!(r["page_key_hex"].is_null(), "a TLS session's key is never reported: {r:#}");
+    }
+    assert!(!m.send_stderr.contains("page key went in the clear"), "{}", m.send_stderr);
 }
 
 #[test]
@@ -95,6 +106,7 @@ fn wrong_ca_psk_or_key_is_refused_before_any_memory_then_the_right_psk_migrates(
     let m = Migration::run(&pair, &strs(&psk_args(&a)), &strs(&psk_args(&a)));
     m.assert_completed();
     assert_eq!(m.send_report["transport"], "tls-psk");
+    assert_tls_page_key(&m);
     assert_eq!(pair.status_of_source(), "postmigrate");
     pair.assert_destination_guest_verifies(2);
 }
