@@ -6,14 +6,15 @@
 //! Contract checked against an independent parse of the records: records are handled in order,
 //! each either written or returned as a miss; a write is exactly the record's page and class,
 //! with its record length, and its data is whole (zero: zeroes, raw: the bytes, lz4/zstd: the
-//! decompressed page) or verified (references and deltas: the fingerprint the record carries);
+//! decompressed page) or verified (references and deltas: the fingerprint the record carries,
+//! keyed with the harness's page key);
 //! only references and deltas miss; `Ok` means every record of the batch was handled.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use livemig_compact::{decode_batch, fingerprint, PageClass, RECORD_HEADER};
+use livemig_compact::{decode_batch, PageClass, RECORD_HEADER};
 use livemig_fuzz_common::{
-    carried_fingerprint, decompress, fix_fingerprints, records, FakeDest, COMPACT_FIX_FINGERPRINTS, RAM_PAGES,
+    carried_fingerprint, decompress, fix_fingerprints, page_key, records, FakeDest, COMPACT_FIX_FINGERPRINTS, RAM_PAGES,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -23,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         fix_fingerprints(&mut batch);
     }
     let mut dest = FakeDest::default();
-    let result = decode_batch(&batch, RAM_PAGES, &mut dest);
+    let result = decode_batch(&batch, RAM_PAGES, page_key(), &mut dest);
     let recs = records(&batch);
 
     let (written, misses) = match &result {
@@ -47,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
         // A reference or delta is written only when what it resolves to has its fingerprint.
         // (Records with equal page, class and length are told apart by that alone.)
         let write_fits = w.peek().is_some_and(|(p, c, d, l)| {
-            (*p, *c, *l) == (r.page, class, record_len) && verified.is_some_and(|(_, fp)| fingerprint(d) == fp)
+            (*p, *c, *l) == (r.page, class, record_len) && verified.is_some_and(|(_, fp)| page_key().fingerprint(d) == fp)
         });
         if verified.is_some() && !write_fits {
             if result.is_ok() {

@@ -59,6 +59,8 @@ pub(crate) struct Arrival {
     pub(crate) writer: Box<dyn std::io::Write + Send>,
     /// Who the transport says the peer is.
     pub(crate) peer: String,
+    /// The page key exported from the TLS session; `None` on a plain link.
+    pub(crate) tls_key: Option<[u8; livemig_tls::PAGE_KEY_LEN]>,
     pub(crate) hello: Message,
 }
 
@@ -187,7 +189,7 @@ fn handshake(stream: TcpStream, transport: &Transport, bound: Duration, timeout:
         link::tune(&stream, d).map_err(|e| e.chain())
     };
     set(bound)?;
-    let Channel { reader, writer, peer } = transport::server(transport, &stream).map_err(|e| e.chain())?;
+    let Channel { reader, writer, peer, tls_key } = transport::server(transport, &stream).map_err(|e| e.chain())?;
     let mut reader = Counting { inner: reader, count: Arc::new(AtomicU64::new(0)) };
     livemig_wire::read_magic(&mut reader).map_err(|e| format!("not a livemig sender: {e}"))?;
     let hello = match livemig_wire::read_message(&mut reader) {
@@ -196,7 +198,7 @@ fn handshake(stream: TcpStream, transport: &Transport, bound: Duration, timeout:
         Err(e) => return Err(format!("no hello: {e}")),
     };
     set(timeout)?;
-    Ok(Arrival { stream, reader, writer, peer, hello })
+    Ok(Arrival { stream, reader, writer, peer, tls_key, hello })
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! The `receive` role: writes the pages into the destination VM's RAM, proves the memory equals
-//! the source's, feeds QEMU the device state and resumes the destination only when the source
-//! commits. On any failure the destination is never resumed.
+//! The `receive` role: writes the pages into the destination VM's RAM, checks that the memory
+//! equals the source's (keyed digests, see `livemig_track`), feeds QEMU the device state and
+//! resumes the destination only when the source commits. On any failure the destination is
+//! never resumed.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -10,12 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use livemig_compact::{decode_batch, is_zero, ClassStats, DiskRef, PageClass, PAGE_SIZE};
+use livemig_compact::{decode_batch, is_zero, ClassStats, DiskRef, PageClass, PageKey, PAGE_SIZE};
 use livemig_index::snapshot::{Snapshot, SnapshotStore, SnapshotWriter};
 use livemig_control::IterationStats;
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_qmp::Qmp;
-use livemig_track::{hash_page, Digest, Ledger};
+use livemig_track::{Digest, Ledger};
 use livemig_wire::{
     negotiate, FrameKind, Message, WireError, RegionInfo, ENGINE_SHARED, ENGINE_STREAM, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION, STREAM_PROTOCOL_VERSION,
@@ -23,7 +24,7 @@ use livemig_wire::{
 
 use crate::error::AgentError;
 use crate::arrival::{self, Counting};
-use crate::transport::Transport;
+use crate::transport::{self, Transport};
 use crate::holdings::{self, ReceiverDisks};
 use crate::link;
 use crate::report::{IterationRecord, Report};
@@ -225,9 +226,12 @@ fn run(
         cancel: &opts.cancel,
         who: "the sender",
     };
-    let arrival::Arrival { stream, reader, writer, peer, hello } =
+    let arrival::Arrival { stream, reader, writer, peer, tls_key, hello } =
         arrival::accept_sender(listener, &wait, obs, &mut report.refused_connections, &mut report.refused_connections_total)?;
     report.peer = Some(peer);
+    // The migration's page key: from the TLS session, or chosen here and sent in the welcome.
+    let (key, welcome_key) = transport::receiver_page_key(tls_key)?;
+    transport::report_page_key(report, obs, &key, tls_key.is_some());
     // Kept by the caller, so a failure can still tell the sender why.
     let writer = conn_slot.insert(writer);
     let count = Arc::clone(&reader.count);
@@ -240,7 +244,7 @@ fn run(
     if matches!(&hello, Message::Hello { engine, .. } if engine == ENGINE_STREAM) {
         report.engine = ENGINE_STREAM.into();
         report.tracker = "qemu".into();
-        return receive_stream(opts, obs, report, qmp, hello, reader, conn_slot, &stream, &incoming, &indexes);
+        return receive_stream(opts, obs, report, qmp, hello, reader, conn_slot, &stream, &incoming, &indexes, (&key, welcome_key));
     }
     report.engine = ENGINE_SHARED.into();
     let mem = GuestMemory::open(qmp)?;
@@ -253,12 +257,12 @@ fn run(
     if cleared > 0 {
         obs.progress(Progress::Phase("destination memory held data: cleared it"));
     }
-    let mut ledger = Ledger::zeroed(total);
+    let mut ledger = Ledger::zeroed(total, key.clone());
     qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
         .map_err(AgentError::qmp("cannot enable x-ignore-shared on the destination QEMU"))?;
     qmp.migrate_incoming(&format!("unix:{}", incoming.display()))
         .map_err(AgentError::qmp("the destination QEMU refused migrate-incoming"))?;
-    let peer = handshake(hello, writer, &mem, &opts.disk_images, &indexes, store.as_ref())?;
+    let peer = handshake(hello, writer, &mem, &opts.disk_images, &indexes, store.as_ref(), welcome_key)?;
     report.vm = peer.vm.clone();
     report.disk_images_used = peer.disks_held;
     let snapshot: Option<Snapshot> = match livemig_wire::read_message(&mut reader)? {
@@ -310,7 +314,7 @@ fn run(
                     keep: keep.as_mut(),
                     keep_error: None,
                 };
-                let summary = decode_batch(&frame.payload, total, &mut dest)?;
+                let summary = decode_batch(&frame.payload, total, &key, &mut dest)?;
                 if let Some(e) = dest.keep_error.take() {
                     report.warnings.push(format!("no memory snapshot will be kept: {e}"));
                     keep = None;
@@ -378,7 +382,7 @@ fn run(
                         // Prove the memory itself, not the record of what was written.
                         obs.progress(Progress::Phase("re-reading the destination memory"));
                         let t = Instant::now();
-                        let d = reread_digest(&mem)?;
+                        let d = reread_digest(&mem, &key)?;
                         report.verification.reread_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
                         d
                     } else {
@@ -393,7 +397,7 @@ fn run(
                     if !ok {
                         return Err(AgentError::VerifyMismatch { source_digest: digest, destination_digest: ours.to_string() });
                     }
-                    obs.progress(Progress::Phase("memory verified: digests equal"));
+                    obs.progress(Progress::Phase("memory verified: keyed digests equal"));
                 }
                 Message::DeviceStateEnd { bytes } => {
                     if bytes != dev_bytes || !report.verification.ok {
@@ -460,6 +464,7 @@ fn receive_stream(
     stream: &TcpStream,
     incoming: &std::path::Path,
     indexes: &[livemig_index::DiskIndex],
+    (key, welcome_key): (&PageKey, Option<String>),
 ) -> Result<(), AgentError> {
     let writer = conn_slot.as_mut().expect("connected");
     let Message::Hello { version, min_version, software, page_size, disks, .. } = hello else {
@@ -472,9 +477,10 @@ fn receive_stream(
     let v = match negotiate(min_version, version) {
         Some(v) if v >= STREAM_PROTOCOL_VERSION => v,
         _ => {
+            let min = STREAM_PROTOCOL_VERSION.max(MIN_PROTOCOL_VERSION);
             return Err(refuse(
                 writer,
-                format!("protocol version mismatch: the source ({software}) speaks {min_version}..{version} with the stream engine, this destination {STREAM_PROTOCOL_VERSION}..{PROTOCOL_VERSION}"),
+                format!("protocol version mismatch: the source ({software}) speaks {min_version}..{version} with the stream engine, this destination {min}..{PROTOCOL_VERSION}"),
             ))
         }
     };
@@ -486,7 +492,10 @@ fn receive_stream(
         Err(e) => return Err(refuse(writer, e.chain())),
     };
     report.disk_images_used = held.len();
-    livemig_wire::write_message(writer, &Message::Welcome { version: v, software: SOFTWARE.into(), holds: holdings::holdings(held, Vec::new()) })?;
+    livemig_wire::write_message(
+        writer,
+        &Message::Welcome { version: v, software: SOFTWARE.into(), holds: holdings::holdings(held, Vec::new()), page_key: welcome_key },
+    )?;
     match livemig_wire::read_message(&mut reader)? {
         Message::Plan { snapshot: None } => {}
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
@@ -513,7 +522,7 @@ fn receive_stream(
     let w = conn_slot.take().expect("connected");
     let mut writer = link::Writer::spawn(w, None);
     obs.progress(Progress::Phase("rebuilding QEMU's stream into the destination QEMU"));
-    let r = crate::stream::receive::run(opts, obs, report, qmp, qemu_sock, &frames, &mut writer, &rdisks);
+    let r = crate::stream::receive::run(opts, obs, report, qmp, qemu_sock, &frames, &mut writer, &rdisks, key);
     report.wire_bytes = count.load(Ordering::Relaxed);
     if let Err(e) = &r {
         let connection_lost = matches!(e, AgentError::Wire(WireError::Closed | WireError::Io { .. } | WireError::TimedOut { .. }));
@@ -527,17 +536,18 @@ fn receive_stream(
     r
 }
 
-/// The digest of the destination memory as it is now, read back page by page.
-/// Holes read as zero and are not read (reading one would allocate it).
-fn reread_digest(mem: &GuestMemory) -> Result<Digest, AgentError> {
+/// The digest of the destination memory as it is now, read back page by page, its page hashes
+/// keyed with the migration's `key`. Holes read as zero and are not read (reading one would
+/// allocate it).
+fn reread_digest(mem: &GuestMemory, key: &PageKey) -> Result<Digest, AgentError> {
     let mut buf = Box::new(PageBuf::zeroed());
     let mut d = Digest(0);
     let data = mem.data_ranges();
-    let zero = livemig_track::zero_hash();
+    let zero = key.zero_hash();
     for p in 0..mem.total_pages() {
         let hash = if livemig_track::in_ranges(data.as_deref(), p) {
             mem.read_page(p, &mut buf)?;
-            hash_page(&buf.0)
+            key.hash_page(&buf.0)
         } else {
             zero
         };
@@ -566,6 +576,7 @@ fn handshake(
     images: &[PathBuf],
     indexes: &[livemig_index::DiskIndex],
     store: Option<&SnapshotStore>,
+    page_key: Option<String>,
 ) -> Result<Peer, AgentError> {
     let Message::Hello { version, min_version, software, page_size, regions, vm, disks, engine: _ } = hello else {
         return Err(AgentError::Protocol { expected: "hello".into(), got: hello.name().into() });
@@ -607,7 +618,7 @@ fn handshake(
     let disks_held = held.len();
     livemig_wire::write_message(
         writer,
-        &Message::Welcome { version: v, software: SOFTWARE.into(), holds: holdings::holdings(held, snapshots) },
+        &Message::Welcome { version: v, software: SOFTWARE.into(), holds: holdings::holdings(held, snapshots), page_key },
     )?;
     Ok(Peer { vm, disks: rdisks, disks_held })
 }
@@ -641,7 +652,7 @@ impl livemig_compact::Destination for Dest<'_, '_> {
 
     fn write_page(&mut self, page: u64, class: PageClass, data: &[u8; PAGE_SIZE], record_len: usize) -> Result<(), AgentError> {
         self.mem.write_page(page, data)?;
-        self.ledger.record(page, hash_page(data));
+        self.ledger.record_page(page, data);
         self.stats.add(class, record_len);
         if let Some(w) = self.keep.as_mut() {
             if let Err(e) = w.write_page(page, data) {

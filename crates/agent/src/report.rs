@@ -155,6 +155,14 @@ pub struct Report {
     pub transport: String,
     /// Who the peer proved to be (certificate subject, `psk peer`, or `unauthenticated`).
     pub peer: Option<String>,
+    /// How the migration's page key (it keys the page hashes, reference fingerprints and
+    /// digests) was agreed: `tls-exporter` (exported from the TLS session: secret) or
+    /// `plain-link` (chosen by the receiver and sent in the clear: secret from the guest, not
+    /// from the network).
+    pub page_key: Option<String>,
+    /// On a plain link only, the page key as 64 hex digits (it crossed the network in the
+    /// clear; with it the digests can be recomputed afterwards). Never set over TLS.
+    pub page_key_hex: Option<String>,
 }
 
 impl Report {
@@ -234,7 +242,16 @@ impl Report {
             );
         }
         if self.verification.source_digest.is_some() || self.verification.destination_digest.is_some() {
-            let _ = writeln!(s, "verification: {}", if self.verification.ok { "memory digests equal" } else { "FAILED or not reached" });
+            let _ = writeln!(s, "verification: {}", if self.verification.ok { "keyed memory digests equal" } else { "FAILED or not reached" });
+        }
+        match self.page_key.as_deref() {
+            Some(crate::transport::PAGE_KEY_PLAIN) => {
+                let _ = writeln!(s, "page key:     sent in the clear (plain link): secret from the guest, not from the network");
+            }
+            Some(k) => {
+                let _ = writeln!(s, "page key:     {k}");
+            }
+            None => {}
         }
         if let Some(st) = &self.source_state {
             let _ = writeln!(s, "source VM:    {st}");

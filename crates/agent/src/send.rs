@@ -17,7 +17,7 @@ use livemig_control::{
 };
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_qmp::Qmp;
-use livemig_track::{hash_page, Ledger};
+use livemig_track::Ledger;
 use livemig_wire::{FrameKind, Holdings, Message, RegionInfo, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use crate::error::AgentError;
@@ -333,7 +333,7 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     }
     let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
 
-    let (stream, mut reader, mut writer_half) = connect_receiver(opts, obs, report)?;
+    let (stream, mut reader, mut writer_half, tls_key) = connect_receiver(opts, obs, report)?;
     let regions: Vec<RegionInfo> = mem.layout().into_iter().map(|(id, size)| RegionInfo { id, size }).collect();
     livemig_wire::write_message(
         &mut writer_half,
@@ -348,12 +348,19 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
             engine: livemig_wire::ENGINE_SHARED.into(),
         },
     )?;
-    let holds: Holdings = match livemig_wire::read_message(&mut reader)? {
-        Message::Welcome { holds, .. } => holds,
+    let (holds, key): (Holdings, _) = match livemig_wire::read_message(&mut reader)? {
+        Message::Welcome { version, software, .. } if version < MIN_PROTOCOL_VERSION => {
+            return Err(AgentError::Incompatible(format!(
+                "the receiver ({software}) speaks protocol {version}, this sender {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}"
+            )))
+        }
+        Message::Welcome { holds, page_key, .. } => (holds, transport::sender_page_key(tls_key, page_key.as_deref())?),
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
         other => return Err(AgentError::Protocol { expected: "welcome".into(), got: other.name().into() }),
     };
-    let mut encoder = Encoder::new(total, EncodeOptions { compressor: opts.compressor, ..EncodeOptions::for_ram(report.ram_bytes) });
+    transport::report_page_key(report, obs, &key, tls_key.is_some());
+    let mut encoder =
+        Encoder::new(total, EncodeOptions { compressor: opts.compressor, ..EncodeOptions::for_ram(report.ram_bytes) }, key);
     report.disk_images_used = holds.disks.len();
     if let Some(d) = SenderDisks::new(indexes, &holds.disks) {
         encoder.set_disk_lookup(d);
@@ -437,7 +444,7 @@ fn precopy_and_switchover(
     let src = MemSource(mem);
     // Pages the destination could not resolve: sent whole in the next pass.
     let mut forced: BTreeSet<u64> = BTreeSet::new();
-    let mut ledger = Ledger::zeroed(total);
+    let mut ledger = Ledger::zeroed(total, encoder.key().clone());
     let qmp = Arc::clone(st.qmp.as_ref().expect("QMP connected"));
     let mut controller = opts.policy.controller(opts.limits, opts.on_no_converge);
     let mut history: Vec<IterationStats> = Vec::new();
@@ -661,8 +668,14 @@ fn precopy_and_switchover(
     Ok(())
 }
 
-/// The connection to the receiver: the TCP stream (for its socket options) and the channel's halves.
-pub(crate) type Connection = (std::net::TcpStream, Box<dyn std::io::Read + Send>, Box<dyn std::io::Write + Send>);
+/// The connection to the receiver: the TCP stream (for its socket options), the channel's halves
+/// and the page key exported from the TLS session (`None` on a plain link).
+pub(crate) type Connection = (
+    std::net::TcpStream,
+    Box<dyn std::io::Read + Send>,
+    Box<dyn std::io::Write + Send>,
+    Option<[u8; livemig_tls::PAGE_KEY_LEN]>,
+);
 
 /// Connects to the receiver at `opts.to` (retrying while it does not listen yet), sets up the
 /// transport (TLS checks the receiver's name) and sends livemig's magic: the TCP stream and the
@@ -680,7 +693,7 @@ pub(crate) fn connect_receiver(
     report.peer = Some(channel.peer.clone());
     let mut writer = channel.writer;
     livemig_wire::write_magic(&mut writer)?;
-    Ok((stream, channel.reader, writer))
+    Ok((stream, channel.reader, writer, channel.tls_key))
 }
 
 /// What the thread that owns QEMU's outgoing connection reports.
@@ -973,7 +986,7 @@ fn send_pages(
     for chunk in list.chunks(CHUNK_PAGES) {
         for (&(page, _), buf) in chunk.iter().zip(bufs.iter_mut()) {
             mem.read_page(page, buf)?;
-            ledger.record(page, hash_page(&buf.0));
+            ledger.record_page(page, &buf.0);
         }
         let items: Vec<PageRef<'_>> =
             chunk.iter().zip(bufs.iter()).map(|(&(page, whole), buf)| PageRef { page, data: &buf.0, whole }).collect();

@@ -9,7 +9,7 @@ use clap::Args;
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_qmp::Qmp;
 use livemig_sim::{Trace, TraceIteration, TRACE_VERSION};
-use livemig_track::{hash_page, ContentTracker, Ledger, Tracker, PAGE_SIZE};
+use livemig_track::{ContentTracker, Ledger, PageKey, Tracker, PAGE_SIZE};
 
 use crate::{exit, signal, units};
 
@@ -72,7 +72,9 @@ fn observe(a: &TraceArgs, qmp_path: &std::path::Path) -> anyhow::Result<Trace> {
     }
     let mem = GuestMemory::open(&mut qmp)?;
     let src = livemig_agent::MemSource(&mem);
-    let mut ledger = Ledger::zeroed(mem.total_pages());
+    // A random key, as a migration's: the guest cannot hide a write behind a hash collision.
+    let key = PageKey::from_bytes(livemig_tls::random_key().context("cannot make a page key")?);
+    let mut ledger = Ledger::zeroed(mem.total_pages(), key);
     let mut tracker = ContentTracker::with_available_parallelism();
     let cancel = signal::cancel_flag();
     let end = Instant::now() + Duration::from_secs_f64(a.duration / 1000.0);
@@ -84,7 +86,7 @@ fn observe(a: &TraceArgs, qmp_path: &std::path::Path) -> anyhow::Result<Trace> {
         let scan = tracker.scan(&src, &ledger)?;
         for &p in &scan.dirty {
             mem.read_page(p, &mut buf)?;
-            ledger.record(p, hash_page(&buf.0));
+            ledger.record_page(p, &buf.0);
         }
         let pages = scan.dirty.len() as u64;
         let send = Duration::from_secs_f64(pages as f64 * PAGE_SIZE as f64 / a.bandwidth as f64)

@@ -1,7 +1,9 @@
 //! Pages classified and encoded per second on one core (and on 2 threads with `push_many`), for
-//! single classes and a realistic mix; decoding of the mix; the delta and compressor choices.
+//! single classes and a realistic mix; decoding of the mix; the delta and compressor choices;
+//! page hashes keyed with a migration's key against unkeyed xxh3 (`page_hash`).
 //!
 //! Run: `cargo bench -p livemig-compact --bench encode -- --quick`
+//! (only the hashes: `cargo bench -p livemig-compact --bench encode -- --quick page_hash`)
 //! Gbit/s of guest pages per core = pages/s x 4096 x 8 / 1e9 (criterion prints elements/s).
 
 use std::collections::HashMap;
@@ -11,8 +13,13 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use livemig_compact::{
     decode_batch, delta_encode, fingerprint, CompactError, Compressor, DiskLookup, DiskRef, Destination, EncodeOptions,
-    Encoder, PageClass, PageRef, PAGE_SIZE,
+    Encoder, PageClass, PageKey, PageRef, PAGE_SIZE,
 };
+
+/// The key both sides of the bench use.
+fn key() -> PageKey {
+    PageKey::from_bytes([0x5c; 32])
+}
 
 type Page = [u8; PAGE_SIZE];
 
@@ -139,7 +146,7 @@ fn workload(kinds: &[(Kind, usize)], seed: u64) -> Workload {
 }
 
 fn encoder(w: &Workload, opts: EncodeOptions) -> Encoder {
-    let mut e = Encoder::new(w.guest_pages as u64, opts);
+    let mut e = Encoder::new(w.guest_pages as u64, opts, key());
     e.set_disk_lookup(w.disk.clone());
     for (p, d) in &w.first {
         e.push(*p, d);
@@ -306,13 +313,14 @@ fn bench_decode(c: &mut Criterion) {
     }
     let batch = e.take();
     let base = mem.0.clone();
+    let key = key();
     let mut g = c.benchmark_group("decode_mix");
     g.throughput(Throughput::Elements(w.second.len() as u64));
     g.bench_function("lz4", |b| {
         b.iter_batched_ref(
             || Mem(base.clone()),
             |m| {
-                let s = decode_batch(&batch, w.guest_pages as u64, m).expect("valid");
+                let s = decode_batch(&batch, w.guest_pages as u64, &key, m).expect("valid");
                 assert!(s.misses.is_empty());
             },
             BatchSize::LargeInput,
@@ -358,5 +366,20 @@ fn bench_delta_choice(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_classes, bench_mix, bench_decode, bench_delta_choice);
+/// One 4 KiB page hashed: unkeyed xxh3 (what livemig used before keys) against xxh3 with the
+/// secret expanded from a migration's key (what it uses now), 64 and 128 bits.
+fn bench_page_hash(c: &mut Criterion) {
+    let mut r = Rng(7);
+    let pages: Vec<Page> = (0..64).map(|_| random_page(&mut r)).collect();
+    let key = key();
+    let mut g = c.benchmark_group("page_hash");
+    g.throughput(Throughput::Bytes((pages.len() * PAGE_SIZE) as u64));
+    g.bench_function("xxh3_64_unkeyed", |b| b.iter(|| pages.iter().map(|p| xxhash_rust::xxh3::xxh3_64(black_box(p))).fold(0, u64::wrapping_add)));
+    g.bench_function("xxh3_64_keyed", |b| b.iter(|| pages.iter().map(|p| key.hash_page(black_box(p))).fold(0, u64::wrapping_add)));
+    g.bench_function("xxh3_128_unkeyed", |b| b.iter(|| pages.iter().map(|p| fingerprint(black_box(p))).fold(0, u128::wrapping_add)));
+    g.bench_function("xxh3_128_keyed", |b| b.iter(|| pages.iter().map(|p| key.fingerprint(black_box(p))).fold(0, u128::wrapping_add)));
+    g.finish();
+}
+
+criterion_group!(benches, bench_classes, bench_mix, bench_decode, bench_delta_choice, bench_page_hash);
 criterion_main!(benches);

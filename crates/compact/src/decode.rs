@@ -2,7 +2,7 @@
 //! destination holds, and writes a page only once its content is whole or verified.
 
 use crate::delta::delta_apply;
-use crate::{fingerprint, CompactError, DiskRef, PageClass, PAGE_SIZE, RECORD_HEADER};
+use crate::{CompactError, DiskRef, PageClass, PageKey, PAGE_SIZE, RECORD_HEADER};
 
 /// What the decoder reads and writes on the destination.
 pub trait Destination {
@@ -43,7 +43,7 @@ pub trait Destination {
 pub enum MissReason {
     /// The source could not be read (no such image or snapshot, out of range, read error).
     Unresolved,
-    /// The source was read but the result does not match the fingerprint.
+    /// The source was read but the result does not match the (keyed) fingerprint.
     Mismatch,
 }
 
@@ -92,11 +92,17 @@ fn valid_len(class: PageClass, len: usize) -> bool {
 /// Decodes a batch received from the peer for a guest of `total_pages` pages, in order.
 ///
 /// Whole pages (zero, raw, compressed) are written when they decode to exactly one page.
-/// References and deltas are resolved through `dest` and written only when the content matches
-/// the fingerprint they carry; otherwise they are returned as misses and nothing is written.
+/// References and deltas are resolved through `dest` and written only when the content's
+/// fingerprint keyed with `key` (the migration's key, as the sender's encoder used) equals the
+/// fingerprint they carry; otherwise they are returned as misses and nothing is written.
 /// A malformed record (truncated, unknown class, bad length, page out of range, bad compressed
 /// data, malformed delta) stops decoding with an error; records before it have been applied.
-pub fn decode_batch<D: Destination>(payload: &[u8], total_pages: u64, dest: &mut D) -> Result<DecodeSummary, D::Error> {
+pub fn decode_batch<D: Destination>(
+    payload: &[u8],
+    total_pages: u64,
+    key: &PageKey,
+    dest: &mut D,
+) -> Result<DecodeSummary, D::Error> {
     let mut out = [0u8; PAGE_SIZE];
     let mut summary = DecodeSummary::default();
     let mut zstd: Option<zstd::bulk::Decompressor<'static>> = None;
@@ -174,7 +180,7 @@ pub fn decode_batch<D: Destination>(payload: &[u8], total_pages: u64, dest: &mut
         };
         let reason = match expect {
             Some(_) if !ok => Some(MissReason::Unresolved),
-            Some(fp) if fingerprint(&out) != fp => Some(MissReason::Mismatch),
+            Some(fp) if key.fingerprint(&out) != fp => Some(MissReason::Mismatch),
             _ => None,
         };
         match reason {

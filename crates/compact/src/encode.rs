@@ -1,7 +1,8 @@
 //! The sender side: classifies and encodes pages against what the destination holds.
 //!
-//! Per page: zero check, one xxh3-128, then dup / disk / snapshot lookups, then delta or
-//! compression. The work is split so it can run on several threads: [`Encoder::prepare`] is a
+//! Per page: zero check, one keyed xxh3-128 (the fingerprint records carry and the state is
+//! keyed by), then dup lookup, then (only when a disk index or snapshot is used) one unkeyed
+//! xxh3-128 for their lookups, then delta or compression. The work is split so it can run on several threads: [`Encoder::prepare`] is a
 //! pure function of (page bytes, the encoder's state, read only) and writes a [`Prepared`] record;
 //! [`Encoder::commit`] appends it to the batch and updates the state, in stream order, on one
 //! thread. [`Encoder::push_many`] does both for a slice of pages on N threads.
@@ -16,20 +17,20 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 use crate::delta::delta_encode;
-use crate::{
-    fingerprint, is_zero, zero_fingerprint, ClassStats, DiskRef, PageClass, BATCH_TARGET, MAX_RECORD,
-    PAGE_SIZE, RECORD_HEADER,
-};
+use crate::{fingerprint, is_zero, ClassStats, DiskRef, PageClass, PageKey, BATCH_TARGET, MAX_RECORD, PAGE_SIZE, RECORD_HEADER};
 
 /// Finds a disk block with the given fingerprint (both hosts hold the image).
 pub trait DiskLookup: Send + Sync {
-    /// The block of an image whose content has this xxh3-128 fingerprint, if any.
+    /// The block of an image whose content has this unkeyed xxh3-128 fingerprint
+    /// ([`crate::fingerprint`]), if any. A candidate only: the record carries the page's keyed
+    /// fingerprint, which the receiver checks against the block it reads.
     fn lookup_disk(&self, fp: u128) -> Option<DiskRef>;
 }
 
 /// Finds a page of a memory snapshot (both hosts hold it) with the given fingerprint.
 pub trait SnapshotLookup: Send + Sync {
-    /// The snapshot page whose content has this xxh3-128 fingerprint, if any.
+    /// The snapshot page whose content has this unkeyed xxh3-128 fingerprint, if any (a
+    /// candidate, as for [`DiskLookup::lookup_disk`]).
     fn lookup_snapshot(&self, fp: u128) -> Option<u64>;
 }
 
@@ -224,11 +225,12 @@ impl DeltaCache {
 
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
-/// Encoder of a whole migration: what the destination holds (fingerprint per page, a
+/// Encoder of a whole migration: what the destination holds (keyed fingerprint per page, a
 /// fingerprint -> page map, a cache of previous versions), per-class counts, and the batch
 /// being built.
 pub struct Encoder {
     opts: EncodeOptions,
+    key: PageKey,
     zero_fp: u128,
     /// Fingerprint of what the destination's page holds (the last version sent), or UNKNOWN.
     held: Vec<u128>,
@@ -260,13 +262,15 @@ impl fmt::Debug for Encoder {
 }
 
 impl Encoder {
-    /// An encoder for a guest of `total_pages` pages.
-    pub fn new(total_pages: u64, opts: EncodeOptions) -> Self {
-        let zero_fp = zero_fingerprint();
+    /// An encoder for a guest of `total_pages` pages, its records' fingerprints keyed with `key`
+    /// (the receiver decodes with the same key).
+    pub fn new(total_pages: u64, opts: EncodeOptions, key: PageKey) -> Self {
+        let zero_fp = key.zero_fingerprint();
         let n = usize::try_from(total_pages).expect("page count fits in memory");
         let cache_bytes = if opts.delta { opts.delta_cache_bytes.min(n.saturating_mul(PAGE_SIZE)) } else { 0 };
         Encoder {
             opts,
+            key,
             zero_fp,
             held: vec![if opts.dest_starts_zeroed { zero_fp } else { UNKNOWN }; n],
             by_fp: HashMap::with_hasher(FpBuild),
@@ -300,6 +304,11 @@ impl Encoder {
         }
     }
 
+    /// The key its fingerprints are made with.
+    pub fn key(&self) -> &PageKey {
+        &self.key
+    }
+
     /// Per-class counts of everything committed so far.
     pub fn stats(&self) -> &ClassStats {
         &self.stats
@@ -325,7 +334,7 @@ impl Encoder {
             out.fp = self.zero_fp;
             return;
         }
-        let fp = fingerprint(data);
+        let fp = self.key.fingerprint(data);
         out.fp = fp;
         let mut delta_len = None;
         if !item.whole {
@@ -336,14 +345,17 @@ impl Encoder {
                 out.data.extend_from_slice(&fp.to_le_bytes());
                 return;
             }
-            if let Some(r) = self.disk.as_ref().and_then(|d| d.lookup_disk(fp)) {
+            // Disk indexes and snapshots are found by the unkeyed fingerprint (they outlive the
+            // migration's key); the record carries the keyed one of this page.
+            let lookup_fp = (self.disk.is_some() || self.snapshot.is_some()).then(|| fingerprint(data));
+            if let Some(r) = self.disk.as_ref().zip(lookup_fp).and_then(|(d, l)| d.lookup_disk(l)) {
                 out.class = PageClass::DiskRef;
                 out.data.extend_from_slice(&r.image.to_le_bytes());
                 out.data.extend_from_slice(&r.block.to_le_bytes());
                 out.data.extend_from_slice(&fp.to_le_bytes());
                 return;
             }
-            if let Some(q) = self.snapshot.as_ref().and_then(|s| s.lookup_snapshot(fp)) {
+            if let Some(q) = self.snapshot.as_ref().zip(lookup_fp).and_then(|(s, l)| s.lookup_snapshot(l)) {
                 out.class = PageClass::SnapshotRef;
                 out.data.extend_from_slice(&q.to_le_bytes());
                 out.data.extend_from_slice(&fp.to_le_bytes());

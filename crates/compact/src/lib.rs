@@ -19,8 +19,14 @@
 //! of data. All integers are little-endian. A delta run is `first word: u16`, `words: u16`, then
 //! `8 x words` bytes that replace those words of the destination's current page.
 //!
-//! The fingerprint is xxh3-128 of the 4 KiB page ([`fingerprint`]), the same function as
-//! `livemig_index::Fingerprint::of`, so a disk index answers [`DiskLookup`] directly.
+//! The fingerprint a record carries is the **keyed** xxh3-128 of the 4 KiB page
+//! ([`PageKey::fingerprint`], a secret agreed per migration): the sender computes it over its
+//! own page, the receiver over the page the reference resolves to, and writes only when they are
+//! equal. A guest that does not know the key cannot craft a page whose fingerprint equals that
+//! of different content (unkeyed xxh3 it can: see `crate::key`). Candidates are *found* with the
+//! unkeyed [`fingerprint`], the same function as `livemig_index::Fingerprint::of`, so a disk
+//! index or snapshot store (cached across migrations) answers [`DiskLookup`] directly; a
+//! candidate that is not the page fails the keyed check and the page is resent whole.
 //!
 //! Encoding: [`Encoder`] (sender state for a whole migration + the batch being built).
 //! Decoding: [`decode_batch`] against a [`Destination`] (reads/writes guest pages, reads disk
@@ -31,16 +37,17 @@
 //!
 //! Sender, one [`Encoder`] for the whole migration:
 //! ```
-//! use livemig_compact::{decode_batch, EncodeOptions, Encoder, PageRef, PAGE_SIZE};
+//! use livemig_compact::{decode_batch, EncodeOptions, Encoder, PageKey, PageRef, PAGE_SIZE};
 //! let total_pages = 16;
-//! let mut enc = Encoder::new(total_pages, EncodeOptions::for_ram(total_pages * 4096));
+//! let key = PageKey::from_bytes([7; 32]); // agreed in the handshake, the same on both sides
+//! let mut enc = Encoder::new(total_pages, EncodeOptions::for_ram(total_pages * 4096), key.clone());
 //! // enc.set_disk_lookup(Arc<dyn DiskLookup>); enc.set_snapshot_lookup(...);
 //! let page = [7u8; PAGE_SIZE];
 //! enc.push(3, &page); // or push_many(&[PageRef], 2) for 2 threads
 //! enc.push_whole(4, &page); // a resend after a miss (call enc.invalidate(4) when the miss arrives)
 //! let batch = enc.take(); // send it, then enc.recycle(batch)
 //! # let mut dest = Ram(vec![[0u8; PAGE_SIZE]; 16]);
-//! let summary = decode_batch(&batch, total_pages, &mut dest).unwrap();
+//! let summary = decode_batch(&batch, total_pages, &key, &mut dest).unwrap();
 //! assert!(summary.misses.is_empty());
 //! assert_eq!(dest.0[4], page);
 //! # struct Ram(Vec<[u8; PAGE_SIZE]>);
@@ -50,7 +57,7 @@
 //! #     fn write_page(&mut self, p: u64, _: livemig_compact::PageClass, d: &[u8; PAGE_SIZE], _: usize) -> Result<(), Self::Error> { self.0[p as usize] = *d; Ok(()) }
 //! # }
 //! ```
-//! Receiver: [`decode_batch`] with a [`Destination`]; every [`Miss`] goes back to the sender,
+//! Receiver: [`decode_batch`] with the same key and a [`Destination`]; every [`Miss`] goes back to the sender,
 //! which calls [`Encoder::invalidate`] then [`Encoder::push_whole`] with the page's current
 //! content. [`Encoder::stats`] gives pages and wire bytes per class
 //! ([`ClassStats::by_report_name`]) and [`ClassStats::whole_page_bytes`].
@@ -58,12 +65,14 @@
 mod decode;
 mod delta;
 mod encode;
+mod key;
 
 pub use decode::{decode_batch, DecodeSummary, Destination, Miss, MissReason};
 pub use delta::{delta_apply, delta_encode};
 pub use encode::{
     Compressor, DiskLookup, EncodeOptions, Encoder, PageRef, Prepared, Scratch, SnapshotLookup,
 };
+pub use key::{unkeyed_collision, PageKey, PAGE_KEY_LEN};
 
 use thiserror::Error;
 
@@ -76,7 +85,9 @@ pub const MAX_RECORD: usize = RECORD_HEADER + PAGE_SIZE;
 /// A batch is full when it reaches this size.
 pub const BATCH_TARGET: usize = 1024 * 1024;
 
-/// The fingerprint of a page: xxh3-128, as `livemig_index::Fingerprint::of`.
+/// The lookup fingerprint of a page: unkeyed xxh3-128, as `livemig_index::Fingerprint::of`.
+/// Only for finding candidates in a disk index or snapshot store (cached across migrations);
+/// never what a receiver checks a reference against ([`PageKey::fingerprint`] is).
 #[inline]
 pub fn fingerprint(page: &[u8; PAGE_SIZE]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(page)
@@ -283,7 +294,7 @@ pub fn is_zero(page: &[u8; PAGE_SIZE]) -> bool {
     page == &ZERO
 }
 
-/// xxh3-128 of the zero page.
+/// Unkeyed xxh3-128 of the zero page (the lookup fingerprint, see [`fingerprint`]).
 pub fn zero_fingerprint() -> u128 {
     static FP: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     *FP.get_or_init(|| fingerprint(&[0u8; PAGE_SIZE]))

@@ -91,7 +91,7 @@ const DISK_BLOCKS: u64 = 8;
 const SNAP_PAGES: u64 = 8;
 
 fn setup(pages: usize, opts: EncodeOptions) -> (Encoder, MemDest) {
-    let mut e = Encoder::new(pages as u64, opts);
+    let mut e = Encoder::new(pages as u64, opts, key());
     let mut d = MemDest::new(pages);
     let mut disk = HashMap::new();
     let mut snap = HashMap::new();
@@ -109,6 +109,78 @@ fn setup(pages: usize, opts: EncodeOptions) -> (Encoder, MemDest) {
     e.set_disk_lookup(refs.clone());
     e.set_snapshot_lookup(refs);
     (e, d)
+}
+
+/// The migration's key in these tests (both sides).
+fn key() -> PageKey {
+    PageKey::from_bytes([0x42; PAGE_KEY_LEN])
+}
+
+/// A disk block and a guest page that collide under unkeyed xxh3-128 (so the disk index, which
+/// is unkeyed, offers the block for the page): the reference goes out with the page's keyed
+/// fingerprint, the receiver finds the block's differs, writes nothing and the page is resent.
+/// Before keys, the record carried the unkeyed fingerprint, equal to the block's: the block
+/// would have been written in place of the page.
+#[test]
+fn a_colliding_disk_block_is_a_miss_and_never_written() {
+    let (block, page) = unkeyed_collision();
+    assert_eq!(fingerprint(&block), fingerprint(&page), "what an unkeyed check compared");
+    let mut e = Encoder::new(4, EncodeOptions::default(), key());
+    let mut d = MemDest::new(4);
+    d.disk.insert((3, 100), block);
+    let index: HashMap<u128, DiskRef> = [(fingerprint(&block), DiskRef { image: 3, block: 100 })].into();
+    e.set_disk_lookup(Arc::new(Refs(index, HashMap::new())));
+    assert_eq!(e.push(2, &page).0, PageClass::DiskRef, "the unkeyed index offers the colliding block");
+    let sum = decode_batch(&e.take(), 4, &key(), &mut d).unwrap();
+    let misses: Vec<(u64, PageClass, MissReason)> = sum.misses.iter().map(|m| (m.page, m.class, m.reason)).collect();
+    assert_eq!(misses, vec![(2, PageClass::DiskRef, MissReason::Mismatch)]);
+    assert!(d.writes.is_empty() && d.ram[2] == [0u8; PAGE_SIZE], "nothing written");
+    e.invalidate(2);
+    e.push_whole(2, &page);
+    assert!(decode_batch(&e.take(), 4, &key(), &mut d).unwrap().misses.is_empty());
+    assert_eq!(d.ram[2], page);
+}
+
+/// A record whose fingerprint matches its source under the unkeyed function (as a record made
+/// for a colliding page would), or under another key, is a miss; only the fingerprint keyed
+/// with the receiver's key is accepted.
+#[test]
+fn only_the_keyed_fingerprint_resolves_a_reference() {
+    let block = disk_block(4);
+    let record = |fp: u128| {
+        let mut r = Vec::new();
+        r.extend_from_slice(&1u64.to_le_bytes());
+        r.push(PageClass::DiskRef as u8);
+        r.extend_from_slice(&26u32.to_le_bytes());
+        r.extend_from_slice(&3u16.to_le_bytes());
+        r.extend_from_slice(&4u64.to_le_bytes());
+        r.extend_from_slice(&fp.to_le_bytes());
+        r
+    };
+    let other = PageKey::from_bytes([0x43; PAGE_KEY_LEN]);
+    for (fp, written) in [(fingerprint(&block), false), (other.fingerprint(&block), false), (key().fingerprint(&block), true)] {
+        let mut d = MemDest::new(4);
+        d.disk.insert((3, 4), block);
+        let sum = decode_batch(&record(fp), 4, &key(), &mut d).unwrap();
+        assert_eq!(sum.pages_written == 1, written, "fingerprint {fp:032x}");
+        assert_eq!(d.ram[1] == block, written);
+        if !written {
+            assert_eq!(sum.misses[0].reason, MissReason::Mismatch);
+        }
+    }
+}
+
+/// Two guest pages colliding under unkeyed xxh3: the second is no `dup` of the first (the
+/// encoder's state is keyed), and arrives as itself.
+#[test]
+fn colliding_guest_pages_are_not_dups() {
+    let (a, b) = unkeyed_collision();
+    let mut e = Encoder::new(4, EncodeOptions::default(), key());
+    let mut d = MemDest::new(4);
+    e.push(0, &a);
+    assert_ne!(e.push(1, &b).0, PageClass::Dup);
+    assert!(decode_batch(&e.take(), 4, &key(), &mut d).unwrap().misses.is_empty());
+    assert_eq!((d.ram[0], d.ram[1]), (a, b));
 }
 
 #[test]
@@ -178,7 +250,7 @@ fn every_class_roundtrips() {
         }
         let batch = e.take();
         assert_eq!(lens.iter().sum::<usize>(), batch.len());
-        let sum = decode_batch(&batch, 32, &mut d).unwrap();
+        let sum = decode_batch(&batch, 32, &key(), &mut d).unwrap();
         assert_eq!(sum.misses, vec![]);
         assert_eq!(sum.pages_written, plan.len() as u64);
         assert_eq!(d.ram, src);
@@ -228,7 +300,7 @@ fn delta_cache_eviction_falls_back_to_whole() {
     assert_eq!(e.push(0, &mutate(&a, 1, 4)).0, PageClass::Raw, "evicted");
     assert_eq!(e.push(2, &mutate(&b, 1, 4)).0, PageClass::Raw, "evicted by the new 0");
     assert_eq!(e.push(2, &mutate(&mutate(&b, 1, 4), 2, 4)).0, PageClass::Delta);
-    let sum = decode_batch(&e.take(), 8, &mut d).unwrap();
+    let sum = decode_batch(&e.take(), 8, &key(), &mut d).unwrap();
     assert!(sum.misses.is_empty());
     assert_eq!(d.ram[2], mutate(&mutate(&b, 1, 4), 2, 4));
 }
@@ -240,7 +312,7 @@ fn lying_destination_gives_misses_and_writes_nothing_wrong() {
     let b = page_from(12, false);
     e.push(0, &a);
     e.push(1, &b);
-    decode_batch(&e.take(), 16, &mut d).unwrap();
+    decode_batch(&e.take(), 16, &key(), &mut d).unwrap();
     // The destination's copies change behind the encoder's back.
     d.disk.insert((3, 2), page_from(99, true)); // a changed disk image
     d.snapshot.truncate(3); // missing snapshot pages
@@ -252,7 +324,7 @@ fn lying_destination_gives_misses_and_writes_nothing_wrong() {
     e.push(7, &a);
     e.push(1, &mutate(&b, 4, 3));
     e.push(8, &disk_block(1)); // still right
-    let sum = decode_batch(&e.take(), 16, &mut d).unwrap();
+    let sum = decode_batch(&e.take(), 16, &key(), &mut d).unwrap();
     let misses: Vec<(u64, PageClass, MissReason)> = sum.misses.iter().map(|m| (m.page, m.class, m.reason)).collect();
     assert_eq!(
         misses,
@@ -276,7 +348,7 @@ fn lying_destination_gives_misses_and_writes_nothing_wrong() {
     e.push_whole(6, &snap_page(5));
     e.push_whole(7, &a);
     e.push_whole(1, &mutate(&b, 4, 3));
-    let sum = decode_batch(&e.take(), 16, &mut d).unwrap();
+    let sum = decode_batch(&e.take(), 16, &key(), &mut d).unwrap();
     assert!(sum.misses.is_empty());
     assert_eq!(d.ram[7], a);
     assert_eq!(d.ram[1], mutate(&b, 4, 3));
@@ -290,7 +362,7 @@ fn lying_destination_gives_misses_and_writes_nothing_wrong() {
 
 #[test]
 fn dup_source_out_of_range_is_a_miss() {
-    let mut e = Encoder::new(100, EncodeOptions::default());
+    let mut e = Encoder::new(100, EncodeOptions::default(), key());
     let a = page_from(1, false);
     e.push(90, &a);
     e.push(3, &a);
@@ -300,7 +372,7 @@ fn dup_source_out_of_range_is_a_miss() {
     // second record to reference page 90 of a 50-page guest.
     let second = &batch[RECORD_HEADER + PAGE_SIZE..];
     assert_eq!(second[8], PageClass::Dup as u8);
-    let sum = decode_batch(second, 50, &mut d).unwrap();
+    let sum = decode_batch(second, 50, &key(), &mut d).unwrap();
     assert_eq!(sum.misses[0].reason, MissReason::Unresolved);
     assert!(d.writes.is_empty());
 }
@@ -326,7 +398,7 @@ fn parallel_commit_revalidates() {
     round.push((200, p200b));
     let refs: Vec<PageRef<'_>> = round.iter().map(|(p, data)| PageRef { page: *p, data, whole: false }).collect();
     e.push_many(&refs, 2);
-    let sum = decode_batch(&e.take(), n as u64, &mut d).unwrap();
+    let sum = decode_batch(&e.take(), n as u64, &key(), &mut d).unwrap();
     assert!(sum.misses.is_empty(), "{:?}", sum.misses);
     let mut want = pages.clone();
     for (p, data) in &round {
@@ -338,37 +410,37 @@ fn parallel_commit_revalidates() {
 
 #[test]
 fn malformed_batches_are_errors() {
-    let mut e = Encoder::new(100, EncodeOptions::default());
+    let mut e = Encoder::new(100, EncodeOptions::default(), key());
     e.push(99, &page_from(1, false));
     let batch = e.take();
     let mut d = MemDest::new(100);
-    assert_eq!(decode_batch(&batch, 99, &mut d), Err(CompactError::PageOutOfRange { page: 99, pages: 99 }));
+    assert_eq!(decode_batch(&batch, 99, &key(), &mut d), Err(CompactError::PageOutOfRange { page: 99, pages: 99 }));
     for (class, err) in [(9u8, CompactError::UnknownClass(9)), (0u8, CompactError::UnknownClass(0))] {
         let mut bad = batch.clone();
         bad[8] = class;
-        assert_eq!(decode_batch(&bad, 100, &mut d), Err(err));
+        assert_eq!(decode_batch(&bad, 100, &key(), &mut d), Err(err));
     }
     let mut bad = batch.clone();
     bad[9..13].copy_from_slice(&5000u32.to_le_bytes());
-    assert!(matches!(decode_batch(&bad, 100, &mut d), Err(CompactError::BadLength { .. })));
+    assert!(matches!(decode_batch(&bad, 100, &key(), &mut d), Err(CompactError::BadLength { .. })));
     let mut bad = batch.clone();
     bad[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(matches!(decode_batch(&bad, 100, &mut d), Err(CompactError::BadLength { .. })));
-    assert_eq!(decode_batch(&batch[..batch.len() - 1], 100, &mut d), Err(CompactError::Truncated(0)));
-    assert_eq!(decode_batch(&batch[..5], 100, &mut d), Err(CompactError::Truncated(0)));
+    assert!(matches!(decode_batch(&bad, 100, &key(), &mut d), Err(CompactError::BadLength { .. })));
+    assert_eq!(decode_batch(&batch[..batch.len() - 1], 100, &key(), &mut d), Err(CompactError::Truncated(0)));
+    assert_eq!(decode_batch(&batch[..5], 100, &key(), &mut d), Err(CompactError::Truncated(0)));
     // Zero with data, dup of the wrong length.
     let mut bad = batch.clone();
     bad[8] = PageClass::Zero as u8;
-    assert!(matches!(decode_batch(&bad, 100, &mut d), Err(CompactError::BadLength { .. })));
+    assert!(matches!(decode_batch(&bad, 100, &key(), &mut d), Err(CompactError::BadLength { .. })));
     bad[8] = PageClass::Dup as u8;
-    assert!(matches!(decode_batch(&bad, 100, &mut d), Err(CompactError::BadLength { .. })));
+    assert!(matches!(decode_batch(&bad, 100, &key(), &mut d), Err(CompactError::BadLength { .. })));
     assert!(d.writes.is_empty());
 }
 
 #[test]
 fn corrupt_compressed_and_delta_are_errors() {
     for compressor in [Compressor::Lz4, Compressor::Zstd] {
-        let mut e = Encoder::new(10, EncodeOptions { compressor, ..EncodeOptions::default() });
+        let mut e = Encoder::new(10, EncodeOptions { compressor, ..EncodeOptions::default() }, key());
         e.push(1, &page_from(3, true));
         let mut batch = e.take();
         let n = batch.len();
@@ -376,7 +448,7 @@ fn corrupt_compressed_and_delta_are_errors() {
         let len = u32::try_from(n - 3 - RECORD_HEADER).unwrap();
         batch[9..13].copy_from_slice(&len.to_le_bytes());
         let mut d = MemDest::new(10);
-        assert_eq!(decode_batch(&batch, 10, &mut d), Err(CompactError::BadCompressed(1)));
+        assert_eq!(decode_batch(&batch, 10, &key(), &mut d), Err(CompactError::BadCompressed(1)));
         // Compressed data of more than a page.
         let big = [7u8; 2 * PAGE_SIZE];
         let data = match compressor {
@@ -387,7 +459,7 @@ fn corrupt_compressed_and_delta_are_errors() {
         rec.push(if compressor == Compressor::Lz4 { 3 } else { 4 });
         rec.extend_from_slice(&u32::try_from(data.len()).unwrap().to_le_bytes());
         rec.extend_from_slice(&data);
-        assert_eq!(decode_batch(&rec, 10, &mut d), Err(CompactError::BadCompressed(1)));
+        assert_eq!(decode_batch(&rec, 10, &key(), &mut d), Err(CompactError::BadCompressed(1)));
         assert!(d.writes.is_empty());
     }
     let mut rec = 1u64.to_le_bytes().to_vec();
@@ -396,7 +468,7 @@ fn corrupt_compressed_and_delta_are_errors() {
     rec.extend_from_slice(&[0u8; 16]);
     rec.extend_from_slice(&[0xFF, 0x01, 0x01, 0x00]);
     let mut d = MemDest::new(10);
-    assert_eq!(decode_batch(&rec, 10, &mut d), Err(CompactError::BadDelta(1)));
+    assert_eq!(decode_batch(&rec, 10, &key(), &mut d), Err(CompactError::BadDelta(1)));
 }
 
 /// One step of the model: how a page's new content is made.
@@ -481,7 +553,7 @@ proptest! {
                 }
             }
             let batch = e.take();
-            let sum = decode_batch(&batch, GUEST as u64, &mut d).unwrap();
+            let sum = decode_batch(&batch, GUEST as u64, &key(), &mut d).unwrap();
             prop_assert!(sum.misses.is_empty(), "{:?}", sum.misses);
             prop_assert_eq!(&d.ram, &src);
         }
@@ -518,7 +590,7 @@ proptest! {
                 sent.push((page, class, data));
             }
             d.writes.clear();
-            let sum = decode_batch(&e.take(), GUEST as u64, &mut d).unwrap();
+            let sum = decode_batch(&e.take(), GUEST as u64, &key(), &mut d).unwrap();
             prop_assert_eq!(d.writes.len() + sum.misses.len(), sent.len());
             let mut writes = d.writes.iter();
             let mut misses = sum.misses.iter();
@@ -536,7 +608,7 @@ proptest! {
             let missed: Vec<u64> = sum.misses.iter().map(|m| m.page).collect();
             for &p in &missed { e.invalidate(p); }
             for &p in &missed { e.push_whole(p, &src[usize::try_from(p).unwrap()]); }
-            let sum = decode_batch(&e.take(), GUEST as u64, &mut d).unwrap();
+            let sum = decode_batch(&e.take(), GUEST as u64, &key(), &mut d).unwrap();
             prop_assert!(sum.misses.is_empty());
             for &p in &missed {
                 prop_assert_eq!(d.ram[usize::try_from(p).unwrap()], src[usize::try_from(p).unwrap()]);
@@ -551,7 +623,7 @@ proptest! {
         let a = page_from(1, false);
         e.push(0, &a);
         e.push(1, &page_from(2, true));
-        decode_batch(&e.take(), GUEST as u64, &mut d).unwrap();
+        decode_batch(&e.take(), GUEST as u64, &key(), &mut d).unwrap();
         e.push(2, &a);
         e.push(3, &disk_block(1));
         e.push(4, &snap_page(2));
@@ -562,14 +634,14 @@ proptest! {
         let mut batch = e.take();
         let i = at.index(batch.len());
         batch[i] ^= xor;
-        let _ = decode_batch(&batch, GUEST as u64, &mut d);
+        let _ = decode_batch(&batch, GUEST as u64, &key(), &mut d);
     }
 
     #[test]
     fn arbitrary_batches_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
         let mut d = MemDest::new(64);
         d.snapshot.push(page_from(1, false));
-        let _ = decode_batch(&bytes, 64, &mut d);
+        let _ = decode_batch(&bytes, 64, &key(), &mut d);
     }
 
     /// Valid records with arbitrary class bytes and data: never a panic, and a reference or
@@ -588,7 +660,7 @@ proptest! {
         let mut d = MemDest::new(8);
         d.disk.insert((0, 0), page_from(1, true));
         d.snapshot.push(page_from(2, true));
-        let _ = decode_batch(&batch, 8, &mut d);
+        let _ = decode_batch(&batch, 8, &key(), &mut d);
         for w in &d.writes {
             prop_assert!(!matches!(w.1, PageClass::Dup | PageClass::DiskRef | PageClass::SnapshotRef | PageClass::Delta));
         }
@@ -597,7 +669,7 @@ proptest! {
 
 #[test]
 fn recycled_buffers_and_compressor_switch() {
-    let mut e = Encoder::new(600, EncodeOptions::default());
+    let mut e = Encoder::new(600, EncodeOptions::default(), key());
     let mut d = MemDest::new(600);
     let text = page_from(3, true);
     assert_eq!(e.push(0, &text).0, PageClass::Lz4);
@@ -615,14 +687,14 @@ fn recycled_buffers_and_compressor_switch() {
         e.push(i, &unique(i));
         if e.is_full() {
             let b = e.take();
-            assert!(decode_batch(&b, 600, &mut d).unwrap().misses.is_empty());
+            assert!(decode_batch(&b, 600, &key(), &mut d).unwrap().misses.is_empty());
             e.recycle(b);
             batches += 1;
         }
     }
     assert!(batches >= 2);
     let b = e.take();
-    assert!(decode_batch(&b, 600, &mut d).unwrap().misses.is_empty());
+    assert!(decode_batch(&b, 600, &key(), &mut d).unwrap().misses.is_empty());
     assert_eq!(d.ram[2], mutate(&text, 2, 300));
     assert_eq!(d.ram[599], unique(599));
 }

@@ -140,4 +140,7 @@ pub enum TlsError {
     /// The socket could not be cloned for the reader and writer halves.
     #[error("cannot clone the TCP socket")]
     Socket(#[source] io::Error),
+    /// The page key could not be exported from the TLS session.
+    #[error("cannot derive the migration's page key from the TLS session")]
+    Export(#[source] rustls::Error),
 }

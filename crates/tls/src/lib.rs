@@ -38,6 +38,13 @@
 //! timeouts before the handshake; a handshake that times out returns an error.
 //!
 //! A [`Session`] splits into a reader and a writer for two threads (see [`Session::split`]).
+//!
+//! **The migration's page key.** Both ends export [`PAGE_KEY_LEN`] bytes from the session with
+//! the TLS 1.3 keying-material exporter (RFC 8446 section 7.5, RFC 5705) under the label
+//! [`PAGE_KEY_LABEL`] and no context ([`Session::page_key_material`]): the same on both ends of
+//! one session, unrelated between sessions, and known to nobody else (it derives from the
+//! session's (EC)DHE secret). The agents key their page hashes and fingerprints with it, so no
+//! message carries a key over TLS.
 
 mod error;
 mod make;
@@ -89,6 +96,27 @@ pub struct TlsSetup {
 
 /// What the server sends after the handshake, and the client waits for.
 const CONFIRMATION: &[u8; 16] = b"livemig-tls-ok/1";
+
+/// Exporter label of the migration's page key (RFC 5705: labels beginning `EXPERIMENTAL` are
+/// for private use).
+pub const PAGE_KEY_LABEL: &[u8] = b"EXPERIMENTAL livemig page key v1";
+/// Bytes of the exported page key.
+pub const PAGE_KEY_LEN: usize = 32;
+
+/// [`PAGE_KEY_LEN`] random bytes from the system's secure random source: the page key of a
+/// migration over a plain link (no TLS session to export one from).
+pub fn random_key() -> Result<[u8; PAGE_KEY_LEN], TlsError> {
+    let mut key = [0u8; PAGE_KEY_LEN];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut key)
+        .map_err(|_| TlsError::Generate { what: "the page key".into(), source: rcgen::Error::RingUnspecified })?;
+    Ok(key)
+}
+
+fn export_page_key(conn: &Connection) -> Result<[u8; PAGE_KEY_LEN], TlsError> {
+    conn.export_keying_material([0u8; PAGE_KEY_LEN], PAGE_KEY_LABEL, None).map_err(TlsError::Export)
+}
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -220,6 +248,7 @@ pub struct Session {
     /// A clone of `stream` for the reader half.
     rsock: TcpStream,
     peer: String,
+    page_key: [u8; PAGE_KEY_LEN],
 }
 
 impl std::fmt::Debug for Session {
@@ -232,6 +261,12 @@ impl Session {
     /// Who the peer is: the subject and SANs of its certificate, or "psk peer".
     pub fn peer(&self) -> String {
         self.peer.clone()
+    }
+
+    /// The migration's page key, exported from this session (see the crate documentation):
+    /// the same on both ends, different for every session.
+    pub fn page_key_material(&self) -> [u8; PAGE_KEY_LEN] {
+        self.page_key
     }
 
     /// A reader and a writer of the session's plaintext, for use from two threads at once (the
@@ -333,8 +368,9 @@ pub fn connect(setup: &TlsSetup, mut stream: TcpStream, server_name: &str) -> Re
         return Err(TlsError::BadConfirmation);
     }
     let peer = describe_peer(&conn, setup.psk);
+    let page_key = export_page_key(&conn)?;
     let rsock = stream.try_clone().map_err(TlsError::Socket)?;
-    Ok(Session { conn, stream, rsock, peer })
+    Ok(Session { conn, stream, rsock, peer, page_key })
 }
 
 /// Server side: runs the handshake on `stream` (timeouts set by the caller), which checks the
@@ -348,8 +384,9 @@ pub fn accept(setup: &TlsSetup, mut stream: TcpStream) -> Result<Session, TlsErr
         conn.write_tls(&mut stream).map_err(handshake_err(false))?;
     }
     let peer = describe_peer(&conn, setup.psk);
+    let page_key = export_page_key(&conn)?;
     let rsock = stream.try_clone().map_err(TlsError::Socket)?;
-    Ok(Session { conn, stream, rsock, peer })
+    Ok(Session { conn, stream, rsock, peer, page_key })
 }
 
 #[cfg(test)]
@@ -364,9 +401,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         make_certs(dir.path(), &["h".into()]).expect("make_certs");
         let setup = TlsSetup::load(&Auth::Psk { file: dir.path().join(PSK_FILE) }).expect("load");
+        pair(&setup, &setup, "x")
+    }
+
+    /// A session pair over loopback between a client and a server set up as given.
+    fn pair(client_setup: &TlsSetup, server_setup: &TlsSetup, name: &str) -> (Session, Session, TcpStream) {
+        let setup = client_setup.clone();
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let s_setup = setup.clone();
+        let s_setup = server_setup.clone();
         let t = std::thread::spawn(move || {
             let (s, _) = listener.accept().expect("accept");
             s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
@@ -375,8 +418,37 @@ mod tests {
         let c = TcpStream::connect(addr).expect("connect");
         c.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
         let raw = c.try_clone().expect("clone");
-        let client = connect(&setup, c, "x").expect("client session");
+        let client = connect(&setup, c, name).expect("client session");
         (t.join().expect("join"), client, raw)
+    }
+
+    /// Both ends of a session derive the same page key, in certificate and PSK mode; another
+    /// session (same credentials) derives another key.
+    #[test]
+    fn both_ends_export_the_same_page_key_and_sessions_differ() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        make_certs(dir.path(), &["src".into(), "dst".into()]).expect("make_certs");
+        let cert_of = |host: &str| Auth::Certs {
+            cert: dir.path().join(format!("{host}.pem")),
+            key: dir.path().join(format!("{host}-key.pem")),
+            ca: dir.path().join(CA_FILE),
+        };
+        let client = TlsSetup::load(&cert_of("src")).expect("client certs");
+        let server = TlsSetup::load(&cert_of("dst")).expect("server certs");
+        let psk = TlsSetup::load(&Auth::Psk { file: dir.path().join(PSK_FILE) }).expect("psk");
+        let mut seen = Vec::new();
+        for (c, s, name) in [(&client, &server, "dst"), (&client, &server, "dst"), (&psk, &psk, "x"), (&psk, &psk, "x")] {
+            let (srv, cli, _raw) = pair(c, s, name);
+            assert_eq!(srv.page_key_material(), cli.page_key_material(), "both ends agree");
+            assert_ne!(cli.page_key_material(), [0u8; PAGE_KEY_LEN]);
+            seen.push(cli.page_key_material());
+        }
+        for (i, a) in seen.iter().enumerate() {
+            for b in &seen[i + 1..] {
+                assert_ne!(a, b, "every session has its own key");
+            }
+        }
+        assert_ne!(random_key().expect("random"), random_key().expect("random"));
     }
 
     /// Keys refreshed mid-session (rustls answers a key update with the next record it sends):

@@ -1,9 +1,15 @@
 //! Dirty-page tracking and the memory ledger.
 //!
-//! * [`Ledger`]: per page, the 64-bit xxh3 of the version the destination holds, and a
-//!   [`Digest`] over all of them kept up to date incrementally. The source keeps one for what it
-//!   sent, the destination one for what it wrote; equal digests at switchover prove equal memory
-//!   without a full scan during downtime.
+//! * [`Ledger`]: per page, the 64-bit xxh3 of the version the destination holds, keyed with the
+//!   migration's [`PageKey`], and a [`Digest`] over all of them kept up to date incrementally.
+//!   The source keeps one for what it sent, the destination one for what it wrote (or, with
+//!   `--verify-reread`, what it reads back); equal digests at switchover mean the two sides agree
+//!   on every page's keyed hash (and position), without a full scan during downtime. That is
+//!   evidence of equal memory, not proof: two different memories agree with probability about
+//!   2^-64 per differing page for contents chosen without knowing the key, and a guest, which
+//!   never sees the key, cannot choose contents that collide (with unkeyed xxh3 it could:
+//!   [`livemig_compact::unkeyed_collision`]). Keyed xxh3 is not a cryptographic MAC; integrity
+//!   against the network is TLS's job.
 //! * [`Tracker`]: finds the pages that may differ from the ledger. [`ContentTracker`] hashes every
 //!   page (several threads); a soft-dirty tracker fits the same interface.
 
@@ -14,7 +20,9 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64};
+use xxhash_rust::xxh3::xxh3_128_with_seed;
+
+pub use livemig_compact::PageKey;
 
 /// Bytes in a page.
 pub const PAGE_SIZE: usize = 4096;
@@ -66,19 +74,9 @@ pub enum TrackError {
     },
 }
 
-/// Hash of one page's content.
-pub fn hash_page(page: &[u8; PAGE_SIZE]) -> u64 {
-    xxh3_64(page)
-}
-
-/// Hash of the all-zero page.
-pub fn zero_hash() -> u64 {
-    static ZERO: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *ZERO.get_or_init(|| hash_page(&[0u8; PAGE_SIZE]))
-}
-
 /// A digest of a whole memory: the wrapping sum over pages of a 128-bit mix of
-/// (page index, page hash). Updating one page is O(1).
+/// (page index, page hash), the page hashes keyed ([`PageKey::hash_page`]). Updating one page is
+/// O(1).
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub struct Digest(pub u128);
 
@@ -122,20 +120,26 @@ impl FromStr for Digest {
     }
 }
 
-/// Per page, the hash of the version the destination holds, plus the running digest.
+/// Per page, the keyed hash of the version the destination holds, plus the running digest.
 #[derive(Debug, Clone)]
 pub struct Ledger {
+    key: PageKey,
     hashes: Vec<u64>,
     digest: Digest,
 }
 
 impl Ledger {
-    /// A ledger for a memory of `pages` zero pages.
-    pub fn zeroed(pages: u64) -> Ledger {
-        let z = zero_hash();
+    /// A ledger for a memory of `pages` zero pages, hashing with the migration's `key`.
+    pub fn zeroed(pages: u64, key: PageKey) -> Ledger {
+        let z = key.zero_hash();
         let hashes = vec![z; usize::try_from(pages).expect("page count fits in memory")];
         let digest = Digest::of_hashes(&hashes);
-        Ledger { hashes, digest }
+        Ledger { key, hashes, digest }
+    }
+
+    /// The key its hashes are made with.
+    pub fn key(&self) -> &PageKey {
+        &self.key
     }
 
     /// Pages covered.
@@ -148,8 +152,15 @@ impl Ledger {
         self.hashes[usize::try_from(page).expect("page index fits")]
     }
 
-    /// Records that the destination now holds a page whose content hashes to `hash`.
-    pub fn record(&mut self, page: u64, hash: u64) {
+    /// Records that the destination now holds `data` at `page`.
+    pub fn record_page(&mut self, page: u64, data: &[u8; PAGE_SIZE]) {
+        let hash = self.key.hash_page(data);
+        self.record(page, hash);
+    }
+
+    /// Records that the destination now holds a page whose content hashes (with this ledger's
+    /// key) to `hash`.
+    fn record(&mut self, page: u64, hash: u64) {
         let slot = &mut self.hashes[usize::try_from(page).expect("page index fits")];
         let old = std::mem::replace(slot, hash);
         if old != hash {
@@ -220,7 +231,8 @@ impl Tracker for ContentTracker {
         let next = std::sync::atomic::AtomicU64::new(0);
         // Holes read as zero: a page in one is dirty only if the version sent was not zero.
         let data = src.data_ranges();
-        let zero = zero_hash();
+        let key = ledger.key();
+        let zero = key.zero_hash();
         let in_data = |page: u64| in_ranges(data.as_deref(), page);
         let results: Vec<ChunkResults> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..self.threads)
@@ -238,7 +250,7 @@ impl Tracker for ContentTracker {
                                 let hash = if in_data(page) {
                                     src.read_page(page, &mut buf)
                                         .map_err(|source| TrackError::Read { page, source })?;
-                                    hash_page(&buf)
+                                    key.hash_page(&buf)
                                 } else {
                                     zero
                                 };
@@ -296,6 +308,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn key() -> PageKey {
+        PageKey::from_bytes([0x17; 32])
+    }
+
     fn page(v: u8) -> [u8; PAGE_SIZE] {
         let mut p = [0u8; PAGE_SIZE];
         p[usize::from(v) * 7 % PAGE_SIZE] = v;
@@ -329,14 +345,14 @@ mod tests {
         let src = Holey { inner: VecSource::zeroed(64), data: vec![2..4, 30..31] };
         src.inner.set(2, page(1));
         src.inner.set(30, page(2));
-        let mut ledger = Ledger::zeroed(64);
+        let mut ledger = Ledger::zeroed(64, key());
         let mut t = ContentTracker::new(2);
         let scan = t.scan(&src, &ledger).unwrap();
         assert_eq!(scan.dirty, vec![2, 30]);
         for p in [2, 30] {
             let mut b = [0u8; PAGE_SIZE];
             src.read_page(p, &mut b).unwrap();
-            ledger.record(p, hash_page(&b));
+            ledger.record_page(p, &b);
         }
         // page 30 becomes a hole again (punched): dirty, as a page now zero
         let src = Holey { inner: src.inner, data: std::iter::once(2..4).collect() };
@@ -348,14 +364,14 @@ mod tests {
         let mut buf = [0u8; PAGE_SIZE];
         for &p in dirty {
             src.read_page(p, &mut buf).unwrap();
-            ledger.record(p, hash_page(&buf));
+            ledger.record_page(p, &buf);
         }
     }
 
     #[test]
     fn zero_memory_has_no_dirty_pages() {
         let src = VecSource::zeroed(10_000);
-        let ledger = Ledger::zeroed(10_000);
+        let ledger = Ledger::zeroed(10_000, key());
         let r = ContentTracker::new(3).scan(&src, &ledger).unwrap();
         assert!(r.dirty.is_empty());
     }
@@ -363,23 +379,56 @@ mod tests {
     #[test]
     fn size_mismatch_is_an_error() {
         let src = VecSource::zeroed(10);
-        let ledger = Ledger::zeroed(11);
+        let ledger = Ledger::zeroed(11, key());
         assert!(matches!(ContentTracker::new(1).scan(&src, &ledger), Err(TrackError::SizeMismatch { .. })));
     }
 
     #[test]
     fn digest_roundtrips_as_text() {
-        let d = Ledger::zeroed(5).digest();
+        let d = Ledger::zeroed(5, key()).digest();
         assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
     }
 
     #[test]
     fn digest_depends_on_position() {
         // the same content at another page is another memory
-        let mut a = Ledger::zeroed(4);
-        let mut b = Ledger::zeroed(4);
-        a.record(1, hash_page(&page(9)));
-        b.record(2, hash_page(&page(9)));
+        let mut a = Ledger::zeroed(4, key());
+        let mut b = Ledger::zeroed(4, key());
+        a.record_page(1, &page(9));
+        b.record_page(2, &page(9));
+        assert_ne!(a.digest(), b.digest());
+    }
+
+    /// A guest rewrites a page with content of the same unkeyed xxh3: the keyed tracker still
+    /// finds it, and the keyed digests of the two memories differ. (With unkeyed hashes the
+    /// write would have been invisible to the tracker and to the digests.)
+    #[test]
+    fn a_write_colliding_under_unkeyed_xxh3_is_found() {
+        let (a, b) = livemig_compact::unkeyed_collision();
+        assert_eq!(xxhash_rust::xxh3::xxh3_64(&a), xxhash_rust::xxh3::xxh3_64(&b));
+        let src = VecSource::zeroed(4);
+        src.set(1, a);
+        let mut ledger = Ledger::zeroed(4, key());
+        let mut t = ContentTracker::new(1);
+        assert_eq!(t.scan(&src, &ledger).unwrap().dirty, vec![1]);
+        ledger.record_page(1, &a);
+        assert!(t.scan(&src, &ledger).unwrap().dirty.is_empty());
+        src.set(1, b);
+        assert_eq!(t.scan(&src, &ledger).unwrap().dirty, vec![1], "the colliding write is seen");
+        let mut other = ledger.clone();
+        other.record_page(1, &b);
+        assert_ne!(other.digest(), ledger.digest());
+    }
+
+    /// The same memory under two keys: different hashes, so different digests (a digest says
+    /// nothing outside its migration).
+    #[test]
+    fn digests_depend_on_the_key() {
+        let mut a = Ledger::zeroed(4, key());
+        let mut b = Ledger::zeroed(4, PageKey::from_bytes([0x18; 32]));
+        a.record_page(1, &page(9));
+        b.record_page(1, &page(9));
+        assert_ne!(a.hash(1), b.hash(1));
         assert_ne!(a.digest(), b.digest());
     }
 
@@ -395,7 +444,7 @@ mod tests {
             threads in 1usize..5,
         ) {
             let src = VecSource::zeroed(pages);
-            let mut ledger = Ledger::zeroed(pages as u64);
+            let mut ledger = Ledger::zeroed(pages as u64, key());
             let mut tracker = ContentTracker::new(threads);
             let mut truth = vec![[0u8; PAGE_SIZE]; pages];
             for writes in rounds {
@@ -414,7 +463,7 @@ mod tests {
                 let r = tracker.scan(&src, &ledger).unwrap();
                 prop_assert_eq!(r.dirty.iter().copied().collect::<std::collections::BTreeSet<_>>(), expected);
                 send_all(&src, &mut ledger, &r.dirty);
-                let scratch: Vec<u64> = truth.iter().map(hash_page).collect();
+                let scratch: Vec<u64> = truth.iter().map(|p| key().hash_page(p)).collect();
                 prop_assert_eq!(ledger.digest(), Digest::of_hashes(&scratch));
                 prop_assert!(tracker.scan(&src, &ledger).unwrap().dirty.is_empty());
             }
@@ -422,9 +471,9 @@ mod tests {
 
         #[test]
         fn digest_detects_a_single_differing_page(pages in 1u64..2000, p in any::<u64>(), v in 1u8..255) {
-            let mut a = Ledger::zeroed(pages);
-            let b = Ledger::zeroed(pages);
-            a.record(p % pages, hash_page(&page(v)));
+            let mut a = Ledger::zeroed(pages, key());
+            let b = Ledger::zeroed(pages, key());
+            a.record_page(p % pages, &page(v));
             prop_assert_ne!(a.digest(), b.digest());
         }
     }

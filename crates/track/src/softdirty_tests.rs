@@ -101,20 +101,21 @@ fn tracker_reports_exactly_the_written_pages_where_the_kernel_tracks_them() {
 
 #[test]
 fn scan_starts_with_a_full_content_scan_and_checks_coverage() {
-    use crate::{hash_page, VecSource};
+    use crate::{PageKey, VecSource};
     let m = memmap2::MmapMut::map_anon(8 * 4096).unwrap();
     let mut t = tracker_of(&m, 0);
     let src = VecSource::zeroed(8);
     src.set(5, [9u8; PAGE_SIZE]);
-    let mut ledger = Ledger::zeroed(8);
+    let key = PageKey::from_bytes([3; 32]);
+    let mut ledger = Ledger::zeroed(8, key.clone());
     let mut content = ContentTracker::new(1);
     let first = t.scan(&mut content, &src, &ledger).unwrap();
     assert_eq!(first.dirty, vec![5]);
-    ledger.record(5, hash_page(&[9u8; PAGE_SIZE]));
+    ledger.record_page(5, &[9u8; PAGE_SIZE]);
     // later scans read the bits (nothing written to our mapping since the clear)
     let second = t.scan(&mut content, &src, &ledger).unwrap();
     assert_eq!(second.dirty, Vec::<u64>::new());
-    let e = t.scan(&mut content, &src, &Ledger::zeroed(9)).unwrap_err();
+    let e = t.scan(&mut content, &src, &Ledger::zeroed(9, key)).unwrap_err();
     assert!(matches!(e, SoftDirtyError::Coverage { covered: 8, ledger: 9 }), "{e}");
 }
 

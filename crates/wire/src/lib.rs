@@ -23,9 +23,13 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Version of the protocol spoken by this build. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 3;
+///
+/// 4: page hashes, reference fingerprints and digests are keyed per migration (the key from
+/// the TLS session's exporter, or on a plain link from [`Message::Welcome`]'s `page_key`); a
+/// version-3 peer checks unkeyed fingerprints, so it is not spoken any more.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Oldest peer version this build still speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 2;
+pub const MIN_PROTOCOL_VERSION: u32 = 4;
 /// Largest payload accepted from the wire (a batch of pages plus its record headers).
 pub const MAX_PAYLOAD: u32 = 4 * 1024 * 1024;
 /// Largest JSON control message accepted.
@@ -400,6 +404,12 @@ pub enum Message {
         /// What the destination holds: the offered disk images it has, and its snapshots of the VM.
         #[serde(default)]
         holds: Holdings,
+        /// On a plain link only (`--insecure`): the migration's page key, 64 hex digits, chosen
+        /// at random by the destination (over TLS both sides export it from the session and
+        /// this is absent). It keys the page hashes, fingerprints and digests; sent in the
+        /// clear, it is secret from the guest but not from the network.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        page_key: Option<String>,
     },
     /// Source -> destination, after `Welcome`: the memory snapshot references will name.
     Plan {
@@ -489,7 +499,7 @@ pub enum Message {
     StreamCheckpoint {
         /// Bytes of the stream so far.
         bytes: u64,
-        /// xxh3-128 of them, 32 hex digits.
+        /// xxh3-128 of them keyed with the migration's page key, 32 hex digits.
         digest: String,
         /// Why here: `ram-done` or the fallback's reason.
         at: String,
@@ -527,9 +537,12 @@ impl Message {
                 disks.iter_mut().for_each(|d| clean(&mut d.index_hash));
                 clean(engine);
             }
-            Message::Welcome { software, holds, version: _ } => {
+            Message::Welcome { software, holds, page_key, version: _ } => {
                 clean(software);
                 holds.snapshots.iter_mut().for_each(clean);
+                if let Some(k) = page_key {
+                    clean(k);
+                }
             }
             Message::Plan { snapshot } => {
                 if let Some(s) = snapshot {
@@ -647,7 +660,9 @@ mod tests {
                 version: 2,
                 software: "y".into(),
                 holds: Holdings { disks: vec![DiskHeld { id: 0, same: false }], snapshots: vec!["ab".into()] },
+                page_key: None,
             },
+            Message::Welcome { version: 4, software: "y".into(), holds: Holdings::default(), page_key: Some("ab".repeat(32)) },
             Message::Plan { snapshot: None },
             Message::Resend { pages: vec![1, 2, 3] },
             Message::EndAck { index: 4 },
@@ -759,6 +774,7 @@ mod tests {
             version: 3,
             software: "livemig\x1b]0;owned\x07 1.0".into(),
             holds: Holdings { disks: vec![], snapshots: vec!["a\nb".into()] },
+            page_key: None,
         });
         let Message::Welcome { software, holds, .. } = got else { panic!("{got:?}") };
         assert_eq!(software, "livemig\\u{1b}]0;owned\\u{7} 1.0");
@@ -784,13 +800,24 @@ mod tests {
 
     #[test]
     fn negotiation() {
-        assert_eq!(negotiate(2, 2), Some(2));
         assert_eq!(negotiate(1, 7), Some(PROTOCOL_VERSION));
+        assert_eq!(negotiate(4, 4), Some(4));
         // a version-1 peer (before compaction references) is refused
         assert_eq!(negotiate(1, 1), None);
-        assert_eq!(negotiate(3, 9), Some(3), "a version-3 peer (the stream engine) is spoken");
-        assert_eq!(negotiate(4, 9), None);
+        // version 2 and 3 peers check unkeyed fingerprints: refused
+        assert_eq!(negotiate(2, 2), None);
+        assert_eq!(negotiate(2, 3), None, "a version-3 peer (unkeyed fingerprints) is refused");
+        assert_eq!(negotiate(3, 9), Some(4), "a peer that speaks 4 too is spoken with at 4");
+        assert_eq!(negotiate(5, 9), None);
         assert_eq!(negotiate(0, 0), None);
+    }
+
+    /// A welcome without a page key (a TLS link) leaves the field out rather than send `null`.
+    #[test]
+    fn a_welcome_without_a_key_has_no_key_field() {
+        let m = Message::Welcome { version: 4, software: "x".into(), holds: Holdings::default(), page_key: None };
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(!json.contains("page_key"), "{json}");
     }
 
     proptest! {

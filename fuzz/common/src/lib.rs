@@ -12,7 +12,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use livemig_compact::{delta_apply, fingerprint, DiskRef, PageClass, PAGE_SIZE, RECORD_HEADER};
+use livemig_compact::{delta_apply, DiskRef, PageClass, PageKey, PAGE_SIZE, RECORD_HEADER};
+
+/// The migration page key of the fuzz targets and their seeds (the encoder that made the seeds
+/// and the decoder under test use the same key, as the two agents of a migration do).
+pub fn page_key() -> &'static PageKey {
+    static KEY: OnceLock<PageKey> = OnceLock::new();
+    KEY.get_or_init(|| PageKey::from_bytes(*b"livemig fuzz page key, 32 bytes!"))
+}
 
 /// A fresh directory for this process's scratch files (under `$TMPDIR`), mode 0700: the snapshot
 /// store and index cache refuse a directory that others can use.
@@ -224,8 +231,9 @@ pub fn carried_fingerprint(class: PageClass, data: &[u8]) -> Option<(usize, u128
     Some((at, fp))
 }
 
-/// Rewrites, in place, the fingerprint of each reference and delta of `batch` to that of what it
-/// resolves to on a fresh [`FakeDest`] (following the writes of the records before it).
+/// Rewrites, in place, the fingerprint of each reference and delta of `batch` to the keyed
+/// fingerprint ([`page_key`]) of what it resolves to on a fresh [`FakeDest`] (following the
+/// writes of the records before it).
 /// Records it cannot resolve are left as they are.
 pub fn fix_fingerprints(batch: &mut [u8]) {
     let mut dest = FakeDest::default();
@@ -261,7 +269,7 @@ pub fn fix_fingerprints(batch: &mut [u8]) {
         };
         let Some(content) = content else { continue };
         if let Some((off, _)) = carried_fingerprint(class, &batch[start..start + r.len]) {
-            let fp = fingerprint(&content);
+            let fp = page_key().fingerprint(&content);
             batch[start + off..start + off + 16].copy_from_slice(&fp.to_le_bytes());
         }
         dest.ram[r.page as usize] = content;

@@ -68,7 +68,7 @@ fn compact_seeds_decode_with_every_class_and_no_miss() {
         }
         assert_eq!(batch, s[1..], "{name}: the encoder's fingerprints are those the fix-up computes");
         let mut dest = FakeDest::default();
-        let sum = livemig_compact::decode_batch(&batch, RAM_PAGES, &mut dest).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let sum = livemig_compact::decode_batch(&batch, RAM_PAGES, page_key(), &mut dest).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(sum.misses.is_empty(), "{name}: {:?}", sum.misses);
         classes.extend(dest.writes.iter().map(|w| w.1));
     }
@@ -102,11 +102,11 @@ fn fixed_fingerprints_resolve() {
     dup.extend_from_slice(&[0xee; 16]);
     rec(3, PageClass::Dup, &dup);
     let mut dest = FakeDest::default();
-    let sum = livemig_compact::decode_batch(&b, RAM_PAGES, &mut dest).expect("decode");
+    let sum = livemig_compact::decode_batch(&b, RAM_PAGES, page_key(), &mut dest).expect("decode");
     assert_eq!(sum.misses.len(), 4);
     fix_fingerprints(&mut b);
     let mut dest = FakeDest::default();
-    let sum = livemig_compact::decode_batch(&b, RAM_PAGES, &mut dest).expect("decode");
+    let sum = livemig_compact::decode_batch(&b, RAM_PAGES, page_key(), &mut dest).expect("decode");
     assert!(sum.misses.is_empty(), "{:?}", sum.misses);
     assert_eq!(dest.ram[3], dest.ram[40]);
     assert_eq!(&dest.ram[40][24..32], b"8 bytes!");

@@ -133,7 +133,7 @@ impl livemig_compact::Destination for StreamDest<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use livemig_compact::{decode_batch, EncodeOptions, Encoder};
+    use livemig_compact::{decode_batch, EncodeOptions, Encoder, PageKey};
     use proptest::prelude::*;
 
     /// The encoder and the cache stay in step: every page of a random sequence of writes
@@ -145,7 +145,8 @@ mod tests {
             delta_cache_bytes: cache_pages * PAGE_SIZE,
             ..EncodeOptions::for_ram(total * PAGE_SIZE as u64)
         };
-        let mut enc = Encoder::new(total, opts);
+        let key = PageKey::from_bytes([0x61; 32]);
+        let mut enc = Encoder::new(total, opts, key.clone());
         let mut cache = PageCache::new(total, enc.cache_slots());
         let disks = ReceiverDisks::default();
         for &(page, fill, word) in writes {
@@ -161,7 +162,7 @@ mod tests {
             let rec = enc.take();
             let mut out = [1u8; PAGE_SIZE];
             let mut dest = StreamDest { cache: &mut cache, disks: &disks, out: &mut out, written: None };
-            let s = decode_batch(&rec, total, &mut dest).unwrap();
+            let s = decode_batch(&rec, total, &key, &mut dest).unwrap();
             assert!(s.misses.is_empty(), "miss at page {page}: {:?}", s.misses);
             assert!(dest.written.is_some());
             assert_eq!(out, data, "page {page}");

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use livemig_compact::{decode_batch, ClassStats, PageClass, PAGE_SIZE};
+use livemig_compact::{decode_batch, ClassStats, PageClass, PageKey, PAGE_SIZE};
 use livemig_qmp::Qmp;
 use livemig_wire::{Frame, FrameKind, Message, WireError};
 use xxhash_rust::xxh3::Xxh3;
@@ -95,12 +95,13 @@ pub(crate) fn run(
     frames: &crossbeam_channel::Receiver<Result<Frame, WireError>>,
     writer: &mut Writer,
     disks: &ReceiverDisks,
+    key: &PageKey,
 ) -> Result<(), AgentError> {
     let sock = |source| AgentError::Network { what: "cannot use the incoming socket".into(), source };
     let rp_read = qemu_sock.try_clone().map_err(sock)?;
     let closer = qemu_sock.try_clone().map_err(sock)?;
     let _rp = spawn_return_path(rp_read, writer.sender());
-    let r = rebuild(opts, obs, report, &mut QmpIncoming { qmp, path: &opts.qmp }, qemu_sock, frames, writer, disks);
+    let r = rebuild(opts, obs, report, &mut QmpIncoming { qmp, path: &opts.qmp }, qemu_sock, frames, writer, disks, key);
     // Ends the return-path thread (it holds a producer of the connection's frames).
     let _ = closer.shutdown(std::net::Shutdown::Both);
     r
@@ -150,7 +151,8 @@ impl Incoming for QmpIncoming<'_> {
 }
 
 /// Rebuilds QEMU's stream from the sender's frames into `qemu_sock` until the destination
-/// (`dest`) loaded it, and, if it awaits one, until the sender's commit resumed it.
+/// (`dest`) loaded it, and, if it awaits one, until the sender's commit resumed it. `key` is the
+/// migration's page key (record fingerprints, the stream digest).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rebuild(
     opts: &ReceiveOptions,
@@ -161,8 +163,18 @@ pub(super) fn rebuild(
     frames: &crossbeam_channel::Receiver<Result<Frame, WireError>>,
     writer: &mut Writer,
     disks: &ReceiverDisks,
+    key: &PageKey,
 ) -> Result<(), AgentError> {
-    let mut rb = Rebuild { qemu: qemu_sock, cache: None, disks, hasher: Xxh3::new(), written: 0, checked: false, stats: ClassStats::default(), resent: 0 };
+    let mut rb = Rebuild {
+        qemu: qemu_sock,
+        cache: None,
+        disks,
+        hasher: key.stream_hasher(),
+        written: 0,
+        checked: false,
+        stats: ClassStats::default(),
+        resent: 0,
+    };
     // Frames that arrived while a chunk waited for a resend.
     let mut later: VecDeque<Frame> = VecDeque::new();
     let mut ended = None;
@@ -222,7 +234,7 @@ pub(super) fn rebuild(
                                 })?;
                                 let total = cache.total();
                                 let mut dest = StreamDest { cache, disks: rb.disks, out: &mut page, written: None };
-                                let summary = decode_batch(record, total, &mut dest)
+                                let summary = decode_batch(record, total, key, &mut dest)
                                     .map_err(|e| AgentError::Protocol { expected: "a valid page record".into(), got: e.to_string() })?;
                                 let written = dest.written;
                                 if summary.pages_written + summary.misses.len() as u64 != 1 {

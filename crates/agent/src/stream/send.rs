@@ -219,8 +219,8 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         obs.progress(Progress::Phase("indexing the disk images"));
     }
     let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
-    let (stream, mut reader, mut writer_half) = crate::send::connect_receiver(opts, obs, report)?;
-    let disks = hello_and_welcome(
+    let (stream, mut reader, mut writer_half, tls_key) = crate::send::connect_receiver(opts, obs, report)?;
+    let (disks, key) = hello_and_welcome(
         &mut reader,
         &mut writer_half,
         indexes,
@@ -228,6 +228,8 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         ENGINE_STREAM,
         "the stream engine",
         report,
+        obs,
+        tls_key,
     )?;
     livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: None })?;
     livemig_wire::write_message(&mut writer_half, &Message::StreamSetup { capabilities: caps.clone() })?;
@@ -264,6 +266,7 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     let cfg = SourceConfig {
         encode: EncodeOptions { compressor: opts.compressor, ..EncodeOptions::default() },
         disks,
+        key,
     };
     let relay = {
         let (out, window, stats) = (writer.sender(), Arc::clone(&window), Arc::clone(&stats));
@@ -332,8 +335,10 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
 
 /// The stream engine's and the tunnel's side of the handshake: `hello` offering the disk images
 /// (`engine`, protocol `min_version`..current), then the receiver's `welcome`, which must speak at
-/// least the stream protocol (`who` names the sender in the refusal). Returns the disk images both
-/// hold, for references.
+/// least the stream protocol and this build's minimum (`who` names the sender in the refusal).
+/// Returns the disk images both hold, for references, and the migration's page key (exported
+/// from the TLS session, `tls_key`, or on a plain link the one the welcome carries).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn hello_and_welcome(
     reader: &mut dyn std::io::Read,
     writer: &mut dyn std::io::Write,
@@ -342,7 +347,9 @@ pub(crate) fn hello_and_welcome(
     engine: &str,
     who: &str,
     report: &mut Report,
-) -> Result<Option<Arc<dyn livemig_compact::DiskLookup>>, AgentError> {
+    obs: &mut dyn Observer,
+    tls_key: Option<[u8; livemig_tls::PAGE_KEY_LEN]>,
+) -> Result<(Option<Arc<dyn livemig_compact::DiskLookup>>, livemig_compact::PageKey), AgentError> {
     livemig_wire::write_message(
         writer,
         &Message::Hello {
@@ -356,20 +363,22 @@ pub(crate) fn hello_and_welcome(
             engine: engine.into(),
         },
     )?;
-    let holds: Holdings = match livemig_wire::read_message(reader)? {
-        Message::Welcome { version, holds, software } => {
-            if version < STREAM_PROTOCOL_VERSION {
+    let (holds, key): (Holdings, _) = match livemig_wire::read_message(reader)? {
+        Message::Welcome { version, holds, software, page_key } => {
+            let needs = STREAM_PROTOCOL_VERSION.max(MIN_PROTOCOL_VERSION);
+            if version < needs {
                 return Err(AgentError::Incompatible(format!(
-                    "the receiver ({software}) speaks protocol {version}, {who} needs {STREAM_PROTOCOL_VERSION}"
+                    "the receiver ({software}) speaks protocol {version}, {who} needs {needs}"
                 )));
             }
-            holds
+            (holds, crate::transport::sender_page_key(tls_key, page_key.as_deref())?)
         }
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
         other => return Err(AgentError::Protocol { expected: "welcome".into(), got: other.name().into() }),
     };
     report.disk_images_used = holds.disks.len();
-    Ok(SenderDisks::new(indexes, &holds.disks).map(|d| d as Arc<dyn livemig_compact::DiskLookup>))
+    crate::transport::report_page_key(report, obs, &key, tls_key.is_some());
+    Ok((SenderDisks::new(indexes, &holds.disks).map(|d| d as Arc<dyn livemig_compact::DiskLookup>), key))
 }
 
 /// The precopy, switchover and commit phases: relays the return path (holding the

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use livemig_compact::{ClassStats, DiskLookup, EncodeOptions, Encoder, PAGE_SIZE};
+use livemig_compact::{ClassStats, DiskLookup, EncodeOptions, Encoder, PageKey, PAGE_SIZE};
 use livemig_stream::{BlockName, Event, Parser};
 use livemig_wire::{FrameKind, Message};
 use xxhash_rust::xxh3::Xxh3;
@@ -175,6 +175,8 @@ pub struct SourceConfig {
     pub encode: EncodeOptions,
     /// Disk images both hosts hold.
     pub disks: Option<Arc<dyn DiskLookup>>,
+    /// The migration's page key: the records' fingerprints and the stream digest.
+    pub key: PageKey,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -199,7 +201,7 @@ pub fn relay_source(
         chunk: ChunkBuilder::new(0),
         pages: Vec::new(),
         seq: 0,
-        hasher: Xxh3::new(),
+        hasher: cfg.key.stream_hasher(),
         hashed: 0,
         checkpointed: false,
         out,
@@ -311,7 +313,7 @@ impl State {
             blocks.push((b.name.to_string_lossy(), b.used_length));
             base += pages;
         }
-        let mut enc = Encoder::new(base, EncodeOptions { refs_need_cache: true, ..self.cfg.encode });
+        let mut enc = Encoder::new(base, EncodeOptions { refs_need_cache: true, ..self.cfg.encode }, self.cfg.key.clone());
         if let Some(d) = &self.cfg.disks {
             enc.set_disk_lookup(Arc::clone(d));
         }

@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 use livemig_compact::{Compressor, EncodeOptions};
 use livemig_stream::{ReturnPathParser, RpEvent, RpKind};
 use livemig_wire::{
-    negotiate, Frame, FrameKind, Message, WireError, ENGINE_SHARED, ENGINE_STREAM, ENGINE_TUNNEL, PROTOCOL_VERSION,
-    STREAM_PROTOCOL_VERSION,
+    negotiate, Frame, FrameKind, Message, WireError, ENGINE_SHARED, ENGINE_STREAM, ENGINE_TUNNEL, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, STREAM_PROTOCOL_VERSION,
 };
 
 use super::chunk::resend_payload;
@@ -51,7 +51,7 @@ use crate::link::{self, Out, Writer};
 use crate::receive::ReceiveOptions;
 use crate::report::Report;
 use crate::send::SendOptions;
-use crate::transport::Transport;
+use crate::transport::{self, Transport};
 use crate::{Observer, Progress, SOFTWARE};
 
 /// The report's `role` of `livemig tunnel send`.
@@ -350,15 +350,17 @@ fn send_run(opts: &TunnelSendOptions, obs: &mut dyn Observer, report: &mut Repor
         obs.progress(Progress::Phase("indexing the disk images"));
     }
     let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
-    let (stream, mut reader, mut writer_half) = crate::send::connect_receiver(&opts.connection(), obs, report)?;
-    let disks = hello_and_welcome(
+    let (stream, mut reader, mut writer_half, tls_key) = crate::send::connect_receiver(&opts.connection(), obs, report)?;
+    let (disks, key) = hello_and_welcome(
         &mut reader,
         &mut writer_half,
         indexes,
-        STREAM_PROTOCOL_VERSION,
+        STREAM_PROTOCOL_VERSION.max(MIN_PROTOCOL_VERSION),
         ENGINE_TUNNEL,
         "a tunnel",
         report,
+        obs,
+        tls_key,
     )?;
     obs.progress(Progress::Phase(&format!(
         "the tunnel receiver accepted: waiting for the source QEMU to migrate to unix:{}",
@@ -370,7 +372,7 @@ fn send_run(opts: &TunnelSendOptions, obs: &mut dyn Observer, report: &mut Repor
     let net = |source| AgentError::Network { what: "cannot configure QEMU's migration socket".into(), source };
     let qemu_w = qemu.try_clone().map_err(net)?;
     let closer = qemu.try_clone().map_err(net)?;
-    let r = relay(opts, obs, report, &sock, qemu, qemu_w, &stream, reader, writer_half, disks);
+    let r = relay(opts, obs, report, &sock, qemu, qemu_w, &stream, reader, writer_half, disks, key);
     if r.is_err() {
         // The source QEMU sees its migration fail; QEMU keeps (or puts) its VM running.
         let _ = closer.shutdown(std::net::Shutdown::Both);
@@ -393,6 +395,7 @@ fn relay(
     mut reader: Box<dyn Read + Send>,
     mut writer_half: Box<dyn Write + Send>,
     disks: Option<Arc<dyn livemig_compact::DiskLookup>>,
+    key: livemig_compact::PageKey,
 ) -> Result<(), AgentError> {
     livemig_wire::write_message(&mut writer_half, &Message::StreamSetup { capabilities: Vec::new() })?;
     match livemig_wire::read_message(&mut reader)? {
@@ -411,7 +414,7 @@ fn relay(
     let dispatcher = spawn_dispatcher(frames, Arc::clone(&window), gate, in_tx)
         .map_err(|source| AgentError::Network { what: "cannot start the dispatch thread".into(), source })?;
     let stats = Arc::new(Mutex::new(RelayStats::default()));
-    let cfg = SourceConfig { encode: EncodeOptions { compressor: opts.compressor, ..EncodeOptions::default() }, disks };
+    let cfg = SourceConfig { encode: EncodeOptions { compressor: opts.compressor, ..EncodeOptions::default() }, disks, key };
     let closer = qemu.try_clone().map_err(|source| AgentError::Network { what: "cannot configure QEMU's migration socket".into(), source })?;
     let (done_tx, done) = crossbeam_channel::bounded(1);
     let relay = {
@@ -764,9 +767,11 @@ fn receive_run(
         cancel: &ropts.cancel,
         who: "the tunnel's sender",
     };
-    let crate::arrival::Arrival { stream, reader, writer, peer, hello } =
+    let crate::arrival::Arrival { stream, reader, writer, peer, tls_key, hello } =
         crate::arrival::accept_sender(listener, &wait, obs, &mut report.refused_connections, &mut report.refused_connections_total)?;
     report.peer = Some(peer);
+    let (key, welcome_key) = transport::receiver_page_key(tls_key)?;
+    transport::report_page_key(report, obs, &key, tls_key.is_some());
     let writer = conn_slot.insert(writer);
     let count = Arc::clone(&reader.count);
     let mut reader = reader;
@@ -783,9 +788,10 @@ fn receive_run(
     let v = match negotiate(min_version, version) {
         Some(v) if v >= STREAM_PROTOCOL_VERSION => v,
         _ => {
+            let min = STREAM_PROTOCOL_VERSION.max(MIN_PROTOCOL_VERSION);
             return Err(refuse(
                 writer,
-                format!("protocol version mismatch: the tunnel's sender ({software}) speaks {min_version}..{version}, this receiver {STREAM_PROTOCOL_VERSION}..{PROTOCOL_VERSION}"),
+                format!("protocol version mismatch: the tunnel's sender ({software}) speaks {min_version}..{version}, this receiver {min}..{PROTOCOL_VERSION}"),
             ))
         }
     };
@@ -797,7 +803,10 @@ fn receive_run(
         Err(e) => return Err(refuse(writer, e.chain())),
     };
     report.disk_images_used = held.len();
-    livemig_wire::write_message(writer, &Message::Welcome { version: v, software: SOFTWARE.into(), holds: holdings::holdings(held, Vec::new()) })?;
+    livemig_wire::write_message(
+        writer,
+        &Message::Welcome { version: v, software: SOFTWARE.into(), holds: holdings::holdings(held, Vec::new()), page_key: welcome_key },
+    )?;
     obs.progress(Progress::Phase("the tunnel's sender is connected: waiting for its source QEMU to migrate"));
     let net = |source| AgentError::Network { what: "cannot configure the socket".into(), source };
     stream.set_read_timeout(Some(opts.accept_timeout)).map_err(net)?;
@@ -826,7 +835,7 @@ fn receive_run(
         .map_err(|source| AgentError::Network { what: "cannot start the return-path thread".into(), source })?;
     obs.progress(Progress::Phase("rebuilding QEMU's stream into the destination QEMU"));
     let mut dest = ReturnPathResult { state: Arc::clone(&rp_state), unconfirmed: false };
-    let r = rebuild(&ropts, obs, report, &mut dest, qemu_sock, &frames, &mut writer, &rdisks);
+    let r = rebuild(&ropts, obs, report, &mut dest, qemu_sock, &frames, &mut writer, &rdisks, &key);
     // Success: QEMU closed it already. Failure: QEMU sees its incoming migration fail.
     let _ = closer.shutdown(std::net::Shutdown::Both);
     let _ = rp.join();

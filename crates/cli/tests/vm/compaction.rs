@@ -46,8 +46,12 @@ pub(crate) fn pages(r: &Value, class: &str) -> u64 {
 
 /// The destination's memory, read back before it resumed, equals the source's as this test
 /// reads it (the source stays paused in `postmigrate` with its memory as at the switchover).
+/// The digests are keyed with the migration's page key: on the plain link these tests use, both
+/// reports carry it (the same), so the test can hash with it.
 fn assert_byte_exact(src_qmp: &Path, m: &Migration) {
-    let ours = harness::memory_digest(src_qmp);
+    let key = m.recv_report["page_key_hex"].as_str().expect("a plain-link migration reports its page key");
+    assert_eq!(m.send_report["page_key_hex"].as_str(), Some(key), "both sides used the same key");
+    let ours = harness::memory_digest(src_qmp, key);
     let r = &m.recv_report["verification"];
     assert!(r["reread_ms"].as_f64().is_some(), "the receiver did not re-read its memory: {r:#}");
     assert_eq!(r["destination_digest"].as_str(), Some(ours.as_str()), "destination memory differs from the source's");

@@ -366,15 +366,17 @@ pub fn qmp_cont(qmp_path: &std::path::Path) {
     qmp.cont().expect("cont");
 }
 
-/// The digest of a paused VM's memory, computed here page by page (not by the agents).
-pub fn memory_digest(qmp_path: &std::path::Path) -> String {
+/// The digest of a paused VM's memory, computed here page by page (not by the agents), its
+/// page hashes keyed with `key_hex` (a plain-link migration's `page_key_hex` from its report).
+pub fn memory_digest(qmp_path: &std::path::Path, key_hex: &str) -> String {
+    let key = livemig_track::PageKey::from_hex(key_hex).expect("a page key of 64 hex digits");
     let mut qmp = Qmp::connect(qmp_path, Duration::from_secs(10)).expect("QMP");
     let mem = livemig_memory::GuestMemory::open(&mut qmp).expect("guest memory");
     let mut buf = Box::new(livemig_memory::PageBuf::zeroed());
     let mut d = livemig_track::Digest(0);
     for p in 0..mem.total_pages() {
         mem.read_page(p, &mut buf).expect("read page");
-        d.add(p, livemig_track::hash_page(&buf.0));
+        d.add(p, key.hash_page(&buf.0));
     }
     d.to_string()
 }

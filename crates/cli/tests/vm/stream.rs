@@ -40,6 +40,10 @@ fn private_ram_guest_migrates_through_the_stream_engine() {
     assert_eq!(m.recv_report["engine"], "stream");
     assert_eq!(send["verification"]["ok"], Value::Bool(true), "{send:#}");
     assert_eq!(m.recv_report["verification"]["source_digest"], m.recv_report["verification"]["destination_digest"]);
+    // A plain link: the receiver's random page key, sent in its welcome, used by both sides.
+    assert_eq!(m.recv_report["page_key"], "plain-link");
+    assert_eq!(m.send_report["page_key_hex"], m.recv_report["page_key_hex"]);
+    assert_eq!(m.recv_report["page_key_hex"].as_str().map(str::len), Some(64));
     let stream = &send["stream"];
     assert!(stream["fallback"].is_null(), "no fallback: {stream:#}");
     assert!(stream["pages"].as_u64().unwrap() > 0 && stream["zero_records"].as_u64().unwrap() > 0, "{stream:#}");

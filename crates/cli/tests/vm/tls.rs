@@ -46,7 +46,18 @@ fn migrates_over_tls_with_certificates() {
     assert_eq!(m.recv_report["transport"], "tls-certificates");
     assert!(m.send_report["peer"].as_str().unwrap().contains("localhost"), "{:#}", m.send_report);
     assert!(!m.send_stderr.contains("--insecure"), "no plain-TCP warning over TLS: {}", m.send_stderr);
+    assert_tls_page_key(&m);
     pair.assert_destination_guest_verifies(2);
+}
+
+/// Over TLS both sides export the page key from the session: the reports say so and never
+/// hold the key.
+fn assert_tls_page_key(m: &Migration) {
+    for r in [&m.send_report, &m.recv_report] {
+        assert_eq!(r["page_key"], "tls-exporter", "{r:#}");
+        assert!(r["page_key_hex"].is_null(), "a TLS session's key is never reported: {r:#}");
+    }
+    assert!(!m.send_stderr.contains("page key went in the clear"), "{}", m.send_stderr);
 }
 
 /// A `livemig send` of `pair`'s source to `addr` that the receiver refuses: exit 1 with a TLS
@@ -101,6 +112,7 @@ fn strangers_and_wrong_keys_are_refused_and_the_receiver_waits_for_the_right_sen
         addr.to_string()
     }, |_| {});
     m.assert_completed();
+    assert_tls_page_key(&m);
     let refused = m.recv_report["refused_connections"].as_array().cloned().unwrap_or_default();
     let reasons: Vec<&str> = refused.iter().filter_map(|r| r["reason"].as_str()).collect();
     assert!(m.recv_report["refused_connections_total"].as_u64().unwrap_or(0) >= 4, "{:#}", m.recv_report);
@@ -115,11 +127,11 @@ fn strangers_and_wrong_keys_are_refused_and_the_receiver_waits_for_the_right_sen
 }
 
 /// A receiver whose key does not belong to its certificate refuses to start: nothing is
-/// touched, the sender finds no one to talk to.
+/// touched, the sender finds no one to talk to. Then the same VMs migrate with a PSK.
 #[test]
-fn a_receiver_with_a_mismatched_key_refuses_to_start() {
+fn a_receiver_with_a_mismatched_key_refuses_to_start_then_a_psk_migrates() {
     let _g = harness::vm_lock();
-    let pair = Pair::start("tlsmismatch", harness::dirty_guest(8, 2), |d| d);
+    let mut pair = Pair::start("tlsmismatch", harness::dirty_guest(8, 2), |d| d);
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (a, b) = (certs(a.path()), certs(b.path()));
     let mut mismatched = cert_args(&a);
@@ -133,4 +145,12 @@ fn a_receiver_with_a_mismatched_key_refuses_to_start() {
     assert!(m.send_stderr.contains("cannot connect to the receiver"), "{}", m.send_stderr);
     assert_eq!(pair.status_of_source(), "running");
     assert_eq!(pair.status_of_destination(), "inmigrate");
+
+    pair.restart_destination();
+    let m = Migration::run(&pair, &strs(&psk_args(&a)), &strs(&psk_args(&a)));
+    m.assert_completed();
+    assert_eq!(m.send_report["transport"], "tls-psk");
+    assert_tls_page_key(&m);
+    assert_eq!(pair.status_of_source(), "postmigrate");
+    pair.assert_destination_guest_verifies(2);
 }

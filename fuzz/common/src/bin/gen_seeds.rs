@@ -42,6 +42,13 @@ fn messages() -> Vec<Message> {
             version: 2,
             software: "livemig 0.1.0".into(),
             holds: Holdings { disks: vec![DiskHeld { id: 0, same: true }], snapshots: vec![format!("{:032x}", 7u128)] },
+            page_key: None,
+        },
+        Message::Welcome {
+            version: 4,
+            software: "livemig 0.1.0".into(),
+            holds: Holdings::default(),
+            page_key: Some(common::page_key().to_hex()),
         },
         Message::Plan { snapshot: Some(format!("{:032x}", 7u128)) },
         Message::Plan { snapshot: None },
@@ -75,7 +82,8 @@ impl SnapshotLookup for Snap {
 fn batches() -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
     for (name, compressor) in [("lz4", Compressor::Lz4), ("zstd", Compressor::Zstd), ("raw", Compressor::None)] {
-        let mut enc = Encoder::new(common::RAM_PAGES, EncodeOptions::for_ram(common::RAM_PAGES * PAGE_SIZE as u64));
+        let mut enc =
+            Encoder::new(common::RAM_PAGES, EncodeOptions::for_ram(common::RAM_PAGES * PAGE_SIZE as u64), common::page_key().clone());
         enc.set_compressor(compressor);
         let disk = (0..common::DISK_BLOCKS).map(|b| (livemig_compact::fingerprint(&common::disk_block(b)), b)).collect();
         enc.set_disk_lookup(Arc::new(Disk(disk)));

@@ -391,7 +391,15 @@ fn a_stream_goes_through_the_tunnel_byte_exact_and_compacted() {
         assert_eq!(r.outcome, "completed", "{r:#?}");
         assert_eq!(r.engine, ENGINE_TUNNEL);
         assert!(r.verification.ok, "{r:#?}");
+        // A plain link: the receiver's random page key, sent in its welcome, keyed both ends.
+        assert_eq!(r.page_key.as_deref(), Some(crate::transport::PAGE_KEY_PLAIN));
     }
+    let key = rr.page_key_hex.as_deref().expect("a plain link's key is reported");
+    assert_eq!(sr.page_key_hex.as_deref(), Some(key), "both ends used the same key");
+    // The stream digest is keyed: the keyed xxh3-128 of exactly the bytes the source QEMU wrote.
+    let mut h = livemig_compact::PageKey::from_hex(key).unwrap().stream_hasher();
+    h.update(&data[..usize::try_from(sr.stream.as_ref().unwrap().raw_bytes - sr.device_state_bytes).unwrap()]);
+    assert_eq!(rr.verification.source_digest.as_deref(), Some(format!("{:032x}", h.digest128()).as_str()));
     let st = sr.stream.as_ref().unwrap();
     assert_eq!(st.raw_bytes, data.len() as u64);
     assert!(st.fallback.is_none(), "{st:?}");
