@@ -19,7 +19,7 @@ use livemig_qmp::Qmp;
 use livemig_track::{Digest, Ledger};
 use livemig_wire::{
     negotiate, FrameKind, Message, WireError, RegionInfo, ENGINE_SHARED, ENGINE_STREAM, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, STREAM_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 
 use crate::error::AgentError;
@@ -467,35 +467,12 @@ fn receive_stream(
     (key, welcome_key): (&PageKey, Option<String>),
 ) -> Result<(), AgentError> {
     let writer = conn_slot.as_mut().expect("connected");
-    let Message::Hello { version, min_version, software, page_size, disks, .. } = hello else {
-        return Err(AgentError::Protocol { expected: "hello".into(), got: hello.name().into() });
-    };
     let refuse = |writer: &mut dyn Write, reason: String| -> AgentError {
         let _ = livemig_wire::write_message(writer, &Message::Abort { reason: reason.clone() });
         AgentError::Incompatible(reason)
     };
-    let v = match negotiate(min_version, version) {
-        Some(v) if v >= STREAM_PROTOCOL_VERSION => v,
-        _ => {
-            let min = STREAM_PROTOCOL_VERSION.max(MIN_PROTOCOL_VERSION);
-            return Err(refuse(
-                writer,
-                format!("protocol version mismatch: the source ({software}) speaks {min_version}..{version} with the stream engine, this destination {min}..{PROTOCOL_VERSION}"),
-            ))
-        }
-    };
-    if page_size != 4096 {
-        return Err(refuse(writer, format!("the source uses {page_size}-byte pages; this destination 4096")));
-    }
-    let (rdisks, held) = match ReceiverDisks::answer(&disks, &opts.disk_images, indexes) {
-        Ok(x) => x,
-        Err(e) => return Err(refuse(writer, e.chain())),
-    };
-    report.disk_images_used = held.len();
-    livemig_wire::write_message(
-        writer,
-        &Message::Welcome { version: v, software: SOFTWARE.into(), holds: holdings::holdings(held, Vec::new()), page_key: welcome_key },
-    )?;
+    let who = crate::stream::receive::Parties { sender: "the source", with: " with the stream engine", me: "this destination" };
+    let rdisks = crate::stream::receive::welcome_sender(writer, hello, (&opts.disk_images, indexes), welcome_key, report, &who)?;
     match livemig_wire::read_message(&mut reader)? {
         Message::Plan { snapshot: None } => {}
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),

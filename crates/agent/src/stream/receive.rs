@@ -150,6 +150,58 @@ impl Incoming for QmpIncoming<'_> {
     }
 }
 
+/// Who the parties of [`welcome_sender`] are, in its refusals.
+pub(crate) struct Parties<'a> {
+    /// The sender: "the source", "the tunnel's sender".
+    pub(crate) sender: &'a str,
+    /// What it migrates with, after its versions: " with the stream engine", or "".
+    pub(crate) with: &'a str,
+    /// This side: "this destination", "this receiver".
+    pub(crate) me: &'a str,
+}
+
+/// The stream protocol's answer to a sender's `hello`, for the stream engine's and the tunnel's
+/// receivers: negotiates the version (at least the stream protocol's), checks the page size,
+/// answers the disk offers and sends `welcome` (with the page key on a plain link). A refusal is
+/// sent as `abort` and returned as [`AgentError::Incompatible`]. Returns the disks both hold.
+pub(crate) fn welcome_sender(
+    writer: &mut dyn std::io::Write,
+    hello: Message,
+    (images, indexes): (&[std::path::PathBuf], &[livemig_index::DiskIndex]),
+    welcome_key: Option<String>,
+    report: &mut Report,
+    who: &Parties<'_>,
+) -> Result<ReceiverDisks, AgentError> {
+    let refuse = |writer: &mut dyn std::io::Write, reason: String| -> AgentError {
+        let _ = livemig_wire::write_message(writer, &Message::Abort { reason: reason.clone() });
+        AgentError::Incompatible(reason)
+    };
+    let Message::Hello { version, min_version, software, page_size, disks, .. } = hello else {
+        return Err(refuse(writer, format!("{} began with `{}`, not hello", who.sender, hello.name())));
+    };
+    let Parties { sender, with, me } = who;
+    let v = match livemig_wire::negotiate(min_version, version) {
+        Some(v) if v >= livemig_wire::STREAM_PROTOCOL_VERSION => v,
+        _ => {
+            let (min, max) = (livemig_wire::STREAM_PROTOCOL_VERSION.max(livemig_wire::MIN_PROTOCOL_VERSION), livemig_wire::PROTOCOL_VERSION);
+            return Err(refuse(
+                writer,
+                format!("protocol version mismatch: {sender} ({software}) speaks {min_version}..{version}{with}, {me} {min}..{max}"),
+            ));
+        }
+    };
+    if page_size != 4096 {
+        return Err(refuse(writer, format!("{sender} uses {page_size}-byte pages; {me} 4096")));
+    }
+    let (rdisks, held) = ReceiverDisks::answer(&disks, images, indexes).map_err(|e| refuse(writer, e.chain()))?;
+    report.disk_images_used = held.len();
+    livemig_wire::write_message(
+        writer,
+        &Message::Welcome { version: v, software: crate::SOFTWARE.into(), holds: crate::holdings::holdings(held, Vec::new()), page_key: welcome_key },
+    )?;
+    Ok(rdisks)
+}
+
 /// Rebuilds QEMU's stream from the sender's frames into `qemu_sock` until the destination
 /// (`dest`) loaded it, and, if it awaits one, until the sender's commit resumed it. `key` is the
 /// migration's page key (record fingerprints, the stream digest).

@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 use livemig_compact::{Compressor, EncodeOptions};
 use livemig_stream::{ReturnPathParser, RpEvent, RpKind};
 use livemig_wire::{
-    negotiate, Frame, FrameKind, Message, WireError, ENGINE_SHARED, ENGINE_STREAM, ENGINE_TUNNEL, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, STREAM_PROTOCOL_VERSION,
+    Frame, FrameKind, Message, WireError, ENGINE_SHARED, ENGINE_STREAM, ENGINE_TUNNEL, MIN_PROTOCOL_VERSION,
+    STREAM_PROTOCOL_VERSION,
 };
 
 use super::chunk::resend_payload;
@@ -46,7 +46,7 @@ use super::send::{hello_and_welcome, spawn_dispatcher, Gate, Inbound};
 use super::source::{relay_source, RelayStats, SourceConfig, Window, DEFAULT_WINDOW};
 use super::StreamReport;
 use crate::error::AgentError;
-use crate::holdings::{self, ReceiverDisks};
+use crate::holdings;
 use crate::link::{self, Out, Writer};
 use crate::receive::ReceiveOptions;
 use crate::report::Report;
@@ -782,31 +782,8 @@ fn receive_run(
     if let Some(reason) = tunnel_refuses(&hello) {
         return Err(refuse(writer, reason));
     }
-    let Message::Hello { version, min_version, software, page_size, disks, .. } = hello else {
-        unreachable!("tunnel_refuses refuses all but a hello");
-    };
-    let v = match negotiate(min_version, version) {
-        Some(v) if v >= STREAM_PROTOCOL_VERSION => v,
-        _ => {
-            let min = STREAM_PROTOCOL_VERSION.max(MIN_PROTOCOL_VERSION);
-            return Err(refuse(
-                writer,
-                format!("protocol version mismatch: the tunnel's sender ({software}) speaks {min_version}..{version}, this receiver {min}..{PROTOCOL_VERSION}"),
-            ))
-        }
-    };
-    if page_size != 4096 {
-        return Err(refuse(writer, format!("the sender uses {page_size}-byte pages; this receiver 4096")));
-    }
-    let (rdisks, held) = match ReceiverDisks::answer(&disks, &opts.disk_images, &indexes) {
-        Ok(x) => x,
-        Err(e) => return Err(refuse(writer, e.chain())),
-    };
-    report.disk_images_used = held.len();
-    livemig_wire::write_message(
-        writer,
-        &Message::Welcome { version: v, software: SOFTWARE.into(), holds: holdings::holdings(held, Vec::new()), page_key: welcome_key },
-    )?;
+    let who = super::receive::Parties { sender: "the tunnel's sender", with: "", me: "this receiver" };
+    let rdisks = super::receive::welcome_sender(writer, hello, (&opts.disk_images, &indexes), welcome_key, report, &who)?;
     obs.progress(Progress::Phase("the tunnel's sender is connected: waiting for its source QEMU to migrate"));
     let net = |source| AgentError::Network { what: "cannot configure the socket".into(), source };
     stream.set_read_timeout(Some(opts.accept_timeout)).map_err(net)?;

@@ -2,6 +2,7 @@
 //! hand-built QEMU streams between a fake source QEMU and a fake destination QEMU.
 
 use super::*;
+use livemig_wire::PROTOCOL_VERSION;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 
