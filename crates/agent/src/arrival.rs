@@ -78,6 +78,37 @@ pub(crate) struct Wait<'a> {
     pub(crate) who: &'a str,
 }
 
+impl<'a> Wait<'a> {
+    /// A wait for `who` with the link's `timeout` and `accept_timeout`; each handshake bounded
+    /// by [`HANDSHAKE_BOUND`], or `timeout` if shorter.
+    pub(crate) fn new(transport: &'a Transport, (timeout, accept_timeout): (Duration, Duration), cancel: &'a AtomicBool, who: &'a str) -> Self {
+        Wait { transport, timeout, accept_timeout, handshake_bound: HANDSHAKE_BOUND.min(timeout), cancel, who }
+    }
+}
+
+/// An authenticated sender as a receiver goes on with it: its page key settled.
+pub(crate) struct Arrived {
+    pub(crate) stream: TcpStream,
+    pub(crate) reader: Counting<Box<dyn Read + Send>>,
+    pub(crate) writer: Box<dyn std::io::Write + Send>,
+    pub(crate) hello: Message,
+    /// The migration's page key: from the TLS session, or chosen here.
+    pub(crate) key: livemig_compact::PageKey,
+    /// The key as the `welcome` carries it (plain link only).
+    pub(crate) welcome_key: Option<String>,
+}
+
+/// [`accept_sender`] for a receiver: the refusals, the peer and the page key go to `report`
+/// (and the key's provenance to `obs`).
+pub(crate) fn receive_sender(listener: TcpListener, w: &Wait<'_>, obs: &mut dyn Observer, report: &mut crate::report::Report) -> Result<Arrived, AgentError> {
+    let Arrival { stream, reader, writer, peer, tls_key, hello } =
+        accept_sender(listener, w, obs, &mut report.refused_connections, &mut report.refused_connections_total)?;
+    report.peer = Some(peer);
+    let (key, welcome_key) = transport::receiver_page_key(tls_key)?;
+    transport::report_page_key(report, obs, &key, tls_key.is_some());
+    Ok(Arrived { stream, reader, writer, hello, key, welcome_key })
+}
+
 struct Pending {
     id: u64,
     since: Instant,

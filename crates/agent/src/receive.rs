@@ -24,7 +24,7 @@ use livemig_wire::{
 
 use crate::error::AgentError;
 use crate::arrival::{self, Counting};
-use crate::transport::{self, Transport};
+use crate::transport::Transport;
 use crate::holdings::{self, ReceiverDisks};
 use crate::link;
 use crate::report::{IterationRecord, Report};
@@ -218,20 +218,8 @@ fn run(
     let incoming = dir.path().join("incoming.sock");
 
     obs.progress(Progress::Phase("waiting for the sender"));
-    let wait = arrival::Wait {
-        transport: &opts.transport,
-        timeout: opts.timeout,
-        accept_timeout: opts.accept_timeout,
-        handshake_bound: arrival::HANDSHAKE_BOUND.min(opts.timeout),
-        cancel: &opts.cancel,
-        who: "the sender",
-    };
-    let arrival::Arrival { stream, reader, writer, peer, tls_key, hello } =
-        arrival::accept_sender(listener, &wait, obs, &mut report.refused_connections, &mut report.refused_connections_total)?;
-    report.peer = Some(peer);
-    // The migration's page key: from the TLS session, or chosen here and sent in the welcome.
-    let (key, welcome_key) = transport::receiver_page_key(tls_key)?;
-    transport::report_page_key(report, obs, &key, tls_key.is_some());
+    let wait = arrival::Wait::new(&opts.transport, (opts.timeout, opts.accept_timeout), &opts.cancel, "the sender");
+    let arrival::Arrived { stream, reader, writer, hello, key, welcome_key } = arrival::receive_sender(listener, &wait, obs, report)?;
     // Kept by the caller, so a failure can still tell the sender why.
     let writer = conn_slot.insert(writer);
     let count = Arc::clone(&reader.count);

@@ -51,7 +51,7 @@ use crate::link::{self, Out, Writer};
 use crate::receive::ReceiveOptions;
 use crate::report::Report;
 use crate::send::SendOptions;
-use crate::transport::{self, Transport};
+use crate::transport::Transport;
 use crate::{Observer, Progress, SOFTWARE};
 
 /// The report's `role` of `livemig tunnel send`.
@@ -759,19 +759,9 @@ fn receive_run(
     let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
     let ropts = opts.rebuild();
     obs.progress(Progress::Phase("waiting for the tunnel's sender"));
-    let wait = crate::arrival::Wait {
-        transport: &opts.transport,
-        timeout: opts.timeout,
-        accept_timeout: opts.accept_timeout,
-        handshake_bound: crate::arrival::HANDSHAKE_BOUND.min(opts.timeout),
-        cancel: &ropts.cancel,
-        who: "the tunnel's sender",
-    };
-    let crate::arrival::Arrival { stream, reader, writer, peer, tls_key, hello } =
-        crate::arrival::accept_sender(listener, &wait, obs, &mut report.refused_connections, &mut report.refused_connections_total)?;
-    report.peer = Some(peer);
-    let (key, welcome_key) = transport::receiver_page_key(tls_key)?;
-    transport::report_page_key(report, obs, &key, tls_key.is_some());
+    let wait = crate::arrival::Wait::new(&opts.transport, (opts.timeout, opts.accept_timeout), &ropts.cancel, "the tunnel's sender");
+    let crate::arrival::Arrived { stream, reader, writer, hello, key, welcome_key } =
+        crate::arrival::receive_sender(listener, &wait, obs, report)?;
     let writer = conn_slot.insert(writer);
     let count = Arc::clone(&reader.count);
     let mut reader = reader;
