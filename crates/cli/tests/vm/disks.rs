@@ -138,7 +138,8 @@ fn remove(dir: &Path) {
 }
 
 /// A raw data disk, the shared engine, one source VM: the connection is cut in the first
-/// iteration, at the sender's `switchover` (the source paused) and at the receiver's `loaded`
+/// iteration, at the sender's `switchover` (the source paused), in the device state (its second
+/// frame) and at the receiver's `loaded`
 /// (the source QEMU completed and inactivated its images; the destination QEMU loaded the whole
 /// device state, its images inactive: the receiver quits it). After each the source runs and
 /// writes; then a migration completes and the destination writes, every file intact.
@@ -157,6 +158,15 @@ fn raw_disk_cut_at_each_phase_then_migrated_with_files_intact() {
     let m = through(&pair, &proxy, "switchover-", &[]);
     proxy.assert_fired();
     assert_cut_leaves_the_source_writing(&pair, &m, "cut at the switchover");
+
+    // The sender's second DeviceState frame: the destination QEMU has part of the device state
+    // (it exits or is quit), the source QEMU completed with its images inactive.
+    pair.restart_destination();
+    let proxy = Proxy::new(Trigger::Frame(Dir::FromSender, livemig_wire::FrameKind::DeviceState as u16, 1), Action::Cut);
+    let m = through(&pair, &proxy, "device-state-", &[]);
+    proxy.assert_fired();
+    assert!(!proxy.trace().iter().any(|t| t == "<loaded"), "{:?}", proxy.trace());
+    assert_cut_leaves_the_source_writing(&pair, &m, "cut in the device state");
 
     pair.restart_destination();
     let proxy = Proxy::new(Trigger::Control(Dir::FromReceiver, "loaded"), Action::Cut);
