@@ -774,3 +774,94 @@ fn clear_memory(mem: &GuestMemory) -> Result<u64, AgentError> {
     }
     Ok(cleared)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+    use std::io::{BufRead, BufReader};
+
+    /// A fake destination QEMU on a socket pair: answers every command after the greeting with
+    /// `answer(command)`; the thread returns the commands it got (`qmp_capabilities` left out).
+    fn fake_qemu(answer: impl Fn(&Value) -> Value + Send + 'static) -> (Qmp, std::thread::JoinHandle<Vec<Value>>) {
+        let (client, server) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut w = server.try_clone().unwrap();
+            let mut r = BufReader::new(server);
+            writeln!(w, r#"{{"QMP": {{"version": {{"qemu": {{"micro": 2, "minor": 2, "major": 7}}, "package": ""}}, "capabilities": []}}}}"#).unwrap();
+            let mut seen = Vec::new();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(n) if n > 0 => {}
+                    _ => return seen,
+                }
+                let cmd: Value = serde_json::from_str(&line).unwrap();
+                let mut reply = if cmd["execute"] == "qmp_capabilities" { json!({ "return": {} }) } else { answer(&cmd) };
+                reply["id"] = cmd["id"].clone();
+                writeln!(w, "{reply}").unwrap();
+                if cmd["execute"] != "qmp_capabilities" {
+                    seen.push(cmd);
+                }
+            }
+        });
+        (Qmp::from_stream(client, Duration::from_secs(5)).unwrap(), t)
+    }
+
+    #[test]
+    fn late_block_activate_is_set_and_a_refusal_is_a_clear_error() {
+        let (mut qmp, t) = fake_qemu(|_| json!({ "return": {} }));
+        set_late_block_activate(&mut qmp).unwrap();
+        drop(qmp);
+        let seen = t.join().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0]["execute"], "migrate-set-capabilities");
+        assert_eq!(seen[0]["arguments"], json!({ "capabilities": [{ "capability": "late-block-activate", "state": true }] }));
+
+        let (mut qmp, t) = fake_qemu(|_| json!({ "error": { "class": "GenericError", "desc": "Capability 'late-block-activate' is unknown" } }));
+        let e = set_late_block_activate(&mut qmp).unwrap_err().chain();
+        assert!(e.contains("refused the late-block-activate capability") && e.contains("is unknown"), "{e}");
+        drop(qmp);
+        t.join().unwrap();
+    }
+
+    fn status(s: &str, running: bool) -> Value {
+        json!({ "return": { "status": s, "running": running, "singlestep": false } })
+    }
+
+    #[test]
+    fn a_fed_destination_is_quit_on_a_failure_before_the_commit() {
+        let answer = |cmd: &Value| if cmd["execute"] == "query-status" { status("paused", false) } else { json!({ "return": {} }) };
+        let (mut qmp, t) = fake_qemu(answer);
+        let mut fed = Fed { fed: true, quit: None };
+        fed.quit_on_failure(&mut qmp, &AgentError::Cancelled);
+        // Once only.
+        fed.quit_on_failure(&mut qmp, &AgentError::Cancelled);
+        drop(qmp);
+        let seen: Vec<Value> = t.join().unwrap().into_iter().map(|c| c["execute"].clone()).collect();
+        assert_eq!(seen, [json!("query-status"), json!("quit")]);
+        assert_eq!(fed.quit.as_deref(), Some("quit by the receiver (it was `paused`, never resumed)"));
+    }
+
+    #[test]
+    fn an_unfed_running_or_unknown_destination_is_not_quit() {
+        // Never fed (refused in the handshake): untouched.
+        let (mut qmp, t) = fake_qemu(move |_| status("inmigrate", false));
+        let mut fed = Fed::default();
+        fed.quit_on_failure(&mut qmp, &AgentError::Cancelled);
+        // Its state unknown after a commit: it may run, so nothing is done.
+        fed.fed = true;
+        fed.quit_on_failure(&mut qmp, &AgentError::DestinationStateUnknown("test".into()));
+        drop(qmp);
+        assert!(t.join().unwrap().is_empty());
+        assert!(fed.quit.is_none());
+        // Running: not quit.
+        let (mut qmp, t) = fake_qemu(move |_| status("running", true));
+        fed.quit_on_failure(&mut qmp, &AgentError::Cancelled);
+        drop(qmp);
+        let seen: Vec<Value> = t.join().unwrap().into_iter().map(|c| c["execute"].clone()).collect();
+        assert_eq!(seen, [json!("query-status")]);
+        assert!(fed.quit.is_none());
+    }
+}
