@@ -83,7 +83,8 @@ pub fn receive(opts: &ReceiveOptions, obs: &mut dyn Observer) -> (Report, Result
     let mut report = Report { role: "receive".into(), transport: opts.transport.name().into(), tracker: "content".into(), ..Report::default() };
     let mut qmp: Option<Qmp> = None;
     let mut conn: Option<Box<dyn Write + Send>> = None;
-    let result = run(opts, obs, &mut report, &mut qmp, &mut conn);
+    let mut fed = Fed::default();
+    let result = run(opts, obs, &mut report, &mut qmp, &mut conn, &mut fed);
     report.outcome = match &result {
         Ok(()) => "completed",
         Err(AgentError::Cancelled) => "cancelled",
@@ -93,6 +94,10 @@ pub fn receive(opts: &ReceiveOptions, obs: &mut dyn Observer) -> (Report, Result
     .into();
     if let Err(e) = &result {
         report.error = Some(e.chain());
+        // Before the sender is told (and resumes the source): the destination QEMU goes.
+        if let Some(q) = qmp.as_mut() {
+            fed.quit_on_failure(q, e);
+        }
         if let Some(c) = conn.as_mut() {
             // A frame that arrived corrupted or malformed leaves the connection up: say why.
             let connection_lost = matches!(
@@ -107,7 +112,9 @@ pub fn receive(opts: &ReceiveOptions, obs: &mut dyn Observer) -> (Report, Result
             }
         }
     }
-    if let Some(q) = qmp.as_mut() {
+    if let Some(state) = fed.quit.take() {
+        report.destination_state = Some(state);
+    } else if let Some(q) = qmp.as_mut() {
         report.destination_state = Some(match q.query_status() {
             Ok(s) => s.status,
             Err(e) => format!("unknown ({e})"),
@@ -155,6 +162,60 @@ pub(crate) fn resume_after_commit(qmp: &mut Qmp, qmp_path: &std::path::Path) -> 
     }
 }
 
+/// The capability that keeps the destination's disk images inactive (no write locks taken, no
+/// metadata cached) after QEMU loaded the device state, until the commit's `cont` activates them.
+/// Without it QEMU before 10.0 activates them as the load ends, before the commit: an abort after
+/// that leaves the source unable to take its images back (its `cont` fails on the write lock)
+/// while the destination, which must not run, holds them. QEMU 10.0 always delays activation of
+/// a destination started with `-S` and still accepts the capability.
+pub(crate) const LATE_BLOCK_ACTIVATE: &str = "late-block-activate";
+
+/// Sets [`LATE_BLOCK_ACTIVATE`] on the destination QEMU (before `migrate-incoming`): a QEMU that
+/// refuses it is an error, never a silent fallback to early activation.
+pub(crate) fn set_late_block_activate(qmp: &mut Qmp) -> Result<(), AgentError> {
+    qmp.migrate_set_capabilities(&[(LATE_BLOCK_ACTIVATE, true)]).map_err(AgentError::qmp(
+        "the destination QEMU refused the late-block-activate capability (needed so that it does not take the disks' \
+         write locks before the commit)",
+    ))
+}
+
+/// Whether the destination QEMU has been given any of the migration stream, and whether the
+/// receiver quit it after a failure.
+///
+/// Once QEMU loads (or has loaded) a stream, a failure before the commit ends it: `quit`. A
+/// QEMU whose load fails exits by itself anyway (its `-incoming` is consumed, it can take no
+/// other), and one that loaded the whole state but was not committed holds a copy of a guest
+/// that now runs on at the source: left paused, anyone's later `cont` would activate its disk
+/// images (where locking is off or absent, e.g. some shared file systems, without a refusal) and
+/// run that stale copy against the disks the source has written since. A destination that was
+/// never fed (refused in the handshake, say) is left as it is.
+#[derive(Default)]
+pub(crate) struct Fed {
+    pub(crate) fed: bool,
+    /// The destination's state as reported once quit.
+    pub(crate) quit: Option<String>,
+}
+
+impl Fed {
+    /// On a failure before the destination may run (not when its state is unknown after a
+    /// commit): quits a fed destination QEMU.
+    pub(crate) fn quit_on_failure(&mut self, qmp: &mut Qmp, e: &AgentError) {
+        if !self.fed || self.quit.is_some() || matches!(e, AgentError::DestinationStateUnknown(_)) {
+            return;
+        }
+        // A QEMU that does not answer (most often: it exited as its load failed) is left to the
+        // report's own query.
+        let Ok(s) = qmp.query_status() else { return };
+        if s.running {
+            return;
+        }
+        self.quit = Some(match qmp.execute("quit", None) {
+            Ok(_) => format!("quit by the receiver (it was `{}`, never resumed)", s.status),
+            Err(e) => format!("{} (the receiver's quit failed: {e})", s.status),
+        });
+    }
+}
+
 /// The fields of /proc/PID/stat after the command name: (state, start time in clock ticks).
 fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -182,6 +243,7 @@ fn run(
     report: &mut Report,
     qmp_slot: &mut Option<Qmp>,
     conn_slot: &mut Option<Box<dyn Write + Send>>,
+    fed: &mut Fed,
 ) -> Result<(), AgentError> {
     let listener = TcpListener::bind(&opts.listen)
         .map_err(|source| AgentError::Network { what: format!("cannot listen on {}", opts.listen), source })?;
@@ -232,7 +294,7 @@ fn run(
     if matches!(&hello, Message::Hello { engine, .. } if engine == ENGINE_STREAM) {
         report.engine = ENGINE_STREAM.into();
         report.tracker = "qemu".into();
-        return receive_stream(opts, obs, report, qmp, hello, reader, conn_slot, &stream, &incoming, &indexes, (&key, welcome_key));
+        return receive_stream(opts, obs, report, qmp, hello, reader, conn_slot, &stream, &incoming, &indexes, (&key, welcome_key), fed);
     }
     report.engine = ENGINE_SHARED.into();
     let mem = GuestMemory::open(qmp)?;
@@ -248,6 +310,7 @@ fn run(
     let mut ledger = Ledger::zeroed(total, key.clone());
     qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
         .map_err(AgentError::qmp("cannot enable x-ignore-shared on the destination QEMU"))?;
+    set_late_block_activate(qmp)?;
     qmp.migrate_incoming(&format!("unix:{}", incoming.display()))
         .map_err(AgentError::qmp("the destination QEMU refused migrate-incoming"))?;
     let peer = handshake(hello, writer, &mem, &opts.disk_images, &indexes, store.as_ref(), welcome_key)?;
@@ -317,6 +380,7 @@ fn run(
             }
             FrameKind::DeviceState => {
                 if dev.is_none() {
+                    fed.fed = true;
                     obs.progress(Progress::Phase("loading device state into the destination QEMU"));
                     dev = Some(UnixStream::connect(&incoming).map_err(|source| AgentError::Network {
                         what: "cannot connect to the destination QEMU's incoming migration socket".into(),
@@ -453,6 +517,7 @@ fn receive_stream(
     incoming: &std::path::Path,
     indexes: &[livemig_index::DiskIndex],
     (key, welcome_key): (&PageKey, Option<String>),
+    fed: &mut Fed,
 ) -> Result<(), AgentError> {
     let writer = conn_slot.as_mut().expect("connected");
     let refuse = |writer: &mut dyn Write, reason: String| -> AgentError {
@@ -478,8 +543,13 @@ fn receive_stream(
     if let Err(e) = qmp.migrate_set_capabilities(&pairs) {
         return Err(refuse(writer, format!("the destination QEMU refused the source's migration capabilities: {e}")));
     }
+    // After the source's list, which cannot turn it off.
+    if let Err(e) = set_late_block_activate(qmp) {
+        return Err(refuse(writer, e.chain()));
+    }
     qmp.migrate_incoming(&format!("unix:{}", incoming.display())).map_err(AgentError::qmp("the destination QEMU refused migrate-incoming"))?;
     let qemu_sock = crate::stream::receive::connect_incoming(incoming, opts.timeout)?;
+    fed.fed = true;
     livemig_wire::write_message(writer, &Message::StreamReady)?;
     stream.set_read_timeout(None).map_err(|source| AgentError::Network { what: "cannot configure the socket".into(), source })?;
     let count = Arc::clone(&reader.count);
@@ -490,6 +560,8 @@ fn receive_stream(
     let r = crate::stream::receive::run(opts, obs, report, qmp, qemu_sock, &frames, &mut writer, &rdisks, key);
     report.wire_bytes = count.load(Ordering::Relaxed);
     if let Err(e) = &r {
+        // Before the sender is told (and resumes the source): the destination QEMU goes.
+        fed.quit_on_failure(qmp, e);
         let connection_lost = matches!(e, AgentError::Wire(WireError::Closed | WireError::Io { .. } | WireError::TimedOut { .. }));
         if !matches!(e, AgentError::PeerAborted { .. }) && !connection_lost {
             let _ = writer.send(link::Out::Message(Message::Abort { reason: format!("destination: {}", e.chain()) }));
@@ -645,4 +717,95 @@ fn clear_memory(mem: &GuestMemory) -> Result<u64, AgentError> {
         }
     }
     Ok(cleared)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+    use std::io::{BufRead, BufReader};
+
+    /// A fake destination QEMU on a socket pair: answers every command after the greeting with
+    /// `answer(command)`; the thread returns the commands it got (`qmp_capabilities` left out).
+    fn fake_qemu(answer: impl Fn(&Value) -> Value + Send + 'static) -> (Qmp, std::thread::JoinHandle<Vec<Value>>) {
+        let (client, server) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut w = server.try_clone().unwrap();
+            let mut r = BufReader::new(server);
+            writeln!(w, r#"{{"QMP": {{"version": {{"qemu": {{"micro": 2, "minor": 2, "major": 7}}, "package": ""}}, "capabilities": []}}}}"#).unwrap();
+            let mut seen = Vec::new();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(n) if n > 0 => {}
+                    _ => return seen,
+                }
+                let cmd: Value = serde_json::from_str(&line).unwrap();
+                let mut reply = if cmd["execute"] == "qmp_capabilities" { json!({ "return": {} }) } else { answer(&cmd) };
+                reply["id"] = cmd["id"].clone();
+                writeln!(w, "{reply}").unwrap();
+                if cmd["execute"] != "qmp_capabilities" {
+                    seen.push(cmd);
+                }
+            }
+        });
+        (Qmp::from_stream(client, Duration::from_secs(5)).unwrap(), t)
+    }
+
+    #[test]
+    fn late_block_activate_is_set_and_a_refusal_is_a_clear_error() {
+        let (mut qmp, t) = fake_qemu(|_| json!({ "return": {} }));
+        set_late_block_activate(&mut qmp).unwrap();
+        drop(qmp);
+        let seen = t.join().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0]["execute"], "migrate-set-capabilities");
+        assert_eq!(seen[0]["arguments"], json!({ "capabilities": [{ "capability": "late-block-activate", "state": true }] }));
+
+        let (mut qmp, t) = fake_qemu(|_| json!({ "error": { "class": "GenericError", "desc": "Capability 'late-block-activate' is unknown" } }));
+        let e = set_late_block_activate(&mut qmp).unwrap_err().chain();
+        assert!(e.contains("refused the late-block-activate capability") && e.contains("is unknown"), "{e}");
+        drop(qmp);
+        t.join().unwrap();
+    }
+
+    fn status(s: &str, running: bool) -> Value {
+        json!({ "return": { "status": s, "running": running, "singlestep": false } })
+    }
+
+    #[test]
+    fn a_fed_destination_is_quit_on_a_failure_before_the_commit() {
+        let answer = |cmd: &Value| if cmd["execute"] == "query-status" { status("paused", false) } else { json!({ "return": {} }) };
+        let (mut qmp, t) = fake_qemu(answer);
+        let mut fed = Fed { fed: true, quit: None };
+        fed.quit_on_failure(&mut qmp, &AgentError::Cancelled);
+        // Once only.
+        fed.quit_on_failure(&mut qmp, &AgentError::Cancelled);
+        drop(qmp);
+        let seen: Vec<Value> = t.join().unwrap().into_iter().map(|c| c["execute"].clone()).collect();
+        assert_eq!(seen, [json!("query-status"), json!("quit")]);
+        assert_eq!(fed.quit.as_deref(), Some("quit by the receiver (it was `paused`, never resumed)"));
+    }
+
+    #[test]
+    fn an_unfed_running_or_unknown_destination_is_not_quit() {
+        // Never fed (refused in the handshake): untouched.
+        let (mut qmp, t) = fake_qemu(move |_| status("inmigrate", false));
+        let mut fed = Fed::default();
+        fed.quit_on_failure(&mut qmp, &AgentError::Cancelled);
+        // Its state unknown after a commit: it may run, so nothing is done.
+        fed.fed = true;
+        fed.quit_on_failure(&mut qmp, &AgentError::DestinationStateUnknown("test".into()));
+        drop(qmp);
+        assert!(t.join().unwrap().is_empty());
+        assert!(fed.quit.is_none());
+        // Running: not quit.
+        let (mut qmp, t) = fake_qemu(move |_| status("running", true));
+        fed.quit_on_failure(&mut qmp, &AgentError::Cancelled);
+        drop(qmp);
+        let seen: Vec<Value> = t.join().unwrap().into_iter().map(|c| c["execute"].clone()).collect();
+        assert_eq!(seen, [json!("query-status")]);
+        assert!(fed.quit.is_none());
+    }
 }

@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 pub mod ram;
 use serde::{Deserialize, Serialize};
 
+mod disk;
+pub use disk::{file_contents, DataDisk, DiskCheck, DiskFormat, DATA_DISK_SERIAL};
+
 /// Errors of the lab.
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -233,6 +236,10 @@ pub struct VmConfig {
     /// The QEMU binary (`None`: `$LIVEMIG_QEMU`, else `qemu-system-x86_64` on the PATH); e.g.
     /// [`qemu_7_2`] for the tests that cover QEMU 7.2.
     pub qemu: Option<PathBuf>,
+    /// A writable data disk (the same image for the source and its destination: shared
+    /// storage). Needs the root disk ([`VmConfig::with_disk`]) so that it is not `/dev/vda`,
+    /// which the guest's init mounts read-only.
+    pub data_disk: Option<DataDisk>,
 }
 
 impl VmConfig {
@@ -251,6 +258,7 @@ impl VmConfig {
             // A bad value is reported by qemu_args (Vm::start), not here.
             accel: Accel::from_env().unwrap_or(Accel::Tcg),
             qemu: None,
+            data_disk: None,
         }
     }
 
@@ -379,6 +387,12 @@ impl VmConfig {
         ]);
         if self.with_disk {
             a.extend(["-drive".into(), format!("file={},format=raw,if=virtio,readonly=on", p(&image.disk))]);
+        }
+        if let Some(d) = &self.data_disk {
+            if !self.with_disk {
+                return Err(LabError::Config("a data disk needs the root disk (with_disk)".into()));
+            }
+            a.extend(d.qemu_args());
         }
         if self.incoming {
             a.extend(["-incoming".into(), "defer".into(), "-S".into()]);

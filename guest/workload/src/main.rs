@@ -1,5 +1,6 @@
 //! livemig test-guest workload. See guest/README.md for the console line formats.
 
+mod disk;
 mod page;
 mod sys;
 
@@ -37,6 +38,8 @@ struct Args {
     dir: PathBuf,
     then_dirty_mib: Option<u64>,
     seed: u64,
+    /// disk mode: milliseconds between two files.
+    file_ms: Option<u64>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -49,6 +52,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         dir: PathBuf::from("/mnt/root"),
         then_dirty_mib: None,
         seed: 1,
+        file_ms: None,
     };
     let mut it = argv.iter();
     while let Some(k) = it.next() {
@@ -80,6 +84,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "dir" => a.dir = PathBuf::from(val),
             "then-dirty-mib" => a.then_dirty_mib = Some(num(&val)?),
             "seed" => a.seed = num(&val)?,
+            "file-ms" => a.file_ms = Some(num(&val)?),
             _ => emit(&format!("LIVEMIG-WARN unknown option --{key} (ignored)")),
         }
     }
@@ -310,6 +315,21 @@ fn main() {
     let mut hb = Heartbeat::new();
     match args.mode.as_str() {
         "heartbeat" => heartbeat_forever(&mut hb),
+        "disk" => {
+            // Files on the data disk in a thread, the dirty-memory workload here.
+            let every = Duration::from_millis(args.file_ms.unwrap_or(200));
+            let verify = Duration::from_secs_f64(args.verify_secs.max(0.05));
+            std::thread::spawn(move || disk::run(every, verify));
+            let mib = args.mib.unwrap_or(8);
+            let mut d = match Dirty::new(mib, args.pattern, args.seed) {
+                Ok(d) => d,
+                Err(e) => {
+                    emit(&format!("LIVEMIG-ERROR cannot allocate {mib} MiB: {e}"));
+                    std::process::exit(1);
+                }
+            };
+            d.run(args.rate.unwrap_or(1.0), args.verify_secs, &mut hb)
+        }
         "dirty" => {
             let mib = args.mib.unwrap_or(64);
             let mut d = match Dirty::new(mib, args.pattern, args.seed) {

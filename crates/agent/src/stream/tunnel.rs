@@ -17,6 +17,13 @@
 //! sockets: the source QEMU's migration fails and QEMU keeps its VM running; the destination
 //! QEMU's incoming migration fails.
 //!
+//! Disks on shared storage: the destination's images must stay inactive (no write locks) until
+//! the VM is resumed there, or an abort cannot give the source its disks back. QEMU 10.0 and
+//! later delay activation for a destination started with `-S` by themselves; before 10.0 the
+//! owner of the destination's monitor sets `late-block-activate` (libvirt does) before
+//! `migrate-incoming`. The tunnel cannot, and cannot quit a destination QEMU that loaded the
+//! state but was never resumed: that is its owner's job too.
+//!
 //! Protocol between the two ends (livemig's wire protocol, version 3): `hello` (engine
 //! `tunnel`) -> `welcome`; the source QEMU connects -> `stream_setup` (no capabilities) -> the
 //! receiver connects to the destination QEMU -> `stream_ready`; then the stream engine's chunks,

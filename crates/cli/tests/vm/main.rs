@@ -4,6 +4,7 @@
 
 mod commit;
 mod compaction;
+mod disks;
 mod faults;
 mod harness;
 mod lane;
