@@ -63,12 +63,15 @@ impl Disk {
     fn write_next(&mut self) -> std::io::Result<()> {
         let n = self.next;
         let path = self.dir.join(name(n));
+        let t0 = Instant::now();
         let mut f = std::fs::File::create(&path)?;
         f.write_all(&contents(n))?;
         f.sync_all()?;
         sync_dir(&self.dir)?;
+        // The write's latency as the guest sees it (create, write, fsync, directory fsync).
+        let us = t0.elapsed().as_micros();
         self.next += 1;
-        emit(&format!("LIVEMIG-DISKWRITE n={n} files={}", self.next));
+        emit(&format!("LIVEMIG-DISKWRITE n={n} files={} us={us}", self.next));
         Ok(())
     }
 
