@@ -316,6 +316,23 @@ impl Migration {
         m
     }
 
+    /// The outcome every failure before the commit must have: `send` exits 1 saying the source
+    /// keeps running, `receive` exits 1 saying the destination was not resumed, the source VM runs
+    /// and its guest verifies with no bad page, the destination does not run. `what` names the case
+    /// in the messages.
+    pub fn assert_failed_before_commit(&self, pair: &Pair, what: &str) {
+        let m = self;
+        assert_eq!(m.send_code, 1, "{what}: send must fail:\n{}", m.send_stderr);
+        assert!(m.send_stderr.contains("the source VM keeps running"), "{what}: {}", m.send_stderr);
+        assert_eq!(m.send_report["outcome"], "failed", "{what}: {:#}", m.send_report);
+        assert_eq!(m.send_report["source_state"], "running", "{what}: {:#}", m.send_report);
+        assert_eq!(m.recv_code, 1, "{what}: receive must fail:\n{}", m.recv_stderr);
+        assert!(m.recv_stderr.contains("the destination VM was not resumed"), "{what}: {}", m.recv_stderr);
+        assert_eq!(pair.status_of_source(), "running", "{what}");
+        assert_ne!(pair.status_of_destination(), "running", "{what}");
+        pair.assert_source_guest_still_verifies(1);
+    }
+
     pub fn assert_completed(&self) {
         assert_eq!(self.send_code, 0, "send failed:\n{}", self.send_stderr);
         assert_eq!(self.recv_code, 0, "receive failed:\n{}", self.recv_stderr);
