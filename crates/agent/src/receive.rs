@@ -281,15 +281,13 @@ fn run(
 
     obs.progress(Progress::Phase("waiting for the sender"));
     let wait = arrival::Wait::new(&opts.transport, (opts.timeout, opts.accept_timeout), &opts.cancel, "the sender");
-    let arrival::Arrived { stream, reader, writer, hello, key, welcome_key } = arrival::receive_sender(listener, &wait, obs, report)?;
+    let arrival::Arrived { stream, mut reader, writer, hello, key, welcome_key } = arrival::receive_sender(listener, &wait, obs, report)?;
     // Kept by the caller, so a failure can still tell the sender why.
     let writer = conn_slot.insert(writer);
     let count = Arc::clone(&reader.count);
-    let mut reader = reader;
     // A tunnel sender, or an engine this build does not know, is refused before QEMU is touched.
     if let Some(reason) = crate::stream::tunnel::receive_refuses(&hello) {
-        let _ = livemig_wire::write_message(writer, &Message::Abort { reason: reason.clone() });
-        return Err(AgentError::Incompatible(reason));
+        return Err(refuse(writer, reason));
     }
     if matches!(&hello, Message::Hello { engine, .. } if engine == ENGINE_STREAM) {
         report.engine = ENGINE_STREAM.into();
@@ -520,10 +518,6 @@ fn receive_stream(
     fed: &mut Fed,
 ) -> Result<(), AgentError> {
     let writer = conn_slot.as_mut().expect("connected");
-    let refuse = |writer: &mut dyn Write, reason: String| -> AgentError {
-        let _ = livemig_wire::write_message(writer, &Message::Abort { reason: reason.clone() });
-        AgentError::Incompatible(reason)
-    };
     let who = crate::stream::receive::Parties { sender: "the source", with: " with the stream engine", me: "this destination" };
     let rdisks = crate::stream::receive::welcome_sender(writer, hello, (&opts.disk_images, indexes), welcome_key, report, &who)?;
     match livemig_wire::read_message(&mut reader)? {
@@ -601,6 +595,12 @@ struct Peer {
     disks_held: usize,
 }
 
+/// Refuses the sender: `abort` with `reason` (best effort), and the error that ends the receiver.
+pub(crate) fn refuse(writer: &mut dyn Write, reason: String) -> AgentError {
+    let _ = livemig_wire::write_message(writer, &Message::Abort { reason: reason.clone() });
+    AgentError::Incompatible(reason)
+}
+
 /// Tells the sender why this destination refuses, before the error ends the receiver.
 fn refuse_with(writer: &mut dyn Write, e: &AgentError) {
     let _ = livemig_wire::write_message(writer, &Message::Abort { reason: e.chain() });
@@ -617,10 +617,6 @@ fn handshake(
 ) -> Result<Peer, AgentError> {
     let Message::Hello { version, min_version, software, page_size, regions, vm, disks, engine: _ } = hello else {
         return Err(AgentError::Protocol { expected: "hello".into(), got: hello.name().into() });
-    };
-    let refuse = |writer: &mut dyn Write, reason: String| -> AgentError {
-        let _ = livemig_wire::write_message(writer, &Message::Abort { reason: reason.clone() });
-        AgentError::Incompatible(reason)
     };
     let Some(v) = negotiate(min_version, version) else {
         return Err(refuse(

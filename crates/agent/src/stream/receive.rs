@@ -18,6 +18,7 @@ use xxhash_rust::xxh3::Xxh3;
 use super::cache::{PageCache, StreamDest, MAX_CACHE_PAGES};
 use super::chunk::{self, Item, Payload};
 use crate::error::AgentError;
+use crate::receive::refuse;
 use crate::holdings::ReceiverDisks;
 use crate::link::{Out, Writer};
 use crate::receive::ReceiveOptions;
@@ -172,10 +173,6 @@ pub(crate) fn welcome_sender(
     report: &mut Report,
     who: &Parties<'_>,
 ) -> Result<ReceiverDisks, AgentError> {
-    let refuse = |writer: &mut dyn std::io::Write, reason: String| -> AgentError {
-        let _ = livemig_wire::write_message(writer, &Message::Abort { reason: reason.clone() });
-        AgentError::Incompatible(reason)
-    };
     let Message::Hello { version, min_version, software, page_size, disks, .. } = hello else {
         return Err(refuse(writer, format!("{} began with `{}`, not hello", who.sender, hello.name())));
     };

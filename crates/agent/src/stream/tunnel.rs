@@ -53,6 +53,7 @@ use super::send::{hello_and_welcome, spawn_dispatcher, Gate, Inbound};
 use super::source::{relay_source, RelayStats, SourceConfig, Window, DEFAULT_WINDOW};
 use super::StreamReport;
 use crate::error::AgentError;
+use crate::receive::refuse;
 use crate::holdings;
 use crate::link::{self, Out, Writer};
 use crate::receive::ReceiveOptions;
@@ -767,15 +768,10 @@ fn receive_run(
     let ropts = opts.rebuild();
     obs.progress(Progress::Phase("waiting for the tunnel's sender"));
     let wait = crate::arrival::Wait::new(&opts.transport, (opts.timeout, opts.accept_timeout), &ropts.cancel, "the tunnel's sender");
-    let crate::arrival::Arrived { stream, reader, writer, hello, key, welcome_key } =
+    let crate::arrival::Arrived { stream, mut reader, writer, hello, key, welcome_key } =
         crate::arrival::receive_sender(listener, &wait, obs, report)?;
     let writer = conn_slot.insert(writer);
     let count = Arc::clone(&reader.count);
-    let mut reader = reader;
-    let refuse = |writer: &mut dyn Write, reason: String| -> AgentError {
-        let _ = livemig_wire::write_message(writer, &Message::Abort { reason: reason.clone() });
-        AgentError::Incompatible(reason)
-    };
     if let Some(reason) = tunnel_refuses(&hello) {
         return Err(refuse(writer, reason));
     }
