@@ -321,24 +321,12 @@ fn main() {
             let verify = Duration::from_secs_f64(args.verify_secs.max(0.05));
             std::thread::spawn(move || disk::run(every, verify));
             let mib = args.mib.unwrap_or(8);
-            let mut d = match Dirty::new(mib, args.pattern, args.seed) {
-                Ok(d) => d,
-                Err(e) => {
-                    emit(&format!("LIVEMIG-ERROR cannot allocate {mib} MiB: {e}"));
-                    std::process::exit(1);
-                }
-            };
+            let mut d = dirty_or_exit(mib, &args);
             d.run(args.rate.unwrap_or(1.0), args.verify_secs, &mut hb)
         }
         "dirty" => {
             let mib = args.mib.unwrap_or(64);
-            let mut d = match Dirty::new(mib, args.pattern, args.seed) {
-                Ok(d) => d,
-                Err(e) => {
-                    emit(&format!("LIVEMIG-ERROR cannot allocate {mib} MiB: {e}"));
-                    std::process::exit(1);
-                }
-            };
+            let mut d = dirty_or_exit(mib, &args);
             d.run(args.rate.unwrap_or(0.0), args.verify_secs, &mut hb)
         }
         "cache" => {
@@ -347,13 +335,7 @@ fn main() {
             emit(&format!("LIVEMIG-CACHE files={files} bytes={bytes}"));
             match args.then_dirty_mib {
                 Some(m) if m > 0 => {
-                    let mut d = match Dirty::new(m, args.pattern, args.seed) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            emit(&format!("LIVEMIG-ERROR cannot allocate {m} MiB: {e}"));
-                            std::process::exit(1);
-                        }
-                    };
+                    let mut d = dirty_or_exit(m, &args);
                     d.run(args.rate.unwrap_or(1.0), args.verify_secs, &mut hb)
                 }
                 _ => heartbeat_forever(&mut hb),
@@ -364,6 +346,15 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// The dirty-memory workload over `mib` MiB, or `LIVEMIG-ERROR` and exit 1 if it cannot be
+/// allocated.
+fn dirty_or_exit(mib: u64, args: &Args) -> Dirty {
+    Dirty::new(mib, args.pattern, args.seed).unwrap_or_else(|e| {
+        emit(&format!("LIVEMIG-ERROR cannot allocate {mib} MiB: {e}"));
+        std::process::exit(1);
+    })
 }
 
 #[cfg(test)]
