@@ -104,6 +104,12 @@ pub(crate) fn snapshot_ids(store: &SnapshotStore, vm: &str) -> Result<Vec<String
     Ok(list.into_iter().take(MAX_HANDSHAKE_ITEMS).map(|s| format!("{:032x}", s.id)).collect())
 }
 
+/// The VM identity a sender's `hello` names, if usable for snapshots (not empty, at most 256
+/// bytes; the store refuses names it cannot keep when a snapshot is written, said then).
+pub(crate) fn peer_vm(vm: Option<String>) -> Option<String> {
+    vm.filter(|v| !v.is_empty() && v.len() <= 256)
+}
+
 /// Parses a snapshot id from the peer.
 pub(crate) fn parse_id(s: &str) -> Result<u128, AgentError> {
     if s.len() != 32 {
@@ -159,6 +165,15 @@ impl ReceiverDisks {
 /// Holdings answer of the destination.
 pub(crate) fn holdings(disks: Vec<DiskHeld>, snapshots: Vec<String>) -> Holdings {
     Holdings { disks, snapshots }
+}
+
+/// The newest snapshot of `vm` both hosts hold (the receiver's ids `theirs`, newest first), opened.
+pub(crate) fn choose_snapshot(store: &SnapshotStore, vm: &str, theirs: &[String]) -> Result<Option<(String, Snapshot)>, AgentError> {
+    let ours = snapshot_ids(store, vm)?;
+    match theirs.iter().find(|id| ours.contains(id)) {
+        Some(id) => Ok(Some((id.clone(), open_snapshot(store, vm, parse_id(id)?)?))),
+        None => Ok(None),
+    }
 }
 
 /// Opens the snapshot `id` of `vm`.

@@ -292,7 +292,7 @@ fn run(
     if matches!(&hello, Message::Hello { engine, .. } if engine == ENGINE_STREAM) {
         report.engine = ENGINE_STREAM.into();
         report.tracker = "qemu".into();
-        return receive_stream(opts, obs, report, qmp, hello, reader, conn_slot, &stream, &incoming, &indexes, (&key, welcome_key), fed);
+        return receive_stream(opts, obs, report, qmp, hello, reader, conn_slot, &stream, &incoming, (&indexes, store.as_ref()), (&key, welcome_key), fed);
     }
     report.engine = ENGINE_SHARED.into();
     let mem = GuestMemory::open(qmp)?;
@@ -513,18 +513,39 @@ fn receive_stream(
     conn_slot: &mut Option<Box<dyn Write + Send>>,
     stream: &TcpStream,
     incoming: &std::path::Path,
-    indexes: &[livemig_index::DiskIndex],
+    (indexes, store): (&[livemig_index::DiskIndex], Option<&SnapshotStore>),
     (key, welcome_key): (&PageKey, Option<String>),
     fed: &mut Fed,
 ) -> Result<(), AgentError> {
     let writer = conn_slot.as_mut().expect("connected");
     let who = crate::stream::receive::Parties { sender: "the source", with: " with the stream engine", me: "this destination" };
-    let rdisks = crate::stream::receive::welcome_sender(writer, hello, (&opts.disk_images, indexes), welcome_key, report, &who)?;
-    match livemig_wire::read_message(&mut reader)? {
-        Message::Plan { snapshot: None } => {}
+    // The VM's snapshots this host holds, offered; one is kept of this migration.
+    let vm = match &hello {
+        Message::Hello { vm, .. } => holdings::peer_vm(vm.clone()),
+        _ => None,
+    };
+    report.vm.clone_from(&vm);
+    let snapshots = match (store, &vm) {
+        (Some(store), Some(vm)) => holdings::snapshot_ids(store, vm)?,
+        _ => Vec::new(),
+    };
+    let rdisks = crate::stream::receive::welcome_sender(writer, hello, (&opts.disk_images, indexes), (welcome_key, snapshots), report, &who)?;
+    let snapshot: Option<Snapshot> = match livemig_wire::read_message(&mut reader)? {
+        Message::Plan { snapshot: None } => None,
+        Message::Plan { snapshot: Some(id) } => {
+            let (Some(store), Some(vm)) = (store, &vm) else {
+                return Err(AgentError::Protocol { expected: "no snapshot (none was offered)".into(), got: format!("snapshot {id}") });
+            };
+            report.snapshot_used = Some(id.clone());
+            Some(holdings::open_snapshot(store, vm, holdings::parse_id(&id)?)?)
+        }
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
-        other => return Err(AgentError::Protocol { expected: "plan without a snapshot".into(), got: other.name().into() }),
-    }
+        other => return Err(AgentError::Protocol { expected: "plan".into(), got: other.name().into() }),
+    };
+    let keeper = match (store, &vm) {
+        (Some(store), Some(vm)) => Some(crate::stream::keep::Keeper::spawn(store.clone(), vm.clone())?),
+        _ => None,
+    };
     let caps = match livemig_wire::read_message(&mut reader)? {
         Message::StreamSetup { capabilities } => capabilities,
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
@@ -551,8 +572,18 @@ fn receive_stream(
     let w = conn_slot.take().expect("connected");
     let mut writer = link::Writer::spawn(w, None);
     obs.progress(Progress::Phase("rebuilding QEMU's stream into the destination QEMU"));
-    let r = crate::stream::receive::run(opts, obs, report, qmp, qemu_sock, &frames, &mut writer, &rdisks, key);
+    let held = crate::stream::receive::Held { disks: &rdisks, snapshot: snapshot.as_ref(), keep: keeper.as_ref().map(crate::stream::keep::Keeper::feed) };
+    let r = crate::stream::receive::run(opts, obs, report, qmp, qemu_sock, &frames, &mut writer, held, key);
     report.wire_bytes = count.load(Ordering::Relaxed);
+    if let (Ok(()), Some(k)) = (&r, keeper) {
+        // The destination runs with the memory the stream carried up to its checked digest.
+        obs.progress(Progress::Phase("keeping a memory snapshot of the VM"));
+        let id = report.verification.source_digest.as_deref().and_then(|d| u128::from_str_radix(d, 16).ok());
+        match id.ok_or_else(|| "the stream's RAM was not checked".to_string()).and_then(|id| k.finish(id)) {
+            Ok(info) => report.snapshot_kept = Some(format!("{:032x}", info.id)),
+            Err(e) => report.warnings.push(format!("the memory snapshot was not kept: {e}")),
+        }
+    }
     if let Err(e) = &r {
         // Before the sender is told (and resumes the source): the destination QEMU goes.
         fed.quit_on_failure(qmp, e);
@@ -643,7 +674,7 @@ fn handshake(
         Ok(x) => x,
         Err(e) => return Err(refuse(writer, e.chain())),
     };
-    let vm = vm.filter(|v| !v.is_empty() && v.len() <= 256);
+    let vm = holdings::peer_vm(vm);
     let snapshots = match (store, &vm) {
         (Some(store), Some(vm)) => holdings::snapshot_ids(store, vm)?,
         _ => Vec::new(),

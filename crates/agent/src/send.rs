@@ -154,6 +154,32 @@ pub(crate) fn vm_identity(qmp: &mut Qmp) -> Option<String> {
     })
 }
 
+/// The VM's identity for snapshots (`--vm-id`, else QEMU's `-name` or UUID) and the snapshot
+/// store, if `--snapshot-dir` is given; a VM without an identity keeps no snapshot (said).
+pub(crate) fn snapshot_store(
+    opts: &SendOptions,
+    st: &mut SourceState,
+    obs: &mut dyn Observer,
+    report: &mut Report,
+) -> Result<(Option<String>, Option<SnapshotStore>), AgentError> {
+    let vm = opts.vm_id.clone().or_else(|| opts.snapshot_dir.as_ref().and_then(|_| vm_identity(&mut st.qmp())));
+    report.vm = vm.clone();
+    let store = match &opts.snapshot_dir {
+        Some(d) if vm.is_some() => Some(
+            SnapshotStore::open(d, opts.snapshot_max_bytes)
+                .map_err(|e| AgentError::Holdings(format!("cannot open the snapshot directory {}: {e}", d.display())))?,
+        ),
+        Some(_) => {
+            let w = "no memory snapshot is used or kept: the VM has no -name or UUID; give --vm-id";
+            obs.progress(Progress::Phase(w));
+            report.warnings.push(w.into());
+            None
+        }
+        None => None,
+    };
+    Ok((vm, store))
+}
+
 /// What has been done to the source VM, so a failure can be undone.
 #[derive(Default)]
 pub(crate) struct SourceState {
@@ -315,19 +341,7 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
         .migrate_set_capabilities(&[("x-ignore-shared", true)])
         .map_err(AgentError::qmp("cannot enable x-ignore-shared on the source QEMU"))?;
 
-    let vm = opts.vm_id.clone().or_else(|| opts.snapshot_dir.as_ref().and_then(|_| vm_identity(&mut st.qmp())));
-    report.vm = vm.clone();
-    let store = match &opts.snapshot_dir {
-        Some(d) if vm.is_some() => Some(
-            SnapshotStore::open(d, opts.snapshot_max_bytes)
-                .map_err(|e| AgentError::Holdings(format!("cannot open the snapshot directory {}: {e}", d.display())))?,
-        ),
-        Some(_) => {
-            obs.progress(Progress::Phase("no snapshot: the VM has no -name or UUID; give --vm-id"));
-            None
-        }
-        None => None,
-    };
+    let (vm, store) = snapshot_store(opts, st, obs, report)?;
     if !opts.disk_images.is_empty() {
         obs.progress(Progress::Phase("indexing the disk images"));
     }
@@ -368,12 +382,10 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     // The newest snapshot of the VM both sides hold.
     let mut plan = None;
     if let (Some(store), Some(vm)) = (&store, &vm) {
-        let ours = holdings::snapshot_ids(store, vm)?;
-        if let Some(id) = holds.snapshots.iter().find(|id| ours.contains(id)) {
-            let snap = holdings::open_snapshot(store, vm, holdings::parse_id(id)?)?;
+        if let Some((id, snap)) = holdings::choose_snapshot(store, vm, &holds.snapshots)? {
             encoder.set_snapshot_lookup(Arc::new(SenderSnapshot(snap.lookup_table())));
             report.snapshot_used = Some(id.clone());
-            plan = Some(id.clone());
+            plan = Some(id);
         }
     }
     livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: plan })?;

@@ -65,8 +65,7 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value = "auto")]
     tracker: String,
     /// Engine of the sender (auto, stream or shared; see `livemig send --help`). Default: auto,
-    /// which takes the stream engine on this QEMU; `return` defaults to shared, whose memory
-    /// snapshots the way back references (the stream engine keeps none yet).
+    /// which takes the stream engine on this QEMU.
     #[arg(long)]
     engine: Option<String>,
 }
@@ -134,7 +133,7 @@ fn migrate(
     let mut send_cmd = Command::new(&exe);
     send_cmd
         .args(["send", "--to", &addr, "--max-downtime", max_downtime, "--policy", &a.policy, "--tracker", &a.tracker])
-        .args(["--engine", a.engine.as_deref().unwrap_or(if a.scenario == Scenario::Return { "shared" } else { "auto" })])
+        .args(["--engine", a.engine.as_deref().unwrap_or("auto")])
         .args(tls_args(work))
         .arg("--qmp")
         .arg(src.qmp_path())

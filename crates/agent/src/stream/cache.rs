@@ -93,12 +93,14 @@ impl PageCache {
 }
 
 /// The destination as the page decoder sees it in the stream engine: the cache, the disk
-/// images, and the slot the decoded page goes to.
+/// images, the memory snapshot, and the slot the decoded page goes to.
 pub(crate) struct StreamDest<'a> {
     /// Recent pages.
     pub cache: &'a mut PageCache,
     /// Disk images both hosts hold.
     pub disks: &'a ReceiverDisks,
+    /// The memory snapshot both hosts hold.
+    pub snapshot: Option<&'a livemig_index::snapshot::Snapshot>,
     /// The decoded page and its class, once written.
     pub out: &'a mut [u8; PAGE_SIZE],
     /// Set by `write_page`.
@@ -120,6 +122,10 @@ impl livemig_compact::Destination for StreamDest<'_> {
 
     fn read_disk_block(&mut self, r: DiskRef, out: &mut [u8; PAGE_SIZE]) -> bool {
         self.disks.read(r, out)
+    }
+
+    fn read_snapshot_page(&mut self, page: u64, out: &mut [u8; PAGE_SIZE]) -> bool {
+        self.snapshot.is_some_and(|s| s.read_page(page, out).is_ok())
     }
 
     fn write_page(&mut self, page: u64, class: PageClass, data: &[u8; PAGE_SIZE], record_len: usize) -> Result<(), Self::Error> {
@@ -161,7 +167,7 @@ mod tests {
             enc.push(page, &data);
             let rec = enc.take();
             let mut out = [1u8; PAGE_SIZE];
-            let mut dest = StreamDest { cache: &mut cache, disks: &disks, out: &mut out, written: None };
+            let mut dest = StreamDest { cache: &mut cache, disks: &disks, snapshot: None, out: &mut out, written: None };
             let s = decode_batch(&rec, total, &key, &mut dest).unwrap();
             assert!(s.misses.is_empty(), "miss at page {page}: {:?}", s.misses);
             assert!(dest.written.is_some());

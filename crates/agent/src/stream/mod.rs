@@ -11,6 +11,7 @@
 //! - [`tunnel`]: the relay alone between two QEMU unix sockets, no QMP (`livemig tunnel`).
 
 pub mod cache;
+pub mod keep;
 pub use livemig_stream::chunk;
 pub mod receive;
 pub mod send;

@@ -19,7 +19,9 @@ use super::cache::{PageCache, StreamDest, MAX_CACHE_PAGES};
 use super::chunk::{self, Item, Payload};
 use crate::error::AgentError;
 use crate::receive::refuse;
+use super::keep::KeepFeed;
 use crate::holdings::ReceiverDisks;
+use livemig_index::snapshot::Snapshot;
 use crate::link::{Out, Writer};
 use crate::receive::ReceiveOptions;
 use crate::report::Report;
@@ -62,11 +64,23 @@ pub(crate) fn spawn_return_path(mut qemu: UnixStream, out: crossbeam_channel::Se
         .expect("spawn return-path thread")
 }
 
+/// What the destination holds besides QEMU: the disk images and the memory snapshot both hosts
+/// hold, and the snapshot being kept of this migration (fed the stream up to its checkpoint).
+#[allow(missing_debug_implementations)]
+pub(crate) struct Held<'a> {
+    /// Disk images both hold.
+    pub(crate) disks: &'a ReceiverDisks,
+    /// The snapshot the sender's plan named.
+    pub(crate) snapshot: Option<&'a Snapshot>,
+    /// The snapshot being kept.
+    pub(crate) keep: Option<KeepFeed>,
+}
+
 /// State of the rebuild.
 struct Rebuild<'a> {
     qemu: UnixStream,
     cache: Option<PageCache>,
-    disks: &'a ReceiverDisks,
+    held: Held<'a>,
     hasher: Xxh3,
     written: u64,
     checked: bool,
@@ -78,6 +92,9 @@ impl Rebuild<'_> {
     fn write(&mut self, b: &[u8]) -> Result<(), AgentError> {
         if !self.checked {
             self.hasher.update(b);
+            if let Some(k) = &self.held.keep {
+                k.feed(b);
+            }
         }
         self.written += b.len() as u64;
         self.qemu.write_all(b).map_err(|source| AgentError::Network { what: "the destination QEMU stopped reading the migration stream".into(), source })
@@ -95,14 +112,14 @@ pub(crate) fn run(
     qemu_sock: UnixStream,
     frames: &crossbeam_channel::Receiver<Result<Frame, WireError>>,
     writer: &mut Writer,
-    disks: &ReceiverDisks,
+    held: Held<'_>,
     key: &PageKey,
 ) -> Result<(), AgentError> {
     let sock = |source| AgentError::Network { what: "cannot use the incoming socket".into(), source };
     let rp_read = qemu_sock.try_clone().map_err(sock)?;
     let closer = qemu_sock.try_clone().map_err(sock)?;
     let _rp = spawn_return_path(rp_read, writer.sender());
-    let r = rebuild(opts, obs, report, &mut QmpIncoming { qmp, path: &opts.qmp }, qemu_sock, frames, writer, disks, key);
+    let r = rebuild(opts, obs, report, &mut QmpIncoming { qmp, path: &opts.qmp }, qemu_sock, frames, writer, held, key);
     // Ends the return-path thread (it holds a producer of the connection's frames).
     let _ = closer.shutdown(std::net::Shutdown::Both);
     r
@@ -163,13 +180,14 @@ pub(crate) struct Parties<'a> {
 
 /// The stream protocol's answer to a sender's `hello`, for the stream engine's and the tunnel's
 /// receivers: negotiates the version (at least the stream protocol's), checks the page size,
-/// answers the disk offers and sends `welcome` (with the page key on a plain link). A refusal is
+/// answers the disk offers and sends `welcome` (with the page key on a plain link, and the ids of
+/// the VM's `snapshots` this host holds). A refusal is
 /// sent as `abort` and returned as [`AgentError::Incompatible`]. Returns the disks both hold.
 pub(crate) fn welcome_sender(
     writer: &mut dyn std::io::Write,
     hello: Message,
     (images, indexes): (&[std::path::PathBuf], &[livemig_index::DiskIndex]),
-    welcome_key: Option<String>,
+    (welcome_key, snapshots): (Option<String>, Vec<String>),
     report: &mut Report,
     who: &Parties<'_>,
 ) -> Result<ReceiverDisks, AgentError> {
@@ -194,7 +212,7 @@ pub(crate) fn welcome_sender(
     report.disk_images_used = held.len();
     livemig_wire::write_message(
         writer,
-        &Message::Welcome { version: v, software: crate::SOFTWARE.into(), holds: crate::holdings::holdings(held, Vec::new()), page_key: welcome_key },
+        &Message::Welcome { version: v, software: crate::SOFTWARE.into(), holds: crate::holdings::holdings(held, snapshots), page_key: welcome_key },
     )?;
     Ok(rdisks)
 }
@@ -211,13 +229,13 @@ pub(super) fn rebuild(
     qemu_sock: UnixStream,
     frames: &crossbeam_channel::Receiver<Result<Frame, WireError>>,
     writer: &mut Writer,
-    disks: &ReceiverDisks,
+    held: Held<'_>,
     key: &PageKey,
 ) -> Result<(), AgentError> {
     let mut rb = Rebuild {
         qemu: qemu_sock,
         cache: None,
-        disks,
+        held,
         hasher: key.stream_hasher(),
         written: 0,
         checked: false,
@@ -282,7 +300,7 @@ pub(super) fn rebuild(
                                     got: "a page".into(),
                                 })?;
                                 let total = cache.total();
-                                let mut dest = StreamDest { cache, disks: rb.disks, out: &mut page, written: None };
+                                let mut dest = StreamDest { cache, disks: rb.held.disks, snapshot: rb.held.snapshot, out: &mut page, written: None };
                                 let summary = decode_batch(record, total, key, &mut dest)
                                     .map_err(|e| AgentError::Protocol { expected: "a valid page record".into(), got: e.to_string() })?;
                                 let written = dest.written;
@@ -332,6 +350,7 @@ pub(super) fn rebuild(
                 Message::StreamCheckpoint { bytes, digest, at } => {
                     let ours = format!("{:032x}", rb.hasher.digest128());
                     rb.checked = true;
+                    rb.held.keep = None;
                     report.verification.source_digest = Some(digest.clone());
                     report.verification.destination_digest = Some(ours.clone());
                     if bytes != rb.written || digest != ours {

@@ -25,7 +25,8 @@ use serde_json::json;
 use super::chunk::resend_payload;
 use super::source::{relay_source, RelayStats, SourceConfig, Window, DEFAULT_WINDOW};
 use crate::error::AgentError;
-use crate::holdings::{self, SenderDisks};
+use super::keep::Keeper;
+use crate::holdings::{self, SenderDisks, SenderSnapshot};
 use crate::link::{self, Out, Writer};
 use crate::qemu::QemuVersion;
 use crate::report::{IterationRecord, Report, ThrottleReport};
@@ -210,20 +211,16 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     }
     st.qmp().migrate_set_parameters(params).map_err(AgentError::qmp("the source QEMU refused the migration parameters"))?;
 
-    if opts.snapshot_dir.is_some() {
-        let w = "the stream engine neither uses nor keeps memory snapshots yet: --snapshot-dir is not used (--engine shared does)".to_string();
-        obs.progress(Progress::Phase(&w));
-        report.warnings.push(w);
-    }
+    let (vm, store) = crate::send::snapshot_store(opts, st, obs, report)?;
     if !opts.disk_images.is_empty() {
         obs.progress(Progress::Phase("indexing the disk images"));
     }
     let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
     let (stream, mut reader, mut writer_half, tls_key) = crate::send::connect_receiver(opts, obs, report)?;
-    let (disks, key) = hello_and_welcome(
+    let welcomed = hello_and_welcome(
         &mut reader,
         &mut writer_half,
-        indexes,
+        (indexes, vm.clone().filter(|_| store.is_some())),
         MIN_PROTOCOL_VERSION,
         ENGINE_STREAM,
         "the stream engine",
@@ -231,7 +228,20 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         obs,
         tls_key,
     )?;
-    livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: None })?;
+    let (disks, key) = (welcomed.disks, welcomed.key);
+    let snapshot = match (&store, &vm) {
+        (Some(store), Some(vm)) => holdings::choose_snapshot(store, vm, &welcomed.snapshots)?,
+        _ => None,
+    };
+    let plan = snapshot.as_ref().map(|(id, _)| id.clone());
+    report.snapshot_used.clone_from(&plan);
+    let snapshot: Option<Arc<dyn livemig_compact::SnapshotLookup>> = snapshot.map(|(_, s)| Arc::new(SenderSnapshot(s.lookup_table())) as _);
+    // This migration's memory, kept from QEMU's stream as the receiver keeps it.
+    let keeper = match (&store, &vm) {
+        (Some(store), Some(vm)) => Some(Keeper::spawn(store.clone(), vm.clone())?),
+        _ => None,
+    };
+    livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: plan })?;
     livemig_wire::write_message(&mut writer_half, &Message::StreamSetup { capabilities: caps.clone() })?;
     match livemig_wire::read_message(&mut reader)? {
         Message::StreamReady => {}
@@ -267,6 +277,8 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         encode: EncodeOptions { compressor: opts.compressor, ..EncodeOptions::default() },
         disks,
         key,
+        snapshot,
+        keep: keeper.as_ref().map(Keeper::feed),
     };
     let relay = {
         let (out, window, stats) = (writer.sender(), Arc::clone(&window), Arc::clone(&stats));
@@ -330,26 +342,44 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     let _ = stream.shutdown(std::net::Shutdown::Both);
     let _ = relay.join();
     let _ = dispatcher.join();
+    if let (Ok(()), Some(k)) = (&r, keeper) {
+        // The destination runs with the memory QEMU's stream carried up to its checkpoint.
+        obs.progress(Progress::Phase("keeping a memory snapshot of the VM"));
+        match s.checkpoint_digest.filter(|_| s.ram_done).ok_or_else(|| "the stream's RAM was not checked whole".to_string()).and_then(|id| k.finish(id)) {
+            Ok(info) => report.snapshot_kept = Some(format!("{:032x}", info.id)),
+            Err(e) => report.warnings.push(format!("the memory snapshot was not kept: {e}")),
+        }
+    }
     r
 }
 
+/// What the receiver's `welcome` settled, for the stream engine and the tunnel.
+pub(crate) struct Welcomed {
+    /// The disk images both hold, for references.
+    pub(crate) disks: Option<Arc<dyn livemig_compact::DiskLookup>>,
+    /// The migration's page key.
+    pub(crate) key: livemig_compact::PageKey,
+    /// The snapshots of the VM the receiver holds (ids, newest first).
+    pub(crate) snapshots: Vec<String>,
+}
+
 /// The stream engine's and the tunnel's side of the handshake: `hello` offering the disk images
-/// (`engine`, protocol `min_version`..current), then the receiver's `welcome`, which must speak at
-/// least the stream protocol and this build's minimum (`who` names the sender in the refusal).
-/// Returns the disk images both hold, for references, and the migration's page key (exported
-/// from the TLS session, `tls_key`, or on a plain link the one the welcome carries).
+/// and naming the VM for snapshots (`vm`; the tunnel has none) (`engine`, protocol
+/// `min_version`..current), then the receiver's `welcome`, which must speak at least the stream
+/// protocol and this build's minimum (`who` names the sender in the refusal). The page key is
+/// exported from the TLS session (`tls_key`), or on a plain link the one the welcome carries.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn hello_and_welcome(
     reader: &mut dyn std::io::Read,
     writer: &mut dyn std::io::Write,
-    indexes: Vec<livemig_index::DiskIndex>,
+    (indexes, vm): (Vec<livemig_index::DiskIndex>, Option<String>),
     min_version: u32,
     engine: &str,
     who: &str,
     report: &mut Report,
     obs: &mut dyn Observer,
     tls_key: Option<[u8; livemig_tls::PAGE_KEY_LEN]>,
-) -> Result<(Option<Arc<dyn livemig_compact::DiskLookup>>, livemig_compact::PageKey), AgentError> {
+) -> Result<Welcomed, AgentError> {
     livemig_wire::write_message(
         writer,
         &Message::Hello {
@@ -358,7 +388,7 @@ pub(crate) fn hello_and_welcome(
             software: SOFTWARE.into(),
             page_size: 4096,
             regions: Vec::new(),
-            vm: None,
+            vm,
             disks: holdings::offers(&indexes)?,
             engine: engine.into(),
         },
@@ -378,7 +408,8 @@ pub(crate) fn hello_and_welcome(
     };
     report.disk_images_used = holds.disks.len();
     crate::transport::report_page_key(report, obs, &key, tls_key.is_some());
-    Ok((SenderDisks::new(indexes, &holds.disks).map(|d| d as Arc<dyn livemig_compact::DiskLookup>), key))
+    let disks = SenderDisks::new(indexes, &holds.disks).map(|d| d as Arc<dyn livemig_compact::DiskLookup>);
+    Ok(Welcomed { disks, key, snapshots: holds.snapshots })
 }
 
 /// The precopy, switchover and commit phases: relays the return path (holding the

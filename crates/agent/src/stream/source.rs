@@ -10,12 +10,13 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use livemig_compact::{ClassStats, DiskLookup, EncodeOptions, Encoder, PageKey, PAGE_SIZE};
+use livemig_compact::{ClassStats, DiskLookup, EncodeOptions, Encoder, PageKey, SnapshotLookup, PAGE_SIZE};
 use livemig_stream::{BlockName, Event, Parser};
 use livemig_wire::{FrameKind, Message};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::chunk::ChunkBuilder;
+use super::keep::KeepFeed;
 use crate::error::AgentError;
 use crate::link::Out;
 
@@ -166,6 +167,8 @@ pub struct RelayStats {
     pub checkpoint_bytes: Option<u64>,
     /// Bytes of guest RAM (the blocks QEMU listed).
     pub ram_bytes: u64,
+    /// The stream digest at the checkpoint (what the receiver checked).
+    pub checkpoint_digest: Option<u128>,
 }
 
 /// The configuration of the source relay.
@@ -177,11 +180,20 @@ pub struct SourceConfig {
     pub disks: Option<Arc<dyn DiskLookup>>,
     /// The migration's page key: the records' fingerprints and the stream digest.
     pub key: PageKey,
+    /// The memory snapshot both hosts hold, for `snapshot_ref`s.
+    pub snapshot: Option<Arc<dyn SnapshotLookup>>,
+    /// The snapshot being kept of this migration: fed QEMU's stream up to the checkpoint.
+    pub keep: Option<KeepFeed>,
 }
 
 impl std::fmt::Debug for SourceConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SourceConfig").field("encode", &self.encode).field("disks", &self.disks.is_some()).finish()
+        f.debug_struct("SourceConfig")
+            .field("encode", &self.encode)
+            .field("disks", &self.disks.is_some())
+            .field("snapshot", &self.snapshot.is_some())
+            .field("keep", &self.keep.is_some())
+            .finish()
     }
 }
 
@@ -224,6 +236,9 @@ pub fn relay_source(
             break;
         }
         total += n as u64;
+        if let Some(k) = st.cfg.keep.as_ref().filter(|_| !st.checkpointed) {
+            k.feed(&buf[..n]);
+        }
         st.parser.feed(&buf[..n], &mut |e| events.push(e));
         for e in events.drain(..) {
             st.event(e)?;
@@ -305,17 +320,15 @@ impl State {
         if self.enc.is_some() || self.parser.blocks().is_empty() {
             return Ok(());
         }
-        let mut base = 0u64;
-        let mut blocks = Vec::new();
-        for b in self.parser.blocks() {
-            let pages = b.used_length.div_ceil(PAGE_SIZE as u64);
-            self.bases.insert(b.name.clone(), (base, pages));
-            blocks.push((b.name.to_string_lossy(), b.used_length));
-            base += pages;
-        }
-        let mut enc = Encoder::new(base, EncodeOptions { refs_need_cache: true, ..self.cfg.encode }, self.cfg.key.clone());
+        let (bases, total) = super::keep::numbering(&self.parser);
+        self.bases = bases;
+        let blocks: Vec<(String, u64)> = self.parser.blocks().iter().map(|b| (b.name.to_string_lossy(), b.used_length)).collect();
+        let mut enc = Encoder::new(total, EncodeOptions { refs_need_cache: true, ..self.cfg.encode }, self.cfg.key.clone());
         if let Some(d) = &self.cfg.disks {
             enc.set_disk_lookup(Arc::clone(d));
+        }
+        if let Some(s) = &self.cfg.snapshot {
+            enc.set_snapshot_lookup(Arc::clone(s));
         }
         let cache_pages = enc.cache_slots();
         self.stats().cache_pages = cache_pages;
@@ -331,9 +344,12 @@ impl State {
             return Ok(());
         }
         self.flush()?;
-        let digest = format!("{:032x}", self.hasher.digest128());
+        let d = self.hasher.digest128();
+        let digest = format!("{d:032x}");
         self.checkpointed = true;
+        self.cfg.keep = None;
         self.stats().checkpoint_bytes = Some(self.hashed);
+        self.stats().checkpoint_digest = Some(d);
         self.send(Out::Message(Message::StreamCheckpoint { bytes: self.hashed, digest, at }))
     }
 

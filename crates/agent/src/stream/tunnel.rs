@@ -359,10 +359,10 @@ fn send_run(opts: &TunnelSendOptions, obs: &mut dyn Observer, report: &mut Repor
     }
     let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
     let (stream, mut reader, mut writer_half, tls_key) = crate::send::connect_receiver(&opts.connection(), obs, report)?;
-    let (disks, key) = hello_and_welcome(
+    let super::send::Welcomed { disks, key, .. } = hello_and_welcome(
         &mut reader,
         &mut writer_half,
-        indexes,
+        (indexes, None),
         STREAM_PROTOCOL_VERSION.max(MIN_PROTOCOL_VERSION),
         ENGINE_TUNNEL,
         "a tunnel",
@@ -422,7 +422,7 @@ fn relay(
     let dispatcher = spawn_dispatcher(frames, Arc::clone(&window), gate, in_tx)
         .map_err(|source| AgentError::Network { what: "cannot start the dispatch thread".into(), source })?;
     let stats = Arc::new(Mutex::new(RelayStats::default()));
-    let cfg = SourceConfig { encode: EncodeOptions { compressor: opts.compressor, ..EncodeOptions::default() }, disks, key };
+    let cfg = SourceConfig { encode: EncodeOptions { compressor: opts.compressor, ..EncodeOptions::default() }, disks, key, snapshot: None, keep: None };
     let closer = qemu.try_clone().map_err(|source| AgentError::Network { what: "cannot configure QEMU's migration socket".into(), source })?;
     let (done_tx, done) = crossbeam_channel::bounded(1);
     let relay = {
@@ -776,7 +776,7 @@ fn receive_run(
         return Err(refuse(writer, reason));
     }
     let who = super::receive::Parties { sender: "the tunnel's sender", with: "", me: "this receiver" };
-    let rdisks = super::receive::welcome_sender(writer, hello, (&opts.disk_images, &indexes), welcome_key, report, &who)?;
+    let rdisks = super::receive::welcome_sender(writer, hello, (&opts.disk_images, &indexes), (welcome_key, Vec::new()), report, &who)?;
     obs.progress(Progress::Phase("the tunnel's sender is connected: waiting for its source QEMU to migrate"));
     let net = |source| AgentError::Network { what: "cannot configure the socket".into(), source };
     stream.set_read_timeout(Some(opts.accept_timeout)).map_err(net)?;
@@ -805,7 +805,8 @@ fn receive_run(
         .map_err(|source| AgentError::Network { what: "cannot start the return-path thread".into(), source })?;
     obs.progress(Progress::Phase("rebuilding QEMU's stream into the destination QEMU"));
     let mut dest = ReturnPathResult { state: Arc::clone(&rp_state), unconfirmed: false };
-    let r = rebuild(&ropts, obs, report, &mut dest, qemu_sock, &frames, &mut writer, &rdisks, &key);
+    let held = super::receive::Held { disks: &rdisks, snapshot: None, keep: None };
+    let r = rebuild(&ropts, obs, report, &mut dest, qemu_sock, &frames, &mut writer, held, &key);
     // Success: QEMU closed it already. Failure: QEMU sees its incoming migration fail.
     let _ = closer.shutdown(std::net::Shutdown::Both);
     let _ = rp.join();
@@ -856,4 +857,4 @@ fn receive_run(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

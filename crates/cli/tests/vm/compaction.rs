@@ -40,6 +40,24 @@ pub(crate) fn cache_guest_on(name: &str, mib: u64, backend: livemig_lab::RamBack
     )
 }
 
+/// Flips a byte in up to `n` non-zero pages of a snapshot's `memory.raw` (every 97th page
+/// looked at); returns how many were damaged.
+pub(crate) fn damage_snapshot(mem: &Path, n: usize) -> usize {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(mem).expect("snapshot memory.raw");
+    let mut damaged = 0;
+    let mut page = [0u8; 4096];
+    let mut off = 0u64;
+    while damaged < n && f.read_exact_at(&mut page, off).is_ok() {
+        if page.iter().any(|&x| x != 0) {
+            page[100] ^= 0xff;
+            f.write_all_at(&page, off).unwrap();
+            damaged += 1;
+        }
+        off += 4096 * 97;
+    }
+    damaged
+}
+
 pub(crate) fn pages(r: &Value, class: &str) -> u64 {
     r["pages"][class].as_u64().unwrap_or(0)
 }
@@ -127,21 +145,8 @@ fn a_return_trip_references_the_snapshot_and_a_damaged_snapshot_page_is_resent()
     pair.assert_destination_guest_verifies(1);
 
     // Damage 64 non-zero pages of host A's copy: their references cannot resolve.
-    let mem = snaps_a.join("vm-t").join(&kept).join("memory.raw");
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&mem).expect("snapshot memory.raw");
-    let mut damaged = 0;
-    let mut page = [0u8; 4096];
-    let mut off = 0u64;
-    while damaged < 64 && f.read_exact_at(&mut page, off).is_ok() {
-        if page.iter().any(|&x| x != 0) {
-            page[100] ^= 0xff;
-            f.write_all_at(&page, off).unwrap();
-            damaged += 1;
-        }
-        off += 4096 * 97;
-    }
+    let damaged = damage_snapshot(&snaps_a.join("vm-t").join(&kept).join("memory.raw"), 64);
     assert_eq!(damaged, 64);
-    drop(f);
 
     std::thread::sleep(Duration::from_secs(3));
     let home = pair.start_incoming("home");

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use livemig_lab::RamBackend;
+use livemig_lab::{RamBackend, Vm};
 use serde_json::Value;
 
 use crate::harness::{self, Migration, Pair, Running};
@@ -84,33 +84,40 @@ fn read_both_rams(src: (&std::path::Path, u32), dst: (&std::path::Path, u32)) ->
 /// of its root disk into its page cache (disk references), then rewrites 8 MiB at 2 MiB/s (deltas,
 /// compressed pages), with its zero and duplicate pages. At the commit, both VMs paused, the test
 /// reads both RAMs from outside (`/proc/PID/mem`): every page equal. The migration then completes.
-#[test]
-fn stream_every_class_arrives_and_the_destination_ram_equals_the_source_ram() {
-    let _g = harness::vm_lock();
-    let pair = crate::compaction::cache_guest_on("stream-exact", 200, RamBackend::Anonymous);
-    let disk = harness::image().disk.display().to_string();
+/// A stream-engine migration from `src` to `dst` through a proxy that, at the sender's commit
+/// (both VMs paused), reads both RAMs: completed, and every page equal.
+fn compared_at_commit(src: &Vm, dst: &Vm, dir: &std::path::Path, tag: &str, send_args: &[&str], recv_args: &[&str]) -> (Migration, PausedRams) {
     let seen: Arc<Mutex<Option<PausedRams>>> = Arc::new(Mutex::new(None));
     let proxy = {
         let seen = Arc::clone(&seen);
-        let src = (pair.src.observer_qmp_path(), pair.src.pid());
-        let dst = (pair.dst.observer_qmp_path(), pair.dst.pid());
+        let s = (src.observer_qmp_path(), src.pid());
+        let d = (dst.observer_qmp_path(), dst.pid());
         Proxy::new(
             Trigger::Control(Dir::FromSender, "commit"),
             Action::Before(Box::new(move || {
-                *seen.lock().unwrap() = Some(read_both_rams((&src.0, src.1), (&dst.0, dst.1)));
+                *seen.lock().unwrap() = Some(read_both_rams((&s.0, s.1), (&d.0, d.1)));
             })),
         )
     };
-    // Integrity is the point here: a maximum the downtime fits in under a loaded CI machine
-    // (619 ms against a predicted 194 ms once, at the default 300 ms).
-    let args = stream_args(&["--disk-image", &disk, "--max-downtime", "3s"]);
-    let m = Migration::between_via(&pair.src, &pair.dst, &pair.dir, "", &args, &["--disk-image", &disk], |a| proxy.forward_to(a), |_| {});
+    let m = Migration::between_via(src, dst, dir, tag, send_args, recv_args, |a| proxy.forward_to(a), |_| {});
     eprintln!("--- proxy: fired {:?}; messages: {}", proxy.fired(), trace_summary(&proxy));
     m.assert_completed();
     assert_fired(&proxy, &m);
     let rams = seen.lock().unwrap().take().expect("the hook ran");
     assert_eq!((rams.source_status.as_str(), rams.destination_status.as_str()), ("postmigrate", "paused"), "{rams:?}");
     assert_eq!(rams.diff.differ, 0, "{}", rams.diff);
+    (m, rams)
+}
+
+#[test]
+fn stream_every_class_arrives_and_the_destination_ram_equals_the_source_ram() {
+    let _g = harness::vm_lock();
+    let pair = crate::compaction::cache_guest_on("stream-exact", 200, RamBackend::Anonymous);
+    let disk = harness::image().disk.display().to_string();
+    // Integrity is the point here: a maximum the downtime fits in under a loaded CI machine
+    // (619 ms against a predicted 194 ms once, at the default 300 ms).
+    let args = stream_args(&["--disk-image", &disk, "--max-downtime", "3s"]);
+    let (m, rams) = compared_at_commit(&pair.src, &pair.dst, &pair.dir, "", &args, &["--disk-image", &disk]);
     // Real guest memory was compared: the page cache and the rewritten 8 MiB at least.
     assert!(rams.diff.nonzero > 30_000, "{}", rams.diff);
     let s = &m.send_report;
@@ -127,6 +134,56 @@ fn stream_every_class_arrives_and_the_destination_ram_equals_the_source_ram() {
     assert_eq!(pair.status_of_source(), "postmigrate");
     assert_eq!(pair.status_of_destination(), "running");
     pair.assert_destination_guest_verifies(2);
+}
+
+/// Memory snapshots with the stream engine: a private-RAM guest goes A -> B, both hosts keep the
+/// same snapshot from QEMU's stream, 64 of its pages are damaged on A, and the way back B -> A
+/// sends the unchanged pages as `snapshot_ref`s; the damaged ones are misses, resent whole. At the
+/// way back's commit both RAMs are read: every page equal.
+#[test]
+fn stream_return_trip_references_the_snapshot_and_a_damaged_snapshot_page_is_resent() {
+    let _g = harness::vm_lock();
+    let pair = private_ram("stream-return", harness::dirty_guest(8, 1));
+    let (snaps_a, snaps_b) = (pair.dir.join("snaps-a"), pair.dir.join("snaps-b"));
+    let (a, b) = (snaps_a.display().to_string(), snaps_b.display().to_string());
+    let there = Migration::run(&pair, &stream_args(&["--vm-id", "vm-s", "--snapshot-dir", &a]), &["--snapshot-dir", &b]);
+    there.assert_completed();
+    assert_eq!(there.send_report["engine"], "stream");
+    assert!(there.send_report["snapshot_used"].is_null(), "no snapshot before the first trip");
+    let kept = there.send_report["snapshot_kept"].as_str().unwrap_or_else(|| panic!("the source kept no snapshot: {:#}", there.send_report)).to_string();
+    assert_eq!(there.recv_report["snapshot_kept"].as_str(), Some(kept.as_str()), "both hosts keep the same snapshot: {:#}", there.recv_report);
+    assert_eq!(there.recv_report["vm"].as_str(), Some("vm-s"));
+    let files = |dir: &std::path::Path| -> Vec<Vec<u8>> {
+        ["memory.raw", "fingerprints.bin"].iter().map(|f| std::fs::read(dir.join("vm-s").join(&kept).join(f)).expect("snapshot file")).collect()
+    };
+    assert!(files(&snaps_a) == files(&snaps_b), "the two hosts' snapshots differ");
+    pair.assert_destination_guest_verifies(1);
+
+    let damaged = crate::compaction::damage_snapshot(&snaps_a.join("vm-s").join(&kept).join("memory.raw"), 64);
+    assert_eq!(damaged, 64);
+
+    std::thread::sleep(Duration::from_secs(3));
+    let home = pair.start_incoming("home");
+    let (back, rams) = compared_at_commit(
+        &pair.dst,
+        &home,
+        &pair.dir,
+        "back-",
+        &stream_args(&["--vm-id", "vm-s", "--snapshot-dir", &b, "--max-downtime", "3s"]),
+        &["--snapshot-dir", &a],
+    );
+    assert!(rams.diff.nonzero > 5_000, "{}", rams.diff);
+    let s = &back.send_report;
+    assert_eq!(s["engine"], "stream", "{s:#}");
+    assert_eq!(s["snapshot_used"].as_str(), Some(kept.as_str()), "{s:#}");
+    assert_eq!(back.recv_report["snapshot_used"].as_str(), Some(kept.as_str()));
+    use crate::compaction::pages;
+    assert!(pages(s, "snapshot_ref") > 5_000, "{:#}", s["pages"]);
+    assert_eq!(pages(&back.recv_report, "snapshot_ref") + s["resent_pages"].as_u64().unwrap(), pages(s, "snapshot_ref"), "the receiver resolved every reference but the resent ones");
+    assert!(s["resent_pages"].as_u64().unwrap() >= 1, "damaged snapshot pages must be resent: {s:#}");
+    let fraction = s["wire_fraction"].as_f64().unwrap();
+    assert!(fraction < 0.5, "a return with a snapshot sends a fraction of the memory: {fraction}");
+    harness::assert_guest_verifies(&home, 3);
 }
 
 // ---- Failures (docs/FAILURES.md, rows S1-S6): one fault each, both VMs' states asserted. ----

@@ -254,7 +254,7 @@ impl W {
     }
 }
 
-fn noise(seed: u64) -> [u8; 4096] {
+pub(crate) fn noise(seed: u64) -> [u8; 4096] {
     let mut p = [0u8; 4096];
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     for c in p.chunks_mut(8) {
@@ -266,7 +266,7 @@ fn noise(seed: u64) -> [u8; 4096] {
     p
 }
 
-fn text(seed: u64) -> [u8; 4096] {
+pub(crate) fn text(seed: u64) -> [u8; 4096] {
     let mut p = [0u8; 4096];
     let line = format!("page {seed} of the guest's page cache, mostly text that compresses. ");
     for (i, b) in p.iter_mut().enumerate() {
@@ -278,7 +278,7 @@ fn text(seed: u64) -> [u8; 4096] {
 /// A whole precopy stream of a 4 MiB `pc.ram`: the first pass (noise, text, duplicates, ZERO
 /// records, a zero PAGE), a second pass re-sending changed pages (deltas), the completion with
 /// SWITCHOVER_START, a device section, EOF and the vmdesc.
-fn stream() -> Vec<u8> {
+pub(crate) fn stream() -> Vec<u8> {
     let mut w = W::default();
     w.be32(0x5145_564d).be32(3);
     w.u8(0x07).be32(11).raw(b"pc-q35-10.0");
