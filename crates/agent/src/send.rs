@@ -196,12 +196,18 @@ impl SourceState {
         throttle::lock(self.qmp.as_ref().expect("QMP connected before use"))
     }
 
-    /// Puts the source back as it was: cancels QEMU's migration, resumes the vCPUs.
-    fn recover(&mut self) -> Result<(), AgentError> {
-        let Some(qmp) = self.qmp.as_ref() else { return Ok(()) };
+    /// Puts the source back as it was: cancels QEMU's migration, resumes the vCPUs. A source
+    /// that was paused when the migration began stays paused; if its QEMU completed (and so
+    /// inactivated its disk images, which only a `cont` would re-activate), its images are made
+    /// active again (`blockdev-set-active`, QEMU >= 10.0), so it can be resumed, snapshotted or
+    /// migrated again as before. Returns a note for the report, if any.
+    fn recover(&mut self) -> Result<Option<String>, AgentError> {
+        let Some(qmp) = self.qmp.as_ref() else { return Ok(None) };
         let mut qmp = throttle::lock(qmp);
+        let mut completed = false;
         if self.migrating {
             let info = qmp.query_migrate().map_err(AgentError::qmp("cannot query the source's migration"))?;
+            completed = info.status.as_deref() == Some("completed");
             if !matches!(info.status.as_deref(), Some("completed" | "failed" | "cancelled") | None) {
                 qmp.migrate_cancel().map_err(AgentError::qmp("cannot cancel the source's migration"))?;
                 let _ = qmp.wait_migration(Duration::from_secs(10));
@@ -213,8 +219,15 @@ impl SourceState {
                 qmp.cont().map_err(AgentError::qmp("cannot resume the source VM"))?;
             }
             self.stopped = false;
+        } else if completed {
+            return Ok(Some(match qmp.execute("blockdev-set-active", Some(serde_json::json!({ "active": true }))) {
+                Ok(_) => "the source VM was paused when the migration began and stays paused; its QEMU had completed and inactivated its disk images: they are active again".into(),
+                Err(e) => format!(
+                    "the source VM was paused when the migration began and stays paused; its QEMU had completed and inactivated its disk images, and could not re-activate them ({e}): they become active at its next `cont`"
+                ),
+            }));
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -258,9 +271,16 @@ pub fn send(opts: &SendOptions, obs: &mut dyn Observer) -> (Report, Result<(), A
         let mut msg = e.chain();
         if !st.committed {
             obs.progress(Progress::Phase("migration failed: restoring the source VM"));
-            if let Err(re) = st.recover() {
-                msg.push_str(&format!("; AND restoring the source VM failed: {}", re.chain()));
-                result = Err(AgentError::SourceNotRestored(msg.clone()));
+            match st.recover() {
+                Ok(None) => {}
+                Ok(Some(note)) => {
+                    obs.progress(Progress::Phase(&note));
+                    report.warnings.push(note);
+                }
+                Err(re) => {
+                    msg.push_str(&format!("; AND restoring the source VM failed: {}", re.chain()));
+                    result = Err(AgentError::SourceNotRestored(msg.clone()));
+                }
             }
         }
         report.error = Some(msg);

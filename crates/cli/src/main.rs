@@ -318,6 +318,9 @@ fn finish(role: &str, report: &Report, result: Result<(), AgentError>, path: Opt
                 ("send", exit::UNKNOWN, _) => "the source VM stays paused".to_string(),
                 ("send", _, Some("running")) => "the source VM keeps running".to_string(),
                 ("send", _, Some("paused")) => "the source VM stays paused, as it was".to_string(),
+                ("send", _, Some("postmigrate")) => {
+                    "the source VM stays paused, as it was (in `postmigrate`: its QEMU completed its side)".to_string()
+                }
                 ("send", _, None) => "the source VM was not touched".to_string(),
                 ("send", _, Some(s)) if s.starts_with("unknown") => {
                     "the source QEMU no longer answers: check the source VM".to_string()

@@ -198,6 +198,39 @@ fn cut_after_loaded_then_migrate(pair: &mut Pair, send_args: &[&str], what: &str
     pair.restart_destination();
 }
 
+/// A source paused when the migration began (its guest writing files until then), the cut at the
+/// receiver's `loaded`: its QEMU completed and inactivated its images. `send` leaves it paused, as
+/// it was, and makes its images active again (`blockdev-set-active`): every block node reports
+/// `active` before anyone resumes it. Then resumed from outside, its guest writes more files and
+/// reads every one back intact.
+#[test]
+fn paused_source_cut_after_loaded_gets_its_images_back_and_stays_paused() {
+    let _g = harness::vm_lock();
+    let (pair, disk) = disk_pair("disk-paused", DiskFormat::Raw, |c| c);
+    let monitor = |vm: &Vm| livemig_qmp::Qmp::connect(&vm.observer_qmp_path(), Duration::from_secs(10)).expect("the second monitor");
+    monitor(&pair.src).execute("stop", None).expect("stop");
+    let proxy = Proxy::new(Trigger::Control(Dir::FromReceiver, "loaded"), Action::Cut);
+    let m = through(&pair, &proxy, "paused-", &[]);
+    proxy.assert_fired();
+    assert_eq!(m.send_code, 1, "{}", m.send_stderr);
+    assert!(m.send_stderr.contains("the source VM stays paused, as it was"), "{}", m.send_stderr);
+    let warnings = m.send_report["warnings"].to_string();
+    assert_eq!(pair.status_of_source(), "postmigrate");
+    assert_destination_quit(&pair, &m, "a paused source");
+    let nodes = monitor(&pair.src).execute("query-named-block-nodes", Some(serde_json::json!({ "flat": true }))).expect("block nodes");
+    let nodes = nodes.as_array().expect("a list");
+    assert!(!nodes.is_empty());
+    for n in nodes {
+        assert_eq!(n["active"], serde_json::Value::Bool(true), "an inactive image after the failure: {n:#}");
+    }
+    assert!(warnings.contains("they are active again"), "{:#}", m.send_report);
+    monitor(&pair.src).execute("cont", None).expect("cont");
+    let before = files_written(&pair.src);
+    assert_guest_writes(&pair.src, before, "the source, resumed");
+    drop(pair);
+    remove(disk.path.parent().unwrap());
+}
+
 /// [`assert_migrated_and_intact`], then the run's files and the disk removed.
 fn migrated_and_intact(pair: Pair, disk: &DataDisk, m: &Migration) {
     let dir = pair.dir.clone();
