@@ -590,8 +590,11 @@ impl Parser {
                 Vec::new()
             }
             (CMD_SWITCHOVER_START, 0) => vec![Event::SwitchoverStart],
+            // Without a payload postcopy-ram is off (`qemu_savevm_send_postcopy_advise`): QEMU
+            // advises for another capability (`dirty-bitmaps`), whose sections fall back anyway.
+            (CMD_POSTCOPY_ADVISE, 0) => Vec::new(),
             (CMD_POSTCOPY_ADVISE, _) => {
-                return Step::Fallback("POSTCOPY_ADVISE: postcopy is on".into());
+                return Step::Fallback(format!("POSTCOPY_ADVISE of {len} bytes: postcopy-ram is on"));
             }
             _ => return Step::Fallback(format!("command {cmd} of {len} bytes")),
         };

@@ -375,9 +375,16 @@ fn fallback_cases() {
             }),
         ),
         (
-            "POSTCOPY_ADVISE",
+            "POSTCOPY_ADVISE of 16 bytes: postcopy-ram is on",
             Box::new(|w| {
                 w.cmd(3, &[0; 16]);
+            }),
+        ),
+        (
+            // dirty-bitmaps alone: an empty advise passes, its section falls back.
+            "START section \"dirty-bitmap\"",
+            Box::new(|w| {
+                w.cmd(3, &[]).section_full_header(0x01, 3, b"dirty-bitmap", 0, 1);
             }),
         ),
         (

@@ -28,7 +28,8 @@ fn private_ram(name: &str, workload: Vec<(String, String)>) -> Pair {
 /// `return-path` on (the destination's result comes back through the tunnel); `switchover-ack`
 /// off (the tunnel steers nothing; were it on, the ack would pass through as it comes); no
 /// `auto-converge`; every capability the relay cannot parse off. Each only if this QEMU knows it.
-fn tunnel_capabilities(qmp: &mut Qmp) {
+/// `on`: capabilities turned on besides (a libvirt that migrates more).
+fn tunnel_capabilities(qmp: &mut Qmp, on: &[&str]) {
     let known: Vec<String> = qmp
         .execute("query-migrate-capabilities", None)
         .expect("query-migrate-capabilities")
@@ -43,6 +44,9 @@ fn tunnel_capabilities(qmp: &mut Qmp) {
         "zero-blocks", "x-colo", "background-snapshot", "rdma-pin-all", "validate-uuid",
     ] {
         want.push((off, false));
+    }
+    for c in &mut want {
+        c.1 |= on.contains(&c.0);
     }
     let caps: Vec<(&str, bool)> = want.into_iter().filter(|(c, _)| known.iter().any(|k| k == c)).collect();
     qmp.migrate_set_capabilities(&caps).expect("the capabilities are accepted");
@@ -82,11 +86,16 @@ impl Tunnel {
     /// libvirt's order: the destination QEMU listens on DST (`migrate-incoming`), the tunnel's
     /// two ends start (its sender listens on SRC), then the source QEMU migrates to SRC.
     fn start(pair: &Pair, send_args: &[&str]) -> Tunnel {
+        Self::start_with(pair, send_args, &[])
+    }
+
+    /// [`Tunnel::start`], the capabilities `on` turned on on both QEMUs.
+    fn start_with(pair: &Pair, send_args: &[&str], on: &[&str]) -> Tunnel {
         let exe = env!("CARGO_BIN_EXE_livemig");
         let d = &pair.dir;
         let (src_sock, dst_sock) = (d.join("tunnel-src.sock"), d.join("tunnel-dst.sock"));
         let mut dq = Qmp::connect(pair.dst.qmp_path(), Duration::from_secs(10)).expect("the destination's QMP");
-        tunnel_capabilities(&mut dq);
+        tunnel_capabilities(&mut dq, on);
         dq.migrate_incoming(&format!("unix:{}", dst_sock.display())).expect("migrate-incoming");
         drop(dq);
 
@@ -121,7 +130,7 @@ impl Tunnel {
         assert_eq!(mode & 0o777, 0o600, "the tunnel's socket is private");
 
         let mut sq = Qmp::connect(pair.src.qmp_path(), Duration::from_secs(10)).expect("the source's QMP");
-        tunnel_capabilities(&mut sq);
+        tunnel_capabilities(&mut sq, on);
         // QEMU's default cap (128 MiB/s) is libvirt's to lift: the tunnel's window and link bound the rate.
         sq.migrate_set_parameters(json!({"max-bandwidth": 100u64 << 30})).expect("migrate-set-parameters");
         sq.migrate(&format!("unix:{}", t.src_sock.display())).expect("the source QEMU migrates to the tunnel");
@@ -230,6 +239,49 @@ fn tunnel_migrates_a_guest_libvirt_style_and_the_rams_are_equal() {
     assert_eq!(pair.status_of_destination(), "running");
     assert_eq!(pair.status_of_source(), "postmigrate");
     pair.assert_destination_guest_verifies(3);
+}
+
+/// A section the parser does not know before the RAM is done: libvirt migrates a block dirty
+/// bitmap (`dirty-bitmaps` on both QEMUs, a bitmap on the source's disk), so QEMU's stream carries
+/// a `dirty-bitmap` section beside `ram`. The parser falls back: from there on the stream passes
+/// verbatim, not compacted, said in both reports' `fallback` and warnings, the digest checked at
+/// the fallback; the migration completes, the RAMs are equal, the destination has the bitmap
+/// (the unknown section arrived intact) and its guest verifies.
+#[test]
+fn tunnel_passes_an_unknown_section_verbatim_and_says_so() {
+    let _g = harness::vm_lock();
+    let anon_disk = |mut c: livemig_lab::VmConfig| {
+        c.backend = RamBackend::Anonymous;
+        c.with_disk = true;
+        c
+    };
+    let pair = Pair::start_custom("tunnel-bitmap", harness::dirty_guest(32, 8), anon_disk, anon_disk);
+    let mut q = Qmp::connect(pair.src.qmp_path(), Duration::from_secs(10)).expect("the source's QMP");
+    q.execute("block-dirty-bitmap-add", Some(json!({"node": "virtio0", "name": "backup-0"}))).expect("a dirty bitmap on the source's disk");
+    drop(q);
+    let mut t = Tunnel::start_with(&pair, &[], &["dirty-bitmaps"]);
+    let (status, info) = source_migration_end(&pair);
+    let send = t.wait_send();
+    let recv = t.wait_recv();
+    assert_eq!(status, "completed", "the source QEMU's migration: {info:#}");
+    assert_eq!(send.code, 0, "tunnel send failed:\n{}", send.stderr);
+    assert_eq!(recv.code, 0, "tunnel receive failed:\n{}", recv.stderr);
+    for r in [&send.report, &recv.report] {
+        let fallback = r["stream"]["fallback"].as_str().unwrap_or_else(|| panic!("no fallback reported: {r:#}"));
+        assert!(fallback.contains("dirty-bitmap"), "the fallback names the section: {fallback}");
+        assert!(r["warnings"].to_string().contains("verbatim (not compacted)"), "{r:#}");
+        assert_eq!(r["verification"]["ok"], Value::Bool(true), "the digest up to the fallback was checked: {r:#}");
+    }
+    assert!(send.stderr.contains("fell back"), "{}", send.stderr);
+    let (s, d, diff) = compare_rams(&pair);
+    assert_eq!((s.as_str(), d.as_str()), ("postmigrate", "paused"));
+    assert_eq!(diff.differ, 0, "{diff}");
+    let mut dq = Qmp::connect(&pair.dst.observer_qmp_path(), Duration::from_secs(10)).expect("the destination's second monitor");
+    let blocks = dq.execute("query-block", None).expect("query-block").to_string();
+    assert!(blocks.contains("backup-0"), "the destination has the migrated bitmap: {blocks}");
+    drop(dq);
+    harness::qmp_cont(pair.dst.qmp_path());
+    pair.assert_destination_guest_verifies(2);
 }
 
 /// `livemig tunnel receive` killed (SIGKILL) 2 s into the relay over a 40 Mbit/s link: `tunnel
