@@ -42,16 +42,36 @@ const MIN_ITERATION: Duration = Duration::from_millis(500);
 const PASS_NOTE: Duration = Duration::from_secs(5);
 
 /// The capabilities the source QEMU migrates with: what the relay needs on, what it cannot
-/// parse off; each only if this QEMU knows it.
-fn capabilities(known: &[String], version: QemuVersion, throttle: bool) -> Vec<(String, bool)> {
-    let mut caps = vec![("return-path", true), ("x-ignore-shared", false), ("auto-converge", throttle)];
+/// parse off; each only if this QEMU knows it. `bitmaps`: the VM has block dirty bitmaps that
+/// live only in QEMU, so `dirty-bitmaps` stays on (nothing of the VM is dropped; the parser
+/// passes the stream verbatim from their section on, said in the report).
+fn capabilities(known: &[String], version: QemuVersion, throttle: bool, bitmaps: bool) -> Vec<(String, bool)> {
+    let mut caps = vec![("return-path", true), ("x-ignore-shared", false), ("auto-converge", throttle), ("dirty-bitmaps", bitmaps)];
     if version >= QemuVersion::NAMED_FILE_ONLY {
         caps.push(("switchover-ack", true));
     }
-    for off in ["multifd", "xbzrle", "compress", "postcopy-ram", "postcopy-preempt", "mapped-ram", "dirty-bitmaps", "block", "dirty-limit", "zero-blocks", "x-colo", "background-snapshot", "rdma-pin-all", "validate-uuid"] {
+    for off in ["multifd", "xbzrle", "compress", "postcopy-ram", "postcopy-preempt", "mapped-ram", "block", "dirty-limit", "zero-blocks", "x-colo", "background-snapshot", "rdma-pin-all", "validate-uuid"] {
         caps.push((off, false));
     }
     caps.into_iter().filter(|(c, _)| known.iter().any(|k| k == c)).map(|(c, s)| (c.to_string(), s)).collect()
+}
+
+/// The VM's block dirty bitmaps that are not persistent (`node/name`): what `dirty-bitmaps`
+/// migrates and nothing else keeps (persistent ones are stored in their qcow2 images, which the
+/// destination opens). None if QEMU cannot say.
+fn transient_bitmaps(qmp: &mut livemig_qmp::Qmp) -> Vec<String> {
+    let Ok(nodes) = qmp.execute("query-named-block-nodes", Some(json!({"flat": true}))) else { return Vec::new() };
+    let mut out = Vec::new();
+    for n in nodes.as_array().into_iter().flatten() {
+        let node = n["node-name"].as_str().unwrap_or("?");
+        for b in n["dirty-bitmaps"].as_array().into_iter().flatten() {
+            if !b["persistent"].as_bool().unwrap_or(false) {
+                out.push(format!("{node}/{}", b["name"].as_str().unwrap_or("?")));
+            }
+        }
+    }
+    out.truncate(16);
+    out
 }
 
 /// A non-negative figure rounded to a whole number (QMP's integers); negative and NaN are 0.
@@ -190,7 +210,16 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         .as_array()
         .map(|a| a.iter().filter_map(|c| c["capability"].as_str().map(str::to_string)).collect())
         .unwrap_or_default();
-    let caps = capabilities(&known, version, throttle);
+    let bitmaps = transient_bitmaps(&mut st.qmp());
+    if !bitmaps.is_empty() {
+        let w = format!(
+            "the VM has block dirty bitmaps that live only in QEMU ({}): they are migrated (dirty-bitmaps on), and QEMU's stream passes verbatim (not compacted) from their section on",
+            bitmaps.join(", ")
+        );
+        obs.progress(Progress::Phase(&w));
+        report.warnings.push(w);
+    }
+    let caps = capabilities(&known, version, throttle, !bitmaps.is_empty());
     let ack_gate = caps.iter().any(|(c, s)| c == "switchover-ack" && *s);
     {
         let pairs: Vec<(&str, bool)> = caps.iter().map(|(c, s)| (c.as_str(), *s)).collect();
@@ -529,7 +558,12 @@ fn steer(
         last_sync = sync;
         last_pass_note = Instant::now();
         let wire = writer.total_bytes();
-        let pages = s.pages + s.zero_records;
+        // Pages the relay parsed; after a fallback it parses none: QEMU's own count then.
+        let pages = if s.fallback.is_some() {
+            ["normal", "duplicate"].iter().filter_map(|k| info.raw["ram"][k].as_u64()).sum()
+        } else {
+            s.pages + s.zero_records
+        };
         let dt = mark_t.elapsed();
         let sent = pages - mark_pages;
         let wire_delta = wire - mark_wire;
@@ -638,15 +672,18 @@ mod tests {
     fn capabilities_follow_what_qemu_knows() {
         let known: Vec<String> = ["return-path", "switchover-ack", "multifd", "x-ignore-shared", "auto-converge", "xbzrle"].map(String::from).to_vec();
         let v10 = QemuVersion { major: 10, minor: 0, micro: 2 };
-        let caps = capabilities(&known, v10, false);
+        let caps = capabilities(&known, v10, false, false);
         assert!(caps.contains(&("return-path".into(), true)));
         assert!(caps.contains(&("switchover-ack".into(), true)));
         assert!(caps.contains(&("multifd".into(), false)) && caps.contains(&("xbzrle".into(), false)));
         assert!(caps.contains(&("auto-converge".into(), false)));
         assert!(!caps.iter().any(|(c, _)| c == "postcopy-ram"), "unknown to this QEMU: not set");
-        assert!(capabilities(&known, v10, true).contains(&("auto-converge".into(), true)));
+        assert!(capabilities(&known, v10, true, false).contains(&("auto-converge".into(), true)));
+        let with_dirty_bitmaps: Vec<String> = ["dirty-bitmaps".to_string()].to_vec();
+        assert!(capabilities(&with_dirty_bitmaps, v10, false, false).contains(&("dirty-bitmaps".into(), false)));
+        assert!(capabilities(&with_dirty_bitmaps, v10, false, true).contains(&("dirty-bitmaps".into(), true)), "the VM's own bitmaps go too");
         let v72 = QemuVersion { major: 7, minor: 2, micro: 0 };
-        assert!(!capabilities(&known, v72, false).iter().any(|(c, _)| c == "switchover-ack"));
+        assert!(!capabilities(&known, v72, false, false).iter().any(|(c, _)| c == "switchover-ack"));
     }
 
     #[test]
