@@ -24,7 +24,7 @@ else
     CACHE="$HOME/.cache/livemig/guest"
 fi
 ROOT_BUDGET_MIB=${LIVEMIG_ROOT_BUDGET_MIB:-300}
-# iproute2 (ip, tc): for `livemig bench` and the KVM lane's L1 host (lane/build.sh). qemu-utils
+# iproute2 (ip, tc): for `livemig-dev bench` and the KVM lane's L1 host (lane/build.sh). qemu-utils
 # (qemu-img): the VM tests' qcow2 data disks.
 # QEMU comes from guest/qemu.sh: QEMU >= 9.0 as the system's, QEMU 7.2 beside it.
 PACKAGES=(busybox-static cpio e2fsprogs kmod xz-utils iproute2 qemu-utils)

@@ -26,7 +26,7 @@ for tracker in "$@"; do
     # What takes L1's CPUs and memory during the run (lane/README.md: the 2026-11-30 slowness).
     (while sleep 5; do date +%T; free -m | sed -n 2p; top -b -n1 | sed -n 1,14p; done) >"$LANE_OUT/$t.top" 2>&1 &
     sampler=$!
-    livemig demo --scenario dirty --rate 4 --max-downtime 10s --mem-mib 256 $how \
+    livemig-dev demo --scenario dirty --rate 4 --max-downtime 10s --mem-mib 256 $how \
         --workdir "/tmp/demo-$t" --report "$LANE_OUT/$t.json" >"$LANE_OUT/$t.log" 2>&1
     r=$?
     # An L2 guest that never booted (its QEMU exited before the workload started: L1 is emulated
@@ -35,7 +35,7 @@ for tracker in "$@"; do
         echo "LANE-RETRY tracker=$t: the L2 guest did not boot (before any migration); running it once more"
         cat "$LANE_OUT/$t.log"
         rm -rf "/tmp/demo-$t"
-        livemig demo --scenario dirty --rate 4 --max-downtime 10s --mem-mib 256 $how \
+        livemig-dev demo --scenario dirty --rate 4 --max-downtime 10s --mem-mib 256 $how \
             --workdir "/tmp/demo-$t" --report "$LANE_OUT/$t.json" >"$LANE_OUT/$t.log" 2>&1
         r=$?
     fi
@@ -47,7 +47,7 @@ for tracker in "$@"; do
         cat "$LANE_OUT/$t.log"
         tail -40 "/tmp/demo-$t/source.console.log"
         rm -rf "/tmp/demo-$t"
-        livemig demo --scenario dirty --rate 4 --max-downtime 10s --mem-mib 256 $how \
+        livemig-dev demo --scenario dirty --rate 4 --max-downtime 10s --mem-mib 256 $how \
             --workdir "/tmp/demo-$t" --report "$LANE_OUT/$t.json" >"$LANE_OUT/$t.log" 2>&1
         r=$?
     fi

@@ -1,8 +1,6 @@
 //! `livemig`: live migration of QEMU VMs with memory compaction and adaptive downtime control.
 
-mod bench;
 mod certs_cmd;
-mod demo;
 mod index_cmd;
 mod progress;
 mod signal;
@@ -21,22 +19,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use livemig_agent::{AgentError, PolicyKind, ReceiveOptions, Report, SendOptions, Transport};
 use livemig_control::Limits;
 
-/// Exit codes, documented in the README.
-pub mod exit {
-    /// The migration completed: the destination runs.
-    pub const OK: u8 = 0;
-    /// It failed; the source VM runs (or was left as it was), the destination was not resumed.
-    pub const FAILED: u8 = 1;
-    /// Bad command line.
-    pub const USAGE: u8 = 2;
-    /// Cancelled by the operator (Ctrl-C / SIGTERM); the source VM runs.
-    pub const CANCELLED: u8 = 3;
-    /// The destination was told to resume but did not confirm: the source stays paused.
-    pub const UNKNOWN: u8 = 4;
-    /// The migration completed (the destination runs) but its downtime was above
-    /// `--max-downtime`: the operator's limit was broken, said loudly.
-    pub const OVER_MAXIMUM: u8 = 5;
-}
+pub mod exit;
 
 #[derive(Parser, Debug)]
 #[command(name = "livemig", version, args_override_self = true, about = "Live-migrate running QEMU VMs: pre-copy with memory compaction and adaptive downtime control")]
@@ -53,8 +36,6 @@ enum Command {
     Receive(ReceiveArgs),
     /// Make TLS material for send/receive: a CA, a certificate and key per host, and a PSK file.
     Certs(certs_cmd::CertsArgs),
-    /// Boot a test VM on this machine, migrate it through send/receive, check the guest, report.
-    Demo(demo::DemoArgs),
     /// Build (or confirm up to date) the fingerprint index of a raw disk image.
     Index(index_cmd::IndexArgs),
     /// Replay WWS traces through the downtime policies over a modelled link and compare them.
@@ -68,25 +49,12 @@ enum Command {
     },
     /// Write a WWS trace for `simulate`: from a migration report, or by observing a running VM.
     Trace(trace_cmd::TraceArgs),
-    /// Benchmark livemig against QEMU's own migration on a shaped link (root; network namespaces).
-    Bench(bench::BenchArgs),
     /// Relay a migration that libvirt (or another owner of QEMU's monitor) drives over unix
     /// sockets, compacted over livemig's connection: no QMP on either side.
     Tunnel {
         #[command(subcommand)]
         command: tunnel_cmd::TunnelCommand,
     },
-    /// The test guest.
-    Guest {
-        #[command(subcommand)]
-        command: GuestCommand,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-enum GuestCommand {
-    /// Build (or confirm up to date) the test guest: kernel, initramfs, root disk, workload.
-    Build,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -406,8 +374,6 @@ fn main() -> ExitCode {
     let r = match &cli.command {
         Command::Send(a) => run_send(a),
         Command::Receive(a) => run_receive(a),
-        Command::Demo(a) => demo::run(a),
-        Command::Bench(a) => bench::run(a).map(|c| u8::try_from(c).unwrap_or(exit::FAILED)),
         Command::Certs(a) => certs_cmd::run(a),
         Command::Index(a) => index_cmd::run(a),
         Command::Simulate(a) => sim_cmd::run_simulate(a),
@@ -415,12 +381,6 @@ fn main() -> ExitCode {
         Command::Trace(a) => trace_cmd::run(a),
         Command::Snapshot { command } => snapshot_cmd::run(command),
         Command::Tunnel { command } => tunnel_cmd::run(command),
-        Command::Guest { command: GuestCommand::Build } => livemig_lab::GuestImage::build()
-            .map(|g| {
-                println!("guest ready: kernel {}, initramfs {}, disk {}", g.kernel.display(), g.initrd.display(), g.disk.display());
-                exit::OK
-            })
-            .map_err(anyhow::Error::from),
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -72,7 +72,7 @@ pub(crate) struct SimulateArgs {
 
 #[derive(Args, Debug, Clone)]
 pub(crate) struct PlotArgs {
-    /// A send report (`livemig send --report`) or a demo report (`livemig demo --report`).
+    /// A send report (`livemig send --report`) or a demo report (`livemig-dev demo --report`).
     #[arg(long, value_name = "FILE")]
     report: PathBuf,
     /// The SVG to write.

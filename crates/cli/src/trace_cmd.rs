@@ -15,7 +15,7 @@ use crate::{exit, signal, units};
 
 #[derive(Args, Debug, Clone)]
 pub(crate) struct TraceArgs {
-    /// Take the iterations of this migration report (`livemig send --report` or `livemig demo --report`).
+    /// Take the iterations of this migration report (`livemig send --report` or `livemig-dev demo --report`).
     #[arg(long, value_name = "FILE", conflicts_with = "qmp")]
     report: Option<PathBuf>,
     /// Observe the running VM behind this QMP socket instead (its RAM must be shared memory).

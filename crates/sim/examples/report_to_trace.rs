@@ -1,4 +1,4 @@
-//! Converts a send report (`livemig send --report`, or a `livemig demo` report) into a trace.
+//! Converts a send report (`livemig send --report`, or a `livemig-dev demo` report) into a trace.
 //!
 //! `cargo run -p livemig-sim --example report_to_trace -- REPORT.json TRACE.json "source text"`
 

@@ -144,7 +144,7 @@ impl Trace {
         Ok(())
     }
 
-    /// A trace from a send report (the JSON of `livemig send --report`, or a `livemig demo`
+    /// A trace from a send report (the JSON of `livemig send --report`, or a `livemig-dev demo`
     /// report, whose `send` member is used): its `iterations` and `ram_bytes`.
     pub fn from_report(report: &Value, source: &str) -> Result<Trace, SimError> {
         let report = send_report(report)?;

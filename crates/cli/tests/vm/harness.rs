@@ -44,7 +44,7 @@ pub fn dirty_guest(mib: u64, rate: u64) -> Vec<(String, String)> {
 }
 
 pub fn image() -> GuestImage {
-    GuestImage::find().expect("the test guest is built (run `livemig guest build` or .ci/run)")
+    GuestImage::find().expect("the test guest is built (run `livemig-dev guest build` or .ci/run)")
 }
 
 fn workdir(name: &str) -> PathBuf {

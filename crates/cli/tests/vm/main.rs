@@ -1,5 +1,5 @@
 //! End-to-end tests with real QEMU guests (TCG), real sockets and the real `livemig` binary.
-//! They need the test guest (`livemig guest build`, done by `.ci/run`) and run one at a time
+//! They need the test guest (`livemig-dev guest build`, done by `.ci/run`) and run one at a time
 //! (a pair of TCG guests takes both cores).
 
 mod commit;

@@ -1,4 +1,4 @@
-//! `livemig bench`: livemig against QEMU's own migration, same guest, same shaped link.
+//! `livemig-dev bench`: livemig against QEMU's own migration, same guest, same shaped link.
 //!
 //! Two network namespaces ("hosts") joined by a veth pair shaped with `tc` (tbf; netem for a delay); the source
 //! QEMU and `livemig send` run in one, the destination QEMU and `livemig receive` in the other.
@@ -866,7 +866,7 @@ fn cancel_soon(c: &AtomicBool) -> bool {
     c.load(Ordering::SeqCst)
 }
 
-/// `livemig bench`.
+/// `livemig-dev bench`.
 pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
     if let Some(p) = &a.from_json {
         let doc: Value = serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?)?;
@@ -916,7 +916,7 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     if !is_root() {
-        bail!("livemig bench needs root (it creates network namespaces, veth pairs and tc qdiscs); run it with sudo");
+        bail!("livemig-dev bench needs root (it creates network namespaces, veth pairs and tc qdiscs); run it with sudo");
     }
     for c in &plan {
         units::parse_rate(&c.link).map_err(|e| anyhow::anyhow!("--link {}: {e}", c.link))?;
@@ -930,7 +930,7 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     eprintln!("bench: building or finding the test guest");
     let image = GuestImage::build().context("cannot build the test guest")?;
-    let exe = std::env::current_exe().context("cannot find the livemig binary")?;
+    let exe = crate::livemig_exe()?;
     let tls = if a.tls_on() {
         let d = work.join("tls");
         let _ = std::fs::remove_dir_all(&d);

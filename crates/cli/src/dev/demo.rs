@@ -1,4 +1,4 @@
-//! `livemig demo`: a real VM migrated on this machine through `livemig send` / `livemig receive`,
+//! `livemig-dev demo`: a real VM migrated on this machine through `livemig send` / `livemig receive`,
 //! with the guest's own verifier checked on the destination.
 
 use std::path::{Path, PathBuf};
@@ -111,7 +111,7 @@ fn migrate(
     send_extra: &[String],
     recv_extra: &[String],
 ) -> anyhow::Result<Leg> {
-    let exe = std::env::current_exe().context("cannot find the livemig binary")?;
+    let exe = crate::livemig_exe()?;
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let recv_report = work.join(format!("{tag}receive.json"));
