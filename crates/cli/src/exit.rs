@@ -13,3 +13,11 @@ pub const UNKNOWN: u8 = 4;
 /// The migration completed (the destination runs) but its downtime was above
 /// `--max-downtime`: the operator's limit was broken, said loudly.
 pub const OVER_MAXIMUM: u8 = 5;
+
+/// The command line, or the exit code for a bad one (`--help` and `--version` print and exit 0).
+pub fn parse<C: clap::Parser>() -> Result<C, std::process::ExitCode> {
+    C::try_parse().map_err(|e| {
+        let _ = e.print();
+        std::process::ExitCode::from(if e.use_stderr() { USAGE } else { OK })
+    })
+}

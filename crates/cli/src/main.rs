@@ -364,12 +364,9 @@ fn run_receive(a: &ReceiveArgs) -> anyhow::Result<u8> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match exit::parse() {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
-        }
+        Err(code) => return code,
     };
     let r = match &cli.command {
         Command::Send(a) => run_send(a),

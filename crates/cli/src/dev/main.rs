@@ -63,12 +63,9 @@ fn livemig_exe() -> anyhow::Result<PathBuf> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match exit::parse() {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
-        }
+        Err(code) => return code,
     };
     let r = match &cli.command {
         Command::Demo(a) => demo::run(a),

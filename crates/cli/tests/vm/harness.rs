@@ -378,6 +378,27 @@ pub fn receive_alone(dst: &Vm, d: &std::path::Path, recv_args: &[&str], during: 
 }
 
 /// Resumes a paused VM (QMP `cont`), as an operator would.
+/// A pair with plain `-m` RAM and the (read-only) root disk on both sides, and a block dirty
+/// bitmap `bitmap` that lives only in the source QEMU (as an incremental backup keeps one).
+pub fn private_ram_with_bitmap(name: &str, workload: Vec<(String, String)>, bitmap: &str) -> Pair {
+    let anon_disk = |mut c: VmConfig| {
+        c.backend = RamBackend::Anonymous;
+        c.with_disk = true;
+        c
+    };
+    let pair = Pair::start_custom(name, workload, anon_disk, anon_disk);
+    let mut q = Qmp::connect(&pair.src.observer_qmp_path(), Duration::from_secs(10)).expect("the source's second monitor");
+    q.execute("block-dirty-bitmap-add", Some(serde_json::json!({"node": "virtio0", "name": bitmap}))).expect("a dirty bitmap on the source's disk");
+    pair
+}
+
+/// Whether the destination QEMU holds the block dirty bitmap `name` (through its second monitor).
+pub fn destination_has_bitmap(pair: &Pair, name: &str) -> bool {
+    let mut q = Qmp::connect(&pair.dst.observer_qmp_path(), Duration::from_secs(10)).expect("the destination's second monitor");
+    let blocks = q.execute("query-block", None).expect("query-block");
+    blocks.as_array().into_iter().flatten().flat_map(|b| b["inserted"]["dirty-bitmaps"].as_array().into_iter().flatten()).any(|d| d["name"] == name)
+}
+
 pub fn qmp_cont(qmp_path: &std::path::Path) {
     let mut qmp = Qmp::connect(qmp_path, Duration::from_secs(10)).expect("QMP");
     qmp.cont().expect("cont");

@@ -193,15 +193,7 @@ fn stream_return_trip_references_the_snapshot_and_a_damaged_snapshot_page_is_res
 #[test]
 fn stream_migrates_a_transient_dirty_bitmap_verbatim_and_says_so() {
     let _g = harness::vm_lock();
-    let anon_disk = |mut c: livemig_lab::VmConfig| {
-        c.backend = RamBackend::Anonymous;
-        c.with_disk = true;
-        c
-    };
-    let pair = Pair::start_custom("stream-bitmap", harness::dirty_guest(16, 4), anon_disk, anon_disk);
-    let mut q = livemig_qmp::Qmp::connect(&pair.src.observer_qmp_path(), Duration::from_secs(10)).expect("the source's second monitor");
-    q.execute("block-dirty-bitmap-add", Some(serde_json::json!({"node": "virtio0", "name": "backup-0"}))).expect("a dirty bitmap");
-    drop(q);
+    let pair = harness::private_ram_with_bitmap("stream-bitmap", harness::dirty_guest(16, 4), "backup-0");
     let m = Migration::run(&pair, &stream_args(&["--max-downtime", "3s"]), &[]);
     m.assert_completed();
     let s = &m.send_report;
@@ -211,10 +203,7 @@ fn stream_migrates_a_transient_dirty_bitmap_verbatim_and_says_so() {
     let fallback = s["stream"]["fallback"].as_str().unwrap_or_else(|| panic!("no fallback: {s:#}"));
     assert!(fallback.contains("dirty-bitmap"), "{fallback}");
     assert_eq!(s["verification"]["ok"], Value::Bool(true), "{s:#}");
-    let mut dq = livemig_qmp::Qmp::connect(&pair.dst.observer_qmp_path(), Duration::from_secs(10)).expect("the destination's second monitor");
-    let blocks = dq.execute("query-block", None).expect("query-block").to_string();
-    assert!(blocks.contains("backup-0"), "the destination has the bitmap: {blocks}");
-    drop(dq);
+    assert!(harness::destination_has_bitmap(&pair, "backup-0"), "the destination has the bitmap");
     assert_eq!(pair.status_of_destination(), "running");
     pair.assert_destination_guest_verifies(2);
 }

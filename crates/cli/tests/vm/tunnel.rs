@@ -161,6 +161,19 @@ impl Tunnel {
     }
 }
 
+/// A tunnel migration of `pair` (capabilities `on` besides the tunnel's) that must complete:
+/// the source QEMU's migration `completed`, both ends exit 0.
+fn completed(pair: &Pair, on: &[&str]) -> (Tunnel, Ended, Ended) {
+    let mut t = Tunnel::start_with(pair, &[], on);
+    let (status, info) = source_migration_end(pair);
+    let send = t.wait_send();
+    let recv = t.wait_recv();
+    assert_eq!(status, "completed", "the source QEMU's migration: {info:#}");
+    assert_eq!(send.code, 0, "tunnel send failed:\n{}", send.stderr);
+    assert_eq!(recv.code, 0, "tunnel receive failed:\n{}", recv.stderr);
+    (t, send, recv)
+}
+
 /// The source QEMU's migration status once it is no longer active (as libvirt would follow it).
 fn source_migration_end(pair: &Pair) -> (String, Value) {
     let mut q = Qmp::connect(pair.src.qmp_path(), Duration::from_secs(10)).expect("the source's QMP");
@@ -199,13 +212,7 @@ fn compare_rams(pair: &Pair) -> (String, String, livemig_lab::ram::RamDiff) {
 fn tunnel_migrates_a_guest_libvirt_style_and_the_rams_are_equal() {
     let _g = harness::vm_lock();
     let pair = private_ram("tunnel", harness::dirty_guest(32, 8));
-    let mut t = Tunnel::start(&pair, &[]);
-    let (status, info) = source_migration_end(&pair);
-    let send = t.wait_send();
-    let recv = t.wait_recv();
-    assert_eq!(status, "completed", "the source QEMU's migration: {info:#}");
-    assert_eq!(send.code, 0, "tunnel send failed:\n{}", send.stderr);
-    assert_eq!(recv.code, 0, "tunnel receive failed:\n{}", recv.stderr);
+    let (t, send, recv) = completed(&pair, &[]);
     assert!(!t.src_sock.exists(), "the tunnel's socket is removed at the end");
 
     // Both paused (the source in postmigrate, the destination loaded, -S): their RAMs are equal.
@@ -250,22 +257,8 @@ fn tunnel_migrates_a_guest_libvirt_style_and_the_rams_are_equal() {
 #[test]
 fn tunnel_passes_an_unknown_section_verbatim_and_says_so() {
     let _g = harness::vm_lock();
-    let anon_disk = |mut c: livemig_lab::VmConfig| {
-        c.backend = RamBackend::Anonymous;
-        c.with_disk = true;
-        c
-    };
-    let pair = Pair::start_custom("tunnel-bitmap", harness::dirty_guest(32, 8), anon_disk, anon_disk);
-    let mut q = Qmp::connect(pair.src.qmp_path(), Duration::from_secs(10)).expect("the source's QMP");
-    q.execute("block-dirty-bitmap-add", Some(json!({"node": "virtio0", "name": "backup-0"}))).expect("a dirty bitmap on the source's disk");
-    drop(q);
-    let mut t = Tunnel::start_with(&pair, &[], &["dirty-bitmaps"]);
-    let (status, info) = source_migration_end(&pair);
-    let send = t.wait_send();
-    let recv = t.wait_recv();
-    assert_eq!(status, "completed", "the source QEMU's migration: {info:#}");
-    assert_eq!(send.code, 0, "tunnel send failed:\n{}", send.stderr);
-    assert_eq!(recv.code, 0, "tunnel receive failed:\n{}", recv.stderr);
+    let pair = harness::private_ram_with_bitmap("tunnel-bitmap", harness::dirty_guest(32, 8), "backup-0");
+    let (_, send, recv) = completed(&pair, &["dirty-bitmaps"]);
     for r in [&send.report, &recv.report] {
         let fallback = r["stream"]["fallback"].as_str().unwrap_or_else(|| panic!("no fallback reported: {r:#}"));
         assert!(fallback.contains("dirty-bitmap"), "the fallback names the section: {fallback}");
@@ -276,10 +269,7 @@ fn tunnel_passes_an_unknown_section_verbatim_and_says_so() {
     let (s, d, diff) = compare_rams(&pair);
     assert_eq!((s.as_str(), d.as_str()), ("postmigrate", "paused"));
     assert_eq!(diff.differ, 0, "{diff}");
-    let mut dq = Qmp::connect(&pair.dst.observer_qmp_path(), Duration::from_secs(10)).expect("the destination's second monitor");
-    let blocks = dq.execute("query-block", None).expect("query-block").to_string();
-    assert!(blocks.contains("backup-0"), "the destination has the migrated bitmap: {blocks}");
-    drop(dq);
+    assert!(harness::destination_has_bitmap(&pair, "backup-0"), "the destination has the migrated bitmap");
     harness::qmp_cont(pair.dst.qmp_path());
     pair.assert_destination_guest_verifies(2);
 }
