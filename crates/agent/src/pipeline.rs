@@ -3,6 +3,16 @@
 //! the developer benchmark (`livemig-dev pipeline`, crate `livemig-dev`) runs the same function
 //! over a synthetic guest memory, so what it measures is this code.
 //!
+//! Hashes: each page sent is hashed once, on the copy that is sent: one keyed xxh3-128
+//! ([`PageKey::fingerprint`]) is the record's fingerprint and, by its low half
+//! ([`PageKey::hash_of`]), the ledger's hash and digest term. Two other hashes remain, and why:
+//! the content tracker hashes every page of RAM each iteration to find the dirty ones, but from
+//! its own read, earlier: the guest may write the page between that read and the copy sent, and
+//! the ledger must hold the hash of the bytes sent, so the copy is hashed again (the soft-dirty
+//! tracker hashes nothing in its iterations). And with a disk index or snapshot the encoder also
+//! computes the unkeyed xxh3-128 of pages that are not dups, because those indexes outlive one
+//! migration's key.
+//!
 //! Work is split in rounds of [`ROUND_PAGES`] pages per worker. The workers (started once per
 //! call, i.e. per iteration, and fed through bounded channels) each copy their share of a round
 //! out of guest memory, hash it for the ledger and prepare its records ([`Encoder::prepare`],
@@ -67,8 +77,16 @@ fn worker(
                     break;
                 }
                 let data = &slot.buf.0;
-                slot.hash = if is_zero(data) { key.zero_hash() } else { key.hash_page(data) };
-                enc.prepare(&PageRef { page, data, whole }, &mut scratch, &mut slot.prepared);
+                let item = PageRef { page, data, whole };
+                if is_zero(data) {
+                    slot.hash = key.zero_hash();
+                    enc.prepare(&item, &mut scratch, &mut slot.prepared);
+                } else {
+                    // The one hash of the copy: the record's fingerprint and the ledger's hash.
+                    let fp = key.fingerprint(data);
+                    slot.hash = PageKey::hash_of(fp);
+                    enc.prepare_fingerprinted(&item, fp, &mut scratch, &mut slot.prepared);
+                }
             }
         }
         std::mem::forget(guard);
