@@ -143,6 +143,8 @@ pub struct Report {
     pub policy: String,
     /// Tracker.
     pub tracker: String,
+    /// Shared engine: the most threads its tracker and page encoder used (`--threads`).
+    pub threads: Option<usize>,
     /// Soft-dirty tracker only: pages the final full content check found changed although their
     /// soft-dirty bit was clear (sent in the final pass all the same). 0 when the kernel's bits
     /// were exact.

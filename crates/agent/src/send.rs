@@ -100,7 +100,8 @@ pub struct SendOptions {
     pub snapshot_max_bytes: u64,
     /// Identity of the VM for snapshots (default: QEMU's `-name`, else its UUID).
     pub vm_id: Option<String>,
-    /// Scan threads.
+    /// Most threads of the shared engine's tracker and of its page encoder (at least 1, at most
+    /// [`crate::pipeline::MAX_THREADS`]; default: every core).
     pub threads: usize,
     /// Dirty-page tracker (shared engine).
     pub tracker: TrackerKind,
@@ -305,7 +306,9 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     let total = mem.total_pages();
     report.ram_bytes = mem.layout().iter().map(|(_, s)| s).sum();
     // The tracker proves itself before anything is sent.
-    let (mut tracker, fallback) = Scanner::new(opts.tracker, &mem, opts.threads)?;
+    let threads = opts.threads.clamp(1, crate::pipeline::MAX_THREADS);
+    report.threads = Some(threads);
+    let (mut tracker, fallback) = Scanner::new(opts.tracker, &mem, threads)?;
     if let Some(why) = fallback {
         obs.progress(Progress::Phase(&why));
         report.warnings.push(why);

@@ -63,9 +63,11 @@ fn cached_disk_blocks_go_as_references_and_every_class_arrives_byte_exact() {
     let _g = harness::vm_lock();
     let pair = cache_guest("cache", 200);
     let disk = harness::image().disk.display().to_string();
-    let m = Migration::run(&pair, &["--disk-image", &disk], &["--disk-image", &disk, "--verify-reread"]);
+    // One thread for the tracker and the encoder (the cap; the other tests use every core).
+    let m = Migration::run(&pair, &["--disk-image", &disk, "--threads", "1"], &["--disk-image", &disk, "--verify-reread"]);
     m.assert_completed();
     let r = &m.send_report;
+    assert_eq!(r["threads"], 1, "--threads caps the tracker and encoder");
     assert!(pages(r, "disk_ref") > 20_000, "page-cache blocks not sent as disk references: {:#}", r["pages"]);
     assert!(pages(r, "dup") > 0 && pages(r, "raw") > 0, "{:#}", r["pages"]);
     assert_eq!(r["resent_pages"], 0, "an unchanged disk image resolves every reference");
