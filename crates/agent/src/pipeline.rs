@@ -207,5 +207,54 @@ pub fn send_pages(
     Ok(sent)
 }
 
+/// Zero pages at the destination, made zero a run of consecutive pages at a time
+/// ([`GuestMemory::zero_pages`]: a hole punched on tmpfs, which frees the pages instead of
+/// writing zeros into them; zeros written on other files). The pending run must be made zero
+/// before its pages are read or written otherwise ([`ZeroRuns::before_access`]), and at the end
+/// of every batch ([`ZeroRuns::flush`]).
+#[derive(Debug, Default)]
+pub struct ZeroRuns {
+    run: Option<Range<u64>>,
+    /// Pages made zero so far, by punching and by writing.
+    pub done: livemig_memory::Zeroed,
+}
+
+impl ZeroRuns {
+    /// Page `page` must become zero.
+    pub fn zero(&mut self, mem: &GuestMemory, page: u64) -> Result<(), AgentError> {
+        match &mut self.run {
+            Some(r) if r.end == page => {
+                r.end += 1;
+                Ok(())
+            }
+            _ => {
+                self.flush(mem)?;
+                self.run = Some(page..page + 1);
+                Ok(())
+            }
+        }
+    }
+
+    /// Before page `page` is read or written otherwise: makes the pending run zero if it holds
+    /// the page.
+    pub fn before_access(&mut self, mem: &GuestMemory, page: u64) -> Result<(), AgentError> {
+        if self.run.as_ref().is_some_and(|r| r.contains(&page)) {
+            self.flush(mem)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the pending run zero (it stays pending if that fails).
+    pub fn flush(&mut self, mem: &GuestMemory) -> Result<(), AgentError> {
+        if let Some(r) = self.run.clone() {
+            let z = mem.zero_pages(r)?;
+            self.run = None;
+            self.done.punched += z.punched;
+            self.done.written += z.written;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests;

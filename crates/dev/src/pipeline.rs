@@ -3,7 +3,8 @@
 //! read, ledger hash, encoder), the agent's writer thread, TLS 1.3 (certificates, as `livemig
 //! certs` makes them) over a loopback TCP connection, the agent's frame reader thread and the
 //! page decoder ([`livemig_compact::decode_batch`]) into a destination memory file, written and
-//! recorded in the destination's ledger as the receiver does.
+//! recorded in the destination's ledger as the receiver does (zero pages punched as holes,
+//! [`ZeroRuns`]).
 //!
 //! Two passes: the first sends every page (as QEMU's first pass does, which the stream engine
 //! compacts; zero pages included), the second the pages the synthetic guest wrote again. Then
@@ -20,6 +21,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
 use crossbeam_channel::Sender;
 use livemig_agent::link::{self, Out, Writer};
+use livemig_agent::pipeline::ZeroRuns;
 use livemig_compact::{decode_batch, ClassStats, Compressor, EncodeOptions, Encoder, PageClass, PageKey, PAGE_SIZE};
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_tls::{Auth, TlsSetup, CA_FILE};
@@ -218,18 +220,26 @@ struct Dest<'a> {
     mem: &'a GuestMemory,
     ledger: &'a mut Ledger,
     stats: &'a mut ClassStats,
+    zeros: &'a mut ZeroRuns,
 }
 
 impl livemig_compact::Destination for Dest<'_> {
     type Error = livemig_agent::AgentError;
 
     fn read_page(&mut self, page: u64, out: &mut [u8; PAGE_SIZE]) -> bool {
-        self.mem.read_page_into(page, out).is_ok()
+        self.zeros.before_access(self.mem, page).is_ok() && self.mem.read_page_into(page, out).is_ok()
     }
 
     fn write_page(&mut self, page: u64, class: PageClass, data: &[u8; PAGE_SIZE], record_len: usize) -> Result<(), Self::Error> {
-        self.mem.write_page(page, data)?;
-        self.ledger.record_page(page, data);
+        if class == PageClass::Zero {
+            self.zeros.zero(self.mem, page)?;
+            let z = self.ledger.key().zero_hash();
+            self.ledger.record_hash(page, z);
+        } else {
+            self.zeros.before_access(self.mem, page)?;
+            self.mem.write_page(page, data)?;
+            self.ledger.record_page(page, data);
+        }
         self.stats.add(class, record_len);
         Ok(())
     }
@@ -246,6 +256,7 @@ fn receive(
     let mut ledger = Ledger::zeroed(total, key.clone());
     let mut stats = ClassStats::default();
     let mut misses = 0u64;
+    let mut zeros = ZeroRuns::default();
     let frames = link::read_frames(reader, 8);
     loop {
         let frame = match frames.recv().unwrap_or(Err(WireError::Closed)) {
@@ -255,8 +266,9 @@ fn receive(
         };
         match frame.kind {
             FrameKind::Pages => {
-                let mut dest = Dest { mem, ledger: &mut ledger, stats: &mut stats };
+                let mut dest = Dest { mem, ledger: &mut ledger, stats: &mut stats, zeros: &mut zeros };
                 let s = decode_batch(&frame.payload, total, key, &mut dest).context("decoding a batch")?;
+                zeros.flush(mem)?;
                 misses += s.misses.len() as u64;
             }
             FrameKind::Control => match frame.message()? {

@@ -128,3 +128,64 @@ proptest! {
         round_trip(pages, threads, comp, &passes);
     }
 }
+
+#[derive(Debug, Clone)]
+enum Op {
+    Zero(u64),
+    Write(u64, u8),
+    Read(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u64..16).prop_map(Op::Zero),
+        2 => (0u64..16, 1u8..255).prop_map(|(p, v)| Op::Write(p, v)),
+        1 => (0u64..16).prop_map(Op::Read),
+    ]
+}
+
+proptest! {
+    /// Zero runs, punched on /dev/shm, interleaved with writes and reads in any order, leave
+    /// the memory as plain writes would, and every read sees what was last written.
+    #[test]
+    fn zero_runs_are_as_writing_zeros(ops in proptest::collection::vec(op(), 1..60)) {
+        let f = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+        f.as_file().set_len(16 * PAGE_SIZE as u64).unwrap();
+        let mem = GuestMemory::open_file("ram", f.path(), 16 * PAGE_SIZE as u64).unwrap();
+        let mut model = vec![[0u8; PAGE_SIZE]; 16];
+        for (p, m) in (0u64..).zip(model.iter_mut()) {
+            *m = [u8::try_from(p).unwrap() + 1; PAGE_SIZE];
+            mem.write_page(p, m).unwrap();
+        }
+        let mut zeros = ZeroRuns::default();
+        let mut zeroed = 0;
+        for o in &ops {
+            match *o {
+                Op::Zero(p) => {
+                    zeros.zero(&mem, p).unwrap();
+                    model[usize::try_from(p).unwrap()] = [0; PAGE_SIZE];
+                    zeroed += 1;
+                }
+                Op::Write(p, v) => {
+                    zeros.before_access(&mem, p).unwrap();
+                    mem.write_page(p, &[v; PAGE_SIZE]).unwrap();
+                    model[usize::try_from(p).unwrap()] = [v; PAGE_SIZE];
+                }
+                Op::Read(p) => {
+                    zeros.before_access(&mem, p).unwrap();
+                    let mut b = PageBuf::zeroed();
+                    mem.read_page(p, &mut b).unwrap();
+                    prop_assert!(b.0 == model[usize::try_from(p).unwrap()], "page {} read", p);
+                }
+            }
+        }
+        zeros.flush(&mem).unwrap();
+        prop_assert_eq!(zeros.done.punched, zeroed, "every zero page punched on tmpfs");
+        prop_assert_eq!(zeros.done.written, 0);
+        for (p, m) in (0u64..).zip(model.iter()) {
+            let mut b = PageBuf::zeroed();
+            mem.read_page(p, &mut b).unwrap();
+            prop_assert!(&b.0 == m, "page {} at the end", p);
+        }
+    }
+}

@@ -78,6 +78,9 @@ fn cached_disk_blocks_go_as_references_and_every_class_arrives_byte_exact() {
     for class in ["disk_ref", "dup", "delta", "raw", "zero", "snapshot_ref"] {
         assert_eq!(pages(&m.recv_report, class), pages(r, class), "{class}");
     }
+    // The destination's RAM is a file on /dev/shm (tmpfs): every zero page was punched.
+    assert_eq!(m.recv_report["zero_pages_punched"], pages(&m.recv_report, "zero"), "{:#}", m.recv_report);
+    assert_eq!(m.recv_report["zero_pages_written"], 0);
     assert_byte_exact(pair.src.qmp_path(), &m);
     pair.assert_destination_guest_verifies(3);
 }
