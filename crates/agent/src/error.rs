@@ -31,6 +31,9 @@ pub enum AgentError {
     /// Bad page data from the peer.
     #[error("the peer sent invalid page data")]
     Compact(#[source] CompactError),
+    /// A thread of livemig's own could not start or failed (a bug, or the host out of threads).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// Could not connect or listen.
     #[error("{what}")]
     Network {

@@ -4,6 +4,7 @@ pub mod arrival;
 pub mod error;
 pub mod holdings;
 pub mod link;
+pub mod pipeline;
 pub mod qemu;
 pub mod receive;
 pub mod report;

@@ -34,6 +34,9 @@ impl<W: Write> RateLimited<W> {
 
 const CHUNK: usize = 64 * 1024;
 
+/// Written `Pages` payloads kept for reuse.
+const RECYCLED: usize = 4;
+
 impl<W: Write> Write for RateLimited<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let Some(rate) = self.rate else { return self.inner.write(buf) };
@@ -80,6 +83,7 @@ pub struct MarkerAck {
 #[derive(Debug)]
 pub struct Writer {
     tx: Option<Sender<Out>>,
+    recycled: Receiver<Vec<u8>>,
     acks: Receiver<MarkerAck>,
     total: Arc<AtomicU64>,
     handle: Option<JoinHandle<Result<(), WireError>>>,
@@ -90,6 +94,7 @@ impl Writer {
     pub fn spawn(stream: Box<dyn Write + Send>, rate: Option<u64>) -> Writer {
         let (tx, rx) = bounded::<Out>(16);
         let (ack_tx, acks) = bounded::<MarkerAck>(4);
+        let (recycle_tx, recycled) = bounded::<Vec<u8>>(RECYCLED);
         let total = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&total);
         let handle = std::thread::Builder::new()
@@ -102,7 +107,13 @@ impl Writer {
                     let before = w.count.load(Ordering::Relaxed);
                     let t0 = Instant::now();
                     match item {
-                        Out::Frame(kind, payload) => write_frame(&mut w, kind, &payload)?,
+                        Out::Frame(kind, payload) => {
+                            write_frame(&mut w, kind, &payload)?;
+                            if kind == FrameKind::Pages {
+                                // Nobody taking them back is fine: the buffer is then dropped.
+                                let _ = recycle_tx.try_send(payload);
+                            }
+                        }
                         Out::Message(m) => write_message(&mut w, &m)?,
                         Out::Marker => {
                             w.flush().map_err(|source| WireError::Io { what: "sending", source })?;
@@ -120,7 +131,7 @@ impl Writer {
                 Ok(())
             })
             .expect("spawn writer thread");
-        Writer { tx: Some(tx), acks, total, handle: Some(handle) }
+        Writer { tx: Some(tx), recycled, acks, total, handle: Some(handle) }
     }
 
     /// Queues an item; fails with the writer's own error if it stopped.
@@ -145,13 +156,19 @@ impl Writer {
         }
     }
 
-    /// Bytes written so far.
     /// Another producer of frames for this connection (e.g. a relay thread); frames from all
     /// producers go out in the order they were queued.
     pub fn sender(&self) -> Sender<Out> {
         self.tx.clone().unwrap_or_else(|| bounded(0).0)
     }
 
+    /// The payloads of `Pages` frames written since the last call (at most a few), to be
+    /// reused for the next batches ([`livemig_compact::Encoder::recycle`]).
+    pub fn recycled(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.recycled.try_iter()
+    }
+
+    /// Bytes written so far.
     pub fn total_bytes(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }

@@ -346,6 +346,7 @@ fn run(
     let mut iter_bytes_mark = count.load(Ordering::Relaxed);
     // Frames are read by a thread, so the socket is drained while pages are decoded.
     let frames = link::read_frames(reader, 8);
+    let mut zeros = crate::pipeline::ZeroRuns::default();
     loop {
         if opts.cancel.load(Ordering::Relaxed) {
             return Err(AgentError::Cancelled);
@@ -358,13 +359,18 @@ fn run(
                     mem: &mem,
                     ledger: &mut ledger,
                     stats: &mut stats,
+                    zeros: &mut zeros,
                     disks: &peer.disks,
                     snapshot: snapshot.as_ref(),
                     keep: keep.as_mut(),
                     keep_error: None,
                 };
                 let summary = decode_batch(&frame.payload, total, &key, &mut dest)?;
-                if let Some(e) = dest.keep_error.take() {
+                let keep_error = dest.keep_error.take();
+                zeros.flush(&mem)?;
+                report.zero_pages_punched = Some(zeros.done.punched);
+                report.zero_pages_written = Some(zeros.done.written);
+                if let Some(e) = keep_error {
                     report.warnings.push(format!("no memory snapshot will be kept: {e}"));
                     keep = None;
                 }
@@ -693,6 +699,7 @@ struct Dest<'a, 'w> {
     mem: &'a GuestMemory,
     ledger: &'a mut Ledger,
     stats: &'a mut ClassStats,
+    zeros: &'a mut crate::pipeline::ZeroRuns,
     disks: &'a ReceiverDisks,
     snapshot: Option<&'a Snapshot>,
     keep: Option<&'a mut SnapshotWriter<'w>>,
@@ -703,7 +710,9 @@ impl livemig_compact::Destination for Dest<'_, '_> {
     type Error = AgentError;
 
     fn read_page(&mut self, page: u64, out: &mut [u8; PAGE_SIZE]) -> bool {
-        self.mem.read_page_into(page, out).is_ok()
+        // A page that cannot be made zero first is unreadable (a miss; the batch's flush then
+        // reports the error).
+        self.zeros.before_access(self.mem, page).is_ok() && self.mem.read_page_into(page, out).is_ok()
     }
 
     fn read_disk_block(&mut self, r: DiskRef, out: &mut [u8; PAGE_SIZE]) -> bool {
@@ -715,8 +724,16 @@ impl livemig_compact::Destination for Dest<'_, '_> {
     }
 
     fn write_page(&mut self, page: u64, class: PageClass, data: &[u8; PAGE_SIZE], record_len: usize) -> Result<(), AgentError> {
-        self.mem.write_page(page, data)?;
-        self.ledger.record_page(page, data);
+        if class == PageClass::Zero {
+            // Freed (a hole) rather than written, where the memory is on tmpfs.
+            self.zeros.zero(self.mem, page)?;
+            let z = self.ledger.key().zero_hash();
+            self.ledger.record_hash(page, z);
+        } else {
+            self.zeros.before_access(self.mem, page)?;
+            self.mem.write_page(page, data)?;
+            self.ledger.record_page(page, data);
+        }
         self.stats.add(class, record_len);
         if let Some(w) = self.keep.as_mut() {
             if let Err(e) = w.write_page(page, data) {

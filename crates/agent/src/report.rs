@@ -143,6 +143,13 @@ pub struct Report {
     pub policy: String,
     /// Tracker.
     pub tracker: String,
+    /// Shared engine: the most threads its tracker and page encoder used (`--threads`).
+    pub threads: Option<usize>,
+    /// Shared engine's receiver: zero pages freed by punching a hole in the destination's RAM
+    /// (a memfd or a file on tmpfs) instead of writing zeros.
+    pub zero_pages_punched: Option<u64>,
+    /// Shared engine's receiver: zero pages written as zeros (RAM on another file system).
+    pub zero_pages_written: Option<u64>,
     /// Soft-dirty tracker only: pages the final full content check found changed although their
     /// soft-dirty bit was clear (sent in the final pass all the same). 0 when the kernel's bits
     /// were exact.

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use std::collections::BTreeSet;
 
-use livemig_compact::{Compressor, EncodeOptions, Encoder, PageRef};
+use livemig_compact::{Compressor, EncodeOptions, Encoder};
 use livemig_index::snapshot::SnapshotStore;
 use livemig_control::{
     AdaptivePolicy, Decision, DowntimeController, FixedPolicy, IterationStats, Limits, OnNoConverge, Pending,
 };
-use livemig_memory::{GuestMemory, PageBuf};
+use livemig_memory::GuestMemory;
 use livemig_qmp::Qmp;
 use livemig_track::Ledger;
 use livemig_wire::{FrameKind, Holdings, Message, RegionInfo, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
@@ -100,7 +100,8 @@ pub struct SendOptions {
     pub snapshot_max_bytes: u64,
     /// Identity of the VM for snapshots (default: QEMU's `-name`, else its UUID).
     pub vm_id: Option<String>,
-    /// Scan threads.
+    /// Most threads of the shared engine's tracker and of its page encoder (at least 1, at most
+    /// [`crate::pipeline::MAX_THREADS`]; default: every core).
     pub threads: usize,
     /// Dirty-page tracker (shared engine).
     pub tracker: TrackerKind,
@@ -351,7 +352,9 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     let total = mem.total_pages();
     report.ram_bytes = mem.layout().iter().map(|(_, s)| s).sum();
     // The tracker proves itself before anything is sent.
-    let (mut tracker, fallback) = Scanner::new(opts.tracker, &mem, opts.threads)?;
+    let threads = opts.threads.clamp(1, crate::pipeline::MAX_THREADS);
+    report.threads = Some(threads);
+    let (mut tracker, fallback) = Scanner::new(opts.tracker, &mem, threads)?;
     if let Some(why) = fallback {
         obs.progress(Progress::Phase(&why));
         report.warnings.push(why);
@@ -990,12 +993,8 @@ fn wait_end_ack(
     }
 }
 
-/// Pages read and encoded together (prepared on `opts.threads` threads).
-const CHUNK_PAGES: usize = 256;
-
-/// Sends the `dirty` pages and the `forced` ones (whole), in page order, and records in the
-/// ledger the hash of exactly the bytes sent: a write racing with the copy shows up as a changed
-/// page in the next scan.
+/// Sends the `dirty` pages and the `forced` ones (whole), in page order, through the shared
+/// pipeline ([`crate::pipeline::send_pages`]).
 #[allow(clippy::too_many_arguments)]
 fn send_pages(
     opts: &SendOptions,
@@ -1013,26 +1012,10 @@ fn send_pages(
     list.extend(whole.iter().map(|&p| (p, true)));
     list.sort_unstable();
     let n = list.len() as u64;
-    let mut bufs: Vec<PageBuf> = (0..CHUNK_PAGES.min(list.len())).map(|_| PageBuf::zeroed()).collect();
-    let mut sent = 0u64;
-    for chunk in list.chunks(CHUNK_PAGES) {
-        for (&(page, _), buf) in chunk.iter().zip(bufs.iter_mut()) {
-            mem.read_page(page, buf)?;
-            ledger.record_page(page, &buf.0);
-        }
-        let items: Vec<PageRef<'_>> =
-            chunk.iter().zip(bufs.iter()).map(|(&(page, whole), buf)| PageRef { page, data: &buf.0, whole }).collect();
-        encoder.push_many(&items, opts.threads);
-        sent += chunk.len() as u64;
-        if encoder.is_full() {
-            writer.send(Out::Frame(FrameKind::Pages, encoder.take()))?;
-            obs.progress(Progress::Sending { iteration, sent, dirty: n, wire_bytes: writer.total_bytes() });
-            check_cancel(opts)?;
-        }
-    }
-    if !encoder.is_empty() {
-        writer.send(Out::Frame(FrameKind::Pages, encoder.take()))?;
-    }
+    let sent = crate::pipeline::send_pages(mem, &list, ledger, encoder, writer, opts.threads, |sent, w| {
+        obs.progress(Progress::Sending { iteration, sent, dirty: n, wire_bytes: w.total_bytes() });
+        check_cancel(opts)
+    })?;
     obs.progress(Progress::Sending { iteration, sent, dirty: n, wire_bytes: writer.total_bytes() });
     Ok(sent)
 }

@@ -161,6 +161,10 @@ pub(crate) struct SendArgs {
     /// `auto` uses soft-dirty where the self-test passes, else content.
     #[arg(long, value_enum, default_value_t = TrackerArg::Auto)]
     tracker: TrackerArg,
+    /// Most threads the shared engine's tracker and page encoder use (1-64; default: every
+    /// core), so that a migration leaves cores to the host's other VMs.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: Option<u16>,
     /// Identity of the VM for memory snapshots (default: QEMU's -name, else its UUID).
     #[arg(long)]
     vm_id: Option<String>,
@@ -321,6 +325,9 @@ fn run_send(a: &SendArgs) -> anyhow::Result<u8> {
         (_, CompressorArg::Lz4) => livemig_compact::Compressor::Lz4,
         (_, CompressorArg::Zstd) => livemig_compact::Compressor::Zstd,
     };
+    if let Some(t) = a.threads {
+        o.threads = usize::from(t);
+    }
     o.vm_id = a.vm_id.clone();
     o.max_device_state = a.max_device_state;
     o.engine = match a.engine {
@@ -384,6 +391,30 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("livemig: {e:#}");
             ExitCode::from(exit::FAILED)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_args(extra: &[&str]) -> Result<SendArgs, clap::Error> {
+        let mut argv = vec!["livemig", "send", "--qmp", "/q", "--to", "h:1"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Send(a) => Ok(a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn threads_is_capped_between_1_and_64() {
+        assert_eq!(send_args(&[]).unwrap().threads, None);
+        assert_eq!(send_args(&["--threads", "3"]).unwrap().threads, Some(3));
+        assert_eq!(send_args(&["--threads", "64"]).unwrap().threads, Some(64));
+        for bad in ["0", "65", "-1", "many"] {
+            assert!(send_args(&["--threads", bad]).is_err(), "--threads {bad} accepted");
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The sender side: classifies and encodes pages against what the destination holds.
 //!
 //! Per page: zero check, one keyed xxh3-128 (the fingerprint records carry and the state is
-//! keyed by), then dup lookup, then (only when a disk index or snapshot is used) one unkeyed
+//! keyed by; [`Encoder::prepare_fingerprinted`] takes it from a caller that computed it already,
+//! as the sender pipeline does for its ledger), then dup lookup, then (only when a disk index or snapshot is used) one unkeyed
 //! xxh3-128 for their lookups, then delta or compression. The work is split so it can run on several threads: [`Encoder::prepare`] is a
 //! pure function of (page bytes, the encoder's state, read only) and writes a [`Prepared`] record;
 //! [`Encoder::commit`] appends it to the batch and updates the state, in stream order, on one
@@ -324,6 +325,21 @@ impl Encoder {
     /// # Panics
     /// If `item.page` is not below the encoder's page count.
     pub fn prepare(&self, item: &PageRef<'_>, scratch: &mut Scratch, out: &mut Prepared) {
+        self.prepare_with(item, None, scratch, out);
+    }
+
+    /// [`Encoder::prepare`] with the page's keyed fingerprint already computed by the caller
+    /// (`fp` must be `self.key().fingerprint(item.data)`; the sender pipeline hashes each page
+    /// once for its ledger and the record). A wrong `fp` never writes wrong data at the
+    /// destination (it checks every reference against the bytes it resolves), but costs resends.
+    ///
+    /// # Panics
+    /// As [`Encoder::prepare`].
+    pub fn prepare_fingerprinted(&self, item: &PageRef<'_>, fp: u128, scratch: &mut Scratch, out: &mut Prepared) {
+        self.prepare_with(item, Some(fp), scratch, out);
+    }
+
+    fn prepare_with(&self, item: &PageRef<'_>, fp: Option<u128>, scratch: &mut Scratch, out: &mut Prepared) {
         assert!(usize::try_from(item.page).is_ok_and(|p| p < self.held.len()), "page {} out of range", item.page);
         out.page = item.page;
         out.dep = Dep::None;
@@ -334,7 +350,8 @@ impl Encoder {
             out.fp = self.zero_fp;
             return;
         }
-        let fp = self.key.fingerprint(data);
+        let fp = fp.unwrap_or_else(|| self.key.fingerprint(data));
+        debug_assert_eq!(fp, self.key.fingerprint(data), "prepare_fingerprinted given another page's fingerprint");
         out.fp = fp;
         let mut delta_len = None;
         if !item.whole {

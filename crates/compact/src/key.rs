@@ -85,10 +85,22 @@ impl PageKey {
         Some(PageKey::from_bytes(key))
     }
 
-    /// Keyed 64-bit hash of a page: the content tracker's ledger and the memory digests.
+    /// Keyed 64-bit hash of a page: the content tracker's ledger and the memory digests. It is
+    /// the low 64 bits of [`PageKey::fingerprint`] (for inputs above 240 bytes xxh3-64 and the
+    /// low half of xxh3-128 merge the same accumulators with the same secret words; tested), so
+    /// a caller that has the fingerprint gets it for free with [`PageKey::hash_of`]; this
+    /// computes only the 64 bits, for the tracker, which needs no more.
     #[inline]
     pub fn hash_page(&self, page: &[u8; PAGE_SIZE]) -> u64 {
         xxh3_64_with_secret(page, &self.secret)
+    }
+
+    /// [`PageKey::hash_page`] of a page whose [`PageKey::fingerprint`] is `fp`: one hash of the
+    /// page serves the ledger, the digests and the records' fingerprint.
+    #[inline]
+    #[allow(clippy::cast_possible_truncation)] // the low half, on purpose
+    pub fn hash_of(fp: u128) -> u64 {
+        fp as u64
     }
 
     /// Keyed 128-bit fingerprint of a page: what a reference or delta record carries and the
@@ -171,6 +183,26 @@ mod tests {
         assert_ne!(PageKey::from_bytes(k).fingerprint(&page(3)), a.fingerprint(&page(3)));
     }
 
+    proptest::proptest! {
+        /// The ledger hash is the low half of the fingerprint, for any key and page (zero, a
+        /// pattern, or noise), so one hash of a page can serve both.
+        #[test]
+        fn the_page_hash_is_the_low_half_of_the_fingerprint(
+            k in proptest::array::uniform32(proptest::num::u8::ANY),
+            fill in proptest::num::u8::ANY,
+            noise in proptest::collection::vec(proptest::num::u8::ANY, 0..PAGE_SIZE),
+        ) {
+            let key = PageKey::from_bytes(k);
+            let mut p = [fill; PAGE_SIZE];
+            p[..noise.len()].copy_from_slice(&noise);
+            proptest::prop_assert_eq!(key.hash_page(&p), PageKey::hash_of(key.fingerprint(&p)));
+            // A one-bit change moves both.
+            let mut q = p;
+            q[PAGE_SIZE - 1] ^= 1;
+            proptest::prop_assert_ne!(key.hash_page(&q), key.hash_page(&p));
+        }
+    }
+
     #[test]
     fn a_guest_can_collide_unkeyed_xxh3_but_not_keyed() {
         let (a, b) = unkeyed_collision();
@@ -196,6 +228,7 @@ mod tests {
         h.update(&page(5)[..100]);
         h.update(&page(5)[100..]);
         assert_eq!(h.digest128(), a.fingerprint(&page(5)), "streaming and one-shot agree");
+        assert_eq!(PageKey::hash_of(a.zero_fingerprint()), a.zero_hash());
         assert!(PageKey::from_hex("00").is_none());
         assert!(PageKey::from_hex(&"zz".repeat(32)).is_none());
         assert!(PageKey::from_hex(&"é".repeat(32)).is_none());

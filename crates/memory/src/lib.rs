@@ -182,8 +182,31 @@ pub struct Region {
     map: Mapping,
     /// Device and inode of the backing file (how the QEMU process's mappings of it are found).
     file_id: (u64, u64),
-    /// The backing file, for `SEEK_DATA`/`SEEK_HOLE`.
+    /// The backing file, for `SEEK_DATA`/`SEEK_HOLE` and punching holes.
     file: File,
+    /// The file is on tmpfs (a memfd, /dev/shm): punching a hole in it frees pages that then
+    /// read as zero (see [`GuestMemory::zero_pages`]).
+    punchable: bool,
+}
+
+/// `f_type` of tmpfs (`TMPFS_MAGIC`, linux/magic.h): memfds (but for hugetlb ones, which are
+/// on hugetlbfs) and /dev/shm files.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Whether `file` is on tmpfs.
+#[allow(clippy::useless_conversion)] // f_type is i64 here, narrower on other architectures
+fn on_tmpfs(file: &File) -> bool {
+    rustix::fs::fstatfs(file).is_ok_and(|st| i64::from(st.f_type) == TMPFS_MAGIC)
+}
+
+/// How [`GuestMemory::zero_pages`] made pages zero.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Zeroed {
+    /// Pages freed by punching a hole (tmpfs: a memfd, /dev/shm).
+    pub punched: u64,
+    /// Pages written with zeros (any other file: hugetlbfs rounds a 4 KiB punch to nothing, and
+    /// other file systems are not relied on).
+    pub written: u64,
 }
 
 impl Region {
@@ -224,6 +247,7 @@ impl Region {
         };
         let map = Mapping::new(file, len).map_err(io_error(format!("map {}", shown.display())))?;
         let file = file.try_clone().map_err(io_error(format!("duplicate the descriptor of {}", shown.display())))?;
+        let punchable = on_tmpfs(&file);
         Ok(Region {
             id: id.to_owned(),
             size,
@@ -231,6 +255,7 @@ impl Region {
             map,
             file_id,
             file,
+            punchable,
         })
     }
 
@@ -331,6 +356,30 @@ impl Region {
     pub fn zero_page(&self, index: u64) -> Result<(), MemoryError> {
         let off = self.offset(index)?;
         self.map.zero(off).ok_or_else(|| self.out_of_range(index))
+    }
+
+    /// Makes pages `pages` (of this region) zero: a hole punched on tmpfs, zeros written
+    /// elsewhere.
+    fn zero_pages(&self, pages: std::ops::Range<u64>) -> Result<Zeroed, MemoryError> {
+        if pages.is_empty() {
+            return Ok(Zeroed::default());
+        }
+        if pages.end > self.pages() {
+            return Err(self.out_of_range(pages.end - 1));
+        }
+        if !self.punchable {
+            for p in pages.clone() {
+                self.zero_page(p)?;
+            }
+            return Ok(Zeroed { punched: 0, written: pages.end - pages.start });
+        }
+        use rustix::fs::{fallocate, FallocateFlags};
+        let (off, len) = (pages.start * PAGE_SIZE_U64, (pages.end - pages.start) * PAGE_SIZE_U64);
+        fallocate(&self.file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, off, len).map_err(|e| MemoryError::Io {
+            what: format!("punch a hole of {len} bytes at {off} in memory region `{}`", self.id),
+            source: e.into(),
+        })?;
+        Ok(Zeroed { punched: pages.end - pages.start, written: 0 })
     }
 }
 
@@ -602,6 +651,32 @@ impl GuestMemory {
     pub fn zero_page(&self, global: u64) -> Result<(), MemoryError> {
         let (r, index) = self.region_of(global)?;
         r.zero_page(index)
+    }
+
+    /// Makes global pages `pages` zero: on tmpfs (a memfd, /dev/shm) by punching a hole, which
+    /// frees them (the mapping then reads zeros; nothing is allocated until the guest writes
+    /// them), elsewhere by writing zeros. Says how many went each way.
+    pub fn zero_pages(&self, pages: std::ops::Range<u64>) -> Result<Zeroed, MemoryError> {
+        if pages.end > self.total_pages() {
+            return Err(MemoryError::OutOfRange {
+                region: "the guest memory".to_owned(),
+                index: pages.end - 1,
+                pages: self.total_pages(),
+            });
+        }
+        let mut done = Zeroed::default();
+        let mut base = 0u64;
+        for r in &self.regions {
+            let end = base + r.pages();
+            let (from, to) = (pages.start.max(base), pages.end.min(end));
+            if from < to {
+                let z = r.zero_pages(from - base..to - base)?;
+                done.punched += z.punched;
+                done.written += z.written;
+            }
+            base = end;
+        }
+        Ok(done)
     }
 
     /// (id, size in bytes) of every region, in order: what both sides of a migration compare.

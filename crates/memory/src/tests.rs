@@ -219,3 +219,58 @@ fn data_ranges_follow_the_holes_of_a_memfd() {
     mem.write_page(63, &[0; PAGE_SIZE]).unwrap();
     assert_eq!(mem.data_ranges().unwrap().last(), Some(&(63..64)));
 }
+
+/// Pages 0..8 of a new memory in `dir` written non-zero.
+fn written(dir: &Path, pages: u64) -> (tempfile::NamedTempFile, GuestMemory) {
+    let f = tempfile::NamedTempFile::new_in(dir).unwrap();
+    f.as_file().set_len(pages * 4096).unwrap();
+    let mem = GuestMemory::open_file("ram", f.path(), pages * 4096).unwrap();
+    for p in 0..pages {
+        mem.write_page(p, &page(u8::try_from(p).unwrap() + 1)).unwrap();
+    }
+    (f, mem)
+}
+
+fn assert_zero_only(mem: &GuestMemory, zero: std::ops::Range<u64>) {
+    let mut buf = PageBuf::zeroed();
+    for p in 0..mem.total_pages() {
+        mem.read_page(p, &mut buf).unwrap();
+        let want = if zero.contains(&p) { [0u8; PAGE_SIZE] } else { page(u8::try_from(p).unwrap() + 1) };
+        assert!(buf.0 == want, "page {p}");
+    }
+}
+
+#[test]
+fn zero_pages_punch_holes_on_tmpfs() {
+    let (_f, mem) = written(Path::new("/dev/shm"), 8);
+    assert_eq!(mem.data_ranges(), Some(std::iter::once(0..8).collect()));
+    assert_eq!(mem.zero_pages(2..5).unwrap(), Zeroed { punched: 3, written: 0 });
+    // Freed: the file has a hole there, and the pages read as zero.
+    assert_eq!(mem.data_ranges(), Some(vec![0..2, 5..8]));
+    assert_zero_only(&mem, 2..5);
+    // A page written again after the punch holds the new data.
+    mem.write_page(3, &page(9)).unwrap();
+    let mut buf = PageBuf::zeroed();
+    mem.read_page(3, &mut buf).unwrap();
+    assert_eq!(buf.0, page(9));
+    assert_eq!(mem.zero_pages(3..3).unwrap(), Zeroed::default());
+}
+
+#[test]
+fn zero_pages_write_zeros_elsewhere() {
+    // Not tmpfs (the build directory's file system; ext4 here): zeros are written.
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let (_f, mem) = written(dir.path(), 8);
+    if on_tmpfs(&mem.regions[0].file) {
+        return; // a checkout on tmpfs: the other test covers it
+    }
+    assert_eq!(mem.zero_pages(6..8).unwrap(), Zeroed { punched: 0, written: 2 });
+    assert_zero_only(&mem, 6..8);
+}
+
+#[test]
+fn zero_pages_out_of_range_is_an_error_and_changes_nothing() {
+    let (_f, mem) = written(Path::new("/dev/shm"), 8);
+    assert!(matches!(mem.zero_pages(6..9), Err(MemoryError::OutOfRange { index: 8, pages: 8, .. })));
+    assert_zero_only(&mem, 0..0);
+}

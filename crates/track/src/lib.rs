@@ -159,6 +159,12 @@ impl Ledger {
     }
 
     /// Records that the destination now holds a page whose content hashes (with this ledger's
+    /// key, [`PageKey::hash_page`]) to `hash`: for a caller that hashed the page already.
+    pub fn record_hash(&mut self, page: u64, hash: u64) {
+        self.record(page, hash);
+    }
+
+    /// Records that the destination now holds a page whose content hashes (with this ledger's
     /// key) to `hash`.
     fn record(&mut self, page: u64, hash: u64) {
         let slot = &mut self.hashes[usize::try_from(page).expect("page index fits")];

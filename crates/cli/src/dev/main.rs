@@ -4,10 +4,13 @@
 //!
 //! - `livemig-dev demo`: a real VM migrated on this machine through `livemig send/receive`;
 //! - `livemig-dev bench`: livemig against QEMU's own migration on a shaped link;
-//! - `livemig-dev guest build`: the test guest.
+//! - `livemig-dev guest build`: the test guest;
+//! - `livemig-dev pipeline`: the page pipeline's throughput (no VM, no `livemig` binary).
 
 mod bench;
 mod demo;
+mod pipeline;
+mod synth;
 // Shared with `livemig` (not all of each is used here).
 #[allow(dead_code)]
 #[path = "../exit.rs"]
@@ -25,7 +28,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "livemig-dev", version, about = "livemig's test lab: the demo, the benchmark against QEMU, the test guest (not shipped)")]
+#[command(name = "livemig-dev", version, about = "livemig's test lab: the demo, the benchmarks, the test guest (not shipped)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,6 +40,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Benchmark livemig against QEMU's own migration on a shaped link (root; network namespaces).
     Bench(bench::BenchArgs),
+    /// Pushes a synthetic guest memory through the real sender pipeline, TLS over loopback and
+    /// the real decoder into a destination memory; reports GB/s of guest RAM and per core.
+    Pipeline(pipeline::Args),
     /// The test guest.
     Guest {
         #[command(subcommand)]
@@ -70,6 +76,7 @@ fn main() -> ExitCode {
     let r = match &cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a).map(|c| u8::try_from(c).unwrap_or(exit::FAILED)),
+        Command::Pipeline(a) => pipeline::run(a).map(|()| exit::OK),
         Command::Guest { command: GuestCommand::Build } => livemig_lab::GuestImage::build()
             .map(|g| {
                 println!("guest ready: kernel {}, initramfs {}, disk {}", g.kernel.display(), g.initrd.display(), g.disk.display());

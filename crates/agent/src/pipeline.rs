@@ -1,0 +1,260 @@
+//! The page pipeline of the shared engine's sender, as one function: read the pages, hash them
+//! for the ledger, encode them, hand full batches to the writer. `send` runs it every iteration;
+//! the developer benchmark (`livemig-dev pipeline`, crate `livemig-dev`) runs the same function
+//! over a synthetic guest memory, so what it measures is this code.
+//!
+//! Hashes: each page sent is hashed once, on the copy that is sent: one keyed xxh3-128
+//! ([`PageKey::fingerprint`]) is the record's fingerprint and, by its low half
+//! ([`PageKey::hash_of`]), the ledger's hash and digest term. Two other hashes remain, and why:
+//! the content tracker hashes every page of RAM each iteration to find the dirty ones, but from
+//! its own read, earlier: the guest may write the page between that read and the copy sent, and
+//! the ledger must hold the hash of the bytes sent, so the copy is hashed again (the soft-dirty
+//! tracker hashes nothing in its iterations). And with a disk index or snapshot the encoder also
+//! computes the unkeyed xxh3-128 of pages that are not dups, because those indexes outlive one
+//! migration's key.
+//!
+//! Work is split in rounds of [`ROUND_PAGES`] pages per worker. The workers (started once per
+//! call, i.e. per iteration, and fed through bounded channels) each copy their share of a round
+//! out of guest memory, hash it for the ledger and prepare its records ([`Encoder::prepare`],
+//! the encoder read-only); the calling thread then commits the round in page order
+//! ([`Encoder::commit`], the encoder written) and sends full batches. Page buffers, prepared
+//! records and compressor contexts move between the workers and the committing thread and are
+//! reused for the whole call; batch buffers come back from the writer thread
+//! ([`Writer::recycled`]) and are reused by the encoder.
+
+use std::ops::Range;
+use std::sync::RwLock;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use livemig_compact::{is_zero, Encoder, PageKey, PageRef, Prepared, Scratch};
+use livemig_memory::{GuestMemory, PageBuf};
+use livemig_track::Ledger;
+use livemig_wire::FrameKind;
+
+use crate::error::AgentError;
+use crate::link::{Out, Writer};
+
+/// Pages one worker handles per round.
+pub const ROUND_PAGES: usize = 128;
+
+/// Most worker threads.
+pub const MAX_THREADS: usize = 64;
+
+/// One page of a round: its copy, the ledger hash of that copy, its prepared record.
+struct Slot {
+    buf: Box<PageBuf>,
+    hash: u64,
+    prepared: Prepared,
+}
+
+/// A worker's share of a round: `range` of the page list, and the slots to fill (moved to the
+/// worker and back, so no slot is ever shared).
+struct Job {
+    range: Range<usize>,
+    slots: Vec<Slot>,
+}
+
+/// A finished share, or the error reading it.
+type Done = (Range<usize>, Vec<Slot>, Result<(), AgentError>);
+
+fn worker(
+    mem: &GuestMemory,
+    list: &[(u64, bool)],
+    key: &PageKey,
+    encoder: &RwLock<&mut Encoder>,
+    jobs: &Receiver<Job>,
+    done: &Sender<Done>,
+) {
+    let mut scratch = Scratch::default();
+    for Job { range, mut slots } in jobs {
+        let guard = PanicGuard { done, range: range.clone() };
+        let mut result = Ok(());
+        {
+            let enc = encoder.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (&(page, whole), slot) in list[range.clone()].iter().zip(slots.iter_mut()) {
+                if let Err(e) = mem.read_page(page, &mut slot.buf) {
+                    result = Err(e.into());
+                    break;
+                }
+                let data = &slot.buf.0;
+                let item = PageRef { page, data, whole };
+                if is_zero(data) {
+                    slot.hash = key.zero_hash();
+                    enc.prepare(&item, &mut scratch, &mut slot.prepared);
+                } else {
+                    // The one hash of the copy: the record's fingerprint and the ledger's hash.
+                    let fp = key.fingerprint(data);
+                    slot.hash = PageKey::hash_of(fp);
+                    enc.prepare_fingerprinted(&item, fp, &mut scratch, &mut slot.prepared);
+                }
+            }
+        }
+        std::mem::forget(guard);
+        if done.send((range, slots, result)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers for a worker that panics inside a job, so the committing thread gets an error
+/// instead of waiting forever for its share.
+struct PanicGuard<'a> {
+    done: &'a Sender<Done>,
+    range: Range<usize>,
+}
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        let e = AgentError::Internal("an encoder thread panicked".into());
+        let _ = self.done.send((self.range.clone(), Vec::new(), Err(e)));
+    }
+}
+
+/// Sends the pages of `list` (page, whole), which must be ascending, and records in the ledger
+/// the hash of exactly the bytes sent: a write racing with the copy shows up as a changed page
+/// in the next scan. Up to `threads` worker threads copy, hash and prepare (see the module).
+/// After every batch handed to the writer, `after_batch(pages sent so far, writer)` runs
+/// (progress, cancellation); its error stops the sending. Returns the pages sent.
+pub fn send_pages(
+    mem: &GuestMemory,
+    list: &[(u64, bool)],
+    ledger: &mut Ledger,
+    encoder: &mut Encoder,
+    writer: &mut Writer,
+    threads: usize,
+    mut after_batch: impl FnMut(u64, &Writer) -> Result<(), AgentError>,
+) -> Result<u64, AgentError> {
+    if list.is_empty() {
+        return Ok(0);
+    }
+    let threads = threads.clamp(1, MAX_THREADS).min(list.len().div_ceil(ROUND_PAGES));
+    let key = ledger.key().clone();
+    let encoder = RwLock::new(encoder);
+    let mut sent = 0u64;
+    std::thread::scope(|s| -> Result<(), AgentError> {
+        let (done_tx, done_rx) = bounded::<Done>(threads);
+        let mut to_workers = Vec::with_capacity(threads);
+        let mut shares: Vec<Vec<Slot>> = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (tx, rx) = bounded::<Job>(1);
+            let (done_tx, key, encoder) = (done_tx.clone(), &key, &encoder);
+            std::thread::Builder::new()
+                .name(format!("livemig-encode-{i}"))
+                .spawn_scoped(s, move || worker(mem, list, key, encoder, &rx, &done_tx))
+                .map_err(|e| AgentError::Internal(format!("cannot start an encoder thread: {e}")))?;
+            to_workers.push(tx);
+            shares.push(
+                (0..ROUND_PAGES)
+                    .map(|_| Slot { buf: Box::new(PageBuf::zeroed()), hash: 0, prepared: Prepared::default() })
+                    .collect(),
+            );
+        }
+        drop(done_tx);
+        let mut round: Vec<Option<(Range<usize>, Vec<Slot>)>> = (0..threads).map(|_| None).collect();
+        let mut next = 0usize;
+        while next < list.len() {
+            // Hand out the round: one share per worker, in list order.
+            let mut handed = 0;
+            for tx in &to_workers {
+                if next >= list.len() {
+                    break;
+                }
+                let range = next..(next + ROUND_PAGES).min(list.len());
+                next = range.end;
+                let slots = shares.pop().expect("a free share per worker");
+                tx.send(Job { range, slots }).map_err(|_| AgentError::Wire(livemig_wire::WireError::Closed))?;
+                handed += 1;
+            }
+            let mut failure = None;
+            for _ in 0..handed {
+                let (range, slots, result) =
+                    done_rx.recv().map_err(|_| AgentError::Wire(livemig_wire::WireError::Closed))?;
+                if let Err(e) = result {
+                    failure.get_or_insert(e);
+                }
+                let i = round.iter().position(Option::is_none).expect("a free place in the round");
+                round[i] = Some((range, slots));
+            }
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            let mut parts: Vec<(Range<usize>, Vec<Slot>)> = round.iter_mut().filter_map(Option::take).collect();
+            parts.sort_unstable_by_key(|(r, _)| r.start);
+            // Commit in page order.
+            let mut enc = encoder.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (range, slots) in parts {
+                for (&(page, _), slot) in list[range.clone()].iter().zip(slots.iter()) {
+                    ledger.record_hash(page, slot.hash);
+                    enc.commit(&slot.prepared, &slot.buf.0);
+                }
+                sent += range.len() as u64;
+                shares.push(slots);
+                if enc.is_full() {
+                    for b in writer.recycled() {
+                        enc.recycle(b);
+                    }
+                    writer.send(Out::Frame(FrameKind::Pages, enc.take()))?;
+                    after_batch(sent, writer)?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    let encoder = encoder.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !encoder.is_empty() {
+        writer.send(Out::Frame(FrameKind::Pages, encoder.take()))?;
+    }
+    Ok(sent)
+}
+
+/// Zero pages at the destination, made zero a run of consecutive pages at a time
+/// ([`GuestMemory::zero_pages`]: a hole punched on tmpfs, which frees the pages instead of
+/// writing zeros into them; zeros written on other files). The pending run must be made zero
+/// before its pages are read or written otherwise ([`ZeroRuns::before_access`]), and at the end
+/// of every batch ([`ZeroRuns::flush`]).
+#[derive(Debug, Default)]
+pub struct ZeroRuns {
+    run: Option<Range<u64>>,
+    /// Pages made zero so far, by punching and by writing.
+    pub done: livemig_memory::Zeroed,
+}
+
+impl ZeroRuns {
+    /// Page `page` must become zero.
+    pub fn zero(&mut self, mem: &GuestMemory, page: u64) -> Result<(), AgentError> {
+        match &mut self.run {
+            Some(r) if r.end == page => {
+                r.end += 1;
+                Ok(())
+            }
+            _ => {
+                self.flush(mem)?;
+                self.run = Some(page..page + 1);
+                Ok(())
+            }
+        }
+    }
+
+    /// Before page `page` is read or written otherwise: makes the pending run zero if it holds
+    /// the page.
+    pub fn before_access(&mut self, mem: &GuestMemory, page: u64) -> Result<(), AgentError> {
+        if self.run.as_ref().is_some_and(|r| r.contains(&page)) {
+            self.flush(mem)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the pending run zero (it stays pending if that fails).
+    pub fn flush(&mut self, mem: &GuestMemory) -> Result<(), AgentError> {
+        if let Some(r) = self.run.clone() {
+            let z = mem.zero_pages(r)?;
+            self.run = None;
+            self.done.punched += z.punched;
+            self.done.written += z.written;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
