@@ -268,7 +268,7 @@ fn run(
     if !opts.disk_images.is_empty() {
         obs.progress(Progress::Phase("indexing the disk images"));
     }
-    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
+    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache, obs, report)?;
     let store = match &opts.snapshot_dir {
         Some(d) => Some(
             SnapshotStore::open(d, opts.snapshot_max_bytes)

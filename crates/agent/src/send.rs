@@ -331,7 +331,7 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     if !opts.disk_images.is_empty() {
         obs.progress(Progress::Phase("indexing the disk images"));
     }
-    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
+    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache, obs, report)?;
 
     let (stream, mut reader, mut writer_half, tls_key) = connect_receiver(opts, obs, report)?;
     let regions: Vec<RegionInfo> = mem.layout().into_iter().map(|(id, size)| RegionInfo { id, size }).collect();

@@ -259,7 +259,8 @@ enum CompressorArg {
 #[derive(Args, Debug, Clone)]
 struct HoldingsArgs {
     /// A raw disk image of the guest that both hosts hold (shared storage or a copy); pages equal
-    /// to one of its 4 KiB blocks go as references. Repeat for several.
+    /// to 4 KiB of it starting at a filesystem block (any sector where no ext2/3/4 or XFS is
+    /// found) go as references. Repeat for several.
     #[arg(long = "disk-image", value_name = "PATH")]
     disk_images: Vec<PathBuf>,
     /// Where disk-image indexes are cached (default ~/.cache/livemig/index, as `livemig index`);

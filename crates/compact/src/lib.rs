@@ -11,7 +11,7 @@
 //! | 3 | [`PageClass::Lz4`] | LZ4 block of the page | `raw` |
 //! | 4 | [`PageClass::Zstd`] | zstd frame of the page | `raw` |
 //! | 5 | [`PageClass::Dup`] | source page `u64`, fingerprint `u128` | `dup` |
-//! | 6 | [`PageClass::DiskRef`] | image `u16`, block `u64`, fingerprint `u128` | `disk_ref` |
+//! | 6 | [`PageClass::DiskRef`] | image `u16`, sector `u64` (the 4 KiB start there, in 512-byte units), fingerprint `u128` | `disk_ref` |
 //! | 7 | [`PageClass::SnapshotRef`] | snapshot page `u64`, fingerprint `u128` | `snapshot_ref` |
 //! | 8 | [`PageClass::Delta`] | fingerprint `u128`, then runs of changed 8-byte words | `delta` |
 //!
@@ -93,13 +93,14 @@ pub fn fingerprint(page: &[u8; PAGE_SIZE]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(page)
 }
 
-/// A block of a disk image that both hosts hold.
+/// 4 KiB of a disk image that both hosts hold, starting at any sector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DiskRef {
     /// Image id, as agreed by the agents.
     pub image: u16,
-    /// 4 KiB block index in the image.
-    pub block: u64,
+    /// Where the 4 KiB start in the image, in 512-byte sectors (protocol 5; before, 4 KiB
+    /// blocks).
+    pub sector: u64,
 }
 
 /// How a page travels.

@@ -49,7 +49,7 @@ impl Destination for MemDest {
         true
     }
     fn read_disk_block(&mut self, r: DiskRef, out: &mut Page) -> bool {
-        self.disk.get(&(r.image, r.block)).map(|b| out.copy_from_slice(b)).is_some()
+        self.disk.get(&(r.image, r.sector)).map(|b| out.copy_from_slice(b)).is_some()
     }
     fn read_snapshot_page(&mut self, page: u64, out: &mut Page) -> bool {
         usize::try_from(page).ok().and_then(|q| self.snapshot.get(q)).map(|b| out.copy_from_slice(b)).is_some()
@@ -97,7 +97,7 @@ fn setup(pages: usize, opts: EncodeOptions) -> (Encoder, MemDest) {
     let mut snap = HashMap::new();
     for i in 0..DISK_BLOCKS {
         let b = disk_block(i);
-        disk.insert(fingerprint(&b), DiskRef { image: 3, block: i });
+        disk.insert(fingerprint(&b), DiskRef { image: 3, sector: i });
         d.disk.insert((3, i), b);
     }
     for i in 0..SNAP_PAGES {
@@ -128,7 +128,7 @@ fn a_colliding_disk_block_is_a_miss_and_never_written() {
     let mut e = Encoder::new(4, EncodeOptions::default(), key());
     let mut d = MemDest::new(4);
     d.disk.insert((3, 100), block);
-    let index: HashMap<u128, DiskRef> = [(fingerprint(&block), DiskRef { image: 3, block: 100 })].into();
+    let index: HashMap<u128, DiskRef> = [(fingerprint(&block), DiskRef { image: 3, sector: 100 })].into();
     e.set_disk_lookup(Arc::new(Refs(index, HashMap::new())));
     assert_eq!(e.push(2, &page).0, PageClass::DiskRef, "the unkeyed index offers the colliding block");
     let sum = decode_batch(&e.take(), 4, &key(), &mut d).unwrap();

@@ -1,25 +1,29 @@
 //! Measures building, saving, loading and looking up the index of a disk image:
-//! `cargo run --release -p livemig-index --example measure -- IMAGE [THREADS]`.
+//! `cargo run --release -p livemig-index --example measure -- IMAGE [THREADS] [ALIGN]` (ALIGN:
+//! auto, the default, or 512, 1024, 2048, 4096 bytes between indexed windows).
 
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use livemig_index::{DiskIndex, Fingerprint};
+use livemig_index::{Align, DiskIndex, Fingerprint};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let image = PathBuf::from(args.next().ok_or("usage: measure IMAGE [THREADS]")?);
     let threads: usize = args.next().map_or(Ok(2), |t| t.parse())?;
+    let align: Align = args.next().map_or(Ok(Align::Auto), |a| a.parse())?;
+    let stride = align.resolve(&std::fs::File::open(&image)?, &image)?;
+    println!("stride: {} bytes ({})", stride.bytes, stride.reason);
 
     let t = Instant::now();
-    let idx = DiskIndex::build_with_threads(&image, threads, &mut |_| {})?;
+    let idx = DiskIndex::build_with_threads(&image, Align::Bytes(stride.bytes), threads, &mut |_| {})?;
     let build = t.elapsed();
     println!(
-        "build: {threads} threads, {:.3} s, {} blocks ({} MiB), {} zero, {} unique non-zero fingerprints, {:.1} MiB in memory",
+        "build: {threads} threads, {:.3} s, {} windows ({} MiB), {} zero, {} unique non-zero fingerprints, {:.1} MiB in memory",
         build.as_secs_f64(),
-        idx.image_blocks(),
+        idx.windows(),
         idx.image_size() >> 20,
         idx.zero_blocks(),
         idx.len(),

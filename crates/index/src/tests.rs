@@ -43,12 +43,12 @@ fn build_and_lookup_round_trip_over_several_segments() {
     let n = 9000u64; // three 16 MiB segments
     let img = image(dir.path(), &(0..n).map(Some).collect::<Vec<_>>());
     let mut calls = Vec::new();
-    let idx = DiskIndex::build_with_threads(&img, 3, &mut |p| calls.push(p)).unwrap();
+    let idx = DiskIndex::build_with_threads(&img, Align::Bytes(4096), 3, &mut |p| calls.push(p)).unwrap();
     assert_eq!(idx.len(), 9000);
     assert_eq!(idx.image_blocks(), n);
     assert_eq!(idx.zero_blocks(), 0);
     for i in 0..n {
-        assert_eq!(idx.lookup(&fp(i)), Some(i), "block {i}");
+        assert_eq!(idx.lookup(&fp(i)), Some(i * 8), "block {i}");
     }
     assert_eq!(idx.lookup(&fp(n + 1)), None);
     assert_eq!(calls.first().unwrap().done_bytes, 0);
@@ -71,12 +71,12 @@ fn duplicates_map_to_first_block_and_zero_blocks_are_skipped() {
     let img = image(dir.path(), &seeds);
     let mut hashes = Vec::new();
     for threads in [1, 2, 4] {
-        let idx = DiskIndex::build_with_threads(&img, threads, &mut quiet()).unwrap();
-        assert_eq!(idx.lookup(&fp(7)), Some(300));
+        let idx = DiskIndex::build_with_threads(&img, Align::Bytes(4096), threads, &mut quiet()).unwrap();
+        assert_eq!(idx.lookup(&fp(7)), Some(300 * 8));
         assert_eq!(idx.lookup(&Fingerprint::of(&[0u8; BLOCK_SIZE])), None);
         assert_eq!(idx.zero_blocks(), 2);
         assert_eq!(idx.len(), 9000 - 2 - 2);
-        assert_eq!(idx.lookup(&fp(1000 + 6)), Some(6));
+        assert_eq!(idx.lookup(&fp(1000 + 6)), Some(6 * 8));
         hashes.push(idx.identity());
     }
     assert!(hashes.windows(2).all(|w| w[0] == w[1]), "identity independent of threads: {hashes:?}");
@@ -100,7 +100,10 @@ fn empty_and_partial_images() {
     let cache = dir.path().join("cache");
     let (idx, o) = DiskIndex::load_or_build(&p, &cache, &mut quiet()).unwrap();
     assert!(o.built());
-    assert_eq!(idx.len(), 2);
+    // No filesystem: a window at every sector, the last one whole within the image.
+    assert_eq!(idx.stride(), 512);
+    assert_eq!(idx.windows(), (2 * 4096 + 100 - 4096) / 512 + 1);
+    assert_eq!(idx.len(), 9);
     assert_eq!(idx.image_size(), 2 * 4096 + 100);
     let (again, o) = DiskIndex::load_or_build(&p, &cache, &mut quiet()).unwrap();
     assert!(!o.built(), "{o:?}");
@@ -162,7 +165,7 @@ fn persisted_index_reloads_without_rebuilding() {
     assert_eq!(a.zero_blocks(), b.zero_blocks());
     assert_eq!(a.iter().collect::<Vec<_>>(), b.iter().collect::<Vec<_>>());
     for s in 0..700 {
-        assert_eq!(a.lookup(&fp(s)), if s % 10 == 3 { None } else { Some(s) });
+        assert_eq!(a.lookup(&fp(s)), if s % 10 == 3 { None } else { Some(s * 8) });
         assert_eq!(b.lookup(&fp(s)), a.lookup(&fp(s)));
     }
     // The file is named after the canonical path: another spelling of the path finds it.
@@ -182,7 +185,7 @@ fn a_modified_block_triggers_a_rebuild() {
     drop(f);
     let (b, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
     assert!(matches!(o, Origin::Built { previous: Some(IndexError::Stale { .. }), .. }), "{o:?}");
-    assert_eq!(b.lookup(&fp(99_999)), Some(1500));
+    assert_eq!(b.lookup(&fp(99_999)), Some(1500 * 8));
     assert_ne!(a.identity().index_hash, b.identity().index_hash);
     let (_, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
     assert!(!o.built());
@@ -292,13 +295,13 @@ proptest! {
     fn lookup_finds_exactly_the_keys(keys in proptest::collection::btree_set(any::<u128>(), 0..3000), probes in proptest::collection::vec(any::<u128>(), 0..200)) {
         let map: BTreeMap<u128, u32> = keys.iter().enumerate().map(|(i, &k)| (k, u32::try_from(i).unwrap())).collect();
         let (k, b): (Vec<u128>, Vec<u32>) = map.iter().map(|(&k, &b)| (k, b)).unzip();
-        let meta = Meta { stamp: file::Stamp { size: 0, mtime: (0, 0), ctime: (0, 0), ino: 0, dev: 0 }, sample_hash: 0, index_hash: 0, zero_blocks: 0 };
+        let meta = Meta { stamp: file::Stamp { size: 0, mtime: (0, 0), ctime: (0, 0), ino: 0, dev: 0 }, sample_hash: 0, index_hash: 0, zero_blocks: 0, stride: 4096 };
         let idx = DiskIndex::from_sorted(k, b, meta);
         for (&k, &b) in &map {
-            prop_assert_eq!(idx.lookup(&Fingerprint(k)), Some(u64::from(b)));
+            prop_assert_eq!(idx.lookup(&Fingerprint(k)), Some(u64::from(b) * 8));
         }
         for p in probes {
-            prop_assert_eq!(idx.lookup(&Fingerprint(p)), map.get(&p).map(|&b| u64::from(b)));
+            prop_assert_eq!(idx.lookup(&Fingerprint(p)), map.get(&p).map(|&b| u64::from(b) * 8));
         }
     }
 }
@@ -309,27 +312,28 @@ fn block_reader_verifies_fingerprints() {
     let img = image(dir.path(), &seeds(50));
     let idx = DiskIndex::build(&img, &mut quiet()).unwrap();
     let r = BlockReader::open(&img).unwrap();
-    assert_eq!(r.blocks().unwrap(), 50);
+    assert_eq!(r.size().unwrap(), 50 * BLOCK_SIZE_U64);
     let mut buf = [0u8; BLOCK_SIZE];
     let by_block: HashMap<u64, Fingerprint> = idx.iter().map(|(f, b)| (b, f)).collect();
     for (&b, &f) in &by_block {
-        r.read_block(b, f, &mut buf).unwrap();
+        r.read_window(b, f, &mut buf).unwrap();
         assert_eq!(Fingerprint::of(&buf), f);
     }
     // The image changes under the receiver: block 20 gets new content.
-    let expected = by_block[&20];
+    let expected = by_block[&(20 * 8)];
     OpenOptions::new().write(true).open(&img).unwrap().write_all_at(&block(4242), 20 * BLOCK_SIZE_U64).unwrap();
-    let e = r.read_block(20, expected, &mut buf).unwrap_err();
+    let e = r.read_window(20 * 8, expected, &mut buf).unwrap_err();
     assert!(e.needs_resend());
     match e {
-        IndexError::BlockMismatch { block, expected: x, found, .. } => {
-            assert_eq!((block, x, found), (20, expected, fp(4242)));
+        IndexError::BlockMismatch { sector, expected: x, found, .. } => {
+            assert_eq!((sector, x, found), (160, expected, fp(4242)));
         }
         e => panic!("expected a mismatch, got {e}"),
     }
-    let e = r.read_block(50, expected, &mut buf).unwrap_err();
-    assert!(matches!(e, IndexError::BlockOutOfRange { block: 50, blocks: 50, .. }), "{e}");
-    let e = r.read_block(u64::MAX, expected, &mut buf).unwrap_err();
+    // The last sector whose 4 KiB the image holds is 49 * 8; one more runs past the end.
+    let e = r.read_window(49 * 8 + 1, expected, &mut buf).unwrap_err();
+    assert!(matches!(e, IndexError::BlockOutOfRange { sector: 393, size: 204_800, .. }), "{e}");
+    let e = r.read_window(u64::MAX, expected, &mut buf).unwrap_err();
     assert!(matches!(e, IndexError::BlockOutOfRange { .. }), "{e}");
 }
 
@@ -355,4 +359,160 @@ fn fingerprints_and_zero() {
     assert!(!is_zero(&b));
     assert_eq!(Fingerprint::of_slice(&block(5)), Some(fp(5)));
     assert_eq!(Fingerprint::of_slice(&[1u8; 100]), None);
+}
+
+/// An ext2/3/4 superblock (magic and block size only) for a filesystem starting at `start`.
+fn ext_superblock(img: &mut Vec<u8>, start: usize, block_size: u32) {
+    let sb = start + 1024;
+    if img.len() < sb + 1024 {
+        img.resize(sb + 1024, 0);
+    }
+    img[sb + 24..sb + 28].copy_from_slice(&(block_size / 1024).trailing_zeros().to_le_bytes());
+    img[sb + 56..sb + 58].copy_from_slice(&0xEF53u16.to_le_bytes());
+    img[sb + 96..sb + 100].copy_from_slice(&0x40u32.to_le_bytes()); // extents: ext4
+}
+
+/// An MBR with partitions of type 0x83 (or 0xEE) at these sectors.
+fn mbr(img: &mut Vec<u8>, starts: &[(u8, u32)]) {
+    if img.len() < 512 {
+        img.resize(512, 0);
+    }
+    for (i, &(t, lba)) in starts.iter().enumerate() {
+        let e = 446 + 16 * i;
+        img[e + 4] = t;
+        img[e + 8..e + 12].copy_from_slice(&lba.to_le_bytes());
+        img[e + 12..e + 16].copy_from_slice(&1000u32.to_le_bytes());
+    }
+    img[510] = 0x55;
+    img[511] = 0xAA;
+}
+
+fn stride_of(dir: &Path, img: &[u8]) -> Stride {
+    let p = dir.join("probe.raw");
+    fs::write(&p, img).unwrap();
+    detect_stride(&fs::File::open(&p).unwrap(), &p).unwrap()
+}
+
+#[test]
+fn the_stride_follows_the_filesystems_block_size_and_partition_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut img = Vec::new();
+    ext_superblock(&mut img, 0, 1024);
+    let s = stride_of(d, &img);
+    assert_eq!(s.bytes, 1024, "{s:?}");
+    assert!(s.reason.contains("ext4 with 1024-byte blocks at byte 0"), "{s:?}");
+
+    let mut img = Vec::new();
+    ext_superblock(&mut img, 0, 4096);
+    assert_eq!(stride_of(d, &img).bytes, 4096);
+
+    let mut img = Vec::new();
+    ext_superblock(&mut img, 0, 2048);
+    assert_eq!(stride_of(d, &img).bytes, 2048);
+
+    // 4 KiB blocks in a partition at sector 2048 (1 MiB): still 4 KiB-aligned on the disk.
+    let mut img = Vec::new();
+    mbr(&mut img, &[(0x83, 2048)]);
+    ext_superblock(&mut img, 2048 * 512, 4096);
+    assert_eq!(stride_of(d, &img).bytes, 4096);
+
+    // ... at sector 63 (old DOS alignment): blocks start on odd sectors.
+    let mut img = Vec::new();
+    mbr(&mut img, &[(0x83, 63)]);
+    ext_superblock(&mut img, 63 * 512, 4096);
+    assert_eq!(stride_of(d, &img).bytes, 512);
+
+    // Two partitions: the finer one decides.
+    let mut img = Vec::new();
+    mbr(&mut img, &[(0x83, 2048), (0x83, 4096)]);
+    ext_superblock(&mut img, 2048 * 512, 4096);
+    ext_superblock(&mut img, 4096 * 512, 1024);
+    let s = stride_of(d, &img);
+    assert_eq!(s.bytes, 1024, "{s:?}");
+
+    // GPT: protective MBR, header at LBA 1, entries at LBA 2; one partition at sector 34.
+    let mut img = Vec::new();
+    mbr(&mut img, &[(0xEE, 1)]);
+    img.resize(3 * 512, 0);
+    img[512..520].copy_from_slice(b"EFI PART");
+    img[512 + 72..512 + 80].copy_from_slice(&2u64.to_le_bytes());
+    img[512 + 80..512 + 84].copy_from_slice(&1u32.to_le_bytes());
+    img[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+    img.resize(2 * 512 + 128, 0);
+    img[1024..1040].copy_from_slice(&[1; 16]);
+    img[1024 + 32..1024 + 40].copy_from_slice(&34u64.to_le_bytes());
+    ext_superblock(&mut img, 34 * 512, 4096);
+    let s = stride_of(d, &img);
+    assert_eq!(s.bytes, 1024, "34 sectors = 17 KiB: {s:?}");
+
+    // XFS with 4 KiB blocks.
+    let mut img = vec![0u8; 8192];
+    img[..4].copy_from_slice(b"XFSB");
+    img[4..8].copy_from_slice(&4096u32.to_be_bytes());
+    assert_eq!(stride_of(d, &img).bytes, 4096);
+
+    // Nothing known: every sector, and it says so.
+    let s = stride_of(d, &vec![7u8; 8192]);
+    assert_eq!(s.bytes, 512);
+    assert!(s.reason.contains("no ext2/3/4 or XFS filesystem at byte 0"), "{s:?}");
+    let s = stride_of(d, &[]);
+    assert_eq!(s.bytes, 512);
+}
+
+#[test]
+fn windows_at_sector_offsets_are_found_when_the_stride_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    // Blocks of "filesystem" content placed 1 KiB off the 4 KiB grid, as files on an ext4 with
+    // 1 KiB blocks are; a window at 3 sectors in, as a 512-byte stride finds.
+    let mut img = vec![0u8; 1024];
+    for s in 0..40 {
+        img.extend_from_slice(&block(s));
+    }
+    img.extend_from_slice(&[0u8; 3072]);
+    let at_1536 = Fingerprint::of(img[1536..1536 + 4096].try_into().unwrap());
+    let p = dir.path().join("odd.raw");
+    fs::write(&p, &img).unwrap();
+    for (stride, found, odd) in [(4096, None, None), (2048, None, None), (1024, Some(2 + 8 * 7), None), (512, Some(2 + 8 * 7), Some(3))] {
+        let idx = DiskIndex::build_with_threads(&p, Align::Bytes(stride), 2, &mut quiet()).unwrap();
+        assert_eq!(idx.stride(), stride);
+        assert_eq!(idx.lookup(&fp(7)), found, "stride {stride}");
+        assert_eq!(idx.lookup(&at_1536), odd, "stride {stride}");
+        // Every indexed window reads back with its fingerprint at the sector the index says.
+        let r = BlockReader::open(&p).unwrap();
+        let mut buf = [0u8; BLOCK_SIZE];
+        for (f, sector) in idx.iter() {
+            assert_eq!(sector % u64::from(stride / 512), 0);
+            r.read_window(sector, f, &mut buf).unwrap();
+        }
+        // Reloaded from its file, the same index.
+        let file = dir.path().join(format!("{stride}.idx"));
+        idx.save(&file).unwrap();
+        let again = DiskIndex::load(&p, &file).unwrap();
+        assert_eq!(again.identity(), idx.identity());
+        assert_eq!(again.stride(), stride);
+    }
+    // Index hashes differ between strides even over the same windows' fingerprints.
+    let a = DiskIndex::build_with_threads(&p, Align::Bytes(4096), 1, &mut quiet()).unwrap();
+    let b = DiskIndex::build_with_threads(&p, Align::Bytes(2048), 1, &mut quiet()).unwrap();
+    assert_ne!(a.identity().index_hash, b.identity().index_hash);
+    assert!(matches!(DiskIndex::build_with_threads(&p, Align::Bytes(3000), 1, &mut quiet()), Err(IndexError::BadAlign { value: 3000 })));
+    assert_eq!("1024".parse::<Align>(), Ok(Align::Bytes(1024)));
+    assert_eq!("auto".parse::<Align>(), Ok(Align::Auto));
+    assert!("4097".parse::<Align>().is_err());
+}
+
+#[test]
+fn an_index_file_of_another_stride_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), &seeds(100));
+    let cache = dir.path().join("cache");
+    let (a, o, s) = DiskIndex::load_or_build_aligned(&img, &cache, Align::Bytes(4096), &mut quiet()).unwrap();
+    assert!(o.built());
+    assert_eq!((a.stride(), s.bytes, s.reason.as_str()), (4096, 4096, "configured"));
+    let (b, o, _) = DiskIndex::load_or_build_aligned(&img, &cache, Align::Bytes(1024), &mut quiet()).unwrap();
+    assert!(matches!(o, Origin::Built { previous: Some(IndexError::Stale { what: "stride", .. }), .. }), "{o:?}");
+    assert_eq!(b.stride(), 1024);
+    let (_, o, _) = DiskIndex::load_or_build_aligned(&img, &cache, Align::Bytes(1024), &mut quiet()).unwrap();
+    assert!(!o.built(), "{o:?}");
 }

@@ -64,7 +64,8 @@ pub fn fix_frame_checksums(stream: &mut [u8]) {
 pub const RAM_PAGES: u64 = 64;
 /// A guest page the fake destination cannot read (a read error).
 pub const UNREADABLE_PAGE: u64 = 63;
-/// Blocks of the one disk image (id 0) the fake destination holds.
+/// 4 KiB windows of the one disk image (id 0) the fake destination holds, at sectors 0..16 (its
+/// own layout: a reference names one by its sector).
 pub const DISK_BLOCKS: u64 = 16;
 /// Pages of the fake destination's snapshot.
 pub const SNAPSHOT_PAGES: u64 = 16;
@@ -150,10 +151,10 @@ impl livemig_compact::Destination for FakeDest {
     }
 
     fn read_disk_block(&mut self, r: DiskRef, out: &mut [u8; PAGE_SIZE]) -> bool {
-        if r.image != 0 || r.block >= DISK_BLOCKS {
+        if r.image != 0 || r.sector >= DISK_BLOCKS {
             return false;
         }
-        *out = disk_block(r.block);
+        *out = disk_block(r.sector);
         true
     }
 
@@ -354,7 +355,11 @@ pub fn fix_index_file(mode: u8, file: &mut [u8], real: &[u8]) {
         file[16..88].copy_from_slice(&real[16..88]);
     }
     if mode & INDEX_FIX_INDEX_HASH != 0 {
-        let h = xxhash_rust::xxh3::xxh3_128(&file[body.clone()]);
+        // The index hash covers the stride (header bytes 12..16), then the body.
+        let mut x = xxhash_rust::xxh3::Xxh3::new();
+        x.update(&file[12..16]);
+        x.update(&file[body.clone()]);
+        let h = x.digest128();
         file[88..104].copy_from_slice(&h.to_le_bytes());
     }
     if mode & INDEX_FIX_TRAILER != 0 {

@@ -357,7 +357,7 @@ fn send_run(opts: &TunnelSendOptions, obs: &mut dyn Observer, report: &mut Repor
     if !opts.disk_images.is_empty() {
         obs.progress(Progress::Phase("indexing the disk images"));
     }
-    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
+    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache, obs, report)?;
     let (stream, mut reader, mut writer_half, tls_key) = crate::send::connect_receiver(&opts.connection(), obs, report)?;
     let (disks, key) = hello_and_welcome(
         &mut reader,
@@ -764,7 +764,7 @@ fn receive_run(
     if !opts.disk_images.is_empty() {
         obs.progress(Progress::Phase("indexing the disk images"));
     }
-    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
+    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache, obs, report)?;
     let ropts = opts.rebuild();
     obs.progress(Progress::Phase("waiting for the tunnel's sender"));
     let wait = crate::arrival::Wait::new(&opts.transport, (opts.timeout, opts.accept_timeout), &ropts.cancel, "the tunnel's sender");
