@@ -31,19 +31,20 @@ pub fn default_index_cache() -> PathBuf {
     home.join(".cache/livemig/index")
 }
 
-/// Loads (or builds and caches) the index of every image, its stride detected from the
-/// image's filesystems, and says which stride and why (a progress line and the report: a
+/// Loads (or builds and caches) the index of every image, its stride as `align` says (auto:
+/// detected from the image's filesystems), and says which stride and why (a progress line and the report: a
 /// 512-byte stride for want of a known filesystem costs 8x the index of a 4 KiB one).
 pub(crate) fn load_indexes(
     images: &[PathBuf],
     cache: &Path,
+    align: Align,
     obs: &mut dyn Observer,
     report: &mut Report,
 ) -> Result<Vec<DiskIndex>, AgentError> {
     let mut out = Vec::with_capacity(images.len());
     for p in images {
         let t = Instant::now();
-        let (index, origin, stride) = DiskIndex::load_or_build_aligned(p, cache, Align::Auto, &mut |_| {})
+        let (index, origin, stride) = DiskIndex::load_or_build_aligned(p, cache, align, &mut |_| {})
             .map_err(|e| AgentError::Holdings(format!("cannot index the disk image {}: {e}", p.display())))?;
         let r = DiskIndexReport {
             image: p.display().to_string(),
