@@ -7,14 +7,13 @@
 //! fingerprints.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use livemig_compact::{DiskLookup, DiskRef, SnapshotLookup};
 use livemig_index::snapshot::{Snapshot, SnapshotStore};
-use livemig_index::{Align, DiskIndex, Fingerprint};
+use livemig_index::{Align, DiskIndex, Fingerprint, Source};
 use livemig_wire::{DiskHeld, DiskOffer, Holdings, MAX_HANDSHAKE_ITEMS};
 
 use crate::error::AgentError;
@@ -142,10 +141,11 @@ pub(crate) fn parse_id(s: &str) -> Result<u128, AgentError> {
     u128::from_str_radix(s, 16).map_err(|_| AgentError::Incompatible(format!("malformed snapshot id {s:?}")))
 }
 
-/// The destination's images, opened for block reads, by offered id.
+/// The destination's images, opened for reads of their guest-visible content (a qcow2 image
+/// through a `qemu-nbd` of its own), by offered id.
 #[derive(Default)]
 pub(crate) struct ReceiverDisks {
-    files: Vec<(u16, File)>,
+    files: Vec<(u16, Source)>,
 }
 
 impl ReceiverDisks {
@@ -171,7 +171,9 @@ impl ReceiverDisks {
             if let Some(i) = pick {
                 let f = File::open(&images[i])
                     .map_err(|e| AgentError::Holdings(format!("cannot open the disk image {}: {e}", images[i].display())))?;
-                files.push((o.id, f));
+                let src = Source::open(&f, &images[i])
+                    .map_err(|e| AgentError::Holdings(format!("cannot open the disk image {}: {e}", images[i].display())))?;
+                files.push((o.id, src));
                 held.push(DiskHeld { id: o.id, same: same.is_some() });
             }
         }

@@ -7,14 +7,14 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use livemig_index::{Align, DiskIndex, Fingerprint};
+use livemig_index::{Align, DiskIndex, Fingerprint, Source};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let image = PathBuf::from(args.next().ok_or("usage: measure IMAGE [THREADS]")?);
     let threads: usize = args.next().map_or(Ok(2), |t| t.parse())?;
     let align: Align = args.next().map_or(Ok(Align::Auto), |a| a.parse())?;
-    let stride = align.resolve(&std::fs::File::open(&image)?, &image)?;
+    let stride = align.resolve(&Source::open(&std::fs::File::open(&image)?, &image)?, &image)?;
     println!("stride: {} bytes ({})", stride.bytes, stride.reason);
 
     let t = Instant::now();

@@ -9,11 +9,9 @@
 //! filesystem's start offset and block size (at most 4096). Where it finds no filesystem it
 //! knows, it takes 512 (every sector): correct for any content, and 8x the index of 4096.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::{IndexError, BLOCK_SIZE_U64};
+use crate::{IndexError, Source, BLOCK_SIZE_U64};
 
 /// Bytes of a disk sector: the finest stride, and the unit of a reference's offset.
 pub const SECTOR: u64 = 512;
@@ -57,8 +55,8 @@ pub struct Stride {
 const MAX_GPT_ENTRIES: u64 = 128;
 
 impl Align {
-    /// The stride for `image` (opened as `f`): the given one, or detected.
-    pub fn resolve(self, f: &File, image: &Path) -> Result<Stride, IndexError> {
+    /// The stride for `image` (its content `f`): the given one, or detected.
+    pub fn resolve(self, f: &Source, image: &Path) -> Result<Stride, IndexError> {
         match self {
             Align::Bytes(n) if STRIDES.contains(&n) => Ok(Stride { bytes: n, reason: "configured".into() }),
             Align::Bytes(n) => Err(IndexError::BadAlign { value: n }),
@@ -67,7 +65,7 @@ impl Align {
     }
 }
 
-fn read_at(f: &File, image: &Path, buf: &mut [u8], offset: u64) -> Result<bool, IndexError> {
+fn read_at(f: &Source, image: &Path, buf: &mut [u8], offset: u64) -> Result<bool, IndexError> {
     match f.read_exact_at(buf, offset) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
@@ -88,7 +86,7 @@ fn le64(b: &[u8], at: usize) -> u64 {
 }
 
 /// The filesystem starting at `start`, if it is one we know: (name, block size).
-fn filesystem(f: &File, image: &Path, start: u64) -> Result<Option<(&'static str, u64)>, IndexError> {
+fn filesystem(f: &Source, image: &Path, start: u64) -> Result<Option<(&'static str, u64)>, IndexError> {
     let mut sb = [0u8; 1024];
     // ext2/3/4: superblock at 1024, magic 0xEF53 at 56, log2(block size) - 10 at 24.
     if let Some(at) = start.checked_add(1024) {
@@ -111,7 +109,7 @@ fn filesystem(f: &File, image: &Path, start: u64) -> Result<Option<(&'static str
 }
 
 /// Start offsets (bytes) of the partitions of an MBR or GPT table; `None` without a table.
-fn partitions(f: &File, image: &Path) -> Result<Option<Vec<u64>>, IndexError> {
+fn partitions(f: &Source, image: &Path) -> Result<Option<Vec<u64>>, IndexError> {
     let mut mbr = [0u8; 512];
     if !read_at(f, image, &mut mbr, 0)? || mbr[510..512] != [0x55, 0xAA] {
         return Ok(None);
@@ -165,7 +163,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 }
 
 /// Detects the stride of `image` (see the module docs).
-pub fn detect(f: &File, image: &Path) -> Result<Stride, IndexError> {
+pub fn detect(f: &Source, image: &Path) -> Result<Stride, IndexError> {
     let starts = match partitions(f, image)? {
         Some(p) => p,
         None => vec![0],

@@ -2,7 +2,6 @@
 //! pread (and the 4 KiB - stride after them) and fingerprint every non-zero window.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
@@ -11,7 +10,7 @@ use std::time::Duration;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::file::{self, Stamp};
-use crate::{is_zero, windows, Align, DiskIndex, IndexError, Meta, BLOCK_SIZE, BLOCK_SIZE_U64, MAX_WINDOWS};
+use crate::{is_zero, windows, Align, DiskIndex, Source, IndexError, Meta, BLOCK_SIZE, BLOCK_SIZE_U64, MAX_WINDOWS};
 
 /// Bytes of window starts per work unit (16 MiB).
 const SEGMENT_BYTES: u64 = 16 << 20;
@@ -36,7 +35,7 @@ type SegmentResult = (u64, Vec<(u128, u32)>);
 
 /// What the workers share.
 struct Job<'a> {
-    f: &'a File,
+    f: &'a Source,
     image: &'a Path,
     size: u64,
     stride: u64,
@@ -66,8 +65,10 @@ impl DiskIndex {
         threads: usize,
         progress: &mut dyn FnMut(BuildProgress),
     ) -> Result<DiskIndex, IndexError> {
-        let f = File::open(image).map_err(|source| IndexError::Open { path: image.to_path_buf(), source })?;
-        let before = Stamp::of(&f, image)?;
+        let file = File::open(image).map_err(|source| IndexError::Open { path: image.to_path_buf(), source })?;
+        Stamp::of(&file, image)?;
+        let f = Source::open(&file, image)?;
+        let before = Stamp::of_source(&file, image, &f)?;
         let stride = align.resolve(&f, image)?.bytes;
         let windows = windows(before.size, stride);
         if windows > MAX_WINDOWS {
@@ -125,7 +126,7 @@ impl DiskIndex {
         }
         progress(BuildProgress { done_bytes: total_bytes, total_bytes });
 
-        let after = Stamp::of(&f, image)?;
+        let after = Stamp::of_source(&file, image, &f)?;
         if let Some(what) = before.differs(&after) {
             return Err(IndexError::ChangedDuringBuild { path: image.to_path_buf(), what });
         }
@@ -197,7 +198,7 @@ fn worker(job: &Job<'_>) -> Result<(Vec<SegmentResult>, u64), IndexError> {
 
 /// xxh3-128 of the image size and of [`SAMPLES`] whole blocks spread evenly over the image
 /// (first and last included).
-pub(crate) fn sample_hash(f: &File, image: &Path, size: u64) -> Result<u128, IndexError> {
+pub(crate) fn sample_hash(f: &Source, image: &Path, size: u64) -> Result<u128, IndexError> {
     let blocks = size / BLOCK_SIZE_U64;
     let mut h = Xxh3::new();
     h.update(&size.to_le_bytes());

@@ -45,6 +45,14 @@ pub enum IndexError {
         /// The most an index addresses.
         max: u64,
     },
+    /// The image's format is read through `qemu-nbd`, which could not serve it.
+    #[error("cannot read the disk image {path} through qemu-nbd: {what}")]
+    Nbd {
+        /// The image.
+        path: PathBuf,
+        /// What failed.
+        what: String,
+    },
     /// A stride that is not 512, 1024, 2048 or 4096 bytes.
     #[error("disk alignment {value}: expected 512, 1024, 2048 or 4096 bytes")]
     BadAlign {

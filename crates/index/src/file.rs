@@ -43,6 +43,13 @@ pub(crate) struct Stamp {
 }
 
 impl Stamp {
+    /// The stamp of the file with `size` the guest-visible size (for a raw image the file's).
+    pub(crate) fn of_source(f: &File, image: &Path, src: &crate::Source) -> Result<Stamp, IndexError> {
+        let mut s = Stamp::of(f, image)?;
+        s.size = src.guest_size(s.size);
+        Ok(s)
+    }
+
     pub(crate) fn of(f: &File, image: &Path) -> Result<Stamp, IndexError> {
         let m = f.metadata().map_err(|source| IndexError::Open { path: image.to_path_buf(), source })?;
         if !m.is_file() {
@@ -216,7 +223,9 @@ impl DiskIndex {
     /// Reads the index file of `image`, checking that it describes the image as it is now.
     pub fn load(image: &Path, file: &Path) -> Result<DiskIndex, IndexError> {
         let img = File::open(image).map_err(|source| IndexError::Open { path: image.to_path_buf(), source })?;
-        let now = Stamp::of(&img, image)?;
+        Stamp::of(&img, image)?;
+        let src = crate::Source::open(&img, image)?;
+        let now = Stamp::of_source(&img, image, &src)?;
         let rerr = |source| IndexError::ReadIndex { path: file.to_path_buf(), source };
         let invalid = |reason: String| IndexError::Invalid { path: file.to_path_buf(), reason };
         let stale = |what| IndexError::Stale { path: file.to_path_buf(), what };
@@ -267,7 +276,7 @@ impl DiskIndex {
         if let Some(what) = stamp.differs(&now) {
             return Err(stale(what));
         }
-        if sample_hash(&img, image, now.size)? != sample {
+        if sample_hash(&src, image, now.size)? != sample {
             return Err(stale("content sample"));
         }
 
@@ -344,7 +353,8 @@ impl DiskIndex {
             })?;
         let stride = {
             let f = File::open(&canon).map_err(|source| IndexError::Open { path: canon.clone(), source })?;
-            align.resolve(&f, &canon)?
+            Stamp::of(&f, &canon)?;
+            align.resolve(&crate::Source::open(&f, &canon)?, &canon)?
         };
         let file = cache_dir.join(cache_file_name(&canon));
         let previous = match Self::load(&canon, &file) {

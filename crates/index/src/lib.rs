@@ -24,6 +24,7 @@ mod error;
 mod file;
 mod private;
 mod reader;
+mod source;
 pub mod snapshot;
 
 use std::fmt;
@@ -37,6 +38,7 @@ pub use error::IndexError;
 pub use file::{cache_file_name, Origin};
 pub use private::InsecureDir;
 pub use reader::BlockReader;
+pub use source::{NbdExport, Source};
 pub use snapshot::{save_from, Snapshot, SnapshotError, SnapshotInfo, SnapshotStore, SnapshotWriter};
 
 /// Size of a page of guest memory and of an indexed disk window.

@@ -1,17 +1,17 @@
 //! Verified window reads on the receiving side.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::file::Stamp;
-use crate::{Fingerprint, IndexError, BLOCK_SIZE, SECTOR};
+use crate::{Fingerprint, IndexError, Source, BLOCK_SIZE, SECTOR};
 
 /// Reads 4 KiB windows of the receiver's copy of the image (pread, shareable between threads) and
 /// checks each against the fingerprint the reference carried.
 #[derive(Debug)]
 pub struct BlockReader {
     file: File,
+    src: Source,
     path: PathBuf,
 }
 
@@ -20,7 +20,8 @@ impl BlockReader {
     pub fn open(image: &Path) -> Result<BlockReader, IndexError> {
         let file = File::open(image).map_err(|source| IndexError::Open { path: image.to_path_buf(), source })?;
         Stamp::of(&file, image)?;
-        Ok(BlockReader { file, path: image.to_path_buf() })
+        let src = Source::open(&file, image)?;
+        Ok(BlockReader { file, src, path: image.to_path_buf() })
     }
 
     /// The image.
@@ -28,10 +29,10 @@ impl BlockReader {
         &self.path
     }
 
-    /// Bytes the image has now.
+    /// Bytes the guest sees in the image now.
     pub fn size(&self) -> Result<u64, IndexError> {
         let m = self.file.metadata().map_err(|source| IndexError::Open { path: self.path.clone(), source })?;
-        Ok(m.len())
+        Ok(self.src.guest_size(m.len()))
     }
 
     /// Reads the 4 KiB at sector `sector` (512-byte units) into `buf` and checks their
@@ -43,7 +44,7 @@ impl BlockReader {
         let Some(offset) = sector.checked_mul(SECTOR) else {
             return Err(out_of_range(self.size()?));
         };
-        if let Err(source) = self.file.read_exact_at(buf, offset) {
+        if let Err(source) = self.src.read_exact_at(buf, offset) {
             if source.kind() == std::io::ErrorKind::UnexpectedEof {
                 return Err(out_of_range(self.size()?));
             }

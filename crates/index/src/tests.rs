@@ -390,7 +390,7 @@ fn mbr(img: &mut Vec<u8>, starts: &[(u8, u32)]) {
 fn stride_of(dir: &Path, img: &[u8]) -> Stride {
     let p = dir.join("probe.raw");
     fs::write(&p, img).unwrap();
-    detect_stride(&fs::File::open(&p).unwrap(), &p).unwrap()
+    detect_stride(&Source::open(&fs::File::open(&p).unwrap(), &p).unwrap(), &p).unwrap()
 }
 
 #[test]
@@ -515,4 +515,82 @@ fn an_index_file_of_another_stride_is_rebuilt() {
     assert_eq!(b.stride(), 1024);
     let (_, o, _) = DiskIndex::load_or_build_aligned(&img, &cache, Align::Bytes(1024), &mut quiet()).unwrap();
     assert!(!o.built(), "{o:?}");
+}
+
+fn qemu_img(args: &[&str]) {
+    let out = std::process::Command::new("qemu-img").args(args).output().expect("qemu-img (qemu-utils) is installed");
+    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A qcow2 image with a backing file is indexed by its guest-visible content (read through
+/// qemu-nbd): the same index as the raw image it was made from, though half of its clusters are
+/// in the backing file and the rest in the overlay; a window reads back verified.
+#[test]
+fn a_qcow2_chain_is_indexed_and_read_as_the_guest_sees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = image(dir.path(), &seeds(600));
+    // The backing file: the raw image with its first and third MiB overwritten.
+    let older = dir.path().join("older.raw");
+    fs::copy(&raw, &older).unwrap();
+    let f = OpenOptions::new().write(true).open(&older).unwrap();
+    for mib in [0u64, 2] {
+        for b in 0..256.min(600 - mib * 256) {
+            f.write_all_at(&block(50_000 + mib * 256 + b), (mib * 256 + b) * BLOCK_SIZE_U64).unwrap();
+        }
+    }
+    drop(f);
+    let base = dir.path().join("base, with a comma.qcow2");
+    let top = dir.path().join("top, too.qcow2");
+    let (older_s, base_s, top_s, raw_s) = (older.to_str().unwrap(), base.to_str().unwrap(), top.to_str().unwrap(), raw.to_str().unwrap());
+    // An overlay of the raw image's content, rebased onto the older content: the rebase writes
+    // into the overlay only the clusters where the two differ.
+    let real = dir.path().join("real.qcow2");
+    let real_s = real.to_str().unwrap();
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", older_s, base_s]);
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", raw_s, real_s]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", real_s, "-F", "qcow2", top_s]);
+    qemu_img(&["rebase", "-q", "-f", "qcow2", "-b", base_s, "-F", "qcow2", top_s]);
+    fs::remove_file(&real).unwrap();
+    // The second MiB is only in the backing file (depth 1), the rest in the overlay (depth 0).
+    let map = std::process::Command::new("qemu-img").args(["map", "--output=json", top_s]).output().unwrap();
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    let depth_of = |off: u64| {
+        map.as_array().unwrap().iter().find(|e| e["start"].as_u64().unwrap() <= off && off < e["start"].as_u64().unwrap() + e["length"].as_u64().unwrap()).map(|e| e["depth"].as_u64().unwrap())
+    };
+    assert_eq!((depth_of(0), depth_of(1 << 20), depth_of(2 << 20)), (Some(0), Some(1), Some(0)), "{map}");
+
+    let want = DiskIndex::build_with_threads(&raw, Align::Bytes(1024), 2, &mut quiet()).unwrap();
+    let got = DiskIndex::build_with_threads(&top, Align::Bytes(1024), 2, &mut quiet()).unwrap();
+    assert_eq!(got.image_size(), 600 * BLOCK_SIZE_U64, "the guest-visible size, not the file's");
+    assert_eq!(got.identity().index_hash, want.identity().index_hash);
+    assert_eq!(got.lookup(&fp(7)), Some(7 * 8));
+    // Auto: no filesystem in the guest-visible content of this image either.
+    let (_, o, s) = DiskIndex::load_or_build_aligned(&top, &dir.path().join("cache"), Align::Auto, &mut quiet()).unwrap();
+    assert!(o.built());
+    assert_eq!(s.bytes, 512);
+    let (again, o, _) = DiskIndex::load_or_build_aligned(&top, &dir.path().join("cache"), Align::Auto, &mut quiet()).unwrap();
+    assert!(!o.built(), "{o:?}");
+    assert_eq!(again.image_size(), 600 * BLOCK_SIZE_U64);
+
+    let r = BlockReader::open(&top).unwrap();
+    assert_eq!(r.size().unwrap(), 600 * BLOCK_SIZE_U64);
+    let mut buf = [0u8; BLOCK_SIZE];
+    // Block 100 is in the overlay, block 300 only in the backing file (the second MiB).
+    for b in [100u64, 300, 599] {
+        r.read_window(b * 8, Fingerprint::of(&block(b % 700)), &mut buf).unwrap();
+    }
+    let e = r.read_window(599 * 8 + 1, fp(1), &mut buf).unwrap_err();
+    assert!(matches!(e, IndexError::BlockOutOfRange { .. }), "{e}");
+}
+
+#[test]
+fn an_unreadable_qcow2_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("broken.qcow2");
+    let mut bytes = b"QFI\xfb".to_vec();
+    bytes.resize(4096, 0xff);
+    fs::write(&p, &bytes).unwrap();
+    let e = DiskIndex::build(&p, &mut quiet()).unwrap_err();
+    assert!(matches!(e, IndexError::Nbd { .. }), "{e}");
+    assert!(e.to_string().contains("qemu-nbd"), "{e}");
 }
