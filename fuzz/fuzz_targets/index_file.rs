@@ -44,10 +44,12 @@ fn index(mode: u8, rest: &[u8]) {
     let id = index.identity();
     assert_eq!(id.size, IMAGE_BLOCKS * BLOCK_SIZE as u64);
     let _ = (index.zero_blocks(), index.image_blocks(), index.memory_bytes(), format!("{index:?}"));
-    for (fp, sector) in index.iter() {
+    for (fp, w) in index.iter() {
+        let sector = w.sector;
         assert!(sector * SECTOR + BLOCK_SIZE as u64 <= id.size, "sector {sector}: its 4 KiB run past the image");
         assert_eq!(sector % u64::from(index.stride() / 512), 0, "sector {sector} off the stride");
-        assert_eq!(index.lookup(&fp), Some(sector), "an indexed fingerprint does not look up");
+        assert!(w.zero_tail_sectors <= 7 && w.disk_bytes() >= index.stride() as usize, "{w:?}");
+        assert_eq!(index.lookup(&fp), Some(w), "an indexed fingerprint does not look up");
     }
     let _ = index.lookup(&livemig_index::Fingerprint(u128::from_le_bytes(*b"not in the index")));
 }

@@ -108,7 +108,9 @@ impl SenderDisks {
 impl DiskLookup for SenderDisks {
     fn lookup_disk(&self, fp: u128) -> Option<DiskRef> {
         let f = Fingerprint(fp);
-        self.images.iter().find_map(|(id, x)| x.lookup(&f).map(|sector| DiskRef { image: *id, sector }))
+        self.images.iter().find_map(|(id, x)| {
+            x.lookup(&f).map(|w| DiskRef { image: *id, sector: w.sector, zero_tail_sectors: w.zero_tail_sectors })
+        })
     }
 }
 
@@ -180,12 +182,15 @@ impl ReceiverDisks {
         Ok((ReceiverDisks { files }, held))
     }
 
-    /// Reads the 4 KiB at sector `r.sector` of image `r.image`; false if there is no such
-    /// image or they run past its end (the caller checks the fingerprint).
+    /// Reads what `r` names in image `r.image` (its bytes at sector `r.sector`, zeros after);
+    /// false if there is no such image or they run past its end (the caller checks the
+    /// fingerprint).
     pub(crate) fn read(&self, r: DiskRef, out: &mut [u8; 4096]) -> bool {
         let Some((_, f)) = self.files.iter().find(|(id, _)| *id == r.image) else { return false };
         let Some(off) = r.sector.checked_mul(livemig_index::SECTOR) else { return false };
-        f.read_exact_at(out, off).is_ok()
+        let (disk, zero) = out.split_at_mut(r.disk_bytes());
+        zero.fill(0);
+        f.read_exact_at(disk, off).is_ok()
     }
 }
 

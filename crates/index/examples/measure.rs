@@ -41,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Probes in block order, not fingerprint order: a sorted probe sequence would walk the
     // index sequentially and flatter it.
-    let mut hits: Vec<(u64, Fingerprint)> = idx.iter().map(|(f, b)| (b, f)).collect();
+    let mut hits: Vec<(u64, Fingerprint)> = idx.iter().map(|(f, w)| (w.sector, f)).collect();
     hits.sort_unstable_by_key(|&(b, _)| b);
     let hits: Vec<Fingerprint> = hits.into_iter().map(|(_, f)| f).collect();
     let mut x = 0x1234_5678_9abc_def0_u128;
@@ -64,7 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let s = t.elapsed().as_secs_f64();
         println!("lookup {name}: {:.1} M/s ({:.0} ns each, {found} found of {n})", n / s / 1e6, s / n * 1e9);
     }
-    let map: HashMap<u128, u64> = idx.iter().map(|(f, b)| (f.0, b)).collect();
+    let map: HashMap<u128, u64> = idx.iter().map(|(f, w)| (f.0, w.sector)).collect();
     let t = Instant::now();
     let mut found = 0u64;
     for _ in 0..rounds {

@@ -31,7 +31,7 @@ pub struct BuildProgress {
     pub total_bytes: u64,
 }
 
-type SegmentResult = (u64, Vec<(u128, u32)>);
+type SegmentResult = (u64, Vec<(u128, u32, u8)>);
 
 /// What the workers share.
 struct Job<'a> {
@@ -134,15 +134,22 @@ impl DiskIndex {
         // Each segment is sorted by key with equal keys in window order; concatenated in segment
         // order, a stable sort merges the runs and keeps the first window of every key first.
         segs.sort_unstable_by_key(|(seg, _)| *seg);
-        let mut all: Vec<(u128, u32)> = Vec::with_capacity(segs.iter().map(|(_, v)| v.len()).sum());
+        let mut all: Vec<(u128, u32, u8)> = Vec::with_capacity(segs.iter().map(|(_, v)| v.len()).sum());
         for (_, v) in segs {
             all.extend(v);
         }
-        all.sort_by_key(|&(k, _)| k);
-        all.dedup_by_key(|&mut (k, _)| k);
-        let (keys, blocks): (Vec<u128>, Vec<u32>) = all.into_iter().unzip();
-        let index_hash = file::body_hash(stride, &keys, &blocks);
-        Ok(DiskIndex::from_sorted(keys, blocks, Meta { stamp: before, sample_hash, index_hash, zero_blocks, stride }))
+        all.sort_by_key(|&(k, _, _)| k);
+        all.dedup_by_key(|&mut (k, _, _)| k);
+        let mut keys = Vec::with_capacity(all.len());
+        let mut blocks = Vec::with_capacity(all.len());
+        let mut tails = Vec::with_capacity(all.len());
+        for (k, b, t) in all {
+            keys.push(k);
+            blocks.push(b);
+            tails.push(t);
+        }
+        let index_hash = file::body_hash(stride, &keys, &blocks, &tails);
+        Ok(DiskIndex::from_sorted(keys, blocks, tails, Meta { stamp: before, sample_hash, index_hash, zero_blocks, stride }))
     }
 }
 
@@ -151,6 +158,7 @@ fn worker(job: &Job<'_>) -> Result<(Vec<SegmentResult>, u64), IndexError> {
     let mut zero = 0u64;
     let tail = BLOCK_SIZE_U64 - job.stride;
     let mut buf = vec![0u8; usize::try_from(READ_BYTES + tail).unwrap_or(usize::MAX)];
+    let mut page = [0u8; BLOCK_SIZE];
     // Window starts of this job are [0, end).
     let end = job.windows * job.stride;
     loop {
@@ -184,14 +192,30 @@ fn worker(job: &Job<'_>) -> Result<(Vec<SegmentResult>, u64), IndexError> {
                 } else {
                     // The window number is below windows <= MAX_WINDOWS = u32::MAX, so it fits.
                     let n = u32::try_from((at + off as u64) / job.stride).unwrap_or(u32::MAX);
-                    entries.push((xxhash_rust::xxh3::xxh3_128(w), n));
+                    entries.push((xxhash_rust::xxh3::xxh3_128(w), n, 0));
+                    // Under 4 KiB blocks, the last page of a file: its first blocks, then zeros.
+                    // Only where the kept part ends with a zero byte, as a file's last block
+                    // does unless the file fills it to the last byte (then its last page is
+                    // sent as any other page): less than half the tail entries otherwise.
+                    let mut keep = step;
+                    while keep < BLOCK_SIZE {
+                        let (head, rest) = w.split_at(keep);
+                        if head.last() == Some(&0) && !is_zero(rest) && !is_zero(head) {
+                            page[..keep].copy_from_slice(head);
+                            page[keep..].fill(0);
+                            // (4096 - keep) / 512 <= 7.
+                            let t = u8::try_from((BLOCK_SIZE - keep) / 512).unwrap_or(7);
+                            entries.push((xxhash_rust::xxh3::xxh3_128(&page), n, t));
+                        }
+                        keep += step;
+                    }
                 }
                 off += step;
             }
             at += starts;
             job.done.fetch_add(starts, Ordering::Relaxed);
         }
-        entries.sort_by_key(|&(k, _)| k);
+        entries.sort_by_key(|&(k, _, _)| k);
         out.push((seg, entries));
     }
 }

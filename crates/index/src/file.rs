@@ -8,7 +8,8 @@
 //!   magic "LMIGIDX\0", version u32, stride u32 (bytes between window starts: 512..4096),
 //!   image size u64, mtime s i64, mtime ns i64, ctime s i64, ctime ns i64, inode u64, device u64,
 //!   sample hash u128, index hash u128, zero windows u64, entries u64
-//! body: entries x (fingerprint u128, window u32), fingerprints strictly ascending
+//! body: entries x (fingerprint u128, window u32, zero tail sectors u8), fingerprints strictly
+//!   ascending
 //! trailer: xxh3-128 of header and body
 //! ```
 
@@ -27,7 +28,7 @@ const MAGIC: [u8; 8] = *b"LMIGIDX\0";
 /// 2: windows every `stride` bytes (version 1 had 4 KiB blocks only).
 const VERSION: u32 = 2;
 const HEADER_LEN: usize = 120;
-const ENTRY_LEN: usize = 20;
+const ENTRY_LEN: usize = 21;
 const TRAILER_LEN: usize = 16;
 /// Entries serialised per chunk when hashing or writing the body.
 const CHUNK_ENTRIES: usize = 16 * 1024;
@@ -119,21 +120,22 @@ pub fn cache_file_name(canonical_image: &Path) -> String {
     format!("{:032x}.idx", xxh3_128(canonical_image.as_os_str().as_bytes()))
 }
 
-fn encode_body_chunk(keys: &[u128], blocks: &[u32], out: &mut Vec<u8>) {
+fn encode_body_chunk(keys: &[u128], blocks: &[u32], tails: &[u8], out: &mut Vec<u8>) {
     out.clear();
-    for (k, b) in keys.iter().zip(blocks) {
+    for ((k, b), t) in keys.iter().zip(blocks).zip(tails) {
         out.extend_from_slice(&k.to_le_bytes());
         out.extend_from_slice(&b.to_le_bytes());
+        out.push(*t);
     }
 }
 
 /// xxh3-128 of the stride and the serialised body: the index hash.
-pub(crate) fn body_hash(stride: u32, keys: &[u128], blocks: &[u32]) -> u128 {
+pub(crate) fn body_hash(stride: u32, keys: &[u128], blocks: &[u32], tails: &[u8]) -> u128 {
     let mut h = Xxh3::new();
     h.update(&stride.to_le_bytes());
     let mut buf = Vec::with_capacity(CHUNK_ENTRIES * ENTRY_LEN);
-    for (k, b) in keys.chunks(CHUNK_ENTRIES).zip(blocks.chunks(CHUNK_ENTRIES)) {
-        encode_body_chunk(k, b, &mut buf);
+    for ((k, b), t) in keys.chunks(CHUNK_ENTRIES).zip(blocks.chunks(CHUNK_ENTRIES)).zip(tails.chunks(CHUNK_ENTRIES)) {
+        encode_body_chunk(k, b, t, &mut buf);
         h.update(&buf);
     }
     h.digest128()
@@ -205,8 +207,9 @@ impl DiskIndex {
             h.update(&head);
             w.write_all(&head)?;
             let mut buf = Vec::with_capacity(CHUNK_ENTRIES * ENTRY_LEN);
-            for (k, b) in self.keys.chunks(CHUNK_ENTRIES).zip(self.blocks.chunks(CHUNK_ENTRIES)) {
-                encode_body_chunk(k, b, &mut buf);
+            let chunks = self.keys.chunks(CHUNK_ENTRIES).zip(self.blocks.chunks(CHUNK_ENTRIES)).zip(self.tails.chunks(CHUNK_ENTRIES));
+            for ((k, b), t) in chunks {
+                encode_body_chunk(k, b, t, &mut buf);
                 h.update(&buf);
                 w.write_all(&buf)?;
             }
@@ -268,7 +271,9 @@ impl DiskIndex {
         if expected_len != Some(len) {
             return Err(invalid(format!("{len} bytes, but the header announces {entries} entries")));
         }
-        if !matches!(entries.checked_add(zero_blocks), Some(n) if n <= image_windows) {
+        // Each window: its own entry and, under a 4096 stride, one per zero tail.
+        let per_window = 4096 / u64::from(stride);
+        if zero_blocks > image_windows || !matches!(image_windows.checked_mul(per_window), Some(n) if entries <= n) {
             return Err(invalid(format!(
                 "{entries} entries and {zero_blocks} zero windows for an image of {image_windows} windows"
             )));
@@ -284,6 +289,7 @@ impl DiskIndex {
         let n = usize::try_from(entries).map_err(|_| invalid(format!("{entries} entries")))?;
         let mut keys = Vec::with_capacity(n);
         let mut blocks = Vec::with_capacity(n);
+        let mut tails = Vec::with_capacity(n);
         let mut check = Xxh3::new();
         check.update(&head);
         let mut body = Xxh3::new();
@@ -301,6 +307,10 @@ impl DiskIndex {
                 let mut fe = Fields(e);
                 let k = fe.u128();
                 let b = fe.u32();
+                let t = fe.take::<1>()[0];
+                if u64::from(t) * 512 + u64::from(stride) > 4096 || (t > 0 && (4096 - u64::from(t) * 512) % u64::from(stride) != 0) {
+                    return Err(invalid(format!("zero tail of {t} sectors at a stride of {stride}")));
+                }
                 if prev.is_some_and(|p| p >= k) {
                     return Err(invalid("fingerprints out of order".into()));
                 }
@@ -310,6 +320,7 @@ impl DiskIndex {
                 prev = Some(k);
                 keys.push(k);
                 blocks.push(b);
+                tails.push(t);
             }
             left -= m;
         }
@@ -321,7 +332,7 @@ impl DiskIndex {
         if body.digest128() != index_hash {
             return Err(invalid("index hash mismatch".into()));
         }
-        Ok(DiskIndex::from_sorted(keys, blocks, Meta { stamp, sample_hash: sample, index_hash, zero_blocks, stride }))
+        Ok(DiskIndex::from_sorted(keys, blocks, tails, Meta { stamp, sample_hash: sample, index_hash, zero_blocks, stride }))
     }
 
     /// The index of `image` from its file in `cache_dir` when that describes the image as it is,

@@ -122,6 +122,9 @@ pub struct ImageIdentity {
 pub struct DiskIndex {
     keys: Vec<u128>,
     blocks: Vec<u32>,
+    /// Per entry: 512-byte sectors at the end of the page that are zero instead of the disk's
+    /// (0: the whole window; see [`Window`]).
+    tails: Vec<u8>,
     dir: Vec<u32>,
     shift: u32,
     meta: Meta,
@@ -151,8 +154,9 @@ impl fmt::Debug for DiskIndex {
 
 impl DiskIndex {
     /// From sorted, unique keys with their blocks.
-    pub(crate) fn from_sorted(keys: Vec<u128>, blocks: Vec<u32>, meta: Meta) -> Self {
+    pub(crate) fn from_sorted(keys: Vec<u128>, blocks: Vec<u32>, tails: Vec<u8>, meta: Meta) -> Self {
         debug_assert_eq!(keys.len(), blocks.len());
+        debug_assert_eq!(keys.len(), tails.len());
         // About two entries per bucket; at most 2^26 buckets (256 MiB of directory would be silly).
         let bits = keys.len().checked_ilog2().unwrap_or(0).saturating_sub(1).min(26);
         let shift = 128 - bits;
@@ -166,18 +170,22 @@ impl DiskIndex {
         for i in 1..dir.len() {
             dir[i] += dir[i - 1];
         }
-        DiskIndex { keys, blocks, dir, shift, meta }
+        DiskIndex { keys, blocks, tails, dir, shift, meta }
     }
 
-    /// The sector (512-byte units) of the first window holding a page with this fingerprint,
-    /// if any.
+    /// The first window holding a page with this fingerprint, if any.
     #[inline]
-    pub fn lookup(&self, fp: &Fingerprint) -> Option<u64> {
+    pub fn lookup(&self, fp: &Fingerprint) -> Option<Window> {
         let b = bucket(fp.0, self.shift);
         let lo = *self.dir.get(b)? as usize;
         let hi = *self.dir.get(b + 1)? as usize;
         let i = self.keys.get(lo..hi)?.binary_search(&fp.0).ok()?;
-        self.blocks.get(lo + i).map(|&n| self.sector_of(n))
+        Some(self.window(*self.blocks.get(lo + i)?, *self.tails.get(lo + i)?))
+    }
+
+    #[inline]
+    fn window(&self, n: u32, tail: u8) -> Window {
+        Window { sector: self.sector_of(n), zero_tail_sectors: tail }
     }
 
     #[inline]
@@ -227,12 +235,37 @@ impl DiskIndex {
 
     /// Bytes of memory held by the index.
     pub fn memory_bytes(&self) -> usize {
-        self.keys.capacity() * 16 + self.blocks.capacity() * 4 + self.dir.capacity() * 4
+        self.keys.capacity() * 16 + self.blocks.capacity() * 4 + self.tails.capacity() + self.dir.capacity() * 4
     }
 
-    /// Iterates over (fingerprint, sector of its first window) in fingerprint order.
-    pub fn iter(&self) -> impl Iterator<Item = (Fingerprint, u64)> + '_ {
-        self.keys.iter().zip(&self.blocks).map(|(&k, &b)| (Fingerprint(k), self.sector_of(b)))
+    /// Iterates over (fingerprint, its first window) in fingerprint order.
+    pub fn iter(&self) -> impl Iterator<Item = (Fingerprint, Window)> + '_ {
+        self.keys.iter().zip(&self.blocks).zip(&self.tails).map(|((&k, &b), &t)| (Fingerprint(k), self.window(b, t)))
+    }
+}
+
+/// Where a page's content is on the disk: the 4 KiB at `sector`, or, when `zero_tail_sectors`
+/// is not 0, the first `4096 - 512 * zero_tail_sectors` bytes there followed by zeros. The
+/// second form is the last page of a file on a filesystem with blocks under 4 KiB: its data
+/// ends within the page (zeros after the end of the file) while the disk goes on with other
+/// blocks. Indexes of a stride under 4096 hold both forms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Window {
+    /// The sector (512-byte units) the content starts at.
+    pub sector: u64,
+    /// Sectors at the end of the page that are zero (0..=7).
+    pub zero_tail_sectors: u8,
+}
+
+impl Window {
+    /// A whole 4 KiB window.
+    pub fn whole(sector: u64) -> Window {
+        Window { sector, zero_tail_sectors: 0 }
+    }
+
+    /// Bytes read from the disk (the rest of the page is zero).
+    pub fn disk_bytes(&self) -> usize {
+        BLOCK_SIZE - 512 * usize::from(self.zero_tail_sectors.min(7))
     }
 }
 

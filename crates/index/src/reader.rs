@@ -4,7 +4,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::file::Stamp;
-use crate::{Fingerprint, IndexError, Source, BLOCK_SIZE, SECTOR};
+use crate::{Fingerprint, IndexError, Source, Window, BLOCK_SIZE, SECTOR};
 
 /// Reads 4 KiB windows of the receiver's copy of the image (pread, shareable between threads) and
 /// checks each against the fingerprint the reference carried.
@@ -35,21 +35,24 @@ impl BlockReader {
         Ok(self.src.guest_size(m.len()))
     }
 
-    /// Reads the 4 KiB at sector `sector` (512-byte units) into `buf` and checks their
-    /// fingerprint. On [`IndexError::BlockMismatch`] (the image changed) or
+    /// Reads the content of `w` (the 4 KiB at its sector, or their first bytes then zeros) into
+    /// `buf` and checks its fingerprint. On [`IndexError::BlockMismatch`] (the image changed) or
     /// [`IndexError::BlockOutOfRange`] the caller should ask for the page itself; `buf` then
     /// holds nothing meaningful.
-    pub fn read_window(&self, sector: u64, expected: Fingerprint, buf: &mut [u8; BLOCK_SIZE]) -> Result<(), IndexError> {
+    pub fn read_window(&self, w: Window, expected: Fingerprint, buf: &mut [u8; BLOCK_SIZE]) -> Result<(), IndexError> {
+        let sector = w.sector;
         let out_of_range = |size| IndexError::BlockOutOfRange { path: self.path.clone(), sector, size };
         let Some(offset) = sector.checked_mul(SECTOR) else {
             return Err(out_of_range(self.size()?));
         };
-        if let Err(source) = self.src.read_exact_at(buf, offset) {
+        let (disk, zero) = buf.split_at_mut(w.disk_bytes());
+        if let Err(source) = self.src.read_exact_at(disk, offset) {
             if source.kind() == std::io::ErrorKind::UnexpectedEof {
                 return Err(out_of_range(self.size()?));
             }
             return Err(IndexError::Read { path: self.path.clone(), offset, source });
         }
+        zero.fill(0);
         let found = Fingerprint::of(buf);
         if found != expected {
             return Err(IndexError::BlockMismatch { path: self.path.clone(), sector, expected, found });

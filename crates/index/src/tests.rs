@@ -33,6 +33,20 @@ fn fp(seed: u64) -> Fingerprint {
     Fingerprint::of(&block(seed))
 }
 
+/// Lookups of whole windows, by sector.
+trait LookupSector {
+    fn lookup_sector(&self, fp: &Fingerprint) -> Option<u64>;
+}
+
+impl LookupSector for DiskIndex {
+    fn lookup_sector(&self, fp: &Fingerprint) -> Option<u64> {
+        self.lookup(fp).map(|w| {
+            assert_eq!(w.zero_tail_sectors, 0, "{w:?}");
+            w.sector
+        })
+    }
+}
+
 fn quiet() -> impl FnMut(BuildProgress) {
     |_| {}
 }
@@ -48,9 +62,9 @@ fn build_and_lookup_round_trip_over_several_segments() {
     assert_eq!(idx.image_blocks(), n);
     assert_eq!(idx.zero_blocks(), 0);
     for i in 0..n {
-        assert_eq!(idx.lookup(&fp(i)), Some(i * 8), "block {i}");
+        assert_eq!(idx.lookup_sector(&fp(i)), Some(i * 8), "block {i}");
     }
-    assert_eq!(idx.lookup(&fp(n + 1)), None);
+    assert_eq!(idx.lookup_sector(&fp(n + 1)), None);
     assert_eq!(calls.first().unwrap().done_bytes, 0);
     assert!(calls.windows(2).all(|w| w[0].done_bytes <= w[1].done_bytes));
     let last = calls.last().unwrap();
@@ -72,11 +86,11 @@ fn duplicates_map_to_first_block_and_zero_blocks_are_skipped() {
     let mut hashes = Vec::new();
     for threads in [1, 2, 4] {
         let idx = DiskIndex::build_with_threads(&img, Align::Bytes(4096), threads, &mut quiet()).unwrap();
-        assert_eq!(idx.lookup(&fp(7)), Some(300 * 8));
-        assert_eq!(idx.lookup(&Fingerprint::of(&[0u8; BLOCK_SIZE])), None);
+        assert_eq!(idx.lookup_sector(&fp(7)), Some(300 * 8));
+        assert_eq!(idx.lookup_sector(&Fingerprint::of(&[0u8; BLOCK_SIZE])), None);
         assert_eq!(idx.zero_blocks(), 2);
         assert_eq!(idx.len(), 9000 - 2 - 2);
-        assert_eq!(idx.lookup(&fp(1000 + 6)), Some(6 * 8));
+        assert_eq!(idx.lookup_sector(&fp(1000 + 6)), Some(6 * 8));
         hashes.push(idx.identity());
     }
     assert!(hashes.windows(2).all(|w| w[0] == w[1]), "identity independent of threads: {hashes:?}");
@@ -103,7 +117,10 @@ fn empty_and_partial_images() {
     // No filesystem: a window at every sector, the last one whole within the image.
     assert_eq!(idx.stride(), 512);
     assert_eq!(idx.windows(), (2 * 4096 + 100 - 4096) / 512 + 1);
-    assert_eq!(idx.len(), 9);
+    // Each window whole, and as its first 1..7 sectors then zeros where those end in a zero
+    // byte (the last page of a file).
+    let ends_in_zero = |w: usize| (1..8).filter(|k| data[w * 512 + k * 512 - 1] == 0).count();
+    assert_eq!(idx.len(), (0..9).map(|w| 1 + ends_in_zero(w)).sum::<usize>());
     assert_eq!(idx.image_size(), 2 * 4096 + 100);
     let (again, o) = DiskIndex::load_or_build(&p, &cache, &mut quiet()).unwrap();
     assert!(!o.built(), "{o:?}");
@@ -165,8 +182,8 @@ fn persisted_index_reloads_without_rebuilding() {
     assert_eq!(a.zero_blocks(), b.zero_blocks());
     assert_eq!(a.iter().collect::<Vec<_>>(), b.iter().collect::<Vec<_>>());
     for s in 0..700 {
-        assert_eq!(a.lookup(&fp(s)), if s % 10 == 3 { None } else { Some(s * 8) });
-        assert_eq!(b.lookup(&fp(s)), a.lookup(&fp(s)));
+        assert_eq!(a.lookup_sector(&fp(s)), if s % 10 == 3 { None } else { Some(s * 8) });
+        assert_eq!(b.lookup_sector(&fp(s)), a.lookup_sector(&fp(s)));
     }
     // The file is named after the canonical path: another spelling of the path finds it.
     let other = dir.path().join("c/../disk.raw");
@@ -185,7 +202,7 @@ fn a_modified_block_triggers_a_rebuild() {
     drop(f);
     let (b, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
     assert!(matches!(o, Origin::Built { previous: Some(IndexError::Stale { .. }), .. }), "{o:?}");
-    assert_eq!(b.lookup(&fp(99_999)), Some(1500 * 8));
+    assert_eq!(b.lookup_sector(&fp(99_999)), Some(1500 * 8));
     assert_ne!(a.identity().index_hash, b.identity().index_hash);
     let (_, o) = DiskIndex::load_or_build(&img, &cache, &mut quiet()).unwrap();
     assert!(!o.built());
@@ -296,12 +313,13 @@ proptest! {
         let map: BTreeMap<u128, u32> = keys.iter().enumerate().map(|(i, &k)| (k, u32::try_from(i).unwrap())).collect();
         let (k, b): (Vec<u128>, Vec<u32>) = map.iter().map(|(&k, &b)| (k, b)).unzip();
         let meta = Meta { stamp: file::Stamp { size: 0, mtime: (0, 0), ctime: (0, 0), ino: 0, dev: 0 }, sample_hash: 0, index_hash: 0, zero_blocks: 0, stride: 4096 };
-        let idx = DiskIndex::from_sorted(k, b, meta);
+        let n = k.len();
+        let idx = DiskIndex::from_sorted(k, b, vec![0; n], meta);
         for (&k, &b) in &map {
-            prop_assert_eq!(idx.lookup(&Fingerprint(k)), Some(u64::from(b) * 8));
+            prop_assert_eq!(idx.lookup_sector(&Fingerprint(k)), Some(u64::from(b) * 8));
         }
         for p in probes {
-            prop_assert_eq!(idx.lookup(&Fingerprint(p)), map.get(&p).map(|&b| u64::from(b) * 8));
+            prop_assert_eq!(idx.lookup_sector(&Fingerprint(p)), map.get(&p).map(|&b| u64::from(b) * 8));
         }
     }
 }
@@ -314,15 +332,15 @@ fn block_reader_verifies_fingerprints() {
     let r = BlockReader::open(&img).unwrap();
     assert_eq!(r.size().unwrap(), 50 * BLOCK_SIZE_U64);
     let mut buf = [0u8; BLOCK_SIZE];
-    let by_block: HashMap<u64, Fingerprint> = idx.iter().map(|(f, b)| (b, f)).collect();
+    let by_block: HashMap<u64, Fingerprint> = idx.iter().filter(|(_, w)| w.zero_tail_sectors == 0).map(|(f, w)| (w.sector, f)).collect();
     for (&b, &f) in &by_block {
-        r.read_window(b, f, &mut buf).unwrap();
+        r.read_window(Window::whole(b), f, &mut buf).unwrap();
         assert_eq!(Fingerprint::of(&buf), f);
     }
     // The image changes under the receiver: block 20 gets new content.
     let expected = by_block[&(20 * 8)];
     OpenOptions::new().write(true).open(&img).unwrap().write_all_at(&block(4242), 20 * BLOCK_SIZE_U64).unwrap();
-    let e = r.read_window(20 * 8, expected, &mut buf).unwrap_err();
+    let e = r.read_window(Window::whole(20 * 8), expected, &mut buf).unwrap_err();
     assert!(e.needs_resend());
     match e {
         IndexError::BlockMismatch { sector, expected: x, found, .. } => {
@@ -331,9 +349,9 @@ fn block_reader_verifies_fingerprints() {
         e => panic!("expected a mismatch, got {e}"),
     }
     // The last sector whose 4 KiB the image holds is 49 * 8; one more runs past the end.
-    let e = r.read_window(49 * 8 + 1, expected, &mut buf).unwrap_err();
+    let e = r.read_window(Window::whole(49 * 8 + 1), expected, &mut buf).unwrap_err();
     assert!(matches!(e, IndexError::BlockOutOfRange { sector: 393, size: 204_800, .. }), "{e}");
-    let e = r.read_window(u64::MAX, expected, &mut buf).unwrap_err();
+    let e = r.read_window(Window::whole(u64::MAX), expected, &mut buf).unwrap_err();
     assert!(matches!(e, IndexError::BlockOutOfRange { .. }), "{e}");
 }
 
@@ -467,7 +485,12 @@ fn windows_at_sector_offsets_are_found_when_the_stride_allows() {
     // 1 KiB blocks are; a window at 3 sectors in, as a 512-byte stride finds.
     let mut img = vec![0u8; 1024];
     for s in 0..40 {
-        img.extend_from_slice(&block(s));
+        let mut b = block(s);
+        if s == 7 {
+            // A file's last block: zeros after its end.
+            b[2000..2048].fill(0);
+        }
+        img.extend_from_slice(&b);
     }
     img.extend_from_slice(&[0u8; 3072]);
     let at_1536 = Fingerprint::of(img[1536..1536 + 4096].try_into().unwrap());
@@ -476,14 +499,20 @@ fn windows_at_sector_offsets_are_found_when_the_stride_allows() {
     for (stride, found, odd) in [(4096, None, None), (2048, None, None), (1024, Some(2 + 8 * 7), None), (512, Some(2 + 8 * 7), Some(3))] {
         let idx = DiskIndex::build_with_threads(&p, Align::Bytes(stride), 2, &mut quiet()).unwrap();
         assert_eq!(idx.stride(), stride);
-        assert_eq!(idx.lookup(&fp(7)), found, "stride {stride}");
-        assert_eq!(idx.lookup(&at_1536), odd, "stride {stride}");
+        assert_eq!(idx.lookup_sector(&Fingerprint::of(img[1024 + 7 * 4096..][..4096].try_into().unwrap())), found, "stride {stride}");
+        assert_eq!(idx.lookup_sector(&at_1536), odd, "stride {stride}");
+        // The last page of a file: 2 KiB of it, then zeros (the disk goes on with other data).
+        let mut tail = block(7);
+        tail[2000..].fill(0);
+        // (at 1 KiB + 7 x 4 KiB: on the 1024 and 512 strides only)
+        let want = (stride <= 1024).then_some(Window { sector: 2 + 8 * 7, zero_tail_sectors: 4 });
+        assert_eq!(idx.lookup(&Fingerprint::of(&tail)), want, "stride {stride}");
         // Every indexed window reads back with its fingerprint at the sector the index says.
         let r = BlockReader::open(&p).unwrap();
         let mut buf = [0u8; BLOCK_SIZE];
-        for (f, sector) in idx.iter() {
-            assert_eq!(sector % u64::from(stride / 512), 0);
-            r.read_window(sector, f, &mut buf).unwrap();
+        for (f, w) in idx.iter() {
+            assert_eq!(w.sector % u64::from(stride / 512), 0);
+            r.read_window(w, f, &mut buf).unwrap();
         }
         // Reloaded from its file, the same index.
         let file = dir.path().join(format!("{stride}.idx"));
@@ -563,7 +592,7 @@ fn a_qcow2_chain_is_indexed_and_read_as_the_guest_sees_it() {
     let got = DiskIndex::build_with_threads(&top, Align::Bytes(1024), 2, &mut quiet()).unwrap();
     assert_eq!(got.image_size(), 600 * BLOCK_SIZE_U64, "the guest-visible size, not the file's");
     assert_eq!(got.identity().index_hash, want.identity().index_hash);
-    assert_eq!(got.lookup(&fp(7)), Some(7 * 8));
+    assert_eq!(got.lookup_sector(&fp(7)), Some(7 * 8));
     // Auto: no filesystem in the guest-visible content of this image either.
     let (_, o, s) = DiskIndex::load_or_build_aligned(&top, &dir.path().join("cache"), Align::Auto, &mut quiet()).unwrap();
     assert!(o.built());
@@ -577,9 +606,9 @@ fn a_qcow2_chain_is_indexed_and_read_as_the_guest_sees_it() {
     let mut buf = [0u8; BLOCK_SIZE];
     // Block 100 is in the overlay, block 300 only in the backing file (the second MiB).
     for b in [100u64, 300, 599] {
-        r.read_window(b * 8, Fingerprint::of(&block(b % 700)), &mut buf).unwrap();
+        r.read_window(Window::whole(b * 8), Fingerprint::of(&block(b % 700)), &mut buf).unwrap();
     }
-    let e = r.read_window(599 * 8 + 1, fp(1), &mut buf).unwrap_err();
+    let e = r.read_window(Window::whole(599 * 8 + 1), fp(1), &mut buf).unwrap_err();
     assert!(matches!(e, IndexError::BlockOutOfRange { .. }), "{e}");
 }
 

@@ -29,7 +29,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 /// version-3 peer checks unkeyed fingerprints, so it is not spoken any more.
 ///
 /// 5: a `disk_ref` record addresses its 4 KiB by the 512-byte sector they start at (any
-/// alignment), not by 4 KiB block number; a version-4 peer would read the wrong bytes (and
+/// alignment), not by 4 KiB block number, and may end the page with zeros instead of the disk's
+/// next sectors (`livemig_compact::DiskRef`); a version-4 peer would read the wrong bytes (and
 /// resend every such page after its fingerprint check), so it is not spoken any more.
 pub const PROTOCOL_VERSION: u32 = 5;
 /// Oldest peer version this build still speaks.

@@ -155,6 +155,7 @@ impl livemig_compact::Destination for FakeDest {
             return false;
         }
         *out = disk_block(r.sector);
+        out[r.disk_bytes()..].fill(0);
         true
     }
 
@@ -255,8 +256,14 @@ pub fn fix_fingerprints(batch: &mut [u8]) {
             }
             PageClass::DiskRef if r.len == 26 => {
                 let image = u16::from_le_bytes([data[0], data[1]]);
-                let block = u64::from_le_bytes(data[2..10].try_into().expect("8 bytes"));
-                (image == 0 && block < DISK_BLOCKS).then(|| disk_block(block))
+                let v = u64::from_le_bytes(data[2..10].try_into().expect("8 bytes"));
+                // Bits 0-60: the sector; 61-63: sectors of zeros ending the page.
+                let (sector, tail) = (v & ((1 << 61) - 1), (v >> 61) as usize);
+                (image == 0 && sector < DISK_BLOCKS).then(|| {
+                    let mut p = disk_block(sector);
+                    p[PAGE_SIZE - 512 * tail..].fill(0);
+                    p
+                })
             }
             PageClass::SnapshotRef if r.len == 24 => {
                 let q = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
@@ -347,7 +354,7 @@ pub fn fix_index_file(mode: u8, file: &mut [u8], real: &[u8]) {
     }
     let body = INDEX_HEADER..file.len() - INDEX_TRAILER;
     if mode & INDEX_FIX_ENTRIES != 0 {
-        let entries = (body.len() / 20) as u64;
+        let entries = (body.len() / 21) as u64;
         file[112..120].copy_from_slice(&entries.to_le_bytes());
     }
     if mode & INDEX_FIX_STAMP != 0 {
