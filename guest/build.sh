@@ -7,6 +7,8 @@
 #     root-1k.raw     the same files on an ext4 with 1 KiB blocks (what mke2fs makes under
 #                     512 MB): page-cache pages at 1 KiB offsets of the disk (the VM tests of
 #                     disk references at any alignment)
+#     root.qcow2      root.raw's content as a qcow2 overlay on root-base.qcow2 (its backing file:
+#                     the first half of root.raw, zeros after; the overlay holds the rest)
 #     manifest.json   kernel package/version, file sizes, hash of the build inputs
 # Idempotent: every layer has a stamp holding the hash of its inputs (including the text of
 # the shell function that builds it); unchanged inputs -> nothing is rebuilt.
@@ -286,6 +288,34 @@ build_root_1k() {
     echo "$want" >"$CACHE/root-1k.stamp"
 }
 
+# root.qcow2 over root-base.qcow2: the guest sees root.raw. The base holds root.raw's first half
+# (zeros after); an overlay of root.raw's content rebased onto it gets the clusters that differ.
+build_root_qcow2() {
+    local want
+    want=$({ cat "$CACHE/root.stamp"; declare -f build_root_qcow2; } | sha)
+    if stamp_ok "$CACHE/root-qcow2.stamp" "$want" && [ -f "$CACHE/root.qcow2" ] && [ -f "$CACHE/root-base.qcow2" ]; then
+        return
+    fi
+    log "building root.qcow2 over root-base.qcow2 from root.raw"
+    local size
+    size=$(stat -c %s "$CACHE/root.raw")
+    rm -f "$CACHE"/root.qcow2 "$CACHE"/root-base.qcow2 "$CACHE"/root-qcow2.*.tmp
+    cp --sparse=always "$CACHE/root.raw" "$CACHE/root-qcow2.half.tmp"
+    truncate -s $((size / 2)) "$CACHE/root-qcow2.half.tmp"
+    truncate -s "$size" "$CACHE/root-qcow2.half.tmp"
+    (
+        cd "$CACHE"
+        qemu-img convert -q -f raw -O qcow2 root-qcow2.half.tmp root-base.qcow2
+        qemu-img convert -q -f raw -O qcow2 root.raw root-qcow2.full.tmp
+        qemu-img create -q -f qcow2 -b root-qcow2.full.tmp -F qcow2 root-qcow2.top.tmp
+        # Relative backing names: the cache directory can move.
+        qemu-img rebase -q -f qcow2 -b root-base.qcow2 -F qcow2 root-qcow2.top.tmp
+        rm -f root-qcow2.half.tmp root-qcow2.full.tmp
+        mv root-qcow2.top.tmp root.qcow2
+    )
+    echo "$want" >"$CACHE/root-qcow2.stamp"
+}
+
 # ---------------------------------------------------------------------------------------------
 write_manifest() {
     local inputs="$1" root_dirs="$2" pkg
@@ -340,7 +370,7 @@ main() {
     inputs=$(inputs_hash "$wl_hash" "$root_hash")
     if [ -f "$CACHE/manifest.json" ] && grep -q "\"inputs_hash\": \"$inputs\"" "$CACHE/manifest.json" \
         && [ -f "$CACHE/vmlinuz" ] && [ -f "$CACHE/initramfs.img" ] && [ -f "$CACHE/root.raw" ] \
-        && [ -f "$CACHE/root-1k.raw" ]; then
+        && [ -f "$CACHE/root-1k.raw" ] && [ -f "$CACHE/root.qcow2" ]; then
         log "guest is up to date ($CACHE, kernel $KVER)"
         return
     fi
@@ -357,6 +387,7 @@ main() {
     build_initramfs
     build_root "$root_hash" "${root_dirs[@]}"
     build_root_1k
+    build_root_qcow2
     write_manifest "$inputs" "${root_dirs[*]}"
     log "guest built in $((SECONDS - t0)) s: $CACHE"
 }

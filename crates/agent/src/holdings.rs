@@ -203,3 +203,58 @@ pub(crate) fn holdings(disks: Vec<DiskHeld>, snapshots: Vec<String>) -> Holdings
 pub(crate) fn open_snapshot(store: &SnapshotStore, vm: &str, id: u128) -> Result<Snapshot, AgentError> {
     store.get(vm, id).map_err(|e| AgentError::Holdings(format!("cannot open snapshot {id:032x} of {vm}: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Quiet;
+
+    /// A raw image of `blocks` 4 KiB blocks, block i filled from `seed + i`.
+    fn image(dir: &Path, name: &str, seed: u8, blocks: u8) -> PathBuf {
+        let p = dir.join(name);
+        let data: Vec<u8> = (0..blocks).flat_map(|i| (0..4096u32).map(move |j| seed.wrapping_add(i) ^ (j % 251) as u8)).collect();
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    fn block_of(p: &Path, b: usize) -> [u8; 4096] {
+        std::fs::read(p).unwrap()[b * 4096..][..4096].try_into().unwrap()
+    }
+
+    /// Several disk images: each indexed and offered; the destination holds them in another
+    /// order (found by index hash), and a reference into the second one reads from that image.
+    #[test]
+    fn several_disks_are_each_indexed_offered_and_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (image(dir.path(), "a.raw", 1, 8), image(dir.path(), "b.raw", 101, 8));
+        let cache = dir.path().join("cache");
+        let mut report = Report::default();
+        let images = vec![a.clone(), b.clone()];
+        let idx = load_indexes(&images, &cache, Align::Bytes(4096), &mut Quiet, &mut report).unwrap();
+        assert_eq!(report.disk_indexes.len(), 2);
+        assert!(report.disk_indexes.iter().all(|r| r.stride == 4096 && r.built), "{:?}", report.disk_indexes);
+        let offers = offers(&idx).unwrap();
+        assert_eq!(offers.iter().map(|o| o.id).collect::<Vec<_>>(), vec![0, 1]);
+
+        // The destination lists the same images the other way round.
+        let theirs = vec![b.clone(), a.clone()];
+        let tidx = load_indexes(&theirs, &cache, Align::Bytes(4096), &mut Quiet, &mut Report::default()).unwrap();
+        let (rdisks, held) = ReceiverDisks::answer(&offers, &theirs, &tidx).unwrap();
+        assert_eq!(held.iter().map(|h| (h.id, h.same)).collect::<Vec<_>>(), vec![(0, true), (1, true)]);
+
+        let sender = SenderDisks::new(idx, &held).unwrap();
+        let page = block_of(&b, 5);
+        let r = sender.lookup_disk(livemig_compact::fingerprint(&page)).expect("a block of the second image");
+        assert_eq!((r.image, r.sector, r.zero_tail_sectors), (1, 5 * 8, 0));
+        let mut out = [0u8; 4096];
+        assert!(rdisks.read(r, &mut out));
+        assert_eq!(out, page);
+        let r0 = sender.lookup_disk(livemig_compact::fingerprint(&block_of(&a, 2))).unwrap();
+        assert_eq!((r0.image, r0.sector), (0, 16));
+        assert!(rdisks.read(r0, &mut out));
+        assert_eq!(out, block_of(&a, 2));
+        // No such image, or past the end: nothing read.
+        assert!(!rdisks.read(DiskRef { image: 7, sector: 0, zero_tail_sectors: 0 }, &mut out));
+        assert!(!rdisks.read(DiskRef { image: 1, sector: 8 * 8 - 1, zero_tail_sectors: 0 }, &mut out));
+    }
+}

@@ -143,6 +143,38 @@ fn a_1k_block_ext4_roots_cached_pages_go_as_references_with_the_stream_engine() 
     eprintln!("1 KiB-block root, stream engine: pages {:#}, wire_fraction {}", m.send_report["pages"], m.send_report["wire_fraction"]);
 }
 
+/// A qcow2 root with a backing file: both agents index and read its guest-visible content
+/// through qemu-nbd; the cached pages go as references, byte-exact.
+#[test]
+fn a_qcow2_roots_cached_pages_go_as_references_byte_exact() {
+    let _g = harness::vm_lock();
+    let image = harness::image_qcow2();
+    let disk = image.disk.display().to_string();
+    let pair = cache_guest_of(image, "cache-qcow2", 200, livemig_lab::RamBackend::ShmFile);
+    let cache = pair.dir.join("index-cache").display().to_string();
+    let m = Migration::run(
+        &pair,
+        &["--disk-image", &disk, "--index-cache", &cache, "--max-downtime", "3s"],
+        &["--disk-image", &disk, "--index-cache", &cache, "--verify-reread"],
+    );
+    m.assert_completed();
+    let (s, r) = (&m.send_report, &m.recv_report);
+    let guest_size = std::fs::metadata(harness::image().disk).unwrap().len();
+    for rep in [s, r] {
+        let idx = &rep["disk_indexes"][0];
+        // The guest-visible size (root.raw's) and filesystem, not the qcow2 file's.
+        assert!(idx["stride_reason"].as_str().unwrap().contains("ext4 with 4096-byte blocks at byte 0"), "{idx:#}");
+        assert_eq!(idx["windows"], guest_size / 4096, "{idx:#}");
+    }
+    assert_eq!(s["disk_images_used"], 1);
+    assert!(pages(s, "disk_ref") > 30_000, "page-cache pages not sent as disk references: {:#}", s["pages"]);
+    assert_eq!(s["resent_pages"], 0, "an unchanged disk image resolves every reference");
+    assert_eq!(pages(r, "disk_ref"), pages(s, "disk_ref"));
+    assert_byte_exact(pair.src.qmp_path(), &m);
+    pair.assert_destination_guest_verifies(3);
+    eprintln!("qcow2 root: pages {:#}, wire_fraction {}", s["pages"], s["wire_fraction"]);
+}
+
 #[test]
 fn a_disk_image_changed_between_hosts_is_resent_never_written_wrong() {
     let _g = harness::vm_lock();

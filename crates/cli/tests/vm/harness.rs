@@ -47,6 +47,15 @@ pub fn image() -> GuestImage {
     GuestImage::find().expect("the test guest is built (run `livemig guest build` or .ci/run)")
 }
 
+/// The test guest with its root on `root.qcow2` (root.raw's content in a qcow2 overlay over its
+/// backing file `root-base.qcow2`).
+pub fn image_qcow2() -> GuestImage {
+    let mut i = image();
+    i.disk = i.disk.with_file_name("root.qcow2");
+    assert!(i.disk.is_file(), "{} missing: guest/build.sh makes it", i.disk.display());
+    i
+}
+
 /// The test guest with its root on `root-1k.raw` (the same files, ext4 with 1 KiB blocks).
 pub fn image_1k() -> GuestImage {
     let mut i = image();
