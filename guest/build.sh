@@ -4,6 +4,11 @@
 #     vmlinuz         Debian cloud kernel
 #     initramfs.img   busybox-static + guest/init + virtio_blk/ext4 modules + workload (gzip cpio)
 #     root.raw        raw ext4 image (~300 MB of real files), mounted read-only by the guest
+#     root-1k.raw     the same files on an ext4 with 1 KiB blocks (what mke2fs makes under
+#                     512 MB): page-cache pages at 1 KiB offsets of the disk (the VM tests of
+#                     disk references at any alignment)
+#     root.qcow2      root.raw's content as a qcow2 overlay on root-base.qcow2 (its backing file:
+#                     the first half of root.raw, zeros after; the overlay holds the rest)
 #     manifest.json   kernel package/version, file sizes, hash of the build inputs
 # Idempotent: every layer has a stamp holding the hash of its inputs (including the text of
 # the shell function that builds it); unchanged inputs -> nothing is rebuilt.
@@ -257,6 +262,60 @@ build_root() {
     echo "$want" >"$CACHE/root.stamp"
 }
 
+# root-1k.raw: root.raw's files (debugfs rdump, no mount) on an ext4 of the same size with
+# 1 KiB blocks, `-T small` as mke2fs chooses under 512 MB.
+build_root_1k() {
+    local want
+    want=$({ cat "$CACHE/root.stamp"; declare -f build_root_1k; } | sha)
+    if stamp_ok "$CACHE/root-1k.stamp" "$want" && [ -f "$CACHE/root-1k.raw" ]; then
+        return
+    fi
+    log "building root-1k.raw (1 KiB blocks) from root.raw's files"
+    local st="$CACHE/root-1k.d" size
+    rm -rf "$st" "$CACHE/root-1k.raw.tmp"
+    mkdir -p "$st"
+    debugfs -R "rdump / $st" "$CACHE/root.raw" >/dev/null 2>&1 || die "debugfs rdump of root.raw failed"
+    [ -d "$st/lib/modules" ] || die "debugfs rdump of root.raw left no lib/modules in $st"
+    rm -rf "$st/lost+found"
+    find "$st" -exec touch -h -d @1700000000 {} +
+    size=$(stat -c %s "$CACHE/root.raw")
+    E2FSPROGS_FAKE_TIME=1700000000 mke2fs -q -F -t ext4 -T small -b 1024 -L livemig-root \
+        -U 6c6d6967-0000-4000-8000-726f6f74316b \
+        -E root_owner=0:0,hash_seed=6c6d6967-0000-4000-8000-686173680000 \
+        -d "$st" "$CACHE/root-1k.raw.tmp" "$((size / 1024))k" >/dev/null
+    mv "$CACHE/root-1k.raw.tmp" "$CACHE/root-1k.raw"
+    rm -rf "$st"
+    echo "$want" >"$CACHE/root-1k.stamp"
+}
+
+# root.qcow2 over root-base.qcow2: the guest sees root.raw. The base holds root.raw's first half
+# (zeros after); an overlay of root.raw's content rebased onto it gets the clusters that differ.
+build_root_qcow2() {
+    local want
+    want=$({ cat "$CACHE/root.stamp"; declare -f build_root_qcow2; } | sha)
+    if stamp_ok "$CACHE/root-qcow2.stamp" "$want" && [ -f "$CACHE/root.qcow2" ] && [ -f "$CACHE/root-base.qcow2" ]; then
+        return
+    fi
+    log "building root.qcow2 over root-base.qcow2 from root.raw"
+    local size
+    size=$(stat -c %s "$CACHE/root.raw")
+    rm -f "$CACHE"/root.qcow2 "$CACHE"/root-base.qcow2 "$CACHE"/root-qcow2.*.tmp
+    cp --sparse=always "$CACHE/root.raw" "$CACHE/root-qcow2.half.tmp"
+    truncate -s $((size / 2)) "$CACHE/root-qcow2.half.tmp"
+    truncate -s "$size" "$CACHE/root-qcow2.half.tmp"
+    (
+        cd "$CACHE"
+        qemu-img convert -q -f raw -O qcow2 root-qcow2.half.tmp root-base.qcow2
+        qemu-img convert -q -f raw -O qcow2 root.raw root-qcow2.full.tmp
+        qemu-img create -q -f qcow2 -b root-qcow2.full.tmp -F qcow2 root-qcow2.top.tmp
+        # Relative backing names: the cache directory can move.
+        qemu-img rebase -q -f qcow2 -b root-base.qcow2 -F qcow2 root-qcow2.top.tmp
+        rm -f root-qcow2.half.tmp root-qcow2.full.tmp
+        mv root-qcow2.top.tmp root.qcow2
+    )
+    echo "$want" >"$CACHE/root-qcow2.stamp"
+}
+
 # ---------------------------------------------------------------------------------------------
 write_manifest() {
     local inputs="$1" root_dirs="$2" pkg
@@ -310,7 +369,8 @@ main() {
     root_hash=$(root_inputs_hash "${root_dirs[@]}")
     inputs=$(inputs_hash "$wl_hash" "$root_hash")
     if [ -f "$CACHE/manifest.json" ] && grep -q "\"inputs_hash\": \"$inputs\"" "$CACHE/manifest.json" \
-        && [ -f "$CACHE/vmlinuz" ] && [ -f "$CACHE/initramfs.img" ] && [ -f "$CACHE/root.raw" ]; then
+        && [ -f "$CACHE/vmlinuz" ] && [ -f "$CACHE/initramfs.img" ] && [ -f "$CACHE/root.raw" ] \
+        && [ -f "$CACHE/root-1k.raw" ] && [ -f "$CACHE/root.qcow2" ]; then
         log "guest is up to date ($CACHE, kernel $KVER)"
         return
     fi
@@ -326,6 +386,8 @@ main() {
     build_workload "$wl_hash"
     build_initramfs
     build_root "$root_hash" "${root_dirs[@]}"
+    build_root_1k
+    build_root_qcow2
     write_manifest "$inputs" "${root_dirs[*]}"
     log "guest built in $((SECONDS - t0)) s: $CACHE"
 }

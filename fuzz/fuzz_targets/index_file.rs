@@ -7,7 +7,7 @@
 //! its entry count, image stamp and sample hash, index hash and trailer checksum (see
 //! `livemig_fuzz_common`), to get past checks the fuzzer cannot forge. Bit 0x80 set: `rest` is a
 //! snapshot directory as `SnapshotInput` describes. Contract: never panic; an index that loads
-//! answers lookups with blocks of the image; a snapshot that opens reads its pages or errs.
+//! answers lookups with 4 KiB windows within the image, on its stride; a snapshot that opens reads its pages or errs.
 #![no_main]
 
 use std::path::PathBuf;
@@ -18,7 +18,7 @@ use livemig_fuzz_common::{
     fix_index_file, index_fixture, scratch_dir, write_snapshot_dir, SnapshotInput, IMAGE_BLOCKS, MODE_SNAPSHOT,
     SNAPSHOT_ID, SNAPSHOT_VM,
 };
-use livemig_index::{DiskIndex, SnapshotStore, BLOCK_SIZE};
+use livemig_index::{DiskIndex, SnapshotStore, BLOCK_SIZE, SECTOR};
 
 fn store_dir() -> &'static PathBuf {
     static D: OnceLock<PathBuf> = OnceLock::new();
@@ -40,13 +40,16 @@ fn index(mode: u8, rest: &[u8]) {
     fix_index_file(mode, &mut file, &fx.real);
     std::fs::write(&fx.file, &file).expect("write the index file");
     let Ok(index) = DiskIndex::load(&fx.image, &fx.file) else { return };
-    assert!(index.len() as u64 <= IMAGE_BLOCKS);
+    assert!(index.len() as u64 <= index.windows());
     let id = index.identity();
     assert_eq!(id.size, IMAGE_BLOCKS * BLOCK_SIZE as u64);
     let _ = (index.zero_blocks(), index.image_blocks(), index.memory_bytes(), format!("{index:?}"));
-    for (fp, block) in index.iter() {
-        assert!(block < IMAGE_BLOCKS, "block {block} beyond the image");
-        assert_eq!(index.lookup(&fp), Some(block), "an indexed fingerprint does not look up");
+    for (fp, w) in index.iter() {
+        let sector = w.sector;
+        assert!(sector * SECTOR + BLOCK_SIZE as u64 <= id.size, "sector {sector}: its 4 KiB run past the image");
+        assert_eq!(sector % u64::from(index.stride() / 512), 0, "sector {sector} off the stride");
+        assert!(w.zero_tail_sectors <= 7 && w.disk_bytes() >= index.stride() as usize, "{w:?}");
+        assert_eq!(index.lookup(&fp), Some(w), "an indexed fingerprint does not look up");
     }
     let _ = index.lookup(&livemig_index::Fingerprint(u128::from_le_bytes(*b"not in the index")));
 }

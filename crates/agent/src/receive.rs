@@ -52,6 +52,8 @@ pub struct ReceiveOptions {
     pub disk_images: Vec<PathBuf>,
     /// Where disk indexes are cached.
     pub index_cache: PathBuf,
+    /// Bytes between indexed 4 KiB windows of the disk images (auto: from their filesystems).
+    pub disk_align: livemig_index::Align,
     /// Memory snapshots: offered to the sender, and one kept after a successful migration.
     pub snapshot_dir: Option<PathBuf>,
     /// Byte budget of the snapshot directory (oldest evicted).
@@ -71,6 +73,7 @@ impl ReceiveOptions {
             verify_reread: false,
             disk_images: Vec::new(),
             index_cache: holdings::default_index_cache(),
+            disk_align: livemig_index::Align::Auto,
             snapshot_dir: None,
             snapshot_max_bytes: crate::send::DEFAULT_SNAPSHOT_BUDGET,
         }
@@ -268,7 +271,7 @@ fn run(
     if !opts.disk_images.is_empty() {
         obs.progress(Progress::Phase("indexing the disk images"));
     }
-    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
+    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache, opts.disk_align, obs, report)?;
     let store = match &opts.snapshot_dir {
         Some(d) => Some(
             SnapshotStore::open(d, opts.snapshot_max_bytes)

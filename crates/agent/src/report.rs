@@ -42,6 +42,27 @@ impl IterationRecord {
     }
 }
 
+/// The index of one disk image.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct DiskIndexReport {
+    /// The image as given.
+    pub image: String,
+    /// Bytes between the starts of the indexed 4 KiB windows (512, 1024, 2048 or 4096).
+    pub stride: u32,
+    /// Why that stride (the filesystems found, or none).
+    pub stride_reason: String,
+    /// Windows of the image at that stride, zero ones included.
+    pub windows: u64,
+    /// Distinct non-zero fingerprints indexed.
+    pub fingerprints: u64,
+    /// Bytes of memory the index holds.
+    pub memory_bytes: u64,
+    /// Whether it was built now (else read from the index cache).
+    pub built: bool,
+    /// Time to load or build it.
+    pub ms: f64,
+}
+
 /// How much the source guest was slowed to make the migration converge.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct ThrottleReport {
@@ -122,6 +143,8 @@ pub struct Report {
     pub vm: Option<String>,
     /// Disk images the destination holds and references may name.
     pub disk_images_used: usize,
+    /// This agent's index of each `--disk-image`, in order.
+    pub disk_indexes: Vec<DiskIndexReport>,
     /// The memory snapshot references named, if any.
     pub snapshot_used: Option<String>,
     /// The memory snapshot kept after this migration, if any.

@@ -93,6 +93,8 @@ pub struct SendOptions {
     pub disk_images: Vec<PathBuf>,
     /// Where disk indexes are cached.
     pub index_cache: PathBuf,
+    /// Bytes between indexed 4 KiB windows of the disk images (auto: from their filesystems).
+    pub disk_align: livemig_index::Align,
     /// Memory snapshots: used for references when the destination holds one of this VM, and
     /// one kept here after a successful migration.
     pub snapshot_dir: Option<PathBuf>,
@@ -131,6 +133,7 @@ impl SendOptions {
             compressor: Compressor::Lz4,
             disk_images: Vec::new(),
             index_cache: holdings::default_index_cache(),
+            disk_align: livemig_index::Align::Auto,
             snapshot_dir: None,
             snapshot_max_bytes: DEFAULT_SNAPSHOT_BUDGET,
             vm_id: None,
@@ -368,7 +371,7 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     if !opts.disk_images.is_empty() {
         obs.progress(Progress::Phase("indexing the disk images"));
     }
-    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
+    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache, opts.disk_align, obs, report)?;
 
     let (stream, mut reader, mut writer_half, tls_key) = connect_receiver(opts, obs, report)?;
     let regions: Vec<RegionInfo> = mem.layout().into_iter().map(|(id, size)| RegionInfo { id, size }).collect();

@@ -231,13 +231,19 @@ enum CompressorArg {
 #[derive(Args, Debug, Clone)]
 struct HoldingsArgs {
     /// A raw disk image of the guest that both hosts hold (shared storage or a copy); pages equal
-    /// to one of its 4 KiB blocks go as references. Repeat for several.
+    /// to 4 KiB of it starting at a filesystem block (any sector where no ext2/3/4 or XFS is
+    /// found) go as references. Repeat for several.
     #[arg(long = "disk-image", value_name = "PATH")]
     disk_images: Vec<PathBuf>,
     /// Where disk-image indexes are cached (default ~/.cache/livemig/index, as `livemig index`);
     /// created mode 0700, refused if another user owns it or others can use it.
     #[arg(long, value_name = "DIR")]
     index_cache: Option<PathBuf>,
+    /// Bytes between the starts of the indexed 4 KiB windows of each --disk-image: auto (from
+    /// its partitions and ext2/3/4 or XFS block sizes; 512 where none is found), 512, 1024,
+    /// 2048 or 4096. References may start at any sector whatever the destination's setting.
+    #[arg(long, value_name = "BYTES", default_value = "auto")]
+    disk_align: livemig_index::Align,
     /// Keep a memory snapshot of the VM here after a successful migration, and use one (if both
     /// hosts hold it) for references in a later migration of the same VM. Snapshots are copies of
     /// guest memory: the directory is created mode 0700 (files 0600) and refused if another user
@@ -341,6 +347,7 @@ fn run_send(a: &SendArgs) -> anyhow::Result<u8> {
         TrackerArg::SoftDirty => livemig_agent::TrackerKind::SoftDirty,
     };
     o.disk_images = a.holdings.disk_images.clone();
+    o.disk_align = a.holdings.disk_align;
     if let Some(c) = &a.holdings.index_cache {
         o.index_cache = c.clone();
     }
@@ -359,6 +366,7 @@ fn run_receive(a: &ReceiveArgs) -> anyhow::Result<u8> {
     o.accept_timeout = dur(a.accept_timeout);
     o.verify_reread = a.verify_reread;
     o.disk_images = a.holdings.disk_images.clone();
+    o.disk_align = a.holdings.disk_align;
     if let Some(c) = &a.holdings.index_cache {
         o.index_cache = c.clone();
     }

@@ -24,13 +24,18 @@ pub(crate) enum TunnelCommand {
 /// Disk images both hosts hold (references to their blocks).
 #[derive(Args, Debug, Clone)]
 struct DiskArgs {
-    /// A raw disk image of the guest that both hosts hold; pages equal to one of its 4 KiB blocks
-    /// go as references. Repeat for several.
+    /// A raw disk image of the guest that both hosts hold; pages equal to 4 KiB of it (see
+    /// --disk-align) go as references. Repeat for several.
     #[arg(long = "disk-image", value_name = "PATH")]
     disk_images: Vec<PathBuf>,
     /// Where disk-image indexes are cached (default ~/.cache/livemig/index, as `livemig index`).
     #[arg(long, value_name = "DIR")]
     index_cache: Option<PathBuf>,
+    /// Bytes between the starts of the indexed 4 KiB windows of each --disk-image: auto (from
+    /// its partitions and ext2/3/4 or XFS block sizes; 512 where none is found), 512, 1024,
+    /// 2048 or 4096. References may start at any sector whatever the destination's setting.
+    #[arg(long, value_name = "BYTES", default_value = "auto")]
+    disk_align: livemig_index::Align,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -118,6 +123,7 @@ fn run_send(a: &TunnelSendArgs) -> anyhow::Result<u8> {
         (_, CompressorArg::Zstd) => livemig_compact::Compressor::Zstd,
     };
     o.disk_images = a.disks.disk_images.clone();
+    o.disk_align = a.disks.disk_align;
     if let Some(c) = &a.disks.index_cache {
         o.index_cache = c.clone();
     }
@@ -133,6 +139,7 @@ fn run_receive(a: &TunnelReceiveArgs) -> anyhow::Result<u8> {
     o.timeout = dur(a.timeout);
     o.accept_timeout = dur(a.accept_timeout);
     o.disk_images = a.disks.disk_images.clone();
+    o.disk_align = a.disks.disk_align;
     if let Some(c) = &a.disks.index_cache {
         o.index_cache = c.clone();
     }

@@ -129,7 +129,7 @@ fn workload(kinds: &[(Kind, usize)], seed: u64) -> Workload {
             Kind::Dup => base[r.below(N)],
             Kind::Disk => {
                 let p = text_page(&mut r);
-                disk.insert(fingerprint(&p), DiskRef { image: 1, block: j as u64 });
+                disk.insert(fingerprint(&p), DiskRef { image: 1, sector: j as u64 * 8, zero_tail_sectors: 0 });
                 p
             }
             Kind::Delta => {

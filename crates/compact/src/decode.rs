@@ -13,7 +13,8 @@ pub trait Destination {
     /// False if it cannot be read.
     fn read_page(&mut self, page: u64, out: &mut [u8; PAGE_SIZE]) -> bool;
 
-    /// Reads a 4 KiB block of a disk image. False if there is no such image or block, or it
+    /// Reads the content `r` names ([`DiskRef::disk_bytes`] at sector `r.sector`, zeros after).
+    /// False if there is no such image or they run past its end, or it
     /// cannot be read. The default holds no image.
     fn read_disk_block(&mut self, r: DiskRef, out: &mut [u8; PAGE_SIZE]) -> bool {
         let _ = (r, out);
@@ -158,7 +159,7 @@ pub fn decode_batch<D: Destination>(
                 (Some(le_u128(&data[8..])), ok)
             }
             PageClass::DiskRef => {
-                let r = DiskRef { image: u16::from_le_bytes([data[0], data[1]]), block: le_u64(&data[2..]) };
+                let r = DiskRef::from_wire(u16::from_le_bytes([data[0], data[1]]), le_u64(&data[2..]));
                 (Some(le_u128(&data[10..])), dest.read_disk_block(r, &mut out))
             }
             PageClass::SnapshotRef => {

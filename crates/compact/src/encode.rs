@@ -368,7 +368,7 @@ impl Encoder {
             if let Some(r) = self.disk.as_ref().zip(lookup_fp).and_then(|(d, l)| d.lookup_disk(l)) {
                 out.class = PageClass::DiskRef;
                 out.data.extend_from_slice(&r.image.to_le_bytes());
-                out.data.extend_from_slice(&r.block.to_le_bytes());
+                out.data.extend_from_slice(&r.to_wire().to_le_bytes());
                 out.data.extend_from_slice(&fp.to_le_bytes());
                 return;
             }

@@ -11,7 +11,7 @@
 //! | 3 | [`PageClass::Lz4`] | LZ4 block of the page | `raw` |
 //! | 4 | [`PageClass::Zstd`] | zstd frame of the page | `raw` |
 //! | 5 | [`PageClass::Dup`] | source page `u64`, fingerprint `u128` | `dup` |
-//! | 6 | [`PageClass::DiskRef`] | image `u16`, block `u64`, fingerprint `u128` | `disk_ref` |
+//! | 6 | [`PageClass::DiskRef`] | image `u16`, where `u64` ([`DiskRef::to_wire`]: bits 0-60 the sector the content starts at, bits 61-63 sectors of zeros that end the page), fingerprint `u128` | `disk_ref` |
 //! | 7 | [`PageClass::SnapshotRef`] | snapshot page `u64`, fingerprint `u128` | `snapshot_ref` |
 //! | 8 | [`PageClass::Delta`] | fingerprint `u128`, then runs of changed 8-byte words | `delta` |
 //!
@@ -93,13 +93,41 @@ pub fn fingerprint(page: &[u8; PAGE_SIZE]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(page)
 }
 
-/// A block of a disk image that both hosts hold.
+/// 4 KiB of a disk image that both hosts hold, starting at any sector; or their first
+/// `4096 - 512 * zero_tail_sectors` bytes followed by zeros (the last page of a file on a
+/// filesystem with blocks under 4 KiB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DiskRef {
     /// Image id, as agreed by the agents.
     pub image: u16,
-    /// 4 KiB block index in the image.
-    pub block: u64,
+    /// Where the content starts in the image, in 512-byte sectors (protocol 5; before, 4 KiB
+    /// blocks). At most [`DiskRef::MAX_SECTOR`].
+    pub sector: u64,
+    /// Sectors at the end of the page that are zero rather than read (0..=7).
+    pub zero_tail_sectors: u8,
+}
+
+impl DiskRef {
+    /// The largest sector a reference addresses (61 bits: 1 ZiB of image).
+    pub const MAX_SECTOR: u64 = (1 << 61) - 1;
+
+    /// The record's `u64`: the sector in bits 0-60, the zero tail in bits 61-63 (a sector
+    /// beyond [`DiskRef::MAX_SECTOR`] is cut to its low bits: the receiver reads other bytes,
+    /// its fingerprint check fails and the page is resent).
+    pub fn to_wire(&self) -> u64 {
+        (self.sector & Self::MAX_SECTOR) | (u64::from(self.zero_tail_sectors.min(7)) << 61)
+    }
+
+    /// From a record's `u64`; every value is a reference (which the receiver checks).
+    pub fn from_wire(image: u16, v: u64) -> DiskRef {
+        // v >> 61 <= 7.
+        DiskRef { image, sector: v & Self::MAX_SECTOR, zero_tail_sectors: u8::try_from(v >> 61).unwrap_or(7) }
+    }
+
+    /// Bytes read from the disk (the rest of the page is zero).
+    pub fn disk_bytes(&self) -> usize {
+        PAGE_SIZE - 512 * usize::from(self.zero_tail_sectors.min(7))
+    }
 }
 
 /// How a page travels.

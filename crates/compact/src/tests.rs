@@ -49,7 +49,9 @@ impl Destination for MemDest {
         true
     }
     fn read_disk_block(&mut self, r: DiskRef, out: &mut Page) -> bool {
-        self.disk.get(&(r.image, r.block)).map(|b| out.copy_from_slice(b)).is_some()
+        let found = self.disk.get(&(r.image, r.sector)).map(|b| out.copy_from_slice(b)).is_some();
+        out[r.disk_bytes()..].fill(0);
+        found
     }
     fn read_snapshot_page(&mut self, page: u64, out: &mut Page) -> bool {
         usize::try_from(page).ok().and_then(|q| self.snapshot.get(q)).map(|b| out.copy_from_slice(b)).is_some()
@@ -97,7 +99,7 @@ fn setup(pages: usize, opts: EncodeOptions) -> (Encoder, MemDest) {
     let mut snap = HashMap::new();
     for i in 0..DISK_BLOCKS {
         let b = disk_block(i);
-        disk.insert(fingerprint(&b), DiskRef { image: 3, block: i });
+        disk.insert(fingerprint(&b), DiskRef { image: 3, sector: i, zero_tail_sectors: 0 });
         d.disk.insert((3, i), b);
     }
     for i in 0..SNAP_PAGES {
@@ -128,7 +130,7 @@ fn a_colliding_disk_block_is_a_miss_and_never_written() {
     let mut e = Encoder::new(4, EncodeOptions::default(), key());
     let mut d = MemDest::new(4);
     d.disk.insert((3, 100), block);
-    let index: HashMap<u128, DiskRef> = [(fingerprint(&block), DiskRef { image: 3, block: 100 })].into();
+    let index: HashMap<u128, DiskRef> = [(fingerprint(&block), DiskRef { image: 3, sector: 100, zero_tail_sectors: 0 })].into();
     e.set_disk_lookup(Arc::new(Refs(index, HashMap::new())));
     assert_eq!(e.push(2, &page).0, PageClass::DiskRef, "the unkeyed index offers the colliding block");
     let sum = decode_batch(&e.take(), 4, &key(), &mut d).unwrap();
@@ -697,4 +699,35 @@ fn recycled_buffers_and_compressor_switch() {
     assert!(decode_batch(&b, 600, &key(), &mut d).unwrap().misses.is_empty());
     assert_eq!(d.ram[2], mutate(&text, 2, 300));
     assert_eq!(d.ram[599], unique(599));
+}
+
+#[test]
+fn disk_refs_pack_their_sector_and_zero_tail_into_one_word() {
+    for (sector, tail) in [(0u64, 0u8), (7, 1), (DiskRef::MAX_SECTOR, 7), (123_456_789, 6)] {
+        let r = DiskRef { image: 9, sector, zero_tail_sectors: tail };
+        assert_eq!(DiskRef::from_wire(9, r.to_wire()), r);
+        assert_eq!(r.disk_bytes(), 4096 - 512 * usize::from(tail));
+    }
+    assert_eq!(DiskRef::from_wire(1, u64::MAX), DiskRef { image: 1, sector: DiskRef::MAX_SECTOR, zero_tail_sectors: 7 });
+}
+
+/// The last page of a file on a filesystem with 1 KiB blocks: its data, then zeros where the
+/// disk goes on with other blocks. The reference names the data's sector and the zero tail; the
+/// receiver reads only the data and checks the whole page.
+#[test]
+fn a_disk_ref_with_a_zero_tail_decodes_to_the_data_then_zeros() {
+    let mut disk_content = disk_block(5);
+    let mut page = disk_content;
+    page[2048..].fill(0);
+    disk_content[2048..].fill(0xEE); // the disk's next blocks: other data
+    let index: HashMap<u128, DiskRef> = [(fingerprint(&page), DiskRef { image: 2, sector: 40, zero_tail_sectors: 4 })].into();
+    let mut e = Encoder::new(8, EncodeOptions::default(), key());
+    e.set_disk_lookup(Arc::new(Refs(index, HashMap::new())));
+    assert_eq!(e.push(1, &page).0, PageClass::DiskRef);
+    let batch = e.take();
+    let mut d = MemDest::new(8);
+    d.disk.insert((2, 40), disk_content);
+    let s = decode_batch(&batch, 8, &key(), &mut d).unwrap();
+    assert!(s.misses.is_empty(), "{:?}", s.misses);
+    assert_eq!(d.ram[1], page);
 }

@@ -1,8 +1,7 @@
-//! Building an index: threads take 16 MiB segments of the image in turn, read them with pread
-//! and fingerprint every non-zero block.
+//! Building an index: threads take 16 MiB segments of window starts in turn, read them with
+//! pread (and the 4 KiB - stride after them) and fingerprint every non-zero window.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
@@ -11,12 +10,12 @@ use std::time::Duration;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::file::{self, Stamp};
-use crate::{is_zero, DiskIndex, IndexError, Meta, BLOCK_SIZE, BLOCK_SIZE_U64, MAX_BLOCKS};
+use crate::{is_zero, windows, Align, DiskIndex, Source, IndexError, Meta, BLOCK_SIZE, BLOCK_SIZE_U64, MAX_WINDOWS};
 
-/// Blocks per work unit (16 MiB).
-const SEGMENT_BLOCKS: u64 = 4096;
-/// Blocks per read (1 MiB).
-const READ_BLOCKS: usize = 256;
+/// Bytes of window starts per work unit (16 MiB).
+const SEGMENT_BYTES: u64 = 16 << 20;
+/// Bytes of window starts per read (1 MiB; a read takes the 4 KiB - stride after them too).
+const READ_BYTES: u64 = 1 << 20;
 /// Blocks sampled for the sample hash.
 const SAMPLES: u64 = 16;
 /// How often the progress callback runs during a build.
@@ -32,33 +31,63 @@ pub struct BuildProgress {
     pub total_bytes: u64,
 }
 
-type SegmentResult = (u64, Vec<(u128, u32)>);
+type SegmentResult = (u64, Vec<(u128, u32, u8)>);
+
+/// What the workers share.
+struct Job<'a> {
+    f: &'a Source,
+    image: &'a Path,
+    size: u64,
+    stride: u64,
+    windows: u64,
+    next: AtomicU64,
+    done: AtomicU64,
+    abort: AtomicBool,
+}
 
 impl DiskIndex {
-    /// Builds the index of a raw image with one thread per available core (at most 8).
+    /// Builds the index of a raw image with one thread per available core (at most 8), its
+    /// stride detected ([`Align::Auto`]).
     pub fn build(image: &Path, progress: &mut dyn FnMut(BuildProgress)) -> Result<DiskIndex, IndexError> {
+        Self::build_aligned(image, Align::Auto, progress)
+    }
+
+    /// Builds the index of a raw image with one thread per available core (at most 8).
+    pub fn build_aligned(image: &Path, align: Align, progress: &mut dyn FnMut(BuildProgress)) -> Result<DiskIndex, IndexError> {
         let threads = thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-        Self::build_with_threads(image, threads, progress)
+        Self::build_with_threads(image, align, threads, progress)
     }
 
     /// Builds the index of a raw image with `threads` threads (at least one).
     pub fn build_with_threads(
         image: &Path,
+        align: Align,
         threads: usize,
         progress: &mut dyn FnMut(BuildProgress),
     ) -> Result<DiskIndex, IndexError> {
-        let f = File::open(image).map_err(|source| IndexError::Open { path: image.to_path_buf(), source })?;
-        let before = Stamp::of(&f, image)?;
-        let blocks = before.size / BLOCK_SIZE_U64;
-        if blocks > MAX_BLOCKS {
-            return Err(IndexError::TooLarge { path: image.to_path_buf(), blocks, max: MAX_BLOCKS });
+        let file = File::open(image).map_err(|source| IndexError::Open { path: image.to_path_buf(), source })?;
+        Stamp::of(&file, image)?;
+        let f = Source::open(&file, image)?;
+        let before = Stamp::of_source(&file, image, &f)?;
+        let stride = align.resolve(&f, image)?.bytes;
+        let windows = windows(before.size, stride);
+        if windows > MAX_WINDOWS {
+            return Err(IndexError::TooLarge { path: image.to_path_buf(), windows, stride, max: MAX_WINDOWS });
         }
         let sample_hash = sample_hash(&f, image, before.size)?;
-        let total_bytes = blocks * BLOCK_SIZE_U64;
-        let segments = blocks.div_ceil(SEGMENT_BLOCKS);
-        let next = AtomicU64::new(0);
-        let done = AtomicU64::new(0);
-        let abort = AtomicBool::new(false);
+        // Window starts span [0, windows * stride).
+        let total_bytes = windows * u64::from(stride);
+        let segments = total_bytes.div_ceil(SEGMENT_BYTES);
+        let job = Job {
+            f: &f,
+            image,
+            size: before.size,
+            stride: u64::from(stride),
+            windows,
+            next: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            abort: AtomicBool::new(false),
+        };
         let threads = threads.clamp(1, usize::try_from(segments).unwrap_or(usize::MAX).max(1));
         progress(BuildProgress { done_bytes: 0, total_bytes });
 
@@ -66,7 +95,7 @@ impl DiskIndex {
             let mut handles = Vec::with_capacity(threads);
             let mut spawn_error = None;
             for i in 0..threads {
-                let work = || worker(&f, image, blocks, &next, &done, &abort);
+                let work = || worker(&job);
                 match thread::Builder::new().name(format!("index-{i}")).spawn_scoped(s, work) {
                     Ok(h) => handles.push(h),
                     Err(e) => {
@@ -83,7 +112,7 @@ impl DiskIndex {
             }
             while !handles.iter().all(|h| h.is_finished()) {
                 thread::sleep(PROGRESS_EVERY);
-                progress(BuildProgress { done_bytes: done.load(Ordering::Relaxed), total_bytes });
+                progress(BuildProgress { done_bytes: job.done.load(Ordering::Relaxed), total_bytes });
             }
             handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
         });
@@ -97,77 +126,103 @@ impl DiskIndex {
         }
         progress(BuildProgress { done_bytes: total_bytes, total_bytes });
 
-        let after = Stamp::of(&f, image)?;
+        let after = Stamp::of_source(&file, image, &f)?;
         if let Some(what) = before.differs(&after) {
             return Err(IndexError::ChangedDuringBuild { path: image.to_path_buf(), what });
         }
 
-        // Each segment is sorted by key with equal keys in block order; concatenated in segment
-        // order, a stable sort merges the runs and keeps the first block of every key first.
+        // Each segment is sorted by key with equal keys in window order; concatenated in segment
+        // order, a stable sort merges the runs and keeps the first window of every key first.
         segs.sort_unstable_by_key(|(seg, _)| *seg);
-        let mut all: Vec<(u128, u32)> = Vec::with_capacity(segs.iter().map(|(_, v)| v.len()).sum());
+        let mut all: Vec<(u128, u32, u8)> = Vec::with_capacity(segs.iter().map(|(_, v)| v.len()).sum());
         for (_, v) in segs {
             all.extend(v);
         }
-        all.sort_by_key(|&(k, _)| k);
-        all.dedup_by_key(|&mut (k, _)| k);
-        let (keys, blocks): (Vec<u128>, Vec<u32>) = all.into_iter().unzip();
-        let index_hash = file::body_hash(&keys, &blocks);
-        Ok(DiskIndex::from_sorted(keys, blocks, Meta { stamp: before, sample_hash, index_hash, zero_blocks }))
+        all.sort_by_key(|&(k, _, _)| k);
+        all.dedup_by_key(|&mut (k, _, _)| k);
+        let mut keys = Vec::with_capacity(all.len());
+        let mut blocks = Vec::with_capacity(all.len());
+        let mut tails = Vec::with_capacity(all.len());
+        for (k, b, t) in all {
+            keys.push(k);
+            blocks.push(b);
+            tails.push(t);
+        }
+        let index_hash = file::body_hash(stride, &keys, &blocks, &tails);
+        Ok(DiskIndex::from_sorted(keys, blocks, tails, Meta { stamp: before, sample_hash, index_hash, zero_blocks, stride }))
     }
 }
 
-fn worker(
-    f: &File,
-    image: &Path,
-    blocks: u64,
-    next: &AtomicU64,
-    done: &AtomicU64,
-    abort: &AtomicBool,
-) -> Result<(Vec<SegmentResult>, u64), IndexError> {
+fn worker(job: &Job<'_>) -> Result<(Vec<SegmentResult>, u64), IndexError> {
     let mut out = Vec::new();
     let mut zero = 0u64;
-    let mut buf = vec![0u8; READ_BLOCKS * BLOCK_SIZE];
+    let tail = BLOCK_SIZE_U64 - job.stride;
+    let mut buf = vec![0u8; usize::try_from(READ_BYTES + tail).unwrap_or(usize::MAX)];
+    let mut page = [0u8; BLOCK_SIZE];
+    // Window starts of this job are [0, end).
+    let end = job.windows * job.stride;
     loop {
-        if abort.load(Ordering::Relaxed) {
+        if job.abort.load(Ordering::Relaxed) {
             return Ok((out, zero));
         }
-        let seg = next.fetch_add(1, Ordering::Relaxed);
-        let first = seg.saturating_mul(SEGMENT_BLOCKS);
-        if first >= blocks {
+        let seg = job.next.fetch_add(1, Ordering::Relaxed);
+        let first = seg.saturating_mul(SEGMENT_BYTES);
+        if first >= end {
             return Ok((out, zero));
         }
-        let end = (first + SEGMENT_BLOCKS).min(blocks);
+        let seg_end = first.saturating_add(SEGMENT_BYTES).min(end);
         let mut entries = Vec::new();
-        let mut b = first;
-        while b < end {
-            let n = usize::try_from(end - b).unwrap_or(READ_BLOCKS).min(READ_BLOCKS);
-            let chunk = &mut buf[..n * BLOCK_SIZE];
-            let offset = b * BLOCK_SIZE_U64;
-            if let Err(source) = f.read_exact_at(chunk, offset) {
-                abort.store(true, Ordering::Relaxed);
-                return Err(IndexError::Read { path: image.to_path_buf(), offset, source });
+        let mut at = first;
+        while at < seg_end {
+            let starts = (seg_end - at).min(READ_BYTES);
+            // The bytes of every window starting in [at, at + starts): the image holds them all
+            // (the last window starts at most size - 4096).
+            let len = (starts - job.stride + BLOCK_SIZE_U64).min(job.size - at);
+            let chunk = &mut buf[..usize::try_from(len).unwrap_or(0)];
+            if let Err(source) = job.f.read_exact_at(chunk, at) {
+                job.abort.store(true, Ordering::Relaxed);
+                return Err(IndexError::Read { path: job.image.to_path_buf(), offset: at, source });
             }
-            for (i, block) in chunk.chunks_exact(BLOCK_SIZE).enumerate() {
-                if is_zero(block) {
+            let mut off = 0usize;
+            let step = usize::try_from(job.stride).unwrap_or(BLOCK_SIZE);
+            while off as u64 + BLOCK_SIZE_U64 <= len && (off as u64) < starts {
+                let w = &chunk[off..off + BLOCK_SIZE];
+                if is_zero(w) {
                     zero += 1;
                 } else {
-                    // b + i < blocks <= MAX_BLOCKS = u32::MAX, so it fits.
-                    let n = u32::try_from(b + i as u64).unwrap_or(u32::MAX);
-                    entries.push((xxhash_rust::xxh3::xxh3_128(block), n));
+                    // The window number is below windows <= MAX_WINDOWS = u32::MAX, so it fits.
+                    let n = u32::try_from((at + off as u64) / job.stride).unwrap_or(u32::MAX);
+                    entries.push((xxhash_rust::xxh3::xxh3_128(w), n, 0));
+                    // Under 4 KiB blocks, the last page of a file: its first blocks, then zeros.
+                    // Only where the kept part ends with a zero byte, as a file's last block
+                    // does unless the file fills it to the last byte (then its last page is
+                    // sent as any other page): less than half the tail entries otherwise.
+                    let mut keep = step;
+                    while keep < BLOCK_SIZE {
+                        let (head, rest) = w.split_at(keep);
+                        if head.last() == Some(&0) && !is_zero(rest) && !is_zero(head) {
+                            page[..keep].copy_from_slice(head);
+                            page[keep..].fill(0);
+                            // (4096 - keep) / 512 <= 7.
+                            let t = u8::try_from((BLOCK_SIZE - keep) / 512).unwrap_or(7);
+                            entries.push((xxhash_rust::xxh3::xxh3_128(&page), n, t));
+                        }
+                        keep += step;
+                    }
                 }
+                off += step;
             }
-            b += n as u64;
-            done.fetch_add(n as u64 * BLOCK_SIZE_U64, Ordering::Relaxed);
+            at += starts;
+            job.done.fetch_add(starts, Ordering::Relaxed);
         }
-        entries.sort_by_key(|&(k, _)| k);
+        entries.sort_by_key(|&(k, _, _)| k);
         out.push((seg, entries));
     }
 }
 
 /// xxh3-128 of the image size and of [`SAMPLES`] whole blocks spread evenly over the image
 /// (first and last included).
-pub(crate) fn sample_hash(f: &File, image: &Path, size: u64) -> Result<u128, IndexError> {
+pub(crate) fn sample_hash(f: &Source, image: &Path, size: u64) -> Result<u128, IndexError> {
     let blocks = size / BLOCK_SIZE_U64;
     let mut h = Xxh3::new();
     h.update(&size.to_le_bytes());

@@ -33,15 +33,31 @@ pub enum IndexError {
         #[source]
         source: io::Error,
     },
-    /// The image has more blocks than block numbers of the index can address.
-    #[error("the disk image {path} has {blocks} blocks of 4 KiB, more than an index addresses ({max})")]
+    /// The image has more windows than the index's 32-bit window numbers address.
+    #[error("the disk image {path} has {windows} windows of 4 KiB every {stride} bytes, more than an index addresses ({max}); a coarser stride (--disk-align) indexes it")]
     TooLarge {
         /// The image.
         path: PathBuf,
-        /// Its blocks.
-        blocks: u64,
+        /// Its windows at this stride.
+        windows: u64,
+        /// The stride in bytes.
+        stride: u32,
         /// The most an index addresses.
         max: u64,
+    },
+    /// The image's format is read through `qemu-nbd`, which could not serve it.
+    #[error("cannot read the disk image {path} through qemu-nbd: {what}")]
+    Nbd {
+        /// The image.
+        path: PathBuf,
+        /// What failed.
+        what: String,
+    },
+    /// A stride that is not 512, 1024, 2048 or 4096 bytes.
+    #[error("disk alignment {value}: expected 512, 1024, 2048 or 4096 bytes")]
+    BadAlign {
+        /// The value asked for.
+        value: u32,
     },
     /// The image was modified while it was indexed: the index would not describe it.
     #[error("the disk image {path} changed while it was indexed ({what} differs); index it again while nothing writes it")]
@@ -100,24 +116,24 @@ pub enum IndexError {
         /// What differs first.
         what: &'static str,
     },
-    /// A block number beyond the end of the image.
-    #[error("block {block} is beyond the end of the disk image {path} ({blocks} blocks)")]
+    /// A 4 KiB window that does not end within the image.
+    #[error("the 4 KiB at sector {sector} are beyond the end of the disk image {path} ({size} bytes)")]
     BlockOutOfRange {
         /// The image.
         path: PathBuf,
-        /// The block asked for.
-        block: u64,
-        /// Blocks the image has.
-        blocks: u64,
+        /// The sector (512 bytes) the window starts at.
+        sector: u64,
+        /// Bytes the image has.
+        size: u64,
     },
     /// The block does not hold the expected content any more: the image changed since it was
     /// indexed. The receiver should ask for the page itself.
-    #[error("block {block} of the disk image {path} has fingerprint {found}, not the expected {expected}: the image changed since it was indexed")]
+    #[error("the 4 KiB at sector {sector} of the disk image {path} have fingerprint {found}, not the expected {expected}: the image changed since it was indexed")]
     BlockMismatch {
         /// The image.
         path: PathBuf,
-        /// The block.
-        block: u64,
+        /// The sector (512 bytes) the window starts at.
+        sector: u64,
         /// The fingerprint the reference carried.
         expected: Fingerprint,
         /// The fingerprint of the block as read.

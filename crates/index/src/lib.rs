@@ -1,15 +1,16 @@
-//! 128-bit fingerprints of 4 KiB blocks of disk images, their persisted index, the compact
-//! identity both agents exchange, and verified block reads on the receiving side.
+//! 128-bit fingerprints of 4 KiB windows of disk images, their persisted index, the compact
+//! identity both agents exchange, and verified window reads on the receiving side.
 //!
-//! Memory compaction: a guest's page cache holds copies of blocks of its root disk. When the
-//! destination holds the same image, a page equal to a disk block goes as a reference (block
-//! number + [`Fingerprint`]); the receiver reads the block from its own copy with a
-//! [`BlockReader`], which checks the fingerprint, so a block changed since (the guest writes its
+//! Memory compaction: a guest's page cache holds copies of 4 KiB of its root disk. When the
+//! destination holds the same image, a page equal to 4 KiB of the disk goes as a reference (the
+//! sector it starts at + [`Fingerprint`]); the receiver reads those bytes from its own copy (a
+//! [`BlockReader`] checks the fingerprint), so a window changed since (the guest writes its
 //! disk) is detected and the page can be requested again.
 //!
-//! - [`DiskIndex::build`] scans a raw image with several threads: every 4 KiB-aligned non-zero
-//!   block's fingerprint maps to its first block number. Zero blocks are not indexed (zero pages
-//!   are compacted elsewhere); a trailing partial block is not indexed either.
+//! - [`DiskIndex::build`] scans a raw image with several threads: the fingerprint of every
+//!   non-zero 4 KiB window starting at a multiple of the index's stride (512, 1024, 2048 or
+//!   4096 bytes, [`Align`]: detected from the image's filesystems, or given) maps to its first
+//!   window. Zero windows are not indexed (zero pages are compacted elsewhere).
 //! - [`DiskIndex::load_or_build`] keeps the index in a cache directory and rebuilds it when the
 //!   image changed (size, mtime, ctime, inode, device or a content sample differ) or the index
 //!   file is unreadable, truncated or corrupted. The cache directory is created mode 0700 and
@@ -17,11 +18,13 @@
 //!   ([`IndexError::Insecure`]), as is such a snapshot directory ([`snapshot`]).
 //! - [`DiskIndex::identity`] is the [`ImageIdentity`] both sides compare in the handshake.
 
+mod align;
 mod build;
 mod error;
 mod file;
 mod private;
 mod reader;
+mod source;
 pub mod snapshot;
 
 use std::fmt;
@@ -29,19 +32,22 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use xxhash_rust::xxh3::xxh3_128;
 
+pub use align::{detect as detect_stride, Align, Stride, SECTOR, STRIDES};
 pub use build::BuildProgress;
 pub use error::IndexError;
 pub use file::{cache_file_name, Origin};
 pub use private::InsecureDir;
 pub use reader::BlockReader;
+pub use source::{NbdExport, Source};
 pub use snapshot::{save_from, Snapshot, SnapshotError, SnapshotInfo, SnapshotStore, SnapshotWriter};
 
-/// Size of a page of guest memory and of an indexed disk block.
+/// Size of a page of guest memory and of an indexed disk window.
 pub const BLOCK_SIZE: usize = 4096;
 /// [`BLOCK_SIZE`] as u64, for offsets.
 pub const BLOCK_SIZE_U64: u64 = 4096;
-/// Most blocks an index addresses (block numbers are stored in 32 bits): 16 TiB of image.
-pub const MAX_BLOCKS: u64 = u32::MAX as u64;
+/// Most windows an index addresses (window numbers are stored in 32 bits): 16 TiB of image at a
+/// 4096-byte stride, 2 TiB at 512.
+pub const MAX_WINDOWS: u64 = u32::MAX as u64;
 
 static ZERO_BLOCK: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
 
@@ -106,14 +112,19 @@ pub struct ImageIdentity {
     pub index_hash: u128,
 }
 
-/// Fingerprint -> first block number of every non-zero 4 KiB block of a raw disk image.
+/// Fingerprint -> first window of every non-zero 4 KiB window of a raw disk image that starts
+/// at a multiple of its stride.
 ///
-/// Held as sorted fingerprints with a parallel array of block numbers, and a directory on the
+/// Held as sorted fingerprints with a parallel array of window numbers (window `w` starts at
+/// byte `w * stride`), and a directory on the
 /// top bits of the fingerprint (about two entries per bucket), so a lookup reads one directory
 /// slot and searches a handful of keys.
 pub struct DiskIndex {
     keys: Vec<u128>,
     blocks: Vec<u32>,
+    /// Per entry: 512-byte sectors at the end of the page that are zero instead of the disk's
+    /// (0: the whole window; see [`Window`]).
+    tails: Vec<u8>,
     dir: Vec<u32>,
     shift: u32,
     meta: Meta,
@@ -126,6 +137,8 @@ pub(crate) struct Meta {
     pub(crate) sample_hash: u128,
     pub(crate) index_hash: u128,
     pub(crate) zero_blocks: u64,
+    /// Bytes between window starts: one of [`STRIDES`].
+    pub(crate) stride: u32,
 }
 
 impl fmt::Debug for DiskIndex {
@@ -141,8 +154,9 @@ impl fmt::Debug for DiskIndex {
 
 impl DiskIndex {
     /// From sorted, unique keys with their blocks.
-    pub(crate) fn from_sorted(keys: Vec<u128>, blocks: Vec<u32>, meta: Meta) -> Self {
+    pub(crate) fn from_sorted(keys: Vec<u128>, blocks: Vec<u32>, tails: Vec<u8>, meta: Meta) -> Self {
         debug_assert_eq!(keys.len(), blocks.len());
+        debug_assert_eq!(keys.len(), tails.len());
         // About two entries per bucket; at most 2^26 buckets (256 MiB of directory would be silly).
         let bits = keys.len().checked_ilog2().unwrap_or(0).saturating_sub(1).min(26);
         let shift = 128 - bits;
@@ -156,17 +170,37 @@ impl DiskIndex {
         for i in 1..dir.len() {
             dir[i] += dir[i - 1];
         }
-        DiskIndex { keys, blocks, dir, shift, meta }
+        DiskIndex { keys, blocks, tails, dir, shift, meta }
     }
 
-    /// The first block holding a page with this fingerprint, if any.
+    /// The first window holding a page with this fingerprint, if any.
     #[inline]
-    pub fn lookup(&self, fp: &Fingerprint) -> Option<u64> {
+    pub fn lookup(&self, fp: &Fingerprint) -> Option<Window> {
         let b = bucket(fp.0, self.shift);
         let lo = *self.dir.get(b)? as usize;
         let hi = *self.dir.get(b + 1)? as usize;
         let i = self.keys.get(lo..hi)?.binary_search(&fp.0).ok()?;
-        self.blocks.get(lo + i).map(|&n| u64::from(n))
+        Some(self.window(*self.blocks.get(lo + i)?, *self.tails.get(lo + i)?))
+    }
+
+    #[inline]
+    fn window(&self, n: u32, tail: u8) -> Window {
+        Window { sector: self.sector_of(n), zero_tail_sectors: tail }
+    }
+
+    #[inline]
+    fn sector_of(&self, window: u32) -> u64 {
+        u64::from(window) * (u64::from(self.meta.stride) / SECTOR)
+    }
+
+    /// Bytes between the starts of indexed windows (512, 1024, 2048 or 4096).
+    pub fn stride(&self) -> u32 {
+        self.meta.stride
+    }
+
+    /// Number of 4 KiB windows of the image at its stride (zero ones included).
+    pub fn windows(&self) -> u64 {
+        windows(self.meta.stamp.size, self.meta.stride)
     }
 
     /// Number of distinct non-zero fingerprints indexed.
@@ -189,7 +223,7 @@ impl DiskIndex {
         self.meta.stamp.size / BLOCK_SIZE_U64
     }
 
-    /// Number of all-zero blocks of the image.
+    /// Number of all-zero windows of the image at its stride.
     pub fn zero_blocks(&self) -> u64 {
         self.meta.zero_blocks
     }
@@ -201,12 +235,45 @@ impl DiskIndex {
 
     /// Bytes of memory held by the index.
     pub fn memory_bytes(&self) -> usize {
-        self.keys.capacity() * 16 + self.blocks.capacity() * 4 + self.dir.capacity() * 4
+        self.keys.capacity() * 16 + self.blocks.capacity() * 4 + self.tails.capacity() + self.dir.capacity() * 4
     }
 
-    /// Iterates over (fingerprint, block) in fingerprint order.
-    pub fn iter(&self) -> impl Iterator<Item = (Fingerprint, u64)> + '_ {
-        self.keys.iter().zip(&self.blocks).map(|(&k, &b)| (Fingerprint(k), u64::from(b)))
+    /// Iterates over (fingerprint, its first window) in fingerprint order.
+    pub fn iter(&self) -> impl Iterator<Item = (Fingerprint, Window)> + '_ {
+        self.keys.iter().zip(&self.blocks).zip(&self.tails).map(|((&k, &b), &t)| (Fingerprint(k), self.window(b, t)))
+    }
+}
+
+/// Where a page's content is on the disk: the 4 KiB at `sector`, or, when `zero_tail_sectors`
+/// is not 0, the first `4096 - 512 * zero_tail_sectors` bytes there followed by zeros. The
+/// second form is the last page of a file on a filesystem with blocks under 4 KiB: its data
+/// ends within the page (zeros after the end of the file) while the disk goes on with other
+/// blocks. Indexes of a stride under 4096 hold both forms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Window {
+    /// The sector (512-byte units) the content starts at.
+    pub sector: u64,
+    /// Sectors at the end of the page that are zero (0..=7).
+    pub zero_tail_sectors: u8,
+}
+
+impl Window {
+    /// A whole 4 KiB window.
+    pub fn whole(sector: u64) -> Window {
+        Window { sector, zero_tail_sectors: 0 }
+    }
+
+    /// Bytes read from the disk (the rest of the page is zero).
+    pub fn disk_bytes(&self) -> usize {
+        BLOCK_SIZE - 512 * usize::from(self.zero_tail_sectors.min(7))
+    }
+}
+
+/// Number of whole 4 KiB windows of an image of `size` bytes starting every `stride` bytes.
+pub(crate) fn windows(size: u64, stride: u32) -> u64 {
+    match size.checked_sub(BLOCK_SIZE_U64) {
+        Some(rest) if stride > 0 => rest / u64::from(stride) + 1,
+        _ => 0,
     }
 }
 

@@ -386,7 +386,9 @@ impl VmConfig {
             self.append(),
         ]);
         if self.with_disk {
-            a.extend(["-drive".into(), format!("file={},format=raw,if=virtio,readonly=on", p(&image.disk))]);
+            // A `.qcow2` root (e.g. root.qcow2 over its backing file) as qcow2, else raw.
+            let format = if image.disk.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
+            a.extend(["-drive".into(), format!("file={},format={format},if=virtio,readonly=on", p(&image.disk))]);
         }
         if let Some(d) = &self.data_disk {
             if !self.with_disk {

@@ -27,9 +27,14 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 /// 4: page hashes, reference fingerprints and digests are keyed per migration (the key from
 /// the TLS session's exporter, or on a plain link from [`Message::Welcome`]'s `page_key`); a
 /// version-3 peer checks unkeyed fingerprints, so it is not spoken any more.
-pub const PROTOCOL_VERSION: u32 = 4;
+///
+/// 5: a `disk_ref` record addresses its 4 KiB by the 512-byte sector they start at (any
+/// alignment), not by 4 KiB block number, and may end the page with zeros instead of the disk's
+/// next sectors (`livemig_compact::DiskRef`); a version-4 peer would read the wrong bytes (and
+/// resend every such page after its fingerprint check), so it is not spoken any more.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Oldest peer version this build still speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 4;
+pub const MIN_PROTOCOL_VERSION: u32 = 5;
 /// Largest payload accepted from the wire (a batch of pages plus its record headers).
 pub const MAX_PAYLOAD: u32 = 4 * 1024 * 1024;
 /// Largest JSON control message accepted.
@@ -801,14 +806,16 @@ mod tests {
     #[test]
     fn negotiation() {
         assert_eq!(negotiate(1, 7), Some(PROTOCOL_VERSION));
-        assert_eq!(negotiate(4, 4), Some(4));
+        assert_eq!(negotiate(5, 5), Some(5));
+        // a version-4 peer addresses disk references by 4 KiB block: refused
+        assert_eq!(negotiate(4, 4), None, "a version-4 peer (disk references by block) is refused");
         // a version-1 peer (before compaction references) is refused
         assert_eq!(negotiate(1, 1), None);
         // version 2 and 3 peers check unkeyed fingerprints: refused
         assert_eq!(negotiate(2, 2), None);
         assert_eq!(negotiate(2, 3), None, "a version-3 peer (unkeyed fingerprints) is refused");
-        assert_eq!(negotiate(3, 9), Some(4), "a peer that speaks 4 too is spoken with at 4");
-        assert_eq!(negotiate(5, 9), None);
+        assert_eq!(negotiate(3, 9), Some(5), "a peer that speaks 5 too is spoken with at 5");
+        assert_eq!(negotiate(6, 9), None);
         assert_eq!(negotiate(0, 0), None);
     }
 

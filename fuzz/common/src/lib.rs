@@ -64,7 +64,8 @@ pub fn fix_frame_checksums(stream: &mut [u8]) {
 pub const RAM_PAGES: u64 = 64;
 /// A guest page the fake destination cannot read (a read error).
 pub const UNREADABLE_PAGE: u64 = 63;
-/// Blocks of the one disk image (id 0) the fake destination holds.
+/// 4 KiB windows of the one disk image (id 0) the fake destination holds, at sectors 0..16 (its
+/// own layout: a reference names one by its sector).
 pub const DISK_BLOCKS: u64 = 16;
 /// Pages of the fake destination's snapshot.
 pub const SNAPSHOT_PAGES: u64 = 16;
@@ -150,10 +151,11 @@ impl livemig_compact::Destination for FakeDest {
     }
 
     fn read_disk_block(&mut self, r: DiskRef, out: &mut [u8; PAGE_SIZE]) -> bool {
-        if r.image != 0 || r.block >= DISK_BLOCKS {
+        if r.image != 0 || r.sector >= DISK_BLOCKS {
             return false;
         }
-        *out = disk_block(r.block);
+        *out = disk_block(r.sector);
+        out[r.disk_bytes()..].fill(0);
         true
     }
 
@@ -254,8 +256,14 @@ pub fn fix_fingerprints(batch: &mut [u8]) {
             }
             PageClass::DiskRef if r.len == 26 => {
                 let image = u16::from_le_bytes([data[0], data[1]]);
-                let block = u64::from_le_bytes(data[2..10].try_into().expect("8 bytes"));
-                (image == 0 && block < DISK_BLOCKS).then(|| disk_block(block))
+                let v = u64::from_le_bytes(data[2..10].try_into().expect("8 bytes"));
+                // Bits 0-60: the sector; 61-63: sectors of zeros ending the page.
+                let (sector, tail) = (v & ((1 << 61) - 1), (v >> 61) as usize);
+                (image == 0 && sector < DISK_BLOCKS).then(|| {
+                    let mut p = disk_block(sector);
+                    p[PAGE_SIZE - 512 * tail..].fill(0);
+                    p
+                })
             }
             PageClass::SnapshotRef if r.len == 24 => {
                 let q = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
@@ -346,7 +354,7 @@ pub fn fix_index_file(mode: u8, file: &mut [u8], real: &[u8]) {
     }
     let body = INDEX_HEADER..file.len() - INDEX_TRAILER;
     if mode & INDEX_FIX_ENTRIES != 0 {
-        let entries = (body.len() / 20) as u64;
+        let entries = (body.len() / 21) as u64;
         file[112..120].copy_from_slice(&entries.to_le_bytes());
     }
     if mode & INDEX_FIX_STAMP != 0 {
@@ -354,7 +362,11 @@ pub fn fix_index_file(mode: u8, file: &mut [u8], real: &[u8]) {
         file[16..88].copy_from_slice(&real[16..88]);
     }
     if mode & INDEX_FIX_INDEX_HASH != 0 {
-        let h = xxhash_rust::xxh3::xxh3_128(&file[body.clone()]);
+        // The index hash covers the stride (header bytes 12..16), then the body.
+        let mut x = xxhash_rust::xxh3::Xxh3::new();
+        x.update(&file[12..16]);
+        x.update(&file[body.clone()]);
+        let h = x.digest128();
         file[88..104].copy_from_slice(&h.to_le_bytes());
     }
     if mode & INDEX_FIX_TRAILER != 0 {

@@ -244,7 +244,7 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     if !opts.disk_images.is_empty() {
         obs.progress(Progress::Phase("indexing the disk images"));
     }
-    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
+    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache, opts.disk_align, obs, report)?;
     let (stream, mut reader, mut writer_half, tls_key) = crate::send::connect_receiver(opts, obs, report)?;
     let welcomed = hello_and_welcome(
         &mut reader,

@@ -96,6 +96,8 @@ pub struct TunnelSendOptions {
     pub disk_images: Vec<PathBuf>,
     /// Where disk indexes are cached.
     pub index_cache: PathBuf,
+    /// Bytes between indexed 4 KiB windows of the disk images (auto: from their filesystems).
+    pub disk_align: livemig_index::Align,
     /// Set by a signal handler to cancel.
     pub cancel: Arc<AtomicBool>,
 }
@@ -115,6 +117,7 @@ impl TunnelSendOptions {
             compressor: Compressor::Lz4,
             disk_images: Vec::new(),
             index_cache: holdings::default_index_cache(),
+            disk_align: livemig_index::Align::Auto,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -148,6 +151,8 @@ pub struct TunnelReceiveOptions {
     pub disk_images: Vec<PathBuf>,
     /// Where disk indexes are cached.
     pub index_cache: PathBuf,
+    /// Bytes between indexed 4 KiB windows of the disk images (auto: from their filesystems).
+    pub disk_align: livemig_index::Align,
     /// Set by a signal handler to cancel.
     pub cancel: Arc<AtomicBool>,
 }
@@ -163,6 +168,7 @@ impl TunnelReceiveOptions {
             accept_timeout: Duration::from_secs(600),
             disk_images: Vec::new(),
             index_cache: holdings::default_index_cache(),
+            disk_align: livemig_index::Align::Auto,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -357,7 +363,7 @@ fn send_run(opts: &TunnelSendOptions, obs: &mut dyn Observer, report: &mut Repor
     if !opts.disk_images.is_empty() {
         obs.progress(Progress::Phase("indexing the disk images"));
     }
-    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
+    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache, opts.disk_align, obs, report)?;
     let (stream, mut reader, mut writer_half, tls_key) = crate::send::connect_receiver(&opts.connection(), obs, report)?;
     let super::send::Welcomed { disks, key, .. } = hello_and_welcome(
         &mut reader,
@@ -764,7 +770,7 @@ fn receive_run(
     if !opts.disk_images.is_empty() {
         obs.progress(Progress::Phase("indexing the disk images"));
     }
-    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache)?;
+    let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache, opts.disk_align, obs, report)?;
     let ropts = opts.rebuild();
     obs.progress(Progress::Phase("waiting for the tunnel's sender"));
     let wait = crate::arrival::Wait::new(&opts.transport, (opts.timeout, opts.accept_timeout), &ropts.cancel, "the tunnel's sender");

@@ -68,6 +68,25 @@ pub(crate) struct DemoArgs {
     /// which takes the stream engine on this QEMU.
     #[arg(long)]
     engine: Option<String>,
+    /// The guest's root disk: `4k` (root.raw, ext4 with 4 KiB blocks) or `1k` (root-1k.raw: the
+    /// same files on an ext4 with 1 KiB blocks, whose cached pages sit at 1 KiB offsets).
+    #[arg(long, value_enum, default_value_t = Root::FourK)]
+    root: Root,
+    /// Passed to `send` and `receive` with the cache scenario's --disk-image (auto, 512, 1024,
+    /// 2048, 4096).
+    #[arg(long, default_value = "auto")]
+    disk_align: String,
+}
+
+/// The root disk the demo guest boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Root {
+    /// root.raw: ext4 with 4 KiB blocks.
+    #[value(name = "4k")]
+    FourK,
+    /// root-1k.raw: ext4 with 1 KiB blocks.
+    #[value(name = "1k")]
+    OneK,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -193,7 +212,10 @@ pub(crate) fn run(a: &DemoArgs) -> anyhow::Result<u8> {
     };
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     eprintln!("demo: building or finding the test guest (first build downloads the Debian cloud kernel)");
-    let image = GuestImage::build().context("cannot build the test guest")?;
+    let mut image = GuestImage::build().context("cannot build the test guest")?;
+    if a.root == Root::OneK {
+        image.disk = image.disk.with_file_name("root-1k.raw");
+    }
     let tls = work.join("tls");
     if !tls.join(livemig_tls::CA_FILE).exists() {
         livemig_tls::make_certs(&tls, &["localhost".to_string()]).context("cannot make TLS certificates for the demo")?;
@@ -225,7 +247,10 @@ pub(crate) fn run(a: &DemoArgs) -> anyhow::Result<u8> {
     let disk = image.disk.display().to_string();
     let (snaps_a, snaps_b) = (work.join("host-a-snapshots"), work.join("host-b-snapshots"));
     let (send_extra, recv_extra) = match a.scenario {
-        Scenario::Cache => (s(&["--disk-image", &disk]), s(&["--disk-image", &disk])),
+        Scenario::Cache => (
+            s(&["--disk-image", &disk, "--disk-align", &a.disk_align]),
+            s(&["--disk-image", &disk, "--disk-align", &a.disk_align]),
+        ),
         Scenario::Return => (
             s(&["--vm-id", "demo-vm", "--snapshot-dir", &snaps_a.display().to_string()]),
             s(&["--snapshot-dir", &snaps_b.display().to_string()]),

@@ -19,12 +19,18 @@ fn cache_guest(name: &str, mib: u64) -> Pair {
 
 /// [`cache_guest`] with its RAM on `backend`, both sides.
 pub(crate) fn cache_guest_on(name: &str, mib: u64, backend: livemig_lab::RamBackend) -> Pair {
+    cache_guest_of(harness::image(), name, mib, backend)
+}
+
+/// [`cache_guest_on`] of the guest `image` (its root disk read into the page cache).
+pub(crate) fn cache_guest_of(image: livemig_lab::GuestImage, name: &str, mib: u64, backend: livemig_lab::RamBackend) -> Pair {
     let workload = [("mode", "cache"), ("mib", &mib.to_string()), ("then-dirty-mib", "8"), ("rate", "2"), ("pattern", "uniform"), ("verify-secs", "2")]
         .iter()
         .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
         .collect();
     let dst_backend = backend.clone();
-    Pair::start_custom(
+    Pair::start_custom_on(
+        image,
         name,
         workload,
         |mut c| {
@@ -107,6 +113,95 @@ fn cached_disk_blocks_go_as_references_and_every_class_arrives_byte_exact() {
     assert_eq!(m.recv_report["zero_pages_written"], 0);
     assert_byte_exact(pair.src.qmp_path(), &m);
     pair.assert_destination_guest_verifies(3);
+}
+
+/// A root disk on ext4 with 1 KiB blocks (`root-1k.raw`): a page-cache page of a file is four
+/// 1 KiB blocks, on the disk at any 1 KiB boundary. Both agents detect the block size and index a
+/// window every 1 KiB; the cached pages go as references to their sectors, byte-exact. With
+/// `engine` "shared" or "stream".
+fn one_k_block_root_migrates_with_its_cache_as_references(engine: &str) -> Migration {
+    let backend = if engine == "stream" { livemig_lab::RamBackend::Anonymous } else { livemig_lab::RamBackend::ShmFile };
+    let image = harness::image_1k();
+    let disk = image.disk.display().to_string();
+    let pair = cache_guest_of(image, &format!("cache1k-{engine}"), 200, backend);
+    let cache = pair.dir.join("index-cache").display().to_string();
+    // Integrity is the point: a maximum the downtime fits in on a loaded machine.
+    let m = Migration::run(
+        &pair,
+        &["--engine", engine, "--disk-image", &disk, "--index-cache", &cache, "--max-downtime", "3s"],
+        &["--disk-image", &disk, "--index-cache", &cache, "--verify-reread"],
+    );
+    m.assert_completed();
+    let (s, r) = (&m.send_report, &m.recv_report);
+    assert_eq!(s["engine"], engine, "{s:#}");
+    for rep in [s, r] {
+        let idx = &rep["disk_indexes"][0];
+        assert_eq!(idx["stride"], 1024, "{idx:#}");
+        assert!(idx["stride_reason"].as_str().unwrap().contains("ext4 with 1024-byte blocks at byte 0"), "{idx:#}");
+    }
+    assert_eq!(s["disk_images_used"], 1);
+    // 200 MiB of files read: most of their ~51,000 pages are references.
+    assert!(pages(s, "disk_ref") > 30_000, "page-cache pages not sent as disk references: {:#}", s["pages"]);
+    assert_eq!(s["resent_pages"], 0, "an unchanged disk image resolves every reference");
+    assert_eq!(pages(r, "disk_ref"), pages(s, "disk_ref"));
+    if engine == "shared" {
+        assert_byte_exact(pair.src.qmp_path(), &m);
+    } else {
+        // The stream engine rebuilds QEMU's stream byte for byte: its keyed digest was compared
+        // before the rest reached the destination QEMU, and nothing fell back to verbatim.
+        assert!(s["stream"]["fallback"].is_null(), "{s:#}");
+        let v = &r["verification"];
+        assert_eq!(v["ok"], true, "{v:#}");
+        assert_eq!(v["source_digest"], v["destination_digest"], "{v:#}");
+    }
+    pair.assert_destination_guest_verifies(3);
+    m
+}
+
+#[test]
+fn a_1k_block_ext4_roots_cached_pages_go_as_references_byte_exact() {
+    let _g = harness::vm_lock();
+    let m = one_k_block_root_migrates_with_its_cache_as_references("shared");
+    eprintln!("1 KiB-block root, shared engine: pages {:#}, wire_fraction {}", m.send_report["pages"], m.send_report["wire_fraction"]);
+}
+
+#[test]
+fn a_1k_block_ext4_roots_cached_pages_go_as_references_with_the_stream_engine() {
+    let _g = harness::vm_lock();
+    let m = one_k_block_root_migrates_with_its_cache_as_references("stream");
+    eprintln!("1 KiB-block root, stream engine: pages {:#}, wire_fraction {}", m.send_report["pages"], m.send_report["wire_fraction"]);
+}
+
+/// A qcow2 root with a backing file: both agents index and read its guest-visible content
+/// through qemu-nbd; the cached pages go as references, byte-exact.
+#[test]
+fn a_qcow2_roots_cached_pages_go_as_references_byte_exact() {
+    let _g = harness::vm_lock();
+    let image = harness::image_qcow2();
+    let disk = image.disk.display().to_string();
+    let pair = cache_guest_of(image, "cache-qcow2", 200, livemig_lab::RamBackend::ShmFile);
+    let cache = pair.dir.join("index-cache").display().to_string();
+    let m = Migration::run(
+        &pair,
+        &["--disk-image", &disk, "--index-cache", &cache, "--max-downtime", "3s"],
+        &["--disk-image", &disk, "--index-cache", &cache, "--verify-reread"],
+    );
+    m.assert_completed();
+    let (s, r) = (&m.send_report, &m.recv_report);
+    let guest_size = std::fs::metadata(harness::image().disk).unwrap().len();
+    for rep in [s, r] {
+        let idx = &rep["disk_indexes"][0];
+        // The guest-visible size (root.raw's) and filesystem, not the qcow2 file's.
+        assert!(idx["stride_reason"].as_str().unwrap().contains("ext4 with 4096-byte blocks at byte 0"), "{idx:#}");
+        assert_eq!(idx["windows"], guest_size / 4096, "{idx:#}");
+    }
+    assert_eq!(s["disk_images_used"], 1);
+    assert!(pages(s, "disk_ref") > 30_000, "page-cache pages not sent as disk references: {:#}", s["pages"]);
+    assert_eq!(s["resent_pages"], 0, "an unchanged disk image resolves every reference");
+    assert_eq!(pages(r, "disk_ref"), pages(s, "disk_ref"));
+    assert_byte_exact(pair.src.qmp_path(), &m);
+    pair.assert_destination_guest_verifies(3);
+    eprintln!("qcow2 root: pages {:#}, wire_fraction {}", s["pages"], s["wire_fraction"]);
 }
 
 #[test]

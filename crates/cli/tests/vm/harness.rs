@@ -47,6 +47,23 @@ pub fn image() -> GuestImage {
     GuestImage::find().expect("the test guest is built (run `livemig-dev guest build` or .ci/run)")
 }
 
+/// The test guest with its root on `root.qcow2` (root.raw's content in a qcow2 overlay over its
+/// backing file `root-base.qcow2`).
+pub fn image_qcow2() -> GuestImage {
+    let mut i = image();
+    i.disk = i.disk.with_file_name("root.qcow2");
+    assert!(i.disk.is_file(), "{} missing: guest/build.sh makes it", i.disk.display());
+    i
+}
+
+/// The test guest with its root on `root-1k.raw` (the same files, ext4 with 1 KiB blocks).
+pub fn image_1k() -> GuestImage {
+    let mut i = image();
+    i.disk = i.disk.with_file_name("root-1k.raw");
+    assert!(i.disk.is_file(), "{} missing: guest/build.sh makes it", i.disk.display());
+    i
+}
+
 fn workdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("livemig-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -60,6 +77,8 @@ pub struct Pair {
     pub dst: Vm,
     pub dir: PathBuf,
     dst_cfg: VmConfig,
+    /// The guest both VMs boot (its root disk attached when `with_disk`).
+    pub image: GuestImage,
 }
 
 impl Pair {
@@ -92,8 +111,18 @@ impl Pair {
         src_cfg: impl FnOnce(VmConfig) -> VmConfig,
         dst_cfg: impl FnOnce(VmConfig) -> VmConfig,
     ) -> Pair {
+        Self::start_custom_on(image(), name, workload, src_cfg, dst_cfg)
+    }
+
+    /// [`Pair::start_custom`] of the guest `image` (e.g. [`image_1k`]).
+    pub fn start_custom_on(
+        image: GuestImage,
+        name: &str,
+        workload: Vec<(String, String)>,
+        src_cfg: impl FnOnce(VmConfig) -> VmConfig,
+        dst_cfg: impl FnOnce(VmConfig) -> VmConfig,
+    ) -> Pair {
         let dir = workdir(name);
-        let image = image();
         let mut cfg = VmConfig::new("source", &dir);
         cfg.mem_mib = 384;
         cfg.workload = workload;
@@ -104,21 +133,20 @@ impl Pair {
             .expect("the source guest runs its verifier");
         let dcfg = dst_cfg(cfg.as_incoming("destination"));
         let dst = Vm::start(&image, &dcfg).expect("destination VM starts");
-        Pair { src, dst, dir, dst_cfg: dcfg }
+        Pair { src, dst, dir, dst_cfg: dcfg, image }
     }
 
     /// Replaces the destination VM by a fresh one (after a failed attempt it has consumed its
     /// `migrate-incoming`).
     pub fn restart_destination(&mut self) {
-        let image = image();
         let cfg = self.dst_cfg.clone();
         self.dst.kill();
-        self.dst = Vm::start(&image, &cfg).expect("destination VM restarts");
+        self.dst = Vm::start(&self.image, &cfg).expect("destination VM restarts");
     }
 
     /// A new VM waiting with `-incoming defer`, configured as the destination (for a return trip).
     pub fn start_incoming(&self, name: &str) -> Vm {
-        Vm::start(&image(), &self.dst_cfg.as_incoming(name)).expect("incoming VM starts")
+        Vm::start(&self.image, &self.dst_cfg.as_incoming(name)).expect("incoming VM starts")
     }
 
     /// Kills the destination QEMU (SIGKILL), as a crash would.

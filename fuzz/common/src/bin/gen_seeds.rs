@@ -68,7 +68,7 @@ fn messages() -> Vec<Message> {
 struct Disk(HashMap<u128, u64>);
 impl DiskLookup for Disk {
     fn lookup_disk(&self, fp: u128) -> Option<DiskRef> {
-        self.0.get(&fp).map(|&block| DiskRef { image: 0, block })
+        self.0.get(&fp).map(|&sector| DiskRef { image: 0, sector, zero_tail_sectors: 0 })
     }
 }
 struct Snap(HashMap<u128, u64>);
