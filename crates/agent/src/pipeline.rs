@@ -13,10 +13,11 @@
 //! computes the unkeyed xxh3-128 of pages that are not dups, because those indexes outlive one
 //! migration's key.
 //!
-//! Work is split in rounds of [`ROUND_PAGES`] pages per worker. The workers (started once per
-//! call, i.e. per iteration, and fed through bounded channels) each copy their share of a round
-//! out of guest memory, hash it for the ledger and prepare its records ([`Encoder::prepare`],
-//! the encoder read-only); the calling thread then commits the round in page order
+//! Work is split in rounds of [`ROUND_PAGES`] pages per thread. The calling thread and
+//! `threads - 1` workers (started once per call, i.e. per iteration, and fed through bounded
+//! channels) each copy their share of a round out of guest memory, hash it for the ledger and
+//! prepare its records ([`Encoder::prepare`], the encoder read-only); the calling thread then
+//! commits the round in page order
 //! ([`Encoder::commit`], the encoder written) and sends full batches. Page buffers, prepared
 //! records and compressor contexts move between the workers and the committing thread and are
 //! reused for the whole call; batch buffers come back from the writer thread
@@ -34,7 +35,7 @@ use livemig_wire::FrameKind;
 use crate::error::AgentError;
 use crate::link::{Out, Writer};
 
-/// Pages one worker handles per round.
+/// Pages one thread handles per round.
 pub const ROUND_PAGES: usize = 128;
 
 /// Most worker threads.
@@ -57,6 +58,33 @@ struct Job {
 /// A finished share, or the error reading it.
 type Done = (Range<usize>, Vec<Slot>, Result<(), AgentError>);
 
+/// Copies, hashes and prepares the pages of `range` of the list into `slots`.
+fn prepare_share(
+    mem: &GuestMemory,
+    list: &[(u64, bool)],
+    key: &PageKey,
+    enc: &Encoder,
+    range: Range<usize>,
+    slots: &mut [Slot],
+    scratch: &mut Scratch,
+) -> Result<(), AgentError> {
+    for (&(page, whole), slot) in list[range].iter().zip(slots.iter_mut()) {
+        mem.read_page(page, &mut slot.buf)?;
+        let data = &slot.buf.0;
+        let item = PageRef { page, data, whole };
+        if is_zero(data) {
+            slot.hash = key.zero_hash();
+            enc.prepare(&item, scratch, &mut slot.prepared);
+        } else {
+            // The one hash of the copy: the record's fingerprint and the ledger's hash.
+            let fp = key.fingerprint(data);
+            slot.hash = PageKey::hash_of(fp);
+            enc.prepare_fingerprinted(&item, fp, scratch, &mut slot.prepared);
+        }
+    }
+    Ok(())
+}
+
 fn worker(
     mem: &GuestMemory,
     list: &[(u64, bool)],
@@ -68,27 +96,10 @@ fn worker(
     let mut scratch = Scratch::default();
     for Job { range, mut slots } in jobs {
         let guard = PanicGuard { done, range: range.clone() };
-        let mut result = Ok(());
-        {
+        let result = {
             let enc = encoder.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (&(page, whole), slot) in list[range.clone()].iter().zip(slots.iter_mut()) {
-                if let Err(e) = mem.read_page(page, &mut slot.buf) {
-                    result = Err(e.into());
-                    break;
-                }
-                let data = &slot.buf.0;
-                let item = PageRef { page, data, whole };
-                if is_zero(data) {
-                    slot.hash = key.zero_hash();
-                    enc.prepare(&item, &mut scratch, &mut slot.prepared);
-                } else {
-                    // The one hash of the copy: the record's fingerprint and the ledger's hash.
-                    let fp = key.fingerprint(data);
-                    slot.hash = PageKey::hash_of(fp);
-                    enc.prepare_fingerprinted(&item, fp, &mut scratch, &mut slot.prepared);
-                }
-            }
-        }
+            prepare_share(mem, list, key, &enc, range.clone(), &mut slots, &mut scratch)
+        };
         std::mem::forget(guard);
         if done.send((range, slots, result)).is_err() {
             return;
@@ -112,7 +123,8 @@ impl Drop for PanicGuard<'_> {
 
 /// Sends the pages of `list` (page, whole), which must be ascending, and records in the ledger
 /// the hash of exactly the bytes sent: a write racing with the copy shows up as a changed page
-/// in the next scan. Up to `threads` worker threads copy, hash and prepare (see the module).
+/// in the next scan. Up to `threads` threads (this one included) copy, hash and prepare (see
+/// the module).
 /// After every batch handed to the writer, `after_batch(pages sent so far, writer)` runs
 /// (progress, cancellation); its error stops the sending. Returns the pages sent.
 pub fn send_pages(
@@ -131,11 +143,15 @@ pub fn send_pages(
     let key = ledger.key().clone();
     let encoder = RwLock::new(encoder);
     let mut sent = 0u64;
+    let new_share = || -> Vec<Slot> {
+        (0..ROUND_PAGES).map(|_| Slot { buf: Box::new(PageBuf::zeroed()), hash: 0, prepared: Prepared::default() }).collect()
+    };
     std::thread::scope(|s| -> Result<(), AgentError> {
+        // The calling thread prepares one share of each round itself: threads - 1 workers.
         let (done_tx, done_rx) = bounded::<Done>(threads);
-        let mut to_workers = Vec::with_capacity(threads);
-        let mut shares: Vec<Vec<Slot>> = Vec::with_capacity(threads);
-        for i in 0..threads {
+        let mut to_workers = Vec::with_capacity(threads - 1);
+        let mut shares: Vec<Vec<Slot>> = (0..threads).map(|_| new_share()).collect();
+        for i in 1..threads {
             let (tx, rx) = bounded::<Job>(1);
             let (done_tx, key, encoder) = (done_tx.clone(), &key, &encoder);
             std::thread::Builder::new()
@@ -143,17 +159,13 @@ pub fn send_pages(
                 .spawn_scoped(s, move || worker(mem, list, key, encoder, &rx, &done_tx))
                 .map_err(|e| AgentError::Internal(format!("cannot start an encoder thread: {e}")))?;
             to_workers.push(tx);
-            shares.push(
-                (0..ROUND_PAGES)
-                    .map(|_| Slot { buf: Box::new(PageBuf::zeroed()), hash: 0, prepared: Prepared::default() })
-                    .collect(),
-            );
         }
         drop(done_tx);
-        let mut round: Vec<Option<(Range<usize>, Vec<Slot>)>> = (0..threads).map(|_| None).collect();
+        let mut scratch = Scratch::default();
+        let mut parts: Vec<(Range<usize>, Vec<Slot>)> = Vec::with_capacity(threads);
         let mut next = 0usize;
         while next < list.len() {
-            // Hand out the round: one share per worker, in list order.
+            // Hand out the round: one share per worker, in list order, the last one ours.
             let mut handed = 0;
             for tx in &to_workers {
                 if next >= list.len() {
@@ -161,28 +173,37 @@ pub fn send_pages(
                 }
                 let range = next..(next + ROUND_PAGES).min(list.len());
                 next = range.end;
-                let slots = shares.pop().expect("a free share per worker");
-                tx.send(Job { range, slots }).map_err(|_| AgentError::Wire(livemig_wire::WireError::Closed))?;
+                let slots = shares.pop().expect("a free share per thread");
+                tx.send(Job { range, slots }).map_err(|_| AgentError::Internal("an encoder thread ended".into()))?;
                 handed += 1;
             }
             let mut failure = None;
+            if next < list.len() {
+                let range = next..(next + ROUND_PAGES).min(list.len());
+                next = range.end;
+                let mut own = shares.pop().expect("a free share per thread");
+                let enc = encoder.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Err(e) = prepare_share(mem, list, &key, &enc, range.clone(), &mut own, &mut scratch) {
+                    failure = Some(e);
+                }
+                drop(enc);
+                parts.push((range, own));
+            }
             for _ in 0..handed {
                 let (range, slots, result) =
-                    done_rx.recv().map_err(|_| AgentError::Wire(livemig_wire::WireError::Closed))?;
+                    done_rx.recv().map_err(|_| AgentError::Internal("an encoder thread ended".into()))?;
                 if let Err(e) = result {
                     failure.get_or_insert(e);
                 }
-                let i = round.iter().position(Option::is_none).expect("a free place in the round");
-                round[i] = Some((range, slots));
+                parts.push((range, slots));
             }
             if let Some(e) = failure {
                 return Err(e);
             }
-            let mut parts: Vec<(Range<usize>, Vec<Slot>)> = round.iter_mut().filter_map(Option::take).collect();
             parts.sort_unstable_by_key(|(r, _)| r.start);
             // Commit in page order.
             let mut enc = encoder.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (range, slots) in parts {
+            for (range, slots) in parts.drain(..) {
                 for (&(page, _), slot) in list[range.clone()].iter().zip(slots.iter()) {
                     ledger.record_hash(page, slot.hash);
                     enc.commit(&slot.prepared, &slot.buf.0);
