@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::IndexError;
@@ -76,12 +76,16 @@ impl Source {
 #[derive(Debug)]
 pub struct NbdExport {
     child: Child,
-    dir: tempfile::TempDir,
+    /// The private directory of the socket and the log: removed when this is dropped, after
+    /// the server (fields drop after `drop`).
+    _dir: tempfile::TempDir,
     socket: PathBuf,
     format: &'static str,
     size: u64,
-    idle: Mutex<Vec<NbdConn>>,
-    image: PathBuf,
+    /// Idle connections, and how many are open (idle or in use): at most [`MAX_CONNECTIONS`],
+    /// as many as the server serves at once.
+    pool: Mutex<(Vec<NbdConn>, usize)>,
+    freed: Condvar,
 }
 
 impl NbdExport {
@@ -92,6 +96,9 @@ impl NbdExport {
             .tempdir()
             .map_err(|e| err(format!("cannot create a directory for its socket: {e}")))?;
         let socket = dir.path().join("nbd.sock");
+        // Its messages go to a file (a pipe nobody reads could fill and stall it).
+        let log = dir.path().join("qemu-nbd.log");
+        let log_file = File::create(&log).map_err(|e| err(format!("cannot create {}: {e}", log.display())))?;
         // QEMU's option syntax doubles a comma inside a value.
         let name = image.to_str().ok_or_else(|| err("the path is not UTF-8".into()))?.replace(',', ",,");
         let opts = format!("driver={format},read-only=on,force-share=on,file.driver=file,file.filename={name}");
@@ -105,16 +112,13 @@ impl NbdExport {
             .arg(&opts)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::from(log_file))
             .spawn()
             .map_err(|e| err(format!("cannot start qemu-nbd (install qemu-utils): {e}")))?;
         let started = Instant::now();
         let first = loop {
             if let Some(status) = child.try_wait().map_err(|e| err(format!("qemu-nbd: {e}")))? {
-                let mut msg = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_string(&mut msg);
-                }
+                let msg = std::fs::read_to_string(&log).unwrap_or_default();
                 return Err(err(format!("qemu-nbd exited ({status}): {}", msg.trim())));
             }
             if socket.exists() {
@@ -135,7 +139,7 @@ impl NbdExport {
             std::thread::sleep(Duration::from_millis(20));
         };
         let size = first.size;
-        Ok(NbdExport { child, dir, socket, format, size, idle: Mutex::new(vec![first]), image: image.to_path_buf() })
+        Ok(NbdExport { child, _dir: dir, socket, format, size, pool: Mutex::new((vec![first], 1)), freed: Condvar::new() })
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -143,28 +147,52 @@ impl NbdExport {
         if end > self.size {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "beyond the end of the image"));
         }
-        let conn = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut conn = match conn {
-            Some(c) => c,
-            None => NbdConn::connect(&self.socket)?,
-        };
+        let mut conn = self.take()?;
         let mut at = offset;
+        let mut result = Ok(());
         for chunk in buf.chunks_mut(MAX_READ) {
-            conn.read(chunk, at)?;
+            result = conn.read(chunk, at);
+            if result.is_err() {
+                break;
+            }
             at += chunk.len() as u64;
         }
-        // A connection that failed is dropped (above, by `?`); a good one is kept for reuse.
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
-        Ok(())
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            // A good connection is kept for reuse; a failed one is closed.
+            Ok(()) => pool.0.push(conn),
+            Err(_) => pool.1 -= 1,
+        }
+        self.freed.notify_one();
+        result
+    }
+
+    /// An idle connection, a new one while fewer than [`MAX_CONNECTIONS`] are open, else the
+    /// next one freed.
+    fn take(&self) -> io::Result<NbdConn> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(c) = pool.0.pop() {
+                return Ok(c);
+            }
+            if pool.1 < MAX_CONNECTIONS {
+                pool.1 += 1;
+                drop(pool);
+                return NbdConn::connect(&self.socket).inspect_err(|_| {
+                    self.pool.lock().unwrap_or_else(|p| p.into_inner()).1 -= 1;
+                    self.freed.notify_one();
+                });
+            }
+            pool = self.freed.wait(pool).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 
 impl Drop for NbdExport {
     fn drop(&mut self) {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).0.clear();
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = (&self.dir, &self.image);
     }
 }
 

@@ -608,6 +608,21 @@ fn a_qcow2_chain_is_indexed_and_read_as_the_guest_sees_it() {
     for b in [100u64, 300, 599] {
         r.read_window(Window::whole(b * 8), Fingerprint::of(&block(b % 700)), &mut buf).unwrap();
     }
+    // More readers at once than qemu-nbd serves (16): they wait for a free connection.
+    std::thread::scope(|sc| {
+        for t in 0..24u64 {
+            let r = &r;
+            sc.spawn(move || {
+                let mut buf = [0u8; BLOCK_SIZE];
+                for i in 0..20 {
+                    let b = (t * 20 + i) % 600;
+                    // seeds(): every tenth block from the fourth is zero.
+                    let want = if b % 10 == 3 { [0u8; BLOCK_SIZE] } else { block(b % 700) };
+                    r.read_window(Window::whole(b * 8), Fingerprint::of(&want), &mut buf).unwrap();
+                }
+            });
+        }
+    });
     let e = r.read_window(Window::whole(599 * 8 + 1), fp(1), &mut buf).unwrap_err();
     assert!(matches!(e, IndexError::BlockOutOfRange { .. }), "{e}");
 }
