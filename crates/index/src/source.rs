@@ -1,5 +1,6 @@
 //! What an index reads: the guest-visible content of a disk image. A raw image is read with
-//! pread; a qcow2 image (backing chain included) through QEMU's own block layer: a `qemu-nbd`
+//! pread; an image of another format QEMU reads (qcow2 and qcow, qed, vmdk, vhdx, vpc, vdi; found
+//! by its magic; a backing chain included) through QEMU's own block layer: a `qemu-nbd`
 //! this process starts (read-only, `force-share=on`, on a private unix socket) and a minimal NBD
 //! client (fixed newstyle handshake, `NBD_OPT_EXPORT_NAME`, simple replies to `NBD_CMD_READ`).
 
@@ -14,8 +15,27 @@ use std::time::{Duration, Instant};
 
 use crate::IndexError;
 
-/// The formats read through `qemu-nbd`, by their magic at byte 0.
-const FORMATS: [(&[u8], &str); 1] = [(b"QFI\xfb", "qcow2")];
+/// The formats read through `qemu-nbd`, by their magic (at its offset in the header), as
+/// QEMU's own probes find them (`block/*.c`, `*_probe`); anything else is raw. qcow (version 1)
+/// shares qcow2's magic: the version after it tells them apart ([`format_of`]).
+const FORMATS: [(usize, &[u8], &str); 6] = [
+    (0, b"QFI\xfb", "qcow2"),
+    (0, b"QED\0", "qed"),
+    (0, b"KDMV", "vmdk"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"conectix", "vpc"),
+    (0x40, &[0x7f, 0x10, 0xda, 0xbe], "vdi"),
+];
+
+/// The format of an image whose first bytes are `head` (at most 0x44 of them): a QEMU block
+/// driver `qemu-nbd` reads, or `None` for raw.
+pub(crate) fn format_of(head: &[u8]) -> Option<&'static str> {
+    let (_, _, f) = FORMATS.iter().find(|(at, m, _)| head.get(*at..at + m.len()) == Some(*m))?;
+    match *f {
+        "qcow2" if head.get(4..8) == Some(&[0, 0, 0, 1]) => Some("qcow"),
+        f => Some(f),
+    }
+}
 /// Most NBD connections to one export (one per indexing thread, plus the receiver's).
 const MAX_CONNECTIONS: usize = 16;
 /// How long `qemu-nbd` may take to create its socket.
@@ -35,12 +55,10 @@ pub enum Source {
 impl Source {
     /// Opens `image` (`f`, already open) as its format requires.
     pub fn open(f: &File, image: &Path) -> Result<Source, IndexError> {
-        let mut magic = [0u8; 4];
-        let n = f.read_at(&mut magic, 0).map_err(|source| IndexError::Read { path: image.to_path_buf(), offset: 0, source })?;
-        for (m, format) in FORMATS {
-            if n >= m.len() && magic.starts_with(m) {
-                return NbdExport::start(image, format).map(Source::Nbd);
-            }
+        let mut head = [0u8; 0x44];
+        let n = f.read_at(&mut head, 0).map_err(|source| IndexError::Read { path: image.to_path_buf(), offset: 0, source })?;
+        if let Some(format) = format_of(&head[..n]) {
+            return NbdExport::start(image, format).map(Source::Nbd);
         }
         let file = f.try_clone().map_err(|source| IndexError::Open { path: image.to_path_buf(), source })?;
         Ok(Source::Raw(file))

@@ -627,6 +627,30 @@ fn a_qcow2_chain_is_indexed_and_read_as_the_guest_sees_it() {
     assert!(matches!(e, IndexError::BlockOutOfRange { .. }), "{e}");
 }
 
+/// Every other format QEMU reads and finds by its magic goes through qemu-nbd too: each
+/// conversion of the same raw image gives the raw image's index; raw bytes stay raw.
+#[test]
+fn other_image_formats_are_indexed_by_their_guest_visible_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = image(dir.path(), &seeds(300));
+    let want = DiskIndex::build_with_threads(&raw, Align::Bytes(4096), 2, &mut quiet()).unwrap();
+    assert_eq!(crate::source::format_of(&fs::read(&raw).unwrap()[..0x44]), None, "raw");
+    for (format, opts) in [("qcow", ""), ("qed", ""), ("vmdk", ""), ("vhdx", ""), ("vpc", "force_size=on"), ("vdi", "")] {
+        let p = dir.path().join(format!("img.{format}"));
+        let mut args = vec!["convert", "-q", "-f", "raw", "-O", format];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([raw.to_str().unwrap(), p.to_str().unwrap()]);
+        qemu_img(&args);
+        let head = fs::read(&p).unwrap();
+        assert_eq!(crate::source::format_of(&head[..0x44]), Some(format), "{format} found by its magic");
+        let got = DiskIndex::build_with_threads(&p, Align::Bytes(4096), 2, &mut quiet()).unwrap();
+        assert_eq!(got.identity().index_hash, want.identity().index_hash, "{format}");
+        assert_eq!(got.lookup_sector(&fp(7)), Some(7 * 8), "{format}");
+    }
+}
+
 #[test]
 fn an_unreadable_qcow2_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
