@@ -265,6 +265,22 @@ impl ZeroRuns {
         Ok(())
     }
 
+    /// Applies a decoded page to the destination memory and its ledger: a zero page joins the
+    /// pending run (its hash the key's zero hash), any other is written (after the run, if it
+    /// holds the page).
+    pub fn apply(&mut self, mem: &GuestMemory, ledger: &mut Ledger, page: u64, zero: bool, data: &[u8; livemig_compact::PAGE_SIZE]) -> Result<(), AgentError> {
+        if zero {
+            self.zero(mem, page)?;
+            let z = ledger.key().zero_hash();
+            ledger.record_hash(page, z);
+        } else {
+            self.before_access(mem, page)?;
+            mem.write_page(page, data)?;
+            ledger.record_page(page, data);
+        }
+        Ok(())
+    }
+
     /// Makes the pending run zero (it stays pending if that fails).
     pub fn flush(&mut self, mem: &GuestMemory) -> Result<(), AgentError> {
         if let Some(r) = self.run.clone() {

@@ -727,16 +727,8 @@ impl livemig_compact::Destination for Dest<'_, '_> {
     }
 
     fn write_page(&mut self, page: u64, class: PageClass, data: &[u8; PAGE_SIZE], record_len: usize) -> Result<(), AgentError> {
-        if class == PageClass::Zero {
-            // Freed (a hole) rather than written, where the memory is on tmpfs.
-            self.zeros.zero(self.mem, page)?;
-            let z = self.ledger.key().zero_hash();
-            self.ledger.record_hash(page, z);
-        } else {
-            self.zeros.before_access(self.mem, page)?;
-            self.mem.write_page(page, data)?;
-            self.ledger.record_page(page, data);
-        }
+        // A zero page is freed (a hole) rather than written, where the memory is on tmpfs.
+        self.zeros.apply(self.mem, self.ledger, page, class == PageClass::Zero, data)?;
         self.stats.add(class, record_len);
         if let Some(w) = self.keep.as_mut() {
             if let Err(e) = w.write_page(page, data) {

@@ -231,15 +231,7 @@ impl livemig_compact::Destination for Dest<'_> {
     }
 
     fn write_page(&mut self, page: u64, class: PageClass, data: &[u8; PAGE_SIZE], record_len: usize) -> Result<(), Self::Error> {
-        if class == PageClass::Zero {
-            self.zeros.zero(self.mem, page)?;
-            let z = self.ledger.key().zero_hash();
-            self.ledger.record_hash(page, z);
-        } else {
-            self.zeros.before_access(self.mem, page)?;
-            self.mem.write_page(page, data)?;
-            self.ledger.record_page(page, data);
-        }
+        self.zeros.apply(self.mem, self.ledger, page, class == PageClass::Zero, data)?;
         self.stats.add(class, record_len);
         Ok(())
     }
