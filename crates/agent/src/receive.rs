@@ -586,12 +586,8 @@ fn receive_stream(
     report.wire_bytes = count.load(Ordering::Relaxed);
     if let (Ok(()), Some(k)) = (&r, keeper) {
         // The destination runs with the memory the stream carried up to its checked digest.
-        obs.progress(Progress::Phase("keeping a memory snapshot of the VM"));
         let id = report.verification.source_digest.as_deref().and_then(|d| u128::from_str_radix(d, 16).ok());
-        match id.ok_or_else(|| "the stream's RAM was not checked".to_string()).and_then(|id| k.finish(id)) {
-            Ok(info) => report.snapshot_kept = Some(format!("{:032x}", info.id)),
-            Err(e) => report.warnings.push(format!("the memory snapshot was not kept: {e}")),
-        }
+        crate::stream::keep::publish(k, id.ok_or_else(|| "the stream's RAM was not checked".to_string()), obs, report);
     }
     if let Err(e) = &r {
         // Before the sender is told (and resumes the source): the destination QEMU goes.

@@ -102,6 +102,16 @@ impl Keeper {
     }
 }
 
+/// Publishes the snapshot `keeper` wrote under `id` (the stream digest the receiver checked, or
+/// why there is none) once the destination runs: `snapshot_kept` in the report, or a warning.
+pub(crate) fn publish(keeper: Keeper, id: Result<u128, String>, obs: &mut dyn crate::Observer, report: &mut crate::report::Report) {
+    obs.progress(crate::Progress::Phase("keeping a memory snapshot of the VM"));
+    match id.and_then(|id| keeper.finish(id)) {
+        Ok(info) => report.snapshot_kept = Some(format!("{:032x}", info.id)),
+        Err(e) => report.warnings.push(format!("the memory snapshot was not kept: {e}")),
+    }
+}
+
 impl Drop for Keeper {
     /// Abandons the snapshot: the thread removes what it wrote, and is waited for (every
     /// [`KeepFeed`] must be dropped first, or this waits for them).

@@ -96,9 +96,6 @@ impl Rebuild<'_> {
     fn write(&mut self, b: &[u8]) -> Result<(), AgentError> {
         if !self.checked {
             self.hasher.update(b);
-            if let Some(k) = &self.held.keep {
-                k.feed(b);
-            }
         }
         self.written += b.len() as u64;
         // Gathered and written a chunk at a time: a write per record (two per page) costs more
@@ -110,10 +107,14 @@ impl Rebuild<'_> {
         Ok(())
     }
 
-    /// Writes what was gathered into the destination QEMU.
+    /// Writes what was gathered into the destination QEMU, and into the snapshot being kept
+    /// (until the checkpoint, which drops the keeper).
     fn flush(&mut self) -> Result<(), AgentError> {
         if self.out.is_empty() {
             return Ok(());
+        }
+        if let Some(k) = &self.held.keep {
+            k.feed(&self.out);
         }
         let r = self.qemu.write_all(&self.out);
         self.out.clear();
@@ -373,6 +374,8 @@ pub(super) fn rebuild(
                 }
                 Message::StreamCheckpoint { bytes, digest, at } => {
                     let ours = format!("{:032x}", rb.hasher.digest128());
+                    // Everything before the checkpoint reaches the keeper, nothing after.
+                    rb.flush()?;
                     rb.checked = true;
                     rb.held.keep = None;
                     report.verification.source_digest = Some(digest.clone());

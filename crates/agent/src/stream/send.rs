@@ -373,11 +373,8 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     let _ = dispatcher.join();
     if let (Ok(()), Some(k)) = (&r, keeper) {
         // The destination runs with the memory QEMU's stream carried up to its checkpoint.
-        obs.progress(Progress::Phase("keeping a memory snapshot of the VM"));
-        match s.checkpoint_digest.filter(|_| s.ram_done).ok_or_else(|| "the stream's RAM was not checked whole".to_string()).and_then(|id| k.finish(id)) {
-            Ok(info) => report.snapshot_kept = Some(format!("{:032x}", info.id)),
-            Err(e) => report.warnings.push(format!("the memory snapshot was not kept: {e}")),
-        }
+        let id = s.checkpoint_digest.filter(|_| s.ram_done).ok_or_else(|| "the stream's RAM was not checked whole".to_string());
+        super::keep::publish(k, id, obs, report);
     }
     r
 }
