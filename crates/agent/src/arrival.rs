@@ -1,7 +1,10 @@
 //! Waiting for the sender on the receiver's port: connections that are not a livemig sender (a
 //! port scanner, a garbage client, a peer that fails the TLS handshake, one that stalls) are
 //! refused, logged and reported, and the receiver keeps listening until an authenticated sender
-//! has said hello. Then the port is closed, so every later connection is refused by the kernel.
+//! has said hello. Then the port is closed (the caller drops the listener), so every later
+//! connection is refused by the kernel; a migration over several connections (protocol 6) first
+//! waits the same way for its data connections ([`accept_joins`]), each of which must present
+//! the migration's secret.
 //!
 //! Each connection's handshake runs on a thread of its own, bounded in time
 //! ([`HANDSHAKE_BOUND`]: its socket is shut down when it is over) and in number
@@ -100,7 +103,7 @@ pub(crate) struct Arrived {
 
 /// [`accept_sender`] for a receiver: the refusals, the peer and the page key go to `report`
 /// (and the key's provenance to `obs`).
-pub(crate) fn receive_sender(listener: TcpListener, w: &Wait<'_>, obs: &mut dyn Observer, report: &mut crate::report::Report) -> Result<Arrived, AgentError> {
+pub(crate) fn receive_sender(listener: &TcpListener, w: &Wait<'_>, obs: &mut dyn Observer, report: &mut crate::report::Report) -> Result<Arrived, AgentError> {
     let Arrival { stream, reader, writer, peer, tls_key, hello } =
         accept_sender(listener, w, obs, &mut report.refused_connections, &mut report.refused_connections_total)?;
     report.peer = Some(peer);
@@ -118,15 +121,100 @@ struct Pending {
 type Outcome = (u64, SocketAddr, Result<Box<Arrival>, String>);
 
 /// Accepts connections on `listener` until one is an authenticated sender that said hello, and
-/// returns it; the listener is closed on return. Every refused connection is said to `obs` and
-/// pushed to `refused`.
+/// returns it. Every refused connection is said to `obs` and pushed to `refused`.
 pub(crate) fn accept_sender(
-    listener: TcpListener,
+    listener: &TcpListener,
     w: &Wait<'_>,
     obs: &mut dyn Observer,
     refused: &mut Vec<RefusedConnection>,
     refused_count: &mut u64,
 ) -> Result<Arrival, AgentError> {
+    let mut got = accept(listener, w, obs, (refused, refused_count), &First::Hello, 1)?;
+    Ok(got.pop().expect("one arrival"))
+}
+
+/// A data connection of the migration (protocol 6).
+pub(crate) struct Joined {
+    /// Its number, 1 to `n - 1`.
+    pub(crate) index: u32,
+    pub(crate) stream: TcpStream,
+    pub(crate) reader: Counting<Box<dyn Read + Send>>,
+}
+
+/// Accepts the `n - 1` data connections of a migration on `listener`, as [`accept_sender`] its
+/// first: each authenticated by the transport, and its first message a `join` with `token` and a
+/// number from 1 to `n - 1` not taken yet. Anything else is refused (said and reported) and the
+/// wait goes on, up to the link's timeout. Returned in connection order.
+pub(crate) fn accept_joins(
+    listener: &TcpListener,
+    w: &Wait<'_>,
+    token: &str,
+    n: u32,
+    obs: &mut dyn Observer,
+    report: &mut crate::report::Report,
+) -> Result<Vec<Joined>, AgentError> {
+    let w = Wait { accept_timeout: w.timeout, who: "the sender's data connections", ..*w };
+    let first = First::Join { token: token.to_string(), n };
+    let refused = (&mut report.refused_connections, &mut report.refused_connections_total);
+    let got = accept(listener, &w, obs, refused, &first, usize::try_from(n - 1).unwrap_or(0))?;
+    let mut joined = Vec::with_capacity(got.len());
+    for a in got {
+        let Message::Join { index, .. } = a.hello else { unreachable!("checked in the handshake") };
+        // A data connection may rest while the others carry an iteration: waits are bounded by
+        // the first connection's and the fences' timeouts instead.
+        a.stream
+            .set_read_timeout(None)
+            .map_err(|source| AgentError::Network { what: "cannot configure a data connection".into(), source })?;
+        joined.push(Joined { index, stream: a.stream, reader: a.reader });
+    }
+    joined.sort_by_key(|j| j.index);
+    Ok(joined)
+}
+
+/// Equal, compared in time that depends on the lengths only.
+fn equal_secrets(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What the first message of an accepted connection must be.
+enum First {
+    /// A sender's hello.
+    Hello,
+    /// A data connection's join with this secret and a number below `n`.
+    Join { token: String, n: u32 },
+}
+
+impl First {
+    fn check(&self, m: Message) -> Result<Message, String> {
+        match (self, m) {
+            (First::Hello, m @ Message::Hello { .. }) => Ok(m),
+            (First::Join { token, n }, m @ Message::Join { .. }) => {
+                let Message::Join { token: t, index } = &m else { unreachable!() };
+                // Compared in constant time: the secret is what admits a connection.
+                if !equal_secrets(t.as_bytes(), token.as_bytes()) {
+                    return Err("a join with the wrong secret".into());
+                }
+                if *index == 0 || index >= n {
+                    return Err(format!("a join as connection {index} (this migration has {n})"));
+                }
+                Ok(m)
+            }
+            (First::Hello, other) => Err(format!("not a livemig sender: its first message was `{}`, not hello", other.name())),
+            (First::Join { .. }, other) => Err(format!("not a data connection of this migration: its first message was `{}`, not join", other.name())),
+        }
+    }
+}
+
+/// Accepts connections on `listener` until `want` of them are authenticated and their first
+/// message passed `first`; the refused ones are said and reported.
+fn accept(
+    listener: &TcpListener,
+    w: &Wait<'_>,
+    obs: &mut dyn Observer,
+    (refused, refused_count): (&mut Vec<RefusedConnection>, &mut u64),
+    first: &First,
+    want: usize,
+) -> Result<Vec<Arrival>, AgentError> {
     let net = |source| AgentError::Network { what: format!("cannot accept {}'s connection", w.who), source };
     listener.set_nonblocking(true).map_err(net)?;
     let deadline = Instant::now() + w.accept_timeout;
@@ -140,20 +228,28 @@ pub(crate) fn accept_sender(
             refused.push(RefusedConnection { peer, reason });
         }
     };
+    let mut arrived: Vec<Arrival> = Vec::new();
     let result = loop {
         // The handshakes that ended, in the order they ended.
-        let mut arrived = None;
         while let Ok((id, addr, r)) = rx.try_recv() {
             pending.retain(|p| p.id != id);
             match r {
-                Ok(a) if arrived.is_none() => arrived = Some(a),
+                Ok(a) if arrived.len() < want => {
+                    let taken = matches!(&a.hello, Message::Join { index, .. }
+                        if arrived.iter().any(|b| matches!(&b.hello, Message::Join { index: i, .. } if i == index)));
+                    if taken {
+                        refuse(obs, addr.to_string(), "a join as a connection that had already joined".into());
+                    } else {
+                        arrived.push(*a);
+                    }
+                }
                 // A second sender that finished in the same instant: the first one wins.
                 Ok(_) => refuse(obs, addr.to_string(), format!("{} had already arrived", w.who)),
                 Err(reason) => refuse(obs, addr.to_string(), reason),
             }
         }
-        if let Some(a) = arrived {
-            break Ok(*a);
+        if arrived.len() >= want {
+            break Ok(std::mem::take(&mut arrived));
         }
         // Handshakes over their bound: their sockets are shut, their threads then report.
         for p in &pending {
@@ -182,10 +278,14 @@ pub(crate) fn accept_sender(
                 let id = next_id;
                 pending.push(Pending { id, since: Instant::now(), socket });
                 let (tx, transport, bound, timeout) = (tx.clone(), w.transport.clone(), w.handshake_bound, w.timeout);
+                let first = match first {
+                    First::Hello => First::Hello,
+                    First::Join { token, n } => First::Join { token: token.clone(), n: *n },
+                };
                 let spawned = std::thread::Builder::new()
                     .name("livemig-arrival".into())
                     .spawn(move || {
-                        let r = handshake(s, &transport, bound, timeout).map(Box::new);
+                        let r = handshake(s, &transport, bound, timeout, &first).map(Box::new);
                         let _ = tx.send((id, addr, r));
                     });
                 if let Err(e) = spawned {
@@ -208,13 +308,13 @@ pub(crate) fn accept_sender(
     for p in &pending {
         let _ = p.socket.shutdown(Shutdown::Both);
     }
-    drop(listener);
     result
 }
 
-/// One connection's handshake: the transport's (TLS), then the magic and a hello, all within
-/// `bound` (socket timeouts here; the caller shuts the socket when the whole bound is over).
-fn handshake(stream: TcpStream, transport: &Transport, bound: Duration, timeout: Duration) -> Result<Arrival, String> {
+/// One connection's handshake: the transport's (TLS), then the magic and the first message
+/// (`first`), all within `bound` (socket timeouts here; the caller shuts the socket when the
+/// whole bound is over).
+fn handshake(stream: TcpStream, transport: &Transport, bound: Duration, timeout: Duration, first: &First) -> Result<Arrival, String> {
     let set = |d: Duration| -> Result<(), String> {
         stream.set_nonblocking(false).map_err(|e| format!("cannot configure the socket: {e}"))?;
         link::tune(&stream, d).map_err(|e| e.chain())
@@ -224,9 +324,9 @@ fn handshake(stream: TcpStream, transport: &Transport, bound: Duration, timeout:
     let mut reader = Counting { inner: reader, count: Arc::new(AtomicU64::new(0)) };
     livemig_wire::read_magic(&mut reader).map_err(|e| format!("not a livemig sender: {e}"))?;
     let hello = match livemig_wire::read_message(&mut reader) {
-        Ok(m @ Message::Hello { .. }) => m,
-        Ok(other) => return Err(format!("not a livemig sender: its first message was `{}`, not hello", other.name())),
-        Err(e) => return Err(format!("no hello: {e}")),
+        Ok(m) => first.check(m)?,
+        Err(e) if matches!(first, First::Hello) => return Err(format!("no hello: {e}")),
+        Err(e) => return Err(format!("no join: {e}")),
     };
     set(timeout)?;
     Ok(Arrival { stream, reader, writer, peer, tls_key, hello })
@@ -291,7 +391,7 @@ mod tests {
         let cancel = AtomicBool::new(false);
         let w = Wait { transport: t, timeout: Duration::from_secs(5), accept_timeout, handshake_bound: bound, cancel: &cancel, who: "the sender" };
         let (mut refused, mut total) = (Vec::new(), 0);
-        let arrival = accept_sender(listener, &w, &mut crate::Quiet, &mut refused, &mut total).map(|mut a| {
+        let arrival = accept_sender(&listener, &w, &mut crate::Quiet, &mut refused, &mut total).map(|mut a| {
             a.writer.write_all(b"ok").unwrap();
             a.writer.flush().unwrap();
             (a.hello, a.peer)
@@ -320,7 +420,7 @@ mod tests {
             // The right magic, then not a hello.
             let mut m = TcpStream::connect(addr).unwrap();
             livemig_wire::write_magic(&mut m).unwrap();
-            livemig_wire::write_message(&mut m, &Message::Plan { snapshot: None }).unwrap();
+            livemig_wire::write_message(&mut m, &Message::Plan { snapshot: None, connections: 1 }).unwrap();
             std::thread::sleep(Duration::from_millis(1500));
             sender(addr, &tc).unwrap();
             drop((g, silent, m));

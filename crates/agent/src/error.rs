@@ -28,6 +28,18 @@ pub enum AgentError {
     /// The connection to the peer failed.
     #[error("the migration connection failed")]
     Wire(#[source] WireError),
+    /// One of the migration's data connections (`send --connections`) failed: the migration
+    /// fails as when its only connection does.
+    #[error("data connection {index} of {of} failed")]
+    DataConnection {
+        /// Its number (the first connection is 0).
+        index: u32,
+        /// Connections of the migration.
+        of: u32,
+        /// Why.
+        #[source]
+        source: Box<AgentError>,
+    },
     /// Bad page data from the peer.
     #[error("the peer sent invalid page data")]
     Compact(#[source] CompactError),

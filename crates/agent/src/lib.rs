@@ -1,5 +1,6 @@
 //! The `send` and `receive` agents: wire the parts together, own failure handling and reports.
 
+pub mod apply;
 pub mod arrival;
 pub mod error;
 pub mod holdings;

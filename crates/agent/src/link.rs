@@ -144,6 +144,17 @@ impl Writer {
         }
     }
 
+    /// Queues an item if there is room now; gives it back if the queue is full (the connection
+    /// is behind), fails with the writer's own error if it stopped.
+    pub fn try_send(&mut self, out: Out) -> Result<Option<Out>, AgentError> {
+        let Some(tx) = self.tx.as_ref() else { return Err(self.failure()) };
+        match tx.try_send(out) {
+            Ok(()) => Ok(None),
+            Err(crossbeam_channel::TrySendError::Full(out)) => Ok(Some(out)),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(self.failure()),
+        }
+    }
+
     /// Waits until everything queued before is written; returns what was written since the last marker.
     pub fn marker(&mut self, timeout: Duration) -> Result<MarkerAck, AgentError> {
         self.send(Out::Marker)?;
@@ -190,6 +201,118 @@ impl Writer {
             Some(Err(_)) => Err(AgentError::Wire(WireError::Closed)),
             None => Ok(()),
         }
+    }
+}
+
+/// The sender's connections to the receiver. The first carries the control messages, the
+/// device state and its share of the pages; the others (protocol 6, `send --connections`) carry
+/// only pages and, at the end of each iteration, a [`Message::Fence`]. Each has its own writer
+/// thread (its own TLS session, so encryption runs on as many threads). A batch goes to the
+/// first connection from the last one used on whose queue there is room: a slow connection gets
+/// fewer batches rather than holding the others back.
+#[derive(Debug)]
+pub struct Links {
+    conns: Vec<Writer>,
+    next: usize,
+}
+
+impl Links {
+    /// One connection, `control`.
+    pub fn new(control: Writer) -> Links {
+        Links { conns: vec![control], next: 0 }
+    }
+
+    /// Adds a data connection.
+    pub fn add(&mut self, data: Writer) {
+        self.conns.push(data);
+    }
+
+    /// Connections, the first included.
+    pub fn count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// The first connection's writer (control messages, device state).
+    pub fn control(&mut self) -> &mut Writer {
+        &mut self.conns[0]
+    }
+
+    /// Queues a control message or frame on the first connection.
+    pub fn send(&mut self, out: Out) -> Result<(), AgentError> {
+        self.conns[0].send(out)
+    }
+
+    /// Queues a batch of pages on the next connection with room (see the type).
+    pub fn send_pages(&mut self, payload: Vec<u8>) -> Result<(), AgentError> {
+        let n = self.conns.len();
+        let mut out = Out::Frame(FrameKind::Pages, payload);
+        if n > 1 {
+            for k in 0..n {
+                let i = (self.next + k) % n;
+                match self.conns[i].try_send(out)? {
+                    None => {
+                        self.next = (i + 1) % n;
+                        return Ok(());
+                    }
+                    Some(back) => out = back,
+                }
+            }
+        }
+        // Every queue is full (or one connection): wait for the next one in turn.
+        let i = self.next % n;
+        self.next = (i + 1) % n;
+        self.conns[i].send(out)
+    }
+
+    /// Ends iteration `index` on the data connections: a fence on each (the first connection's
+    /// `IterationEnd` is its own).
+    pub fn fence(&mut self, index: u32) -> Result<(), AgentError> {
+        for w in &mut self.conns[1..] {
+            w.send(Out::Message(Message::Fence { index }))?;
+        }
+        Ok(())
+    }
+
+    /// [`Writer::marker`] on every connection: the bytes of all, the longest active time.
+    pub fn marker(&mut self, timeout: Duration) -> Result<MarkerAck, AgentError> {
+        for w in &mut self.conns[1..] {
+            w.send(Out::Marker)?;
+        }
+        let mut ack = self.conns[0].marker(timeout)?;
+        for w in &mut self.conns[1..] {
+            let a = match w.acks.recv_timeout(timeout) {
+                Ok(a) => a,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(AgentError::Timeout { what: "a data connection to drain".into(), secs: timeout.as_secs_f64() })
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(w.failure()),
+            };
+            ack.bytes += a.bytes;
+            ack.active = ack.active.max(a.active);
+        }
+        Ok(ack)
+    }
+
+    /// Page batch buffers written on any connection, for reuse ([`Writer::recycled`]).
+    pub fn recycled(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.conns.iter().flat_map(Writer::recycled)
+    }
+
+    /// Bytes written so far on all connections.
+    pub fn total_bytes(&self) -> u64 {
+        self.conns.iter().map(Writer::total_bytes).sum()
+    }
+
+    /// Flushes and stops every writer thread; the first error.
+    pub fn finish(self) -> Result<(), AgentError> {
+        let mut first = Ok(());
+        for w in self.conns {
+            let r = w.finish();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
 }
 

@@ -21,7 +21,7 @@
 //! ([`Encoder::commit`], the encoder written) and sends full batches. Page buffers, prepared
 //! records and compressor contexts move between the workers and the committing thread and are
 //! reused for the whole call; batch buffers come back from the writer thread
-//! ([`Writer::recycled`]) and are reused by the encoder.
+//! ([`crate::link::Writer::recycled`]) and are reused by the encoder.
 
 use std::ops::Range;
 use std::sync::RwLock;
@@ -30,10 +30,9 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use livemig_compact::{is_zero, Encoder, PageKey, PageRef, Prepared, Scratch};
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_track::Ledger;
-use livemig_wire::FrameKind;
 
 use crate::error::AgentError;
-use crate::link::{Out, Writer};
+use crate::link::Links;
 
 /// Pages one thread handles per round.
 pub const ROUND_PAGES: usize = 128;
@@ -125,20 +124,38 @@ impl Drop for PanicGuard<'_> {
 /// the hash of exactly the bytes sent: a write racing with the copy shows up as a changed page
 /// in the next scan. Up to `threads` threads (this one included) copy, hash and prepare (see
 /// the module).
-/// After every batch handed to the writer, `after_batch(pages sent so far, writer)` runs
+/// After every batch handed to the connections, `after_batch(pages sent so far, links)` runs
 /// (progress, cancellation); its error stops the sending. Returns the pages sent.
+///
+/// The list is one pass the destination may apply in any order (several connections, several
+/// decoding threads: [`Encoder::begin_pass`]).
 pub fn send_pages(
     mem: &GuestMemory,
     list: &[(u64, bool)],
     ledger: &mut Ledger,
     encoder: &mut Encoder,
-    writer: &mut Writer,
+    links: &mut Links,
     threads: usize,
-    mut after_batch: impl FnMut(u64, &Writer) -> Result<(), AgentError>,
+    after_batch: impl FnMut(u64, &Links) -> Result<(), AgentError>,
 ) -> Result<u64, AgentError> {
     if list.is_empty() {
         return Ok(0);
     }
+    encoder.begin_pass(list.iter().map(|&(p, _)| p));
+    let r = send_pass(mem, list, ledger, encoder, links, threads, after_batch);
+    encoder.end_pass();
+    r
+}
+
+fn send_pass(
+    mem: &GuestMemory,
+    list: &[(u64, bool)],
+    ledger: &mut Ledger,
+    encoder: &mut Encoder,
+    links: &mut Links,
+    threads: usize,
+    mut after_batch: impl FnMut(u64, &Links) -> Result<(), AgentError>,
+) -> Result<u64, AgentError> {
     let threads = threads.clamp(1, MAX_THREADS).min(list.len().div_ceil(ROUND_PAGES));
     let key = ledger.key().clone();
     let encoder = RwLock::new(encoder);
@@ -211,11 +228,11 @@ pub fn send_pages(
                 sent += range.len() as u64;
                 shares.push(slots);
                 if enc.is_full() {
-                    for b in writer.recycled() {
+                    for b in links.recycled() {
                         enc.recycle(b);
                     }
-                    writer.send(Out::Frame(FrameKind::Pages, enc.take()))?;
-                    after_batch(sent, writer)?;
+                    links.send_pages(enc.take())?;
+                    after_batch(sent, links)?;
                 }
             }
         }
@@ -223,9 +240,27 @@ pub fn send_pages(
     })?;
     let encoder = encoder.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     if !encoder.is_empty() {
-        writer.send(Out::Frame(FrameKind::Pages, encoder.take()))?;
+        links.send_pages(encoder.take())?;
     }
     Ok(sent)
+}
+
+/// Where the hashes of the pages written go: the ledger itself, or a list added to it later
+/// ([`crate::apply`]).
+pub trait PageHashes {
+    /// The migration's page key.
+    fn key(&self) -> &PageKey;
+    /// The destination now holds a page whose keyed hash is `hash` at `page`.
+    fn record_hash(&mut self, page: u64, hash: u64);
+}
+
+impl PageHashes for Ledger {
+    fn key(&self) -> &PageKey {
+        Ledger::key(self)
+    }
+    fn record_hash(&mut self, page: u64, hash: u64) {
+        Ledger::record_hash(self, page, hash);
+    }
 }
 
 /// Zero pages at the destination, made zero a run of consecutive pages at a time
@@ -268,7 +303,7 @@ impl ZeroRuns {
     /// Applies a decoded page to the destination memory and its ledger: a zero page joins the
     /// pending run (its hash the key's zero hash), any other is written (after the run, if it
     /// holds the page).
-    pub fn apply(&mut self, mem: &GuestMemory, ledger: &mut Ledger, page: u64, zero: bool, data: &[u8; livemig_compact::PAGE_SIZE]) -> Result<(), AgentError> {
+    pub fn apply(&mut self, mem: &GuestMemory, ledger: &mut impl PageHashes, page: u64, zero: bool, data: &[u8; livemig_compact::PAGE_SIZE]) -> Result<(), AgentError> {
         if zero {
             self.zero(mem, page)?;
             let z = ledger.key().zero_hash();
@@ -276,7 +311,8 @@ impl ZeroRuns {
         } else {
             self.before_access(mem, page)?;
             mem.write_page(page, data)?;
-            ledger.record_page(page, data);
+            let h = ledger.key().hash_page(data);
+            ledger.record_hash(page, h);
         }
         Ok(())
     }

@@ -11,18 +11,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use livemig_compact::{decode_batch, is_zero, ClassStats, DiskRef, PageClass, PageKey, PAGE_SIZE};
+use livemig_compact::{is_zero, PageKey};
 use livemig_index::snapshot::{Snapshot, SnapshotStore, SnapshotWriter};
 use livemig_control::IterationStats;
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_qmp::Qmp;
 use livemig_track::{Digest, Ledger};
 use livemig_wire::{
-    negotiate, FrameKind, Message, WireError, RegionInfo, ENGINE_SHARED, ENGINE_STREAM, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    negotiate, FrameKind, Message, WireError, RegionInfo, CONNECTIONS_PROTOCOL_VERSION, ENGINE_SHARED, ENGINE_STREAM, MAX_CONNECTIONS,
+    MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::error::AgentError;
+use crate::apply::DataConnections;
 use crate::arrival::{self, Counting};
 use crate::transport::Transport;
 use crate::holdings::{self, ReceiverDisks};
@@ -58,6 +59,9 @@ pub struct ReceiveOptions {
     pub snapshot_dir: Option<PathBuf>,
     /// Byte budget of the snapshot directory (oldest evicted).
     pub snapshot_max_bytes: u64,
+    /// Threads that decode and write the pages (shared engine; 1 to
+    /// [`crate::apply::MAX_THREADS`]; default: every core).
+    pub threads: usize,
 }
 
 impl ReceiveOptions {
@@ -76,6 +80,7 @@ impl ReceiveOptions {
             disk_align: livemig_index::Align::Auto,
             snapshot_dir: None,
             snapshot_max_bytes: crate::send::DEFAULT_SNAPSHOT_BUDGET,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -284,7 +289,7 @@ fn run(
 
     obs.progress(Progress::Phase("waiting for the sender"));
     let wait = arrival::Wait::new(&opts.transport, (opts.timeout, opts.accept_timeout), &opts.cancel, "the sender");
-    let arrival::Arrived { stream, mut reader, writer, hello, key, welcome_key } = arrival::receive_sender(listener, &wait, obs, report)?;
+    let arrival::Arrived { stream, mut reader, writer, hello, key, welcome_key } = arrival::receive_sender(&listener, &wait, obs, report)?;
     // Kept by the caller, so a failure can still tell the sender why.
     let writer = conn_slot.insert(writer);
     let count = Arc::clone(&reader.count);
@@ -293,6 +298,8 @@ fn run(
         return Err(refuse(writer, reason));
     }
     if matches!(&hello, Message::Hello { engine, .. } if engine == ENGINE_STREAM) {
+        // One connection: every later one is refused by the kernel.
+        drop(listener);
         report.engine = ENGINE_STREAM.into();
         report.tracker = "qemu".into();
         return receive_stream(opts, obs, report, qmp, hello, reader, conn_slot, &stream, &incoming, (&indexes, store.as_ref()), (&key, welcome_key), fed);
@@ -308,7 +315,7 @@ fn run(
     if cleared > 0 {
         obs.progress(Progress::Phase("destination memory held data: cleared it"));
     }
-    let mut ledger = Ledger::zeroed(total, key.clone());
+    let ledger = Ledger::zeroed(total, key.clone());
     qmp.migrate_set_capabilities(&[("x-ignore-shared", true)])
         .map_err(AgentError::qmp("cannot enable x-ignore-shared on the destination QEMU"))?;
     set_late_block_activate(qmp)?;
@@ -317,20 +324,33 @@ fn run(
     let peer = handshake(hello, writer, &mem, &opts.disk_images, &indexes, store.as_ref(), welcome_key)?;
     report.vm = peer.vm.clone();
     report.disk_images_used = peer.disks_held;
-    let snapshot: Option<Snapshot> = match livemig_wire::read_message(&mut reader)? {
-        Message::Plan { snapshot: None } => None,
-        Message::Plan { snapshot: Some(id) } => {
+    let (snapshot, connections): (Option<Snapshot>, u32) = match livemig_wire::read_message(&mut reader)? {
+        Message::Plan { connections, .. } if connections == 0 || connections > MAX_CONNECTIONS || (connections > 1 && peer.join.is_none()) => {
+            return Err(refuse(writer, format!("the source plans {connections} connections; this destination takes 1 to {MAX_CONNECTIONS} (more than 1 from protocol 6)")))
+        }
+        Message::Plan { snapshot: None, connections } => (None, connections),
+        Message::Plan { snapshot: Some(id), connections } => {
             let (Some(store), Some(vm)) = (&store, &peer.vm) else {
                 return Err(AgentError::Protocol { expected: "no snapshot (none was offered)".into(), got: format!("snapshot {id}") });
             };
             report.snapshot_used = Some(id.clone());
-            Some(holdings::open_snapshot(store, vm, holdings::parse_id(&id)?)?)
+            (Some(holdings::open_snapshot(store, vm, holdings::parse_id(&id)?)?), connections)
         }
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
         other => return Err(AgentError::Protocol { expected: "plan".into(), got: other.name().into() }),
     };
+    report.connections = Some(connections);
+    let joined = match peer.join.as_deref().filter(|_| connections > 1) {
+        Some(token) => {
+            obs.progress(Progress::Phase(&format!("waiting for the sender's {} data connections", connections - 1)));
+            arrival::accept_joins(&listener, &wait, token, connections, obs, report).inspect_err(|e| refuse_with(writer, e))?
+        }
+        None => Vec::new(),
+    };
+    // Every later connection is refused by the kernel.
+    drop(listener);
     // The received memory, kept as a snapshot of the VM once it runs here.
-    let mut keep: Option<SnapshotWriter<'_>> = match (&store, &peer.vm) {
+    let keep: Option<SnapshotWriter<'_>> = match (&store, &peer.vm) {
         (Some(store), Some(vm)) => match store.writer(vm, total) {
             Ok(w) => Some(w),
             Err(e) => {
@@ -340,56 +360,69 @@ fn run(
         },
         _ => None,
     };
-    let mut stats = ClassStats::default();
+    let held = crate::apply::Held { disks: &peer.disks, snapshot: snapshot.as_ref() };
+    let mut target = crate::apply::Target::new(&mem, total, &key, &held, ledger);
+    target.keep = std::sync::Mutex::new(keep);
+    let pool = crate::apply::Pool::new(opts.threads);
+    report.threads = Some(pool.threads());
+    let counts: Vec<Arc<std::sync::atomic::AtomicU64>> =
+        std::iter::once(Arc::clone(&count)).chain(joined.iter().map(|j| Arc::clone(&j.reader.count))).collect();
+    let wire_bytes = || counts.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
+    std::thread::scope(|s| {
+        let feeder = pool.start(s, &target)?;
+        // Dropped when this closure returns: the data connections are shut, so their readers end
+        // before the scope waits for them.
+        let data = DataConnections::start(s, joined.into_iter().map(|j| (j.index, j.stream, j.reader)).collect(), &feeder)?;
+        apply_loop(opts, obs, report, qmp, writer, fed, &incoming, (reader, &feeder, data), (&target, &key, total), &wire_bytes)
+    })
+}
 
+/// The shared engine's receiving loop: the first connection's frames (control, device state,
+/// its share of the pages), the data connections' fences, until the commit.
+#[allow(clippy::too_many_arguments)]
+fn apply_loop(
+    opts: &ReceiveOptions,
+    obs: &mut dyn Observer,
+    report: &mut Report,
+    qmp: &mut Qmp,
+    writer: &mut Box<dyn Write + Send>,
+    fed: &mut Fed,
+    incoming: &std::path::Path,
+    (reader, feeder, mut data): (Counting<Box<dyn Read + Send>>, &crate::apply::Feeder<'_>, DataConnections),
+    (target, key, total): (&crate::apply::Target<'_, '_>, &PageKey, u64),
+    wire_bytes: &dyn Fn() -> u64,
+) -> Result<(), AgentError> {
+    let mem = target.mem;
     let mut dev: Option<UnixStream> = None;
     let mut dev_bytes = 0u64;
     let mut loaded = false;
     let mut iter_start = Instant::now();
-    let mut iter_bytes_mark = count.load(Ordering::Relaxed);
+    let mut iter_bytes_mark = wire_bytes();
+    let mut keep_warned = false;
     // Frames are read by a thread, so the socket is drained while pages are decoded.
     let frames = link::read_frames(reader, 8);
-    let mut zeros = crate::pipeline::ZeroRuns::default();
     loop {
         if opts.cancel.load(Ordering::Relaxed) {
             return Err(AgentError::Cancelled);
         }
-        let frame = frames.recv().unwrap_or(Err(WireError::Closed))?;
-        report.wire_bytes = count.load(Ordering::Relaxed);
-        match frame.kind {
-            FrameKind::Pages => {
-                let mut dest = Dest {
-                    mem: &mem,
-                    ledger: &mut ledger,
-                    stats: &mut stats,
-                    zeros: &mut zeros,
-                    disks: &peer.disks,
-                    snapshot: snapshot.as_ref(),
-                    keep: keep.as_mut(),
-                    keep_error: None,
-                };
-                let summary = decode_batch(&frame.payload, total, &key, &mut dest)?;
-                let keep_error = dest.keep_error.take();
-                zeros.flush(&mem)?;
-                report.zero_pages_punched = Some(zeros.done.punched);
-                report.zero_pages_written = Some(zeros.done.written);
-                if let Some(e) = keep_error {
-                    report.warnings.push(format!("no memory snapshot will be kept: {e}"));
-                    keep = None;
-                }
-                if !summary.misses.is_empty() {
-                    report.resent_pages += summary.misses.len() as u64;
-                    let pages: Vec<u64> = summary.misses.iter().map(|m| m.page).collect();
-                    for chunk in pages.chunks(MAX_RESEND_PAGES) {
-                        livemig_wire::write_message(writer, &Message::Resend { pages: chunk.to_vec() })?;
+        let frame = loop {
+            crossbeam_channel::select! {
+                recv(frames) -> f => break f.unwrap_or(Err(WireError::Closed))?,
+                recv(data.events()) -> e => {
+                    if let Ok(e) = e {
+                        data.take(e)?;
                     }
                 }
             }
+        };
+        report.wire_bytes = wire_bytes();
+        match frame.kind {
+            FrameKind::Pages => feeder.apply(frame.payload)?,
             FrameKind::DeviceState => {
                 if dev.is_none() {
                     fed.fed = true;
                     obs.progress(Progress::Phase("loading device state into the destination QEMU"));
-                    dev = Some(UnixStream::connect(&incoming).map_err(|source| AgentError::Network {
+                    dev = Some(UnixStream::connect(incoming).map_err(|source| AgentError::Network {
                         what: "cannot connect to the destination QEMU's incoming migration socket".into(),
                         source,
                     })?);
@@ -406,9 +439,27 @@ fn run(
             }
             FrameKind::Control => match frame.message()? {
                 Message::IterationEnd { index, pages, last } => {
+                    // Every batch of the iteration, from every connection, applied.
+                    data.wait_fences(index, opts.timeout)?;
+                    let misses = feeder.wait_idle()?;
+                    let (_, zeroed) = feeder.totals();
+                    report.zero_pages_punched = Some(zeroed.punched);
+                    report.zero_pages_written = Some(zeroed.written);
+                    if !keep_warned {
+                        if let Some(e) = target.keep_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() {
+                            report.warnings.push(format!("no memory snapshot will be kept: {e}"));
+                            keep_warned = true;
+                        }
+                    }
+                    if !misses.is_empty() {
+                        report.resent_pages += misses.len() as u64;
+                        for chunk in misses.chunks(MAX_RESEND_PAGES) {
+                            livemig_wire::write_message(writer, &Message::Resend { pages: chunk.to_vec() })?;
+                        }
+                    }
                     // The destination QEMU must still be there to take the device state.
                     qmp.query_status().map_err(AgentError::qmp("the destination QEMU is gone"))?;
-                    let now = count.load(Ordering::Relaxed);
+                    let now = wire_bytes();
                     let dur = iter_start.elapsed();
                     let stats = IterationStats {
                         index,
@@ -437,15 +488,16 @@ fn run(
                     livemig_wire::write_message(writer, &Message::EndAck { index })?;
                 }
                 Message::Switchover { digest, pages } => {
+                    feeder.wait_idle()?;
                     let ours = if opts.verify_reread {
                         // Prove the memory itself, not the record of what was written.
                         obs.progress(Progress::Phase("re-reading the destination memory"));
                         let t = Instant::now();
-                        let d = reread_digest(&mem, &key)?;
+                        let d = reread_digest(mem, key)?;
                         report.verification.reread_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
                         d
                     } else {
-                        ledger.digest()
+                        target.ledger().digest()
                     };
                     let theirs: Option<Digest> = digest.parse().ok();
                     let ok = theirs == Some(ours) && pages == total;
@@ -490,11 +542,13 @@ fn run(
                     }
                     let _ = livemig_wire::write_message(writer, &Message::Resumed);
                     obs.progress(Progress::Phase("completed: the destination VM runs"));
-                    report.wire_bytes = count.load(Ordering::Relaxed);
+                    report.wire_bytes = wire_bytes();
+                    let (stats, _) = feeder.totals();
                     report.set_class_stats(&stats);
-                    if let Some(w) = keep.take() {
+                    let keep = target.keep.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                    if let Some(w) = keep {
                         obs.progress(Progress::Phase("keeping a memory snapshot of the VM"));
-                        match w.finish(ledger.digest().0) {
+                        match w.finish(target.ledger().digest().0) {
                             Ok(info) => report.snapshot_kept = Some(format!("{:032x}", info.id)),
                             Err(e) => report.warnings.push(format!("the memory snapshot was not kept: {}", crate::with_sources(&e))),
                         }
@@ -540,8 +594,11 @@ fn receive_stream(
     };
     let rdisks = crate::stream::receive::welcome_sender(writer, hello, (&opts.disk_images, indexes), (welcome_key, snapshots), report, &who)?;
     let snapshot: Option<Snapshot> = match livemig_wire::read_message(&mut reader)? {
-        Message::Plan { snapshot: None } => None,
-        Message::Plan { snapshot: Some(id) } => {
+        Message::Plan { connections, .. } if connections != 1 => {
+            return Err(AgentError::Protocol { expected: "a plan of one connection (stream engine)".into(), got: format!("{connections} connections") })
+        }
+        Message::Plan { snapshot: None, .. } => None,
+        Message::Plan { snapshot: Some(id), .. } => {
             let (Some(store), Some(vm)) = (store, &vm) else {
                 return Err(AgentError::Protocol { expected: "no snapshot (none was offered)".into(), got: format!("snapshot {id}") });
             };
@@ -629,6 +686,8 @@ struct Peer {
     vm: Option<String>,
     disks: ReceiverDisks,
     disks_held: usize,
+    /// The secret data connections present (protocol 6).
+    join: Option<String>,
 }
 
 /// Refuses the sender: `abort` with `reason` (best effort), and the error that ends the receiver.
@@ -685,55 +744,18 @@ fn handshake(
         _ => Vec::new(),
     };
     let disks_held = held.len();
+    // Data connections present this secret (protocol 6; an older sender would refuse the field).
+    let join = if v >= CONNECTIONS_PROTOCOL_VERSION {
+        let k = livemig_tls::random_key().map_err(|e| AgentError::Tls { what: "cannot make the join secret".into(), source: Box::new(e) })?;
+        Some(k[..16].iter().map(|b| format!("{b:02x}")).collect::<String>())
+    } else {
+        None
+    };
     livemig_wire::write_message(
         writer,
-        &Message::Welcome { version: v, software: SOFTWARE.into(), holds: holdings::holdings(held, snapshots), page_key },
+        &Message::Welcome { version: v, software: SOFTWARE.into(), holds: holdings::holdings(held, snapshots), page_key, join: join.clone() },
     )?;
-    Ok(Peer { vm, disks: rdisks, disks_held })
-}
-
-/// The destination as the page decoder sees it: guest RAM, the disk images, the snapshot named
-/// by the plan, and the snapshot being kept.
-struct Dest<'a, 'w> {
-    mem: &'a GuestMemory,
-    ledger: &'a mut Ledger,
-    stats: &'a mut ClassStats,
-    zeros: &'a mut crate::pipeline::ZeroRuns,
-    disks: &'a ReceiverDisks,
-    snapshot: Option<&'a Snapshot>,
-    keep: Option<&'a mut SnapshotWriter<'w>>,
-    keep_error: Option<String>,
-}
-
-impl livemig_compact::Destination for Dest<'_, '_> {
-    type Error = AgentError;
-
-    fn read_page(&mut self, page: u64, out: &mut [u8; PAGE_SIZE]) -> bool {
-        // A page that cannot be made zero first is unreadable (a miss; the batch's flush then
-        // reports the error).
-        self.zeros.before_access(self.mem, page).is_ok() && self.mem.read_page_into(page, out).is_ok()
-    }
-
-    fn read_disk_block(&mut self, r: DiskRef, out: &mut [u8; PAGE_SIZE]) -> bool {
-        self.disks.read(r, out)
-    }
-
-    fn read_snapshot_page(&mut self, page: u64, out: &mut [u8; PAGE_SIZE]) -> bool {
-        self.snapshot.is_some_and(|s| s.read_page(page, out).is_ok())
-    }
-
-    fn write_page(&mut self, page: u64, class: PageClass, data: &[u8; PAGE_SIZE], record_len: usize) -> Result<(), AgentError> {
-        // A zero page is freed (a hole) rather than written, where the memory is on tmpfs.
-        self.zeros.apply(self.mem, self.ledger, page, class == PageClass::Zero, data)?;
-        self.stats.add(class, record_len);
-        if let Some(w) = self.keep.as_mut() {
-            if let Err(e) = w.write_page(page, data) {
-                self.keep_error = Some(crate::with_sources(&e));
-                self.keep = None;
-            }
-        }
-        Ok(())
-    }
+    Ok(Peer { vm, disks: rdisks, disks_held, join })
 }
 
 /// Zeroes every page of the destination that is not zero, so the destination starts from the

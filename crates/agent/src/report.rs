@@ -166,8 +166,12 @@ pub struct Report {
     pub policy: String,
     /// Tracker.
     pub tracker: String,
-    /// Shared engine: the most threads its tracker and page encoder used (`--threads`).
+    /// Shared engine: the most threads its tracker and page encoder used (`--threads`), or on
+    /// the receiver its decoding threads.
     pub threads: Option<usize>,
+    /// Shared engine: the connections the pages went over (`send --connections`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
     /// Shared engine's receiver: zero pages freed by punching a hole in the destination's RAM
     /// (a memfd or a file on tmpfs) instead of writing zeros.
     pub zero_pages_punched: Option<u64>,

@@ -25,7 +25,7 @@ use crate::qemu::QemuVersion;
 use crate::scanner::{Scanner, TrackerKind};
 use crate::transport::{self, Transport};
 use crate::holdings::{self, SenderDisks, SenderSnapshot};
-use crate::link::{self, Inbox, Out, Writer};
+use crate::link::{self, Inbox, Links, Out, Writer};
 use crate::report::{IterationRecord, Report, ThrottleReport};
 use crate::throttle::{self, Throttler};
 use crate::{MemSource, Observer, Progress, SOFTWARE};
@@ -105,6 +105,10 @@ pub struct SendOptions {
     /// Most threads of the shared engine's tracker and of its page encoder (at least 1, at most
     /// [`crate::pipeline::MAX_THREADS`]; default: every core).
     pub threads: usize,
+    /// Connections the shared engine's pages go over (1 to [`livemig_wire::MAX_CONNECTIONS`]),
+    /// each its own TLS session; more than one needs a receiver speaking protocol 6 (an older
+    /// one gets one, said in the report). The stream engine uses one.
+    pub connections: u32,
     /// Dirty-page tracker (shared engine).
     pub tracker: TrackerKind,
     /// Which engine moves the RAM.
@@ -115,6 +119,9 @@ pub struct SendOptions {
     /// Set by a signal handler to cancel.
     pub cancel: Arc<AtomicBool>,
 }
+
+/// Default of [`SendOptions::connections`].
+pub const DEFAULT_CONNECTIONS: u32 = 1;
 
 impl SendOptions {
     /// Options with defaults for everything but the endpoints.
@@ -131,6 +138,7 @@ impl SendOptions {
             timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
             compressor: Compressor::Lz4,
+            connections: DEFAULT_CONNECTIONS,
             disk_images: Vec::new(),
             index_cache: holdings::default_index_cache(),
             disk_align: livemig_index::Align::Auto,
@@ -388,13 +396,15 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
             engine: livemig_wire::ENGINE_SHARED.into(),
         },
     )?;
-    let (holds, key): (Holdings, _) = match livemig_wire::read_message(&mut reader)? {
+    let (holds, key, version, join): (Holdings, _, _, _) = match livemig_wire::read_message(&mut reader)? {
         Message::Welcome { version, software, .. } if version < MIN_PROTOCOL_VERSION => {
             return Err(AgentError::Incompatible(format!(
                 "the receiver ({software}) speaks protocol {version}, this sender {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}"
             )))
         }
-        Message::Welcome { holds, page_key, .. } => (holds, transport::sender_page_key(tls_key, page_key.as_deref())?),
+        Message::Welcome { holds, page_key, version, join, .. } => {
+            (holds, transport::sender_page_key(tls_key, page_key.as_deref())?, version, join)
+        }
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
         other => return Err(AgentError::Protocol { expected: "welcome".into(), got: other.name().into() }),
     };
@@ -414,7 +424,8 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
             plan = Some(id);
         }
     }
-    livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: plan })?;
+    let connections = connections_for(opts.connections, version, join.as_deref(), obs, report)?;
+    livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: plan, connections })?;
     // The reader thread waits as long as the migration lasts (the receiver is silent while a
     // pass is applied); every wait for an answer is bounded by `Inbox::next`'s own timeout
     // instead. SO_RCVTIMEO is per socket, the writer's SO_SNDTIMEO stays.
@@ -422,9 +433,18 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
         .set_read_timeout(None)
         .map_err(|source| AgentError::Network { what: "cannot configure the socket".into(), source })?;
     let inbox = Inbox::spawn(reader, "destination");
-    let mut writer = Writer::spawn(writer_half, opts.bandwidth);
-    let mut r = precopy_and_switchover(opts, obs, report, st, &mem, total, &inbox, &mut writer, &mut encoder, &mut tracker);
-    report.wire_bytes = writer.total_bytes();
+    // The rate cap is shared out among the connections.
+    let each = opts.bandwidth.map(|b| (b / u64::from(connections)).max(1));
+    let mut links = Links::new(Writer::spawn(writer_half, each));
+    let _data_readers = match join.as_deref().filter(|_| connections > 1) {
+        Some(token) => {
+            obs.progress(Progress::Phase(&format!("opening {} more connections to the receiver", connections - 1)));
+            open_data_connections(opts, token, connections, each, &mut links)?
+        }
+        None => Vec::new(),
+    };
+    let mut r = precopy_and_switchover(opts, obs, report, st, &mem, total, &inbox, &mut links, &mut encoder, &mut tracker);
+    report.wire_bytes = links.total_bytes();
     report.set_class_stats(encoder.stats());
     if let Err(AgentError::Wire(_)) = &r {
         // A broken connection is often the receiver giving up: prefer the reason it sent.
@@ -435,11 +455,11 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     if let Err(e) = &r {
         // Tell the destination why, unless the connection is what failed.
         if !matches!(e, AgentError::Wire(_)) {
-            let _ = writer.send(Out::Message(Message::Abort { reason: e.chain() }));
-            let _ = writer.marker(Duration::from_secs(2));
+            let _ = links.send(Out::Message(Message::Abort { reason: e.chain() }));
+            let _ = links.control().marker(Duration::from_secs(2));
         }
     }
-    let _ = writer.finish();
+    let _ = links.finish();
     if r.is_ok() {
         if let (Some(store), Some(vm), Some(digest)) = (&store, &vm, &report.verification.source_digest) {
             // The source is paused in `postmigrate`: its memory is what the destination holds.
@@ -475,7 +495,7 @@ fn precopy_and_switchover(
     mem: &GuestMemory,
     total: u64,
     inbox: &Inbox,
-    writer: &mut Writer,
+    links: &mut Links,
     encoder: &mut Encoder,
     tracker: &mut Scanner,
 ) -> Result<(), AgentError> {
@@ -542,9 +562,10 @@ fn precopy_and_switchover(
         }
         let throttle_level = throttler.as_ref().map_or(0.0, Throttler::level);
         let t0 = Instant::now();
-        let sent = send_pages(opts, obs, mem, &scan.dirty, &mut forced, &mut ledger, writer, encoder, index)?;
-        writer.send(Out::Message(Message::IterationEnd { index, pages: sent, last: false }))?;
-        let ack = writer.marker(opts.timeout)?;
+        let sent = send_pages(opts, obs, mem, &scan.dirty, &mut forced, &mut ledger, links, encoder, index)?;
+        links.fence(index)?;
+        links.send(Out::Message(Message::IterationEnd { index, pages: sent, last: false }))?;
+        let ack = links.marker(opts.timeout)?;
         // The iteration ends when the destination has applied it: the rate the controller sees
         // is that of the whole pipeline (read, encode, link, decode, write), as in downtime.
         wait_end_ack(opts, inbox, encoder, &mut forced, total, report, index)?;
@@ -609,12 +630,13 @@ fn precopy_and_switchover(
     let scan_ms = ms(scan.duration);
     let pending = Pending { index, dirty_pages: scan.dirty.len() as u64, scan_ms };
     take_resends(inbox, encoder, &mut forced, total, report)?;
-    let mut sent = send_pages(opts, obs, mem, &scan.dirty, &mut forced, &mut ledger, writer, encoder, index)?;
+    let mut sent = send_pages(opts, obs, mem, &scan.dirty, &mut forced, &mut ledger, links, encoder, index)?;
     // The destination acknowledges the final pass once applied; pages it could not resolve come
     // before the acknowledgement and are sent whole until none is left.
     let mut end = index;
     for round in 0.. {
-        writer.send(Out::Message(Message::IterationEnd { index: end, pages: sent, last: true }))?;
+        links.fence(end)?;
+        links.send(Out::Message(Message::IterationEnd { index: end, pages: sent, last: true }))?;
         wait_end_ack(opts, inbox, encoder, &mut forced, total, report, end)?;
         if forced.is_empty() {
             break;
@@ -626,11 +648,11 @@ fn precopy_and_switchover(
             });
         }
         end += 1;
-        sent = send_pages(opts, obs, mem, &[], &mut forced, &mut ledger, writer, encoder, end)?;
+        sent = send_pages(opts, obs, mem, &[], &mut forced, &mut ledger, links, encoder, end)?;
     }
     let digest = ledger.digest();
-    writer.send(Out::Message(Message::Switchover { digest: digest.to_string(), pages: total }))?;
-    let ack = writer.marker(opts.timeout)?;
+    links.send(Out::Message(Message::Switchover { digest: digest.to_string(), pages: total }))?;
+    let ack = links.marker(opts.timeout)?;
     let stats = iteration_stats(index, &pending, sent, ack.bytes, t_stop.elapsed(), ms(t_stop.elapsed()), final_throttle);
     let final_decision = Decision::Switchover { predicted_downtime_ms: predicted, reason: "final pass with the source paused".into() };
     let record = IterationRecord::new(stats, &final_decision, controller.fit(), true);
@@ -662,7 +684,7 @@ fn precopy_and_switchover(
     st.qmp()
         .migrate(&format!("unix:{}", sock.display()))
         .map_err(AgentError::qmp("the source QEMU refused to migrate its device state"))?;
-    let bytes = relay_device_state(listener, st, opts, writer)?;
+    let bytes = relay_device_state(listener, st, opts, links.control())?;
     let info = st.qmp().wait_migration(opts.timeout).map_err(AgentError::qmp("cannot follow the source's migration"))?;
     if info.status.as_deref() != Some("completed") {
         return Err(AgentError::DeviceState(
@@ -670,8 +692,8 @@ fn precopy_and_switchover(
         ));
     }
     report.device_state_bytes = bytes;
-    writer.send(Out::Message(Message::DeviceStateEnd { bytes }))?;
-    writer.marker(opts.timeout)?;
+    links.send(Out::Message(Message::DeviceStateEnd { bytes }))?;
+    links.marker(opts.timeout)?;
     match inbox.next(opts.timeout, "the destination to load the device state")? {
         Message::Loaded => {}
         other => return Err(AgentError::Protocol { expected: "loaded".into(), got: other.name().into() }),
@@ -688,7 +710,7 @@ fn precopy_and_switchover(
 
     obs.progress(Progress::Phase("switchover: resuming the destination"));
     st.committed = true;
-    if let Err(e) = writer.send(Out::Message(Message::Commit)).and_then(|()| writer.marker(opts.timeout).map(drop)) {
+    if let Err(e) = links.send(Out::Message(Message::Commit)).and_then(|()| links.marker(opts.timeout).map(drop)) {
         return Err(AgentError::Unconfirmed(e.chain()));
     }
     match inbox.next(opts.timeout, "the destination to confirm it runs") {
@@ -732,6 +754,50 @@ pub(crate) fn connect_receiver(
     let mut writer = channel.writer;
     livemig_wire::write_magic(&mut writer)?;
     Ok((stream, channel.reader, writer, channel.tls_key))
+}
+
+/// How many connections the pages go over: `wanted`, or 1 where the receiver cannot take more
+/// (protocol < 6: said in the log and the report).
+fn connections_for(wanted: u32, version: u32, join: Option<&str>, obs: &mut dyn Observer, report: &mut Report) -> Result<u32, AgentError> {
+    if wanted == 0 || wanted > livemig_wire::MAX_CONNECTIONS {
+        return Err(AgentError::Incompatible(format!("--connections must be 1 to {}, not {wanted}", livemig_wire::MAX_CONNECTIONS)));
+    }
+    let n = if wanted > 1 && (version < livemig_wire::CONNECTIONS_PROTOCOL_VERSION || join.is_none()) {
+        let w = format!("the receiver speaks protocol {version}, which has one connection: the pages go over one, not {wanted}");
+        obs.progress(Progress::Phase(&w));
+        report.warnings.push(w);
+        1
+    } else {
+        wanted
+    };
+    report.connections = Some(n);
+    Ok(n)
+}
+
+/// Opens the data connections 1 to `n - 1` (protocol 6): each connects, sets up its own TLS
+/// session (the receiver's name checked as for the first), sends the magic and a `join` with
+/// the welcome's secret, and gets a writer thread of its own, added to `links`. Returns their
+/// reading halves, kept open as long as the migration (the receiver sends nothing on them).
+fn open_data_connections(
+    opts: &SendOptions,
+    token: &str,
+    n: u32,
+    rate: Option<u64>,
+    links: &mut Links,
+) -> Result<Vec<Box<dyn std::io::Read + Send>>, AgentError> {
+    let mut readers = Vec::new();
+    for index in 1..n {
+        let stream = link::connect(&opts.to, opts.connect_timeout)?;
+        link::tune(&stream, opts.timeout)?;
+        let name = opts.server_name.clone().unwrap_or_else(|| transport::host_of(&opts.to).to_string());
+        let channel = transport::client(&opts.transport, &stream, &name)?;
+        let mut w = channel.writer;
+        livemig_wire::write_magic(&mut w)?;
+        livemig_wire::write_message(&mut w, &Message::Join { token: token.to_string(), index })?;
+        links.add(Writer::spawn(w, rate));
+        readers.push(channel.reader);
+    }
+    Ok(readers)
 }
 
 /// What the thread that owns QEMU's outgoing connection reports.
@@ -1006,7 +1072,7 @@ fn send_pages(
     dirty: &[u64],
     forced: &mut BTreeSet<u64>,
     ledger: &mut Ledger,
-    writer: &mut Writer,
+    links: &mut Links,
     encoder: &mut Encoder,
     iteration: u32,
 ) -> Result<u64, AgentError> {
@@ -1015,11 +1081,11 @@ fn send_pages(
     list.extend(whole.iter().map(|&p| (p, true)));
     list.sort_unstable();
     let n = list.len() as u64;
-    let sent = crate::pipeline::send_pages(mem, &list, ledger, encoder, writer, opts.threads, |sent, w| {
+    let sent = crate::pipeline::send_pages(mem, &list, ledger, encoder, links, opts.threads, |sent, w| {
         obs.progress(Progress::Sending { iteration, sent, dirty: n, wire_bytes: w.total_bytes() });
         check_cancel(opts)
     })?;
-    obs.progress(Progress::Sending { iteration, sent, dirty: n, wire_bytes: writer.total_bytes() });
+    obs.progress(Progress::Sending { iteration, sent, dirty: n, wire_bytes: links.total_bytes() });
     Ok(sent)
 }
 

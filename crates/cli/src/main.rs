@@ -165,6 +165,12 @@ pub(crate) struct SendArgs {
     /// core), so that a migration leaves cores to the host's other VMs.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: Option<u16>,
+    /// Connections the shared engine's pages go over (1-16), each its own TLS session with its
+    /// own encryption thread; the receiver decodes from all of them at once. More than one needs
+    /// a receiver of protocol 6 (an older one gets one, said in the report); the stream engine
+    /// uses one (said too).
+    #[arg(long, default_value_t = livemig_agent::send::DEFAULT_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=16))]
+    connections: u32,
     /// Identity of the VM for memory snapshots (default: QEMU's -name, else its UUID).
     #[arg(long)]
     vm_id: Option<String>,
@@ -199,6 +205,9 @@ pub(crate) struct ReceiveArgs {
     /// source's digest (instead of the hashes of the pages as they were written). Costs downtime.
     #[arg(long)]
     verify_reread: bool,
+    /// Threads that decode and write the pages (shared engine; 1-64; default: every core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: Option<u16>,
     #[command(flatten)]
     holdings: HoldingsArgs,
     /// Write the JSON report here.
@@ -334,6 +343,7 @@ fn run_send(a: &SendArgs) -> anyhow::Result<u8> {
     if let Some(t) = a.threads {
         o.threads = usize::from(t);
     }
+    o.connections = a.connections;
     o.vm_id = a.vm_id.clone();
     o.max_device_state = a.max_device_state;
     o.engine = match a.engine {
@@ -365,6 +375,9 @@ fn run_receive(a: &ReceiveArgs) -> anyhow::Result<u8> {
     o.timeout = dur(a.timeout);
     o.accept_timeout = dur(a.accept_timeout);
     o.verify_reread = a.verify_reread;
+    if let Some(t) = a.threads {
+        o.threads = usize::from(t);
+    }
     o.disk_images = a.holdings.disk_images.clone();
     o.disk_align = a.holdings.disk_align;
     if let Some(c) = &a.holdings.index_cache {
@@ -421,6 +434,11 @@ mod tests {
         assert_eq!(send_args(&[]).unwrap().threads, None);
         assert_eq!(send_args(&["--threads", "3"]).unwrap().threads, Some(3));
         assert_eq!(send_args(&["--threads", "64"]).unwrap().threads, Some(64));
+        assert_eq!(send_args(&[]).unwrap().connections, livemig_agent::send::DEFAULT_CONNECTIONS);
+        assert_eq!(send_args(&["--connections", "4"]).unwrap().connections, 4);
+        for bad in ["0", "17", "-1", "x"] {
+            assert!(send_args(&["--connections", bad]).is_err(), "--connections {bad} accepted");
+        }
         for bad in ["0", "65", "-1", "many"] {
             assert!(send_args(&["--threads", bad]).is_err(), "--threads {bad} accepted");
         }

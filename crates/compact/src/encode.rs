@@ -246,6 +246,8 @@ pub struct Encoder {
     batch_pages: u32,
     scratch: Vec<Scratch>,
     prepared: Vec<Prepared>,
+    /// One bit per page: sent in the current pass ([`Encoder::begin_pass`]); empty outside one.
+    in_pass: Vec<u64>,
 }
 
 impl fmt::Debug for Encoder {
@@ -284,7 +286,34 @@ impl Encoder {
             batch_pages: 0,
             scratch: vec![Scratch::default()],
             prepared: Vec::new(),
+            in_pass: Vec::new(),
         }
+    }
+
+    /// Starts a pass whose records the destination may apply in any order (several connections,
+    /// several decoding threads; protocol 6): until [`Encoder::end_pass`], a page of `pages` is
+    /// never named as another page's `dup` source, since the destination may not have written
+    /// its new version yet, or may be writing it while it reads (the reference would then fail
+    /// its fingerprint check and cost a resend, never wrong data). A delta's base is the page's
+    /// own earlier version, sent in an earlier pass: unaffected.
+    pub fn begin_pass(&mut self, pages: impl IntoIterator<Item = u64>) {
+        let words = self.held.len().div_ceil(64);
+        self.in_pass.clear();
+        self.in_pass.resize(words, 0);
+        for p in pages {
+            if let Some(w) = usize::try_from(p / 64).ok().and_then(|i| self.in_pass.get_mut(i)) {
+                *w |= 1 << (p % 64);
+            }
+        }
+    }
+
+    /// Ends the pass [`Encoder::begin_pass`] started: its pages are sources again.
+    pub fn end_pass(&mut self) {
+        self.in_pass.clear();
+    }
+
+    fn sent_in_pass(&self, page: u64) -> bool {
+        usize::try_from(page / 64).ok().and_then(|i| self.in_pass.get(i)).is_some_and(|w| w & (1 << (page % 64)) != 0)
     }
 
     /// Uses `lookup` for `disk_ref` pages.
@@ -419,7 +448,7 @@ impl Encoder {
             return Some(page);
         }
         let q = *self.by_fp.get(&fp)?;
-        usable(q).then_some(q)
+        (usable(q) && !self.sent_in_pass(q)).then_some(q)
     }
 
     /// Slots (pages) of the delta cache: a destination mirroring it

@@ -731,3 +731,24 @@ fn a_disk_ref_with_a_zero_tail_decodes_to_the_data_then_zeros() {
     assert!(s.misses.is_empty(), "{:?}", s.misses);
     assert_eq!(d.ram[1], page);
 }
+
+/// In a pass whose records may be applied in any order, a page sent in the same pass is never
+/// another page's `dup` source; a page sent before the pass is, and after the pass ends every
+/// page is again.
+#[test]
+fn a_page_of_the_current_pass_is_no_dup_source() {
+    let a = page_from(11, true);
+    let b = page_from(12, false);
+    let mut e = Encoder::new(16, EncodeOptions::default(), key());
+    e.push(0, &a);
+    e.take();
+    e.begin_pass([1, 2, 3]);
+    // Page 1 gets b in this pass; page 2 with the same content must not point at page 1.
+    assert_ne!(e.push(1, &b).0, PageClass::Dup);
+    assert_ne!(e.push(2, &b).0, PageClass::Dup, "a source written in the same pass");
+    // Page 0 was sent before the pass: a source.
+    assert_eq!(e.push(3, &a).0, PageClass::Dup);
+    e.end_pass();
+    e.take();
+    assert_eq!(e.push(4, &b).0, PageClass::Dup, "after the pass, its pages are sources again");
+}

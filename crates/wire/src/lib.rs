@@ -32,7 +32,14 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 /// alignment), not by 4 KiB block number, and may end the page with zeros instead of the disk's
 /// next sectors (`livemig_compact::DiskRef`); a version-4 peer would read the wrong bytes (and
 /// resend every such page after its fingerprint check), so it is not spoken any more.
-pub const PROTOCOL_VERSION: u32 = 5;
+///
+/// 6: several connections (shared engine): [`Message::Welcome`]'s `join` token,
+/// [`Message::Plan`]'s `connections`, the data connections' [`Message::Join`] and
+/// [`Message::Fence`]; the destination applies the batches of one iteration in any order, so
+/// the sender names as `dup` sources only pages it does not send in the same iteration. A
+/// version-5 peer is still spoken with (one connection; its sender's same-iteration dups cost a
+/// resend at worst, never wrong data: every reference is verified).
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Oldest peer version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 5;
 /// Largest payload accepted from the wire (a batch of pages plus its record headers).
@@ -370,6 +377,19 @@ pub struct DiskHeld {
 pub const MAX_RESEND_PAGES: usize = 16 * 1024;
 /// Most disk images offered, and snapshot ids listed, in a handshake.
 pub const MAX_HANDSHAKE_ITEMS: usize = 64;
+/// Most connections one migration may use (`Plan`'s `connections`).
+pub const MAX_CONNECTIONS: u32 = 16;
+/// The first protocol version with several connections.
+pub const CONNECTIONS_PROTOCOL_VERSION: u32 = 6;
+
+fn one() -> u32 {
+    1
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
 
 /// The control messages. Each is tagged by `type` in JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -415,11 +435,36 @@ pub enum Message {
         /// clear, it is secret from the guest but not from the network.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         page_key: Option<String>,
+        /// From version 6 on: the secret a data connection of this migration presents in its
+        /// [`Message::Join`] (32 hex digits, random per migration; absent towards an older sender).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        join: Option<String>,
     },
     /// Source -> destination, after `Welcome`: the memory snapshot references will name.
     Plan {
         /// Snapshot id (32 hex digits), if any.
         snapshot: Option<String>,
+        /// Connections the pages go over (version 6; 1 to [`MAX_CONNECTIONS`]): this one and
+        /// `connections - 1` data connections the sender opens next, each its own TLS session,
+        /// each starting with a [`Message::Join`]. Absent: 1.
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        connections: u32,
+    },
+    /// Source -> destination, the first message of a data connection (after the magic): which
+    /// migration (the `Welcome`'s `join` secret) and which connection (1 to `connections - 1`).
+    /// A data connection then carries `Pages` frames and [`Message::Fence`]s only.
+    Join {
+        /// The `Welcome`'s `join`.
+        token: String,
+        /// This connection's number.
+        index: u32,
+    },
+    /// Source -> destination, on every data connection after the last `Pages` frame of an
+    /// iteration (before the `IterationEnd` on the first connection): the destination applies
+    /// the iteration's batches from all connections before it acknowledges the iteration.
+    Fence {
+        /// Iteration index.
+        index: u32,
     },
     /// Destination -> source: pages it could not resolve (a reference or delta that did not
     /// match); the sender sends them whole again.
@@ -542,18 +587,22 @@ impl Message {
                 disks.iter_mut().for_each(|d| clean(&mut d.index_hash));
                 clean(engine);
             }
-            Message::Welcome { software, holds, page_key, version: _ } => {
+            Message::Welcome { software, holds, page_key, join, version: _ } => {
                 clean(software);
                 holds.snapshots.iter_mut().for_each(clean);
                 if let Some(k) = page_key {
                     clean(k);
                 }
+                if let Some(j) = join {
+                    clean(j);
+                }
             }
-            Message::Plan { snapshot } => {
+            Message::Plan { snapshot, connections: _ } => {
                 if let Some(s) = snapshot {
                     clean(s);
                 }
             }
+            Message::Join { token, index: _ } => clean(token),
             Message::Switchover { digest, pages: _ } | Message::Verified { digest, ok: _ } => clean(digest),
             Message::StreamSetup { capabilities } => capabilities.iter_mut().for_each(|(c, _)| clean(c)),
             Message::StreamBlocks { blocks, cache_pages: _ } => blocks.iter_mut().for_each(|(b, _)| clean(b)),
@@ -565,6 +614,7 @@ impl Message {
             Message::Resend { .. }
             | Message::EndAck { .. }
             | Message::IterationEnd { .. }
+            | Message::Fence { .. }
             | Message::DeviceStateEnd { .. }
             | Message::Loaded
             | Message::Commit
@@ -584,6 +634,8 @@ impl Message {
             Message::Hello { .. } => "hello",
             Message::Welcome { .. } => "welcome",
             Message::Plan { .. } => "plan",
+            Message::Join { .. } => "join",
+            Message::Fence { .. } => "fence",
             Message::Resend { .. } => "resend",
             Message::EndAck { .. } => "end-ack",
             Message::IterationEnd { .. } => "iteration-end",
@@ -649,6 +701,21 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_of_one_connection_is_what_a_version_5_peer_sends_and_reads() {
+        // Version-5 peers deny unknown fields: one connection must not add any.
+        let mut buf = Vec::new();
+        write_message(&mut buf, &Message::Plan { snapshot: None, connections: 1 }).unwrap();
+        assert!(!String::from_utf8_lossy(&buf).contains("connections"));
+        let mut buf = Vec::new();
+        let welcome = Message::Welcome { version: 5, software: "x".into(), holds: Holdings::default(), page_key: None, join: None };
+        write_message(&mut buf, &welcome).unwrap();
+        assert!(!String::from_utf8_lossy(&buf).contains("join"));
+        // And a version-5 plan (no field) reads as one connection.
+        let v5 = br#"{"type":"plan","snapshot":null}"#;
+        assert_eq!(from_json::<Message>(v5).unwrap(), Message::Plan { snapshot: None, connections: 1 });
+    }
+
+    #[test]
     fn message_roundtrip() {
         let msgs = vec![
             Message::Hello {
@@ -666,9 +733,14 @@ mod tests {
                 software: "y".into(),
                 holds: Holdings { disks: vec![DiskHeld { id: 0, same: false }], snapshots: vec!["ab".into()] },
                 page_key: None,
+                join: None,
             },
-            Message::Welcome { version: 4, software: "y".into(), holds: Holdings::default(), page_key: Some("ab".repeat(32)) },
-            Message::Plan { snapshot: None },
+            Message::Welcome { version: 4, software: "y".into(), holds: Holdings::default(), page_key: Some("ab".repeat(32)), join: None },
+            Message::Welcome { version: 6, software: "y".into(), holds: Holdings::default(), page_key: None, join: Some("cd".repeat(16)) },
+            Message::Plan { snapshot: None, connections: 1 },
+            Message::Plan { snapshot: None, connections: 4 },
+            Message::Join { token: "cd".repeat(16), index: 3 },
+            Message::Fence { index: 7 },
             Message::Resend { pages: vec![1, 2, 3] },
             Message::EndAck { index: 4 },
             Message::Commit,
@@ -780,6 +852,7 @@ mod tests {
             software: "livemig\x1b]0;owned\x07 1.0".into(),
             holds: Holdings { disks: vec![], snapshots: vec!["a\nb".into()] },
             page_key: None,
+            join: None,
         });
         let Message::Welcome { software, holds, .. } = got else { panic!("{got:?}") };
         assert_eq!(software, "livemig\\u{1b}]0;owned\\u{7} 1.0");
@@ -814,15 +887,16 @@ mod tests {
         // version 2 and 3 peers check unkeyed fingerprints: refused
         assert_eq!(negotiate(2, 2), None);
         assert_eq!(negotiate(2, 3), None, "a version-3 peer (unkeyed fingerprints) is refused");
-        assert_eq!(negotiate(3, 9), Some(5), "a peer that speaks 5 too is spoken with at 5");
-        assert_eq!(negotiate(6, 9), None);
+        assert_eq!(negotiate(3, 9), Some(6), "a peer that speaks 6 too is spoken with at 6");
+        assert_eq!(negotiate(3, 5), Some(5), "a version-5 peer is still spoken with (one connection)");
+        assert_eq!(negotiate(7, 9), None);
         assert_eq!(negotiate(0, 0), None);
     }
 
     /// A welcome without a page key (a TLS link) leaves the field out rather than send `null`.
     #[test]
     fn a_welcome_without_a_key_has_no_key_field() {
-        let m = Message::Welcome { version: 4, software: "x".into(), holds: Holdings::default(), page_key: None };
+        let m = Message::Welcome { version: 4, software: "x".into(), holds: Holdings::default(), page_key: None, join: None };
         let json = serde_json::to_string(&m).unwrap();
         assert!(!json.contains("page_key"), "{json}");
     }

@@ -1,36 +1,20 @@
 //! The pipeline end to end over a socket pair: every page arrives as it was read, the ledgers
 //! agree, for any thread count, compressor and mix of whole pages.
 
-use std::os::unix::net::UnixStream;
+use std::net::{TcpListener, TcpStream};
 
-use livemig_compact::{decode_batch, Compressor, EncodeOptions, PageClass, PAGE_SIZE};
-use livemig_wire::{FrameKind, WireError};
+use livemig_compact::{Compressor, EncodeOptions, PAGE_SIZE};
+use livemig_wire::{FrameKind, Message, WireError};
 use proptest::prelude::*;
 
 use super::*;
-use crate::link::read_frames;
+use crate::apply::{DataConnections, Pool, Target};
+use crate::link::{read_frames, Writer};
 
 fn memory(dir: &std::path::Path, name: &str, pages: u64) -> GuestMemory {
     let path = dir.join(name);
     std::fs::File::create(&path).unwrap().set_len(pages * PAGE_SIZE as u64).unwrap();
     GuestMemory::open_file(name, &path, pages * PAGE_SIZE as u64).unwrap()
-}
-
-struct Dest<'a> {
-    mem: &'a GuestMemory,
-    ledger: &'a mut Ledger,
-}
-
-impl livemig_compact::Destination for Dest<'_> {
-    type Error = AgentError;
-    fn read_page(&mut self, page: u64, out: &mut [u8; PAGE_SIZE]) -> bool {
-        self.mem.read_page_into(page, out).is_ok()
-    }
-    fn write_page(&mut self, page: u64, _: PageClass, data: &[u8; PAGE_SIZE], _: usize) -> Result<(), AgentError> {
-        self.mem.write_page(page, data)?;
-        self.ledger.record_page(page, data);
-        Ok(())
-    }
 }
 
 /// Page `p` of version `v`: zero, repeated, small edits or noise, by `p`.
@@ -56,42 +40,82 @@ fn content(p: u64, v: u64) -> [u8; PAGE_SIZE] {
     d
 }
 
-fn round_trip(pages: u64, threads: usize, compressor: Compressor, passes: &[Vec<(u64, bool)>]) {
+/// `n` loopback TCP connections: (sender's end, receiver's end) each.
+fn connections(n: usize) -> Vec<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    (0..n)
+        .map(|_| {
+            let c = TcpStream::connect(addr).unwrap();
+            let (s, _) = listener.accept().unwrap();
+            (c, s)
+        })
+        .collect()
+}
+
+/// The passes through the sender pipeline over `conns` connections (the first one's pages and
+/// iteration ends, the others' pages and fences, as `send --connections`) into the receiver's
+/// decoding threads (`rx_threads`), then both memories and ledgers compared.
+fn round_trip(pages: u64, threads: usize, (conns, rx_threads): (usize, usize), compressor: Compressor, passes: &[Vec<(u64, bool)>]) {
     let dir = tempfile::tempdir().unwrap();
     let src = memory(dir.path(), "src", pages);
     let dst = memory(dir.path(), "dst", pages);
     let key = PageKey::from_bytes([3; 32]);
-    let (a, b) = UnixStream::pair().unwrap();
-    let mut writer = Writer::spawn(Box::new(a), None);
-    let frames = read_frames(b, 4);
+    let mut pairs = connections(conns).into_iter();
+    let (c0, s0) = pairs.next().unwrap();
+    let mut links = Links::new(Writer::spawn(Box::new(c0), None));
+    let mut data = Vec::new();
+    for (i, (c, s)) in (1u32..).zip(pairs) {
+        links.add(Writer::spawn(Box::new(c), None));
+        data.push((i, s.try_clone().unwrap(), s));
+    }
+    let frames = read_frames(s0, 4);
     let mut ledger = Ledger::zeroed(pages, key.clone());
-    let mut rx_ledger = Ledger::zeroed(pages, key.clone());
     let opts = EncodeOptions { compressor, ..EncodeOptions::for_ram(pages * PAGE_SIZE as u64) };
     let mut encoder = Encoder::new(pages, opts, key.clone());
+    let sources = crate::apply::NoSources;
+    let target = Target::new(&dst, pages, &key, &sources, Ledger::zeroed(pages, key.clone()));
+    let pool = Pool::new(rx_threads);
+    let (acks_tx, acks) = crossbeam_channel::unbounded::<u32>();
     std::thread::scope(|s| {
-        let rx = s.spawn(|| {
+        let (pool, target) = (&pool, &target);
+        s.spawn(move || {
+            let feeder = pool.start(s, target).unwrap();
+            let mut data = DataConnections::start(s, data, &feeder).unwrap();
             loop {
-                match frames.recv().unwrap() {
-                    Ok(f) => {
-                        assert_eq!(f.kind, FrameKind::Pages);
-                        let mut d = Dest { mem: &dst, ledger: &mut rx_ledger };
-                        let summary = decode_batch(&f.payload, pages, &key, &mut d).unwrap();
-                        assert!(summary.misses.is_empty());
+                let frame = loop {
+                    crossbeam_channel::select! {
+                        recv(frames) -> f => break f.unwrap(),
+                        recv(data.events()) -> e => data.take(e.unwrap()).unwrap(),
                     }
+                };
+                match frame {
+                    Ok(f) if f.kind == FrameKind::Pages => feeder.apply(f.payload).unwrap(),
+                    Ok(f) => match f.message().unwrap() {
+                        Message::IterationEnd { index, .. } => {
+                            data.wait_fences(index, std::time::Duration::from_secs(30)).unwrap();
+                            assert_eq!(feeder.wait_idle().unwrap(), Vec::<u64>::new(), "no page missed");
+                            acks_tx.send(index).unwrap();
+                        }
+                        m => panic!("unexpected {m:?}"),
+                    },
                     Err(WireError::Closed) => break,
                     Err(e) => panic!("{e}"),
                 }
             }
         });
-        for (v, list) in (1u64..).zip(passes) {
+        for (v, (index, list)) in (1u64..).zip((0u32..).zip(passes)) {
             for &(p, _) in list {
                 src.write_page(p, &content(p, v)).unwrap();
             }
-            let sent = send_pages(&src, list, &mut ledger, &mut encoder, &mut writer, threads, |_, _| Ok(())).unwrap();
+            let sent = send_pages(&src, list, &mut ledger, &mut encoder, &mut links, threads, |_, _| Ok(())).unwrap();
             assert_eq!(sent, list.len() as u64);
+            // As the sender: the next pass only after the destination applied this one.
+            links.fence(index).unwrap();
+            links.send(crate::link::Out::Message(Message::IterationEnd { index, pages: sent, last: false })).unwrap();
+            assert_eq!(acks.recv().unwrap(), index);
         }
-        writer.finish().unwrap();
-        rx.join().unwrap();
+        links.finish().unwrap();
     });
     for p in 0..pages {
         let (mut x, mut y) = (PageBuf::zeroed(), PageBuf::zeroed());
@@ -99,6 +123,7 @@ fn round_trip(pages: u64, threads: usize, compressor: Compressor, passes: &[Vec<
         dst.read_page(p, &mut y).unwrap();
         assert!(x == y, "page {p}");
     }
+    let mut rx_ledger = target.ledger();
     assert_eq!(rx_ledger.digest(), ledger.digest());
     rx_ledger.record_page(0, &[1; PAGE_SIZE]);
     assert_ne!(rx_ledger.digest(), ledger.digest(), "the digests can differ");
@@ -109,23 +134,27 @@ fn list(pages: u64, every: u64, whole_every: u64) -> Vec<(u64, bool)> {
 }
 
 #[test]
-fn every_page_arrives_as_read_on_one_and_many_threads() {
-    for threads in [1, 2, 5] {
-        round_trip(1500, threads, Compressor::Lz4, &[list(1500, 1, 0), list(1500, 3, 7), vec![]]);
+fn every_page_arrives_as_read_on_one_and_many_threads_and_connections() {
+    for (threads, conns, rx) in [(1, 1, 1), (2, 1, 2), (5, 3, 2), (2, 4, 3)] {
+        round_trip(1500, threads, (conns, rx), Compressor::Lz4, &[list(1500, 1, 0), list(1500, 3, 7), vec![]]);
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(12))]
+    #![proptest_config(ProptestConfig::with_cases(16))]
+    /// Any number of connections, sending and decoding threads, compressor and passes (zero,
+    /// repeated, edited and random pages; dups and deltas in the later passes).
     #[test]
-    fn any_threads_compressor_and_passes(
+    fn any_connections_threads_compressor_and_passes(
+        conns in 1usize..=4,
         threads in 1usize..6,
+        rx_threads in 1usize..4,
         comp in prop_oneof![Just(Compressor::None), Just(Compressor::Lz4), Just(Compressor::Zstd)],
         steps in proptest::collection::vec((1u64..6, 0u64..5), 1..4),
     ) {
         let pages = 700;
         let passes: Vec<_> = steps.iter().map(|&(every, whole)| list(pages, every, whole)).collect();
-        round_trip(pages, threads, comp, &passes);
+        round_trip(pages, threads, (conns, rx_threads), comp, &passes);
     }
 }
 

@@ -233,7 +233,7 @@ pub(crate) fn welcome_sender(
     report.disk_images_used = held.len();
     livemig_wire::write_message(
         writer,
-        &Message::Welcome { version: v, software: crate::SOFTWARE.into(), holds: crate::holdings::holdings(held, snapshots), page_key: welcome_key },
+        &Message::Welcome { version: v, software: crate::SOFTWARE.into(), holds: crate::holdings::holdings(held, snapshots), page_key: welcome_key, join: None },
     )?;
     Ok(rdisks)
 }

@@ -270,7 +270,16 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         (Some(store), Some(vm)) => Some(Keeper::spawn(store.clone(), vm.clone())?),
         _ => None,
     };
-    livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: plan })?;
+    if opts.connections > 1 {
+        let w = format!(
+            "the stream engine carries QEMU's stream over one connection: --connections {} applies to the shared engine only",
+            opts.connections
+        );
+        obs.progress(crate::Progress::Phase(&w));
+        report.warnings.push(w);
+    }
+    report.connections = Some(1);
+    livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: plan, connections: 1 })?;
     livemig_wire::write_message(&mut writer_half, &Message::StreamSetup { capabilities: caps.clone() })?;
     match livemig_wire::read_message(&mut reader)? {
         Message::StreamReady => {}
@@ -420,7 +429,7 @@ pub(crate) fn hello_and_welcome(
         },
     )?;
     let (holds, key): (Holdings, _) = match livemig_wire::read_message(reader)? {
-        Message::Welcome { version, holds, software, page_key } => {
+        Message::Welcome { version, holds, software, page_key, join: _ } => {
             let needs = STREAM_PROTOCOL_VERSION.max(MIN_PROTOCOL_VERSION);
             if version < needs {
                 return Err(AgentError::Incompatible(format!(

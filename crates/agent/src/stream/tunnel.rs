@@ -775,7 +775,8 @@ fn receive_run(
     obs.progress(Progress::Phase("waiting for the tunnel's sender"));
     let wait = crate::arrival::Wait::new(&opts.transport, (opts.timeout, opts.accept_timeout), &ropts.cancel, "the tunnel's sender");
     let crate::arrival::Arrived { stream, mut reader, writer, hello, key, welcome_key } =
-        crate::arrival::receive_sender(listener, &wait, obs, report)?;
+        crate::arrival::receive_sender(&listener, &wait, obs, report)?;
+    drop(listener);
     let writer = conn_slot.insert(writer);
     let count = Arc::clone(&reader.count);
     if let Some(reason) = tunnel_refuses(&hello) {

@@ -1,10 +1,11 @@
 //! The pipeline benchmark: a synthetic guest memory ([`crate::synth`]) in a file on /dev/shm
 //! goes through the shared engine's sender pipeline ([`livemig_agent::pipeline::send_pages`]:
 //! read, ledger hash, encoder), the agent's writer thread, TLS 1.3 (certificates, as `livemig
-//! certs` makes them) over a loopback TCP connection, the agent's frame reader thread and the
-//! page decoder ([`livemig_compact::decode_batch`]) into a destination memory file, written and
-//! recorded in the destination's ledger as the receiver does (zero pages punched as holes,
-//! [`ZeroRuns`]).
+//! certs` makes them) over one or more loopback TCP connections (`--connections`, each its own TLS
+//! session, as `send --connections`), and the receiver's own decoding threads
+//! ([`livemig_agent::apply`]: the agent's frame reader on the first connection, a reader per data
+//! connection, `--receive-threads` decoders) into a destination memory file, written and
+//! recorded in the destination's ledger as the receiver does (zero pages punched as holes).
 //!
 //! Two passes: the first sends every page (as QEMU's first pass does, which the stream engine
 //! compacts; zero pages included), the second the pages the synthetic guest wrote again. Then
@@ -20,9 +21,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
 use crossbeam_channel::Sender;
-use livemig_agent::link::{self, Out, Writer};
-use livemig_agent::pipeline::ZeroRuns;
-use livemig_compact::{decode_batch, ClassStats, Compressor, EncodeOptions, Encoder, PageClass, PageKey, PAGE_SIZE};
+use livemig_agent::apply::{DataConnections, Pool, Target};
+use livemig_agent::link::{self, Links, Out, Writer};
+use livemig_compact::{Compressor, EncodeOptions, Encoder, PageClass, PageKey, PAGE_SIZE};
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_tls::{Auth, TlsSetup, CA_FILE};
 use livemig_track::{ContentTracker, Ledger, Tracker};
@@ -43,6 +44,12 @@ pub struct Args {
     /// Encoder threads (default: the available cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Connections, one run each (e.g. `1,2,4`).
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32])]
+    connections: Vec<u32>,
+    /// The receiver's decoding threads (default: the available cores).
+    #[arg(long)]
+    receive_threads: Option<usize>,
     /// Transport: TLS 1.3 with certificates, or plain TCP.
     #[arg(long, value_enum, default_value_t = Link::Tls)]
     transport: Link,
@@ -105,7 +112,7 @@ struct PassResult {
     seconds: f64,
     /// CPU seconds of the process (both ends, every thread).
     cpu_seconds: f64,
-    /// Of which the receiving end's threads (decoder, frame reader; TLS decryption included).
+    /// Of which the receiving end's threads (decoders, frame readers; TLS decryption included).
     receiver_cpu_seconds: f64,
     /// Guest RAM GB (10^9 bytes) per second of wall time.
     gb_per_s: f64,
@@ -120,6 +127,7 @@ struct RunResult {
     transport: Link,
     connections: u32,
     threads: usize,
+    receive_threads: usize,
     ram_mib: u64,
     passes: Vec<PassResult>,
     /// Both passes together.
@@ -158,10 +166,11 @@ fn cpu_seconds() -> Result<f64> {
     stat_cpu_seconds(Path::new("/proc/self/stat"))
 }
 
-/// Names of the receiving end's threads: the benchmark's receiver and the agent's frame reader
-/// (they live for the whole run; the sender's encoder threads end with each pass, so the
-/// sender's share is the process's total minus these).
-const RECEIVER_THREADS: [&str; 2] = ["bench-receive", "livemig-reader"];
+/// Names (prefixes) of the receiving end's threads: the benchmark's receiver, the agent's frame
+/// reader, the data connections' readers and the decoding threads (they live for the whole run;
+/// the sender's encoder threads end with each pass, so the sender's share is the process's total
+/// minus these).
+const RECEIVER_THREADS: [&str; 4] = ["bench-receive", "livemig-reader", "livemig-data-", "livemig-apply-"];
 
 /// CPU seconds of the receiving end's threads so far.
 fn receiver_cpu_seconds() -> Result<f64> {
@@ -169,7 +178,7 @@ fn receiver_cpu_seconds() -> Result<f64> {
     for t in std::fs::read_dir("/proc/self/task").context("cannot list /proc/self/task")? {
         let dir = t?.path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if RECEIVER_THREADS.contains(&comm.trim_end()) {
+        if RECEIVER_THREADS.iter().any(|t| comm.trim_end().starts_with(t)) {
             // A thread may end between the listing and the read: it then counts for nothing.
             sum += stat_cpu_seconds(&dir.join("stat")).unwrap_or(0.0);
         }
@@ -214,68 +223,59 @@ fn second_pass(mem: &GuestMemory, seed: u64) -> Result<Vec<u64>> {
     Ok(dirty)
 }
 
-/// The destination as the decoder sees it: the memory and its ledger, as the shared engine's
-/// receiver writes them (without its disk images, snapshots and kept snapshot).
-struct Dest<'a> {
-    mem: &'a GuestMemory,
-    ledger: &'a mut Ledger,
-    stats: &'a mut ClassStats,
-    zeros: &'a mut ZeroRuns,
-}
-
-impl livemig_compact::Destination for Dest<'_> {
-    type Error = livemig_agent::AgentError;
-
-    fn read_page(&mut self, page: u64, out: &mut [u8; PAGE_SIZE]) -> bool {
-        self.zeros.before_access(self.mem, page).is_ok() && self.mem.read_page_into(page, out).is_ok()
-    }
-
-    fn write_page(&mut self, page: u64, class: PageClass, data: &[u8; PAGE_SIZE], record_len: usize) -> Result<(), Self::Error> {
-        self.zeros.apply(self.mem, self.ledger, page, class == PageClass::Zero, data)?;
-        self.stats.add(class, record_len);
-        Ok(())
-    }
-}
-
-/// The receiving end: decodes every Pages frame into `mem`; reports each pass end's arrival.
+/// The receiving end, as the shared engine's receiver: the first connection's frames read by
+/// the agent's frame reader, every data connection's by its own reader, every batch decoded by
+/// the receiver's decoding threads ([`livemig_agent::apply`]); at each pass end, once every
+/// connection reached it and every batch is applied, reports its arrival. Returns the ledger's
+/// digest and the misses.
 fn receive(
-    reader: Box<dyn std::io::Read + Send>,
-    mem: &GuestMemory,
-    key: &PageKey,
+    first: Box<dyn std::io::Read + Send>,
+    data: Vec<(u32, TcpStream, Box<dyn std::io::Read + Send>)>,
+    (mem, key, threads): (&GuestMemory, &PageKey, usize),
     ends: &Sender<(u32, Instant)>,
-) -> Result<(Ledger, u64)> {
+) -> Result<(livemig_track::Digest, u64)> {
     let total = mem.total_pages();
-    let mut ledger = Ledger::zeroed(total, key.clone());
-    let mut stats = ClassStats::default();
+    let sources = livemig_agent::apply::NoSources;
+    let target = Target::new(mem, total, key, &sources, Ledger::zeroed(total, key.clone()));
+    let pool = Pool::new(threads);
     let mut misses = 0u64;
-    let mut zeros = ZeroRuns::default();
-    let frames = link::read_frames(reader, 8);
-    loop {
-        let frame = match frames.recv().unwrap_or(Err(WireError::Closed)) {
-            Ok(f) => f,
-            Err(WireError::Closed) => return Ok((ledger, misses)),
-            Err(e) => return Err(e).context("receiving"),
-        };
-        match frame.kind {
-            FrameKind::Pages => {
-                let mut dest = Dest { mem, ledger: &mut ledger, stats: &mut stats, zeros: &mut zeros };
-                let s = decode_batch(&frame.payload, total, key, &mut dest).context("decoding a batch")?;
-                zeros.flush(mem)?;
-                misses += s.misses.len() as u64;
-            }
-            FrameKind::Control => match frame.message()? {
-                Message::IterationEnd { index, .. } => {
-                    let _ = ends.send((index, Instant::now()));
+    std::thread::scope(|s| -> Result<()> {
+        let feeder = pool.start(s, &target)?;
+        let mut data = DataConnections::start(s, data, &feeder)?;
+        let frames = link::read_frames(first, 8);
+        loop {
+            let frame = loop {
+                crossbeam_channel::select! {
+                    recv(frames) -> f => break f.unwrap_or(Err(WireError::Closed)),
+                    recv(data.events()) -> e => if let Ok(e) = e { data.take(e)? },
                 }
-                m => bail!("unexpected message {}", m.name()),
-            },
-            k => bail!("unexpected frame {k:?}"),
+            };
+            let frame = match frame {
+                Ok(f) => f,
+                Err(WireError::Closed) => return Ok(()),
+                Err(e) => return Err(e).context("receiving"),
+            };
+            match frame.kind {
+                FrameKind::Pages => feeder.apply(frame.payload)?,
+                FrameKind::Control => match frame.message()? {
+                    Message::IterationEnd { index, .. } => {
+                        data.wait_fences(index, Duration::from_secs(600))?;
+                        misses += feeder.wait_idle()?.len() as u64;
+                        let _ = ends.send((index, Instant::now()));
+                    }
+                    m => bail!("unexpected message {}", m.name()),
+                },
+                k => bail!("unexpected frame {k:?}"),
+            }
         }
-    }
+    })?;
+    let digest = target.ledger().digest();
+    Ok((digest, misses))
 }
 
-/// The sender's writing half, the receiver's reading half and the page key of one connection.
-type Connection = (Box<dyn std::io::Write + Send>, Box<dyn std::io::Read + Send>, PageKey);
+/// The sender's writing half, the receiver's socket and reading half, and the page key of one
+/// connection.
+type Connection = (Box<dyn std::io::Write + Send>, TcpStream, Box<dyn std::io::Read + Send>, PageKey);
 
 /// A connection over loopback, TLS when `tls` is given.
 fn connect(link: Link, tls: Option<&TlsSetup>) -> Result<Connection> {
@@ -285,13 +285,16 @@ fn connect(link: Link, tls: Option<&TlsSetup>) -> Result<Connection> {
     let server = std::thread::spawn(move || -> Result<_> {
         let (s, _) = listener.accept()?;
         link::tune(&s, Duration::from_secs(60))?;
+        let socket = s.try_clone()?;
+        // The decoders wait for nothing: the reading side has no timeout, as the receiver's.
+        s.set_read_timeout(None)?;
         Ok(match setup {
             Some(setup) => {
                 let session = livemig_tls::accept(&setup, s)?;
                 let key = session.page_key_material();
-                (session.split().0, Some(key))
+                (socket, session.split().0, Some(key))
             }
-            None => (Box::new(s) as Box<dyn std::io::Read + Send>, None),
+            None => (socket, Box::new(s) as Box<dyn std::io::Read + Send>, None),
         })
     });
     let c = TcpStream::connect(addr)?;
@@ -304,9 +307,9 @@ fn connect(link: Link, tls: Option<&TlsSetup>) -> Result<Connection> {
         }
         _ => (Box::new(c), None),
     };
-    let (reader, server_key) = server.join().map_err(|_| anyhow::anyhow!("accept thread panicked"))??;
+    let (socket, reader, server_key) = server.join().map_err(|_| anyhow::anyhow!("accept thread panicked"))??;
     ensure!(key == server_key, "the two ends exported different page keys");
-    Ok((writer, reader, PageKey::from_bytes(key.unwrap_or([0x5a; 32]))))
+    Ok((writer, socket, reader, PageKey::from_bytes(key.unwrap_or([0x5a; 32]))))
 }
 
 fn pass_result(pass: u32, pages: u64, wire_bytes: u64, seconds: f64, (cpu, rx_cpu): (f64, f64)) -> PassResult {
@@ -325,23 +328,30 @@ fn pass_result(pass: u32, pages: u64, wire_bytes: u64, seconds: f64, (cpu, rx_cp
     }
 }
 
-fn run_one(a: &Args, comp: Comp, threads: usize, tls: Option<&TlsSetup>) -> Result<RunResult> {
+fn run_one(a: &Args, (comp, connections): (Comp, u32), (threads, rx_threads): (usize, usize), tls: Option<&TlsSetup>) -> Result<RunResult> {
     let bytes = a.ram_mib << 20;
     let (_src_file, src) = memory_file(&a.dir, "src", bytes)?;
     let (_dst_file, dst) = memory_file(&a.dir, "dst", bytes)?;
     fill(&src, a.seed)?;
     let total = src.total_pages();
 
-    let (w, r, key) = connect(a.transport, tls)?;
+    // Each connection its own TLS session; the first one's key is the migration's.
+    let (w, _, r, key) = connect(a.transport, tls)?;
+    let mut links = Links::new(Writer::spawn(w, None));
+    let mut data = Vec::new();
+    for index in 1..connections {
+        let (w, socket, r, _) = connect(a.transport, tls)?;
+        links.add(Writer::spawn(w, None));
+        data.push((index, socket, r));
+    }
     let (ends_tx, ends_rx) = crossbeam_channel::unbounded();
     let dst = Arc::new(dst);
     let rx_mem = Arc::clone(&dst);
     let rx_key = key.clone();
     let receiver = std::thread::Builder::new()
         .name("bench-receive".into())
-        .spawn(move || receive(r, &rx_mem, &rx_key, &ends_tx))?;
+        .spawn(move || receive(r, data, (&rx_mem, &rx_key, rx_threads), &ends_tx))?;
 
-    let mut writer = Writer::spawn(w, None);
     let mut ledger = Ledger::zeroed(total, key.clone());
     let opts = EncodeOptions { compressor: comp.compressor(), ..EncodeOptions::for_ram(bytes) };
     let mut encoder = Encoder::new(total, opts, key.clone());
@@ -362,21 +372,22 @@ fn run_one(a: &Args, comp: Comp, threads: usize, tls: Option<&TlsSetup>) -> Resu
             ensure!(found.dirty.iter().all(|p| dirty.binary_search(p).is_ok()), "the tracker found pages the second pass did not write");
             dirty.into_iter().map(|p| (p, false)).collect()
         };
-        let (c0, r0, t0, w0) = (cpu_seconds()?, receiver_cpu_seconds()?, Instant::now(), writer.total_bytes());
-        let sent = livemig_agent::pipeline::send_pages(&src, &list, &mut ledger, &mut encoder, &mut writer, threads, |_, _| Ok(()))?;
-        writer.send(Out::Message(Message::IterationEnd { index: pass, pages: sent, last: pass == 2 }))?;
+        let (c0, r0, t0, w0) = (cpu_seconds()?, receiver_cpu_seconds()?, Instant::now(), links.total_bytes());
+        let sent = livemig_agent::pipeline::send_pages(&src, &list, &mut ledger, &mut encoder, &mut links, threads, |_, _| Ok(()))?;
+        links.fence(pass)?;
+        links.send(Out::Message(Message::IterationEnd { index: pass, pages: sent, last: pass == 2 }))?;
         let (index, at) = ends_rx.recv_timeout(Duration::from_secs(600)).context("the receiver did not finish the pass")?;
         ensure!(index == pass, "pass {index} ended, expected {pass}");
         let secs = at.duration_since(t0).as_secs_f64();
         let cpu = (cpu_seconds()? - c0, receiver_cpu_seconds()? - r0);
-        passes.push(pass_result(pass, sent, writer.total_bytes() - w0, secs, cpu));
+        passes.push(pass_result(pass, sent, links.total_bytes() - w0, secs, cpu));
     }
-    writer.finish()?;
-    let (rx_ledger, misses) = receiver.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))??;
+    links.finish()?;
+    let (rx_digest, misses) = receiver.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))??;
 
     // Verification, outside the timings.
     ensure!(misses == 0, "{misses} pages missed at the destination");
-    ensure!(rx_ledger.digest() == ledger.digest(), "the ledgers disagree: source {} destination {}", ledger.digest(), rx_ledger.digest());
+    ensure!(rx_digest == ledger.digest(), "the ledgers disagree: source {} destination {rx_digest}", ledger.digest());
     let (mut x, mut y) = (PageBuf::zeroed(), PageBuf::zeroed());
     for p in 0..total {
         src.read_page(p, &mut x)?;
@@ -397,8 +408,9 @@ fn run_one(a: &Args, comp: Comp, threads: usize, tls: Option<&TlsSetup>) -> Resu
     Ok(RunResult {
         compressor: comp,
         transport: a.transport,
-        connections: 1,
+        connections,
         threads,
+        receive_threads: rx_threads,
         ram_mib: a.ram_mib,
         passes,
         total: totals,
@@ -416,6 +428,9 @@ pub fn run(a: &Args) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = a.threads.unwrap_or(cores);
     ensure!(threads >= 1, "--threads must be at least 1");
+    let rx_threads = a.receive_threads.unwrap_or(cores);
+    ensure!(rx_threads >= 1, "--receive-threads must be at least 1");
+    ensure!(a.connections.iter().all(|&c| (1..=livemig_wire::MAX_CONNECTIONS).contains(&c)), "--connections must be 1 to {}", livemig_wire::MAX_CONNECTIONS);
     let certs = tempfile::tempdir().context("cannot create a directory for certificates")?;
     let tls = match a.transport {
         Link::Tls => {
@@ -427,10 +442,13 @@ pub fn run(a: &Args) -> Result<()> {
     };
     let mut runs = Vec::new();
     ensure!(a.repeat >= 1, "--repeat must be at least 1");
-    for &c in &a.compressor {
+    for (&c, &n) in a.compressor.iter().flat_map(|c| a.connections.iter().map(move |n| (c, n))) {
         let mut tries = Vec::with_capacity(a.repeat);
         for _ in 0..a.repeat {
-            tries.push(run_one(a, c, threads, tls.as_ref()).with_context(|| format!("run with compressor {}", c.name()))?);
+            tries.push(
+                run_one(a, (c, n), (threads, rx_threads), tls.as_ref())
+                    .with_context(|| format!("run with compressor {} over {n} connection(s)", c.name()))?,
+            );
         }
         tries.sort_by(|x, y| x.total.gb_per_s.total_cmp(&y.total.gb_per_s));
         let all: Vec<f64> = tries.iter().map(|t| t.total.gb_per_s).collect();
@@ -447,19 +465,20 @@ pub fn run(a: &Args) -> Result<()> {
     }
     writeln!(
         stdout,
-        "pipeline: {} MiB synthetic guest, {} cores, {} threads, {:?}, 1 connection, median of {} run(s)",
-        a.ram_mib, cores, threads, a.transport, a.repeat
+        "pipeline: {} MiB synthetic guest, {} cores, {} encoder threads, {} decoding threads, {:?}, median of {} run(s)",
+        a.ram_mib, cores, threads, rx_threads, a.transport, a.repeat
     )?;
-    writeln!(stdout, "| compressor | pass | pages | wire MB | s | GB/s | CPU s (receiver) | GB per CPU s | scan GB/s |")?;
-    writeln!(stdout, "|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(stdout, "| compressor | connections | pass | pages | wire MB | s | GB/s | CPU s (receiver) | GB per CPU s | scan GB/s |")?;
+    writeln!(stdout, "|---|---|---|---|---|---|---|---|---|---|")?;
     for r in &out.runs {
         for p in r.passes.iter().chain(std::iter::once(&r.total)) {
             let pass = if p.pass == 0 { "both".to_string() } else { p.pass.to_string() };
             let scan = if p.pass == 0 { format!("{:.2}", r.scan_gb_per_s) } else { String::new() };
             writeln!(
                 stdout,
-                "| {} | {pass} | {} | {:.1} | {:.2} | {:.2} | {:.2} ({:.2}) | {:.2} | {scan} |",
+                "| {} | {} | {pass} | {} | {:.1} | {:.2} | {:.2} | {:.2} ({:.2}) | {:.2} | {scan} |",
                 r.compressor.name(),
+                r.connections,
                 p.pages,
                 p.wire_bytes as f64 / 1e6,
                 p.seconds,
@@ -470,7 +489,7 @@ pub fn run(a: &Args) -> Result<()> {
             )?;
         }
         let classes: Vec<String> = r.classes.iter().map(|(n, c)| format!("{n} {c}")).collect();
-        writeln!(stdout, "|   | classes: {} | | | | | | | |", classes.join(", "))?;
+        writeln!(stdout, "|   | | classes: {} | | | | | | | |", classes.join(", "))?;
     }
     Ok(())
 }
