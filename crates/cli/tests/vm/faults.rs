@@ -411,6 +411,29 @@ fn psk(dir: &Path) -> Vec<String> {
     crate::tls::psk_args(&crate::tls::certs(dir))
 }
 
+/// Issue 15: one of three connections (`send --connections 3`, TLS) lost mid-migration: the
+/// first data connection cut after 1 MiB from the sender (inside the first iteration), the
+/// other two left open. The migration fails as over one connection: the source keeps running,
+/// the destination is not resumed, and the receiver names the lost connection.
+#[test]
+fn losing_one_of_three_connections_leaves_the_source_running() {
+    let _g = harness::vm_lock();
+    let pair = Pair::start("conn-lost", harness::dirty_guest(16, 5), |d| d);
+    let keys = tempfile::tempdir().unwrap();
+    let args = psk(keys.path());
+    let args = crate::tls::strs(&args);
+    let mut send = args.clone();
+    send.extend(["--connections", "3"]);
+    let proxy = Proxy::raw_on(1, MIB);
+    let m = Migration::between_via(&pair.src, &pair.dst, &pair.dir, "conn-lost-", &send, &args, |a| proxy.forward_to(a), |_| {});
+    eprintln!("--- proxy: fired {:?}", proxy.fired());
+    proxy.assert_fired();
+    assert!(proxy.fired().unwrap().starts_with("connection 1 cut"), "{:?}", proxy.fired());
+    assert_eq!(m.send_report["connections"], 3, "{:#}", m.send_report);
+    assert!(m.recv_stderr.contains("data connection 1 of 3 failed"), "receive names the lost connection: {}", m.recv_stderr);
+    assert_failed_safely(&pair, &m);
+}
+
 /// Case 14 (issue 14 item 9): faults of a TLS connection (PSK), at the TCP level under TLS (a
 /// proxy that parses nothing): the connection cut after 1 MiB from the sender (inside the first
 /// iteration, inside a TLS record), then the link stalled there, nothing more going either way

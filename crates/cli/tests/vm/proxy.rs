@@ -8,7 +8,8 @@
 //! protocol step).
 //!
 //! [`Proxy::raw`] parses nothing, for TLS between the agents (issue 14 item 9): it cuts or
-//! stalls the connection after a number of bytes from the sender.
+//! stalls the connection after a number of bytes from the sender. [`Proxy::raw_on`] forwards
+//! every connection the sender opens (`send --connections`) and cuts only one of them.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -79,6 +80,8 @@ struct Shared {
     stalled: std::sync::atomic::AtomicBool,
     /// The proxy cut both connections (or is dropped): a stalled pump may end.
     closed: std::sync::atomic::AtomicBool,
+    /// Forward every connection the sender opens, the fault only on this one (0: the first).
+    only_conn: Option<usize>,
 }
 
 impl Shared {
@@ -120,7 +123,19 @@ impl Proxy {
         Self::start(Some((Trigger::SenderBytes(bytes), action)), true)
     }
 
+    /// A proxy that parses nothing and forwards every connection the sender opens, in the
+    /// order they arrive (the first is the migration's first connection, the next ones its data
+    /// connections); connection `conn` alone is cut after `bytes` from the sender (its two
+    /// sockets shut, the other connections left as they are).
+    pub fn raw_on(conn: usize, bytes: u64) -> Proxy {
+        Self::start_with(Some((Trigger::SenderBytes(bytes), Action::Cut)), true, Some(conn))
+    }
+
     fn start(fault: Option<(Trigger, Action)>, raw: bool) -> Proxy {
+        Self::start_with(fault, raw, None)
+    }
+
+    fn start_with(fault: Option<(Trigger, Action)>, raw: bool, only_conn: Option<usize>) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy listens");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
@@ -134,6 +149,7 @@ impl Proxy {
             raw,
             stalled: std::sync::atomic::AtomicBool::new(false),
             closed: std::sync::atomic::AtomicBool::new(false),
+            only_conn,
         });
         let (tx, rx) = mpsc::channel::<String>();
         let sh = Arc::clone(&shared);
@@ -194,39 +210,53 @@ fn serve(listener: &TcpListener, target: &mpsc::Receiver<String>, sh: &Arc<Share
     let Ok(to) = target.recv() else { return };
     listener.set_nonblocking(true).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
-    let sender = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
+    let mut pumps = Vec::new();
+    for conn in 0.. {
+        let sender = loop {
+            match listener.accept() {
+                Ok((s, _)) => break Some(s),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && Instant::now() < deadline
+                        && !sh.closed.load(std::sync::atomic::Ordering::SeqCst) =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => break None,
             }
-            Err(_) => return,
+        };
+        let Some(sender) = sender else { break };
+        sender.set_nonblocking(false).unwrap();
+        // The receiver may not listen yet: it starts at the same time as the sender.
+        let receiver = loop {
+            match TcpStream::connect(&to) {
+                Ok(s) => break Some(s),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) => break None,
+            }
+        };
+        let Some(receiver) = receiver else { break };
+        let _ = sender.set_nodelay(true);
+        let _ = receiver.set_nodelay(true);
+        sh.sockets.lock().unwrap().extend([sender.try_clone().unwrap(), receiver.try_clone().unwrap()]);
+        let (s2, r2) = (sender.try_clone().unwrap(), receiver.try_clone().unwrap());
+        let raw = sh.raw;
+        let up = {
+            let sh = Arc::clone(sh);
+            std::thread::spawn(move || if raw { pump_raw(sender, receiver, Dir::FromSender, &sh, conn) } else { pump(sender, receiver, Dir::FromSender, &sh) })
+        };
+        let down = {
+            let sh = Arc::clone(sh);
+            std::thread::spawn(move || if raw { pump_raw(r2, s2, Dir::FromReceiver, &sh, conn) } else { pump(r2, s2, Dir::FromReceiver, &sh) })
+        };
+        pumps.extend([up, down]);
+        if sh.only_conn.is_none() {
+            break;
         }
-    };
-    sender.set_nonblocking(false).unwrap();
-    // The receiver may not listen yet: it starts at the same time as the sender.
-    let receiver = loop {
-        match TcpStream::connect(&to) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(_) => return,
-        }
-    };
-    let _ = sender.set_nodelay(true);
-    let _ = receiver.set_nodelay(true);
-    sh.sockets.lock().unwrap().extend([sender.try_clone().unwrap(), receiver.try_clone().unwrap()]);
-    let (s2, r2) = (sender.try_clone().unwrap(), receiver.try_clone().unwrap());
-    let pump = if sh.raw { pump_raw } else { pump };
-    let up = {
-        let sh = Arc::clone(sh);
-        std::thread::spawn(move || pump(sender, receiver, Dir::FromSender, &sh))
-    };
-    let down = {
-        let sh = Arc::clone(sh);
-        std::thread::spawn(move || pump(r2, s2, Dir::FromReceiver, &sh))
-    };
-    let _ = up.join();
-    let _ = down.join();
+    }
+    for p in pumps {
+        let _ = p.join();
+    }
 }
 
 /// What the proxy decides for one frame.
@@ -339,7 +369,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>) {
 
 /// Copies `from` to `to` as bytes (TLS records), applying a byte-count cut or stall, or one the
 /// test fired.
-fn pump_raw(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>) {
+fn pump_raw(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>, conn: usize) {
     use std::sync::atomic::Ordering::SeqCst;
     let mut total: u64 = 0;
     let mut buf = vec![0u8; 64 << 10];
@@ -358,7 +388,7 @@ fn pump_raw(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>) 
         total += n as u64;
         let mut keep = n;
         let mut action = None;
-        if dir == Dir::FromSender {
+        if dir == Dir::FromSender && sh.only_conn.is_none_or(|c| c == conn) {
             let mut f = sh.fault.lock().unwrap();
             if let Some((Trigger::SenderBytes(at), _)) = f.as_ref() {
                 if total >= *at {
@@ -376,6 +406,14 @@ fn pump_raw(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>) 
                 sh.stalled.store(true, SeqCst);
                 sh.fire(format!("stalled after {} bytes from the sender", total - (n - keep) as u64));
                 return hold(sh);
+            }
+            Some(_) if sh.only_conn.is_some() => {
+                // This connection only: its two sockets.
+                let _ = to.flush();
+                let _ = from.shutdown(Shutdown::Both);
+                let _ = to.shutdown(Shutdown::Both);
+                sh.fire(format!("connection {conn} cut after {} bytes from the sender", total - (n - keep) as u64));
+                return;
             }
             Some(_) => {
                 let _ = to.flush();

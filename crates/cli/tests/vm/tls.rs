@@ -50,6 +50,34 @@ fn migrates_over_tls_with_certificates() {
     pair.assert_destination_guest_verifies(2);
 }
 
+/// Issue 15: `send --connections 3` over TLS with certificates, each connection its own TLS
+/// session checked as the first, the receiver decoding on 2 threads: the migration completes,
+/// the keyed digests are equal, both reports say 3 connections, and the guest verifies its own
+/// pages on the destination.
+#[test]
+fn migrates_over_three_tls_connections() {
+    let _g = harness::vm_lock();
+    let pair = Pair::start("tls3", harness::dirty_guest(16, 5), |d| d);
+    let dir = tempfile::tempdir().unwrap();
+    let args = cert_args(&certs(dir.path()));
+    let mut send = strs(&args);
+    send.extend(["--connections", "3"]);
+    let mut recv = strs(&args);
+    recv.extend(["--threads", "2"]);
+    let m = Migration::run(&pair, &send, &recv);
+    m.assert_completed();
+    for r in [&m.send_report, &m.recv_report] {
+        assert_eq!(r["connections"], 3, "{r:#}");
+        assert_eq!(r["engine"], "shared", "{r:#}");
+    }
+    assert_eq!(m.recv_report["threads"], 2, "{:#}", m.recv_report);
+    assert_eq!(m.recv_report["verification"]["ok"], true, "{:#}", m.recv_report);
+    assert!(m.send_stderr.contains("opening 2 more connections"), "{}", m.send_stderr);
+    assert!(m.recv_stderr.contains("waiting for the sender's 2 data connections"), "{}", m.recv_stderr);
+    assert_tls_page_key(&m);
+    pair.assert_destination_guest_verifies(2);
+}
+
 /// Over TLS both sides export the page key from the session: the reports say so and never
 /// hold the key.
 fn assert_tls_page_key(m: &Migration) {
