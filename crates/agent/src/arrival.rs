@@ -484,4 +484,76 @@ mod tests {
         r.arrival.as_ref().map_err(|e| e.chain()).expect("the sender arrives");
         assert!(r.refused.iter().any(|x| x.reason.contains("already in their handshake")), "{}", reasons(&r));
     }
+
+    /// A data connection as `send --connections` opens one: the transport's handshake, the
+    /// magic, a join. Returns its halves (kept open by the caller) once sent.
+    fn join(addr: SocketAddr, t: &Transport, token: &str, index: u32) -> (TcpStream, Box<dyn Read + Send>, Box<dyn std::io::Write + Send>) {
+        let s = TcpStream::connect(addr).unwrap();
+        let Channel { reader, mut writer, .. } = transport::client(t, &s, "localhost").unwrap();
+        livemig_wire::write_magic(&mut writer).unwrap();
+        livemig_wire::write_message(&mut writer, &Message::Join { token: token.into(), index }).unwrap();
+        writer.flush().unwrap();
+        (s, reader, writer)
+    }
+
+    /// Waits until the receiver closed the connection (it refused it).
+    fn refused(c: (TcpStream, Box<dyn Read + Send>, Box<dyn std::io::Write + Send>)) {
+        let (_s, mut r, _w) = c;
+        let mut rest = Vec::new();
+        let _ = r.read_to_end(&mut rest);
+    }
+
+    #[test]
+    fn data_connections_join_with_the_secret_and_everything_else_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = psk_transport(dir.path(), "good", 7);
+        let wrong = psk_transport(dir.path(), "wrong", 8);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = "ab".repeat(16);
+        let (tc, tok) = (t.clone(), token.clone());
+        let (done_tx, done) = mpsc::channel::<()>();
+        let clients = std::thread::spawn(move || {
+            refused(join(addr, &tc, &"cd".repeat(16), 1));
+            refused(join(addr, &tc, &tok[..30], 1));
+            refused(join(addr, &tc, &tok, 0));
+            refused(join(addr, &tc, &tok, 3));
+            // The right secret under another key: the TLS handshake fails first.
+            let s = TcpStream::connect(addr).unwrap();
+            assert!(transport::client(&wrong, &s, "localhost").is_err());
+            drop(s);
+            let two = join(addr, &tc, &tok, 2);
+            refused(join(addr, &tc, &tok, 2));
+            let one = join(addr, &tc, &tok, 1);
+            // Held open until the receiver has taken them.
+            done.recv().unwrap();
+            drop((one, two));
+        });
+        let cancel = AtomicBool::new(false);
+        let w = Wait::new(&t, (Duration::from_secs(5), Duration::from_secs(30)), &cancel, "the sender");
+        let mut report = crate::report::Report::default();
+        let joined = accept_joins(&listener, &w, &token, 3, &mut crate::Quiet, &mut report).map_err(|e| e.chain()).unwrap();
+        done_tx.send(()).unwrap();
+        clients.join().unwrap();
+        assert_eq!(joined.iter().map(|j| j.index).collect::<Vec<_>>(), [1, 2], "in connection order");
+        let all = report.refused_connections.iter().map(|x| x.reason.clone()).collect::<Vec<_>>().join("\n");
+        assert_eq!(report.refused_connections_total, 6, "{all}");
+        assert_eq!(all.matches("a join with the wrong secret").count(), 2, "{all}");
+        assert!(all.contains("a join as connection 0 (this migration has 3)"), "{all}");
+        assert!(all.contains("a join as connection 3 (this migration has 3)"), "{all}");
+        assert!(all.contains("TLS handshake"), "{all}");
+        assert!(all.contains("a join as a connection that had already joined"), "{all}");
+    }
+
+    #[test]
+    fn a_sender_that_opens_no_data_connection_is_a_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let cancel = AtomicBool::new(false);
+        let t = Transport::Insecure;
+        let w = Wait::new(&t, (Duration::from_millis(500), Duration::from_secs(30)), &cancel, "the sender");
+        let mut report = crate::report::Report::default();
+        let e = accept_joins(&listener, &w, "ab", 2, &mut crate::Quiet, &mut report).err().expect("nobody joined");
+        assert!(matches!(e, AgentError::Timeout { .. }), "{e:?}");
+        assert!(e.to_string().contains("data connections"), "{e}");
+    }
 }

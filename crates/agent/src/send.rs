@@ -1092,6 +1092,23 @@ fn send_pages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// More than one connection needs a receiver of protocol 6 that sent a join secret; an
+    /// older one gets one connection, said in the log and the report; out of range is an error.
+    #[test]
+    fn connections_fall_back_to_one_for_an_older_receiver_and_say_so() {
+        let mut report = Report::default();
+        assert_eq!(connections_for(4, 6, Some("ab"), &mut crate::Quiet, &mut report).unwrap(), 4);
+        assert_eq!(report.connections, Some(4));
+        assert!(report.warnings.is_empty());
+        assert_eq!(connections_for(1, 5, None, &mut crate::Quiet, &mut report).unwrap(), 1);
+        assert!(report.warnings.is_empty(), "one connection asked, none refused");
+        assert_eq!(connections_for(4, 5, None, &mut crate::Quiet, &mut report).unwrap(), 1);
+        assert_eq!(report.connections, Some(1));
+        assert!(report.warnings[0].contains("speaks protocol 5, which has one connection"), "{:?}", report.warnings);
+        assert!(connections_for(0, 6, Some("ab"), &mut crate::Quiet, &mut report).is_err());
+        assert!(connections_for(17, 6, Some("ab"), &mut crate::Quiet, &mut report).is_err());
+    }
     use std::io::{BufRead, BufReader, Write};
 
     /// A fake source QEMU like the real one at switchover: on `query-migrate` it connects its
