@@ -431,6 +431,7 @@ fn losing_one_of_three_connections_leaves_the_source_running() {
     assert!(proxy.fired().unwrap().starts_with("connection 1 cut"), "{:?}", proxy.fired());
     assert_eq!(m.send_report["connections"], 3, "{:#}", m.send_report);
     assert!(m.recv_stderr.contains("data connection 1 of 3 failed"), "receive names the lost connection: {}", m.recv_stderr);
+    eprintln!("--- send: {}\n--- receive: {}", m.send_stderr.lines().last().unwrap_or(""), m.recv_stderr.lines().last().unwrap_or(""));
     assert_failed_safely(&pair, &m);
 }
 

@@ -92,6 +92,10 @@ pub(crate) struct LegCtx<'a> {
     /// Source namespace to destination namespace (false: the way back).
     pub forward: bool,
     pub link_bytes_per_s: u64,
+    /// `--link unshaped`: no qdisc, and QEMU estimates the switchover's bandwidth itself.
+    pub unshaped: bool,
+    /// `livemig send --connections` of the shared engine's migrators.
+    pub connections: u32,
     pub migrator: Migrator,
     /// The migrator's maximum downtime (QEMU's `downtime-limit`, livemig's `--max-downtime`).
     pub max_downtime: &'a str,
@@ -177,6 +181,9 @@ fn livemig(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
         .arg(&send_report);
     if ctx.send_disk_image {
         sc.arg("--disk-image").arg(ctx.disk);
+    }
+    if ctx.connections > 1 && ctx.migrator.engine() == "shared" {
+        sc.args(["--connections", &ctx.connections.to_string()]);
     }
     if ctx.send_snapshot_dir {
         sc.arg("--snapshot-dir").arg(ctx.send_snapshot);
@@ -326,9 +333,12 @@ fn native(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     // QEMU >= 8.2: the bandwidth the switchover may count on, else QEMU estimates it from the
     // iterations (which a throttled or idle guest makes low).
     let v = qemu_version(src.greeting());
-    if v >= (8, 2) {
+    if v >= (8, 2) && !ctx.unshaped {
         src.migrate_set_parameters(json!({"avail-switchover-bandwidth": max_bw}))?;
         leg.capabilities.push(format!("avail-switchover-bandwidth {max_bw} B/s"));
+    } else if ctx.unshaped {
+        // Set to 10 GB/s on a link that moves far less, QEMU would plan a downtime of seconds.
+        leg.capabilities.push("avail-switchover-bandwidth not set (unshaped link: QEMU estimates it)".into());
     }
     if ctx.migrator == Migrator::QemuTuned {
         leg.capabilities.extend(tune(&mut src, &mut dst)?);

@@ -136,12 +136,17 @@ pub(crate) struct BenchArgs {
     /// Scenario(s) to run (repeat). Default: the default plan (see --help of --link).
     #[arg(long = "scenario", value_enum)]
     scenarios: Vec<Scenario>,
-    /// Link rate(s) as tc reads them (repeat), e.g. 1gbit, 100mbit. Without --scenario and
-    /// --link the default plan runs every scenario at 1gbit and `hot` at 100mbit (see
-    /// --dry-run for its duration); with only one of them given, the other defaults to all
+    /// Link rate(s) as tc reads them (repeat), e.g. 1gbit, 100mbit, or `unshaped` (no qdisc:
+    /// the veth pair as fast as the CPUs move it; QEMU's max-bandwidth 10 GB/s and no
+    /// avail-switchover-bandwidth, so QEMU estimates the rate as it does by default). Without
+    /// --scenario and --link the default plan runs every scenario at 1gbit and `hot` at 100mbit
+    /// (see --dry-run for its duration); with only one of them given, the other defaults to all
     /// scenarios / both links.
     #[arg(long = "link")]
     links: Vec<String>,
+    /// Connections of the shared engine's migrators (`livemig send --connections`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    connections: u32,
     /// One-way delay added on each side of the link (e.g. 5ms; default none).
     #[arg(long, value_parser = units::parse_duration_ms)]
     delay: Option<f64>,
@@ -406,7 +411,22 @@ pub(crate) fn fill_mem(runs: &mut [RunResult], command: &str) {
 }
 
 fn is_slow(link: &str) -> bool {
-    units::parse_rate(link).is_ok_and(|b| b < SLOW_LINK)
+    link_rate(link).is_ok_and(|b| b < SLOW_LINK)
+}
+
+/// `--link unshaped`: no qdisc.
+pub(crate) const UNSHAPED: &str = "unshaped";
+
+/// QEMU's max-bandwidth on an unshaped link (the 10 GB/s).
+const UNSHAPED_RATE: u64 = 10_000_000_000;
+
+/// A `--link` in bytes per second ([`UNSHAPED`]: 10 GB/s).
+pub(crate) fn link_rate(link: &str) -> Result<u64, String> {
+    if link == UNSHAPED {
+        Ok(UNSHAPED_RATE)
+    } else {
+        units::parse_rate(link)
+    }
 }
 
 /// The migrators of one scenario and link: --migrator, else [`MAIN_MIGRATORS`] plus the `-2s`
@@ -738,6 +758,8 @@ fn one_leg(env: &Env<'_>, spec: &RunSpec<'_>, from: &Vm, to: &Vm, forward: bool,
         hosts: h,
         forward,
         link_bytes_per_s: spec.link_bps,
+        unshaped: spec.link == UNSHAPED,
+        connections: env.a.connections,
         migrator: spec.m,
         max_downtime: spec.m.max_downtime(env.a),
         tls: env.tls.as_ref(),
@@ -919,7 +941,7 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
         bail!("livemig-dev bench needs root (it creates network namespaces, veth pairs and tc qdiscs); run it with sudo");
     }
     for c in &plan {
-        units::parse_rate(&c.link).map_err(|e| anyhow::anyhow!("--link {}: {e}", c.link))?;
+        link_rate(&c.link).map_err(|e| anyhow::anyhow!("--link {}: {e}", c.link))?;
     }
     let cancel = signal::cancel_flag();
     let removed = net::remove_leftovers();
@@ -964,7 +986,7 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
             break;
         }
         let l = &c.link;
-        let link_bps = units::parse_rate(l).map_err(anyhow::Error::msg)?;
+        let link_bps = link_rate(l).map_err(anyhow::Error::msg)?;
         if shaped.as_deref() != Some(l.as_str()) {
             env.hosts.shape(&net::Shape { rate: l.clone(), delay_ms: a.delay.unwrap_or(0.0) }, link_bps)?;
             shaped = Some(l.clone());

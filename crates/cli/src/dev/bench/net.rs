@@ -70,6 +70,11 @@ impl Hosts {
     /// (needs sch_netem, which some kernels lack).
     pub fn shape(&self, s: &Shape, bytes_per_s: u64) -> anyhow::Result<()> {
         for (ns, dev) in [(&self.src_ns, &self.src_if), (&self.dst_ns, &self.dst_if)] {
+            if s.rate == super::UNSHAPED {
+                // Back to the veth's default (no queue); fails harmlessly where none was set.
+                let _ = run(&["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"]);
+                continue;
+            }
             let mut a: Vec<String> =
                 ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root"].iter().map(|x| x.to_string()).collect();
             if s.delay_ms > 0.0 {
