@@ -439,7 +439,16 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     let _data_readers = match join.as_deref().filter(|_| connections > 1) {
         Some(token) => {
             obs.progress(Progress::Phase(&format!("opening {} more connections to the receiver", connections - 1)));
-            open_data_connections(opts, token, connections, each, &mut links)?
+            match open_data_connections(opts, token, connections, each, &mut links) {
+                Ok(r) => r,
+                Err(e) => {
+                    // The receiver waits for them: tell it why they will not come.
+                    let _ = links.send(Out::Message(Message::Abort { reason: e.chain() }));
+                    let _ = links.control().marker(Duration::from_secs(2));
+                    let _ = links.finish();
+                    return Err(e);
+                }
+            }
         }
         None => Vec::new(),
     };
