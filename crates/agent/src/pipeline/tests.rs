@@ -77,6 +77,7 @@ fn round_trip(pages: u64, threads: usize, (conns, rx_threads): (usize, usize), c
     let target = Target::new(&dst, pages, &key, &sources, Ledger::zeroed(pages, key.clone()));
     let pool = Pool::new(rx_threads);
     let (acks_tx, acks) = crossbeam_channel::unbounded::<u32>();
+    let last = u32::try_from(passes.len()).unwrap();
     std::thread::scope(|s| {
         let (pool, target) = (&pool, &target);
         s.spawn(move || {
@@ -96,6 +97,10 @@ fn round_trip(pages: u64, threads: usize, (conns, rx_threads): (usize, usize), c
                             data.wait_fences(index, std::time::Duration::from_secs(30)).unwrap();
                             assert_eq!(feeder.wait_idle().unwrap(), Vec::<u64>::new(), "no page missed");
                             acks_tx.send(index).unwrap();
+                            if index + 1 == last {
+                                // The sender closes every connection next, in no set order.
+                                break;
+                            }
                         }
                         m => panic!("unexpected {m:?}"),
                     },

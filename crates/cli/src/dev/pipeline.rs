@@ -258,10 +258,14 @@ fn receive(
             match frame.kind {
                 FrameKind::Pages => feeder.apply(frame.payload)?,
                 FrameKind::Control => match frame.message()? {
-                    Message::IterationEnd { index, .. } => {
+                    Message::IterationEnd { index, last, .. } => {
                         data.wait_fences(index, Duration::from_secs(600))?;
                         misses += feeder.wait_idle()?.len() as u64;
                         let _ = ends.send((index, Instant::now()));
+                        if last {
+                            // The sender closes every connection next, in no set order.
+                            return Ok(());
+                        }
                     }
                     m => bail!("unexpected message {}", m.name()),
                 },
