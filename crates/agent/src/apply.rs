@@ -86,6 +86,10 @@ pub struct Target<'a, 'w> {
     pub keep: Mutex<Option<SnapshotWriter<'w>>>,
     /// Why the snapshot is not kept any more.
     pub keep_error: Mutex<Option<String>>,
+    /// Map each batch's runs of data pages for writing ahead of the writes
+    /// ([`GuestMemory::populate_write`]); cleared at the kernel's first refusal (Linux < 5.14),
+    /// after which the writes fault their pages in one by one, as before.
+    pub populate: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Target<'_, '_> {
@@ -97,7 +101,16 @@ impl std::fmt::Debug for Target<'_, '_> {
 impl<'a, 'w> Target<'a, 'w> {
     /// A target without a kept snapshot.
     pub fn new(mem: &'a GuestMemory, total: u64, key: &'a PageKey, sources: &'a dyn Sources, ledger: Ledger) -> Self {
-        Target { mem, total, key, sources, ledger: Mutex::new(ledger), keep: Mutex::new(None), keep_error: Mutex::new(None) }
+        Target {
+            mem,
+            total,
+            key,
+            sources,
+            ledger: Mutex::new(ledger),
+            keep: Mutex::new(None),
+            keep_error: Mutex::new(None),
+            populate: std::sync::atomic::AtomicBool::new(true),
+        }
     }
 
     /// The ledger (its lock).
@@ -297,11 +310,30 @@ impl Drop for PanicGuard<'_> {
     }
 }
 
+/// Runs of fewer pages are left to fault in as they are written.
+const POPULATE_MIN_PAGES: u64 = 4;
+
+/// Maps the batch's runs of data pages for writing in one system call each (a page fault per
+/// page costs more, the more so in a VM), where the kernel allows it.
+fn prefault(target: &Target<'_, '_>, payload: &[u8]) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if !target.populate.load(Relaxed) {
+        return;
+    }
+    for run in livemig_compact::data_runs(payload) {
+        if run.end - run.start >= POPULATE_MIN_PAGES && run.end <= target.total && target.mem.populate_write(run).is_err() {
+            target.populate.store(false, Relaxed);
+            return;
+        }
+    }
+}
+
 fn worker(target: &Target<'_, '_>, rx: &Receiver<Vec<u8>>, state: &State) {
     let mut zeros = ZeroRuns::default();
     let mut hashes = Hashes { key: target.key, list: Vec::with_capacity(512) };
     for payload in rx {
         let guard = PanicGuard(state);
+        prefault(target, &payload);
         let mut stats = ClassStats::default();
         let decoded = {
             let mut dest = ThreadDest { target, zeros: &mut zeros, hashes: &mut hashes, stats: &mut stats };

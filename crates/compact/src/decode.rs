@@ -93,6 +93,28 @@ fn valid_len(class: PageClass, len: usize) -> bool {
 /// Decodes a batch received from the peer for a guest of `total_pages` pages, in order.
 ///
 /// Whole pages (zero, raw, compressed) are written when they decode to exactly one page.
+/// The runs of consecutive guest pages a batch writes with data (every class but `zero`), in
+/// record order, as page ranges: what a destination may map for writing ahead of
+/// [`decode_batch`]. Stops quietly at a malformed record (the decoder reports it).
+pub fn data_runs(payload: &[u8]) -> Vec<std::ops::Range<u64>> {
+    let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+    let mut pos = 0usize;
+    while let Some(head) = payload.get(pos..pos + RECORD_HEADER) {
+        let page = le_u64(head);
+        let len = u32::from_le_bytes(head[9..13].try_into().expect("4 bytes"));
+        let Some(next) = usize::try_from(len).ok().and_then(|l| (pos + RECORD_HEADER).checked_add(l)) else { break };
+        pos = next;
+        if head[8] == PageClass::Zero as u8 {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(r) if r.end == page => r.end += 1,
+            _ => runs.push(page..page.saturating_add(1)),
+        }
+    }
+    runs
+}
+
 /// References and deltas are resolved through `dest` and written only when the content's
 /// fingerprint keyed with `key` (the migration's key, as the sender's encoder used) equals the
 /// fingerprint they carry; otherwise they are returned as misses and nothing is written.

@@ -67,7 +67,7 @@ mod delta;
 mod encode;
 mod key;
 
-pub use decode::{decode_batch, DecodeSummary, Destination, Miss, MissReason};
+pub use decode::{data_runs, decode_batch, DecodeSummary, Destination, Miss, MissReason};
 pub use delta::{delta_apply, delta_encode};
 pub use encode::{
     Compressor, DiskLookup, EncodeOptions, Encoder, PageRef, Prepared, Scratch, SnapshotLookup,

@@ -752,3 +752,18 @@ fn a_page_of_the_current_pass_is_no_dup_source() {
     e.take();
     assert_eq!(e.push(4, &b).0, PageClass::Dup, "after the pass, its pages are sources again");
 }
+
+/// `data_runs` lists the consecutive pages a batch writes with data, zero records excluded.
+#[test]
+fn data_runs_are_the_consecutive_data_pages_of_a_batch() {
+    let mut e = Encoder::new(64, EncodeOptions { dest_starts_zeroed: false, ..EncodeOptions::default() }, key());
+    for p in [3u64, 4, 5, 9, 10, 20] {
+        e.push(p, &page_from(u8::try_from(p).unwrap(), true));
+    }
+    e.push(11, &[0u8; PAGE_SIZE]);
+    e.push(12, &page_from(12, false));
+    let b = e.take();
+    assert_eq!(data_runs(&b), vec![3..6, 9..11, 20..21, 12..13]);
+    assert!(data_runs(&b[..b.len() - 5]).len() <= 4, "a cut batch stops quietly");
+    assert!(data_runs(&[]).is_empty());
+}

@@ -352,6 +352,16 @@ impl Region {
             .ok_or_else(|| self.out_of_range(index))
     }
 
+    /// [`GuestMemory::populate_write`] within this region.
+    fn populate_write(&self, pages: std::ops::Range<u64>) -> Result<(), MemoryError> {
+        let off = self.offset(pages.start)?;
+        let len = usize::try_from((pages.end - pages.start) * PAGE_SIZE as u64).map_err(|_| self.out_of_range(pages.end))?;
+        match self.map.populate_write(off, len) {
+            Some(r) => r.map_err(|source| MemoryError::Io { what: format!("populate pages of memory region `{}` for writing", self.id), source }),
+            None => Err(self.out_of_range(pages.end.saturating_sub(1))),
+        }
+    }
+
     /// Fills page `index` with zeros.
     pub fn zero_page(&self, index: u64) -> Result<(), MemoryError> {
         let off = self.offset(index)?;
@@ -651,6 +661,22 @@ impl GuestMemory {
     pub fn zero_page(&self, global: u64) -> Result<(), MemoryError> {
         let (r, index) = self.region_of(global)?;
         r.zero_page(index)
+    }
+
+    /// Allocates and maps global pages `pages` for writing ahead of the writes (one system call
+    /// instead of a page fault per page; contents unchanged). An error (a kernel older than
+    /// 5.14 refuses) changes nothing: the writes then fault the pages in one by one.
+    pub fn populate_write(&self, pages: std::ops::Range<u64>) -> Result<(), MemoryError> {
+        let mut base = 0u64;
+        for r in &self.regions {
+            let end = base + r.pages();
+            let (from, to) = (pages.start.max(base), pages.end.min(end));
+            if from < to {
+                r.populate_write(from - base..to - base)?;
+            }
+            base = end;
+        }
+        Ok(())
     }
 
     /// Makes global pages `pages` zero: on tmpfs (a memfd, /dev/shm) by punching a hole, which

@@ -66,6 +66,24 @@ impl Mapping {
         Some(())
     }
 
+    /// Asks the kernel to allocate and map, writable, the pages of bytes `offset..offset + len`
+    /// ahead of writes (`MADV_POPULATE_WRITE`, Linux >= 5.14): one call instead of a page fault
+    /// per page. Contents are unchanged. `None` when out of bounds; the kernel's refusal (an
+    /// older kernel) as an error, which callers may ignore.
+    pub(crate) fn populate_write(&self, offset: usize, len: usize) -> Option<io::Result<()>> {
+        let end = offset.checked_add(len)?;
+        if end > self.raw.len() || offset % PAGE_SIZE != 0 {
+            return None;
+        }
+        let start = self.raw.as_mut_ptr().wrapping_add(offset);
+        // SAFETY: `start..start + len` lies inside the live mapping (checked above) and starts
+        // on a page boundary (the mapping is page aligned and `offset` a multiple of the page
+        // size). MADV_POPULATE_WRITE only faults the pages in as a write would, without changing
+        // their contents, so it creates no reference and races with no one's data.
+        let r = unsafe { rustix::mm::madvise(start.cast(), len, rustix::mm::Advice::LinuxPopulateWrite) };
+        Some(r.map_err(io::Error::from))
+    }
+
     /// Fills the page at byte `offset` with zeros. `None` when out of bounds.
     pub(crate) fn zero(&self, offset: usize) -> Option<()> {
         let dst = self.page_ptr(offset)?;
