@@ -667,6 +667,13 @@ impl GuestMemory {
     /// instead of a page fault per page; contents unchanged). An error (a kernel older than
     /// 5.14 refuses) changes nothing: the writes then fault the pages in one by one.
     pub fn populate_write(&self, pages: std::ops::Range<u64>) -> Result<(), MemoryError> {
+        if pages.end > self.total_pages() {
+            return Err(MemoryError::OutOfRange {
+                region: "the guest memory".to_owned(),
+                index: pages.end - 1,
+                pages: self.total_pages(),
+            });
+        }
         let mut base = 0u64;
         for r in &self.regions {
             let end = base + r.pages();

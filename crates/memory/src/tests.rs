@@ -274,3 +274,23 @@ fn zero_pages_out_of_range_is_an_error_and_changes_nothing() {
     assert!(matches!(mem.zero_pages(6..9), Err(MemoryError::OutOfRange { index: 8, pages: 8, .. })));
     assert_zero_only(&mem, 0..0);
 }
+
+/// Populating pages for writing leaves their contents as they were (data and holes), allocates
+/// them on tmpfs, and a range past the end is an error.
+#[test]
+fn populate_write_keeps_contents_and_checks_the_range() {
+    let f = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+    f.as_file().set_len(16 * 4096).unwrap();
+    let mem = GuestMemory::open_file("ram", f.path(), 16 * 4096).unwrap();
+    mem.write_page(3, &page(7)).unwrap();
+    let before = f.as_file().metadata().unwrap().blocks();
+    mem.populate_write(2..10).unwrap();
+    let after = f.as_file().metadata().unwrap().blocks();
+    assert!(after > before, "the pages are allocated ({before} -> {after} blocks)");
+    let mut buf = PageBuf::zeroed();
+    for p in 0..16 {
+        mem.read_page(p, &mut buf).unwrap();
+        assert!(buf.0 == if p == 3 { page(7) } else { [0u8; PAGE_SIZE] }, "page {p}");
+    }
+    assert!(mem.populate_write(10..17).is_err());
+}
