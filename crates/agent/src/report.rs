@@ -166,7 +166,8 @@ pub struct Report {
     pub policy: String,
     /// Tracker.
     pub tracker: String,
-    /// Shared engine: the most threads its tracker and page encoder used (`--threads`).
+    /// The most threads the shared engine's tracker and page encoder, or the stream engine's
+    /// page encoder, used (`--threads`).
     pub threads: Option<usize>,
     /// Shared engine's receiver: zero pages freed by punching a hole in the destination's RAM
     /// (a memfd or a file on tmpfs) instead of writing zeros.
