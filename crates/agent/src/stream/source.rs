@@ -6,14 +6,14 @@
 //!
 //! Encoding on several threads ([`SourceConfig::threads`]): a chunk's items are gathered as they
 //! are parsed (opaque spans and record headers copied, page data kept in its box) and encoded
-//! when the chunk is flushed. Its pages are split into up to `threads` contiguous shares; workers
-//! started once per migration (fed through bounded channels, one job in flight each) and this
-//! thread each prepare a share against the encoder's state ([`Encoder::prepare`], read only),
-//! then this thread commits every page in stream order ([`Encoder::commit`], which re-encodes a
+//! when the chunk is flushed. Its pages are split into batches of [`BATCH`] pages queued on a
+//! bounded channel; `threads - 1` workers started once per migration and this thread take
+//! batches from it and prepare them against the encoder's state ([`Encoder::prepare`], read
+//! only), then this thread commits every page in stream order ([`Encoder::commit`], which re-encodes a
 //! page whose dup source or delta base an earlier page of the chunk changed) and builds the
 //! chunk. The stream, the mirrored cache and the resends stay exact; what a chunk's parallel
 //! encoding cannot see is a duplicate of a page earlier in the same chunk (it goes compressed
-//! instead of as a `dup`). Prepared records, page boxes and share vectors are reused. With one
+//! instead of as a `dup`). Prepared records, page boxes and batch vectors are reused. With one
 //! thread (or a chunk too small to split) pages are encoded one after the other as before.
 
 use std::collections::{HashMap, VecDeque};
@@ -38,6 +38,11 @@ use crate::link::Out;
 
 /// Raw stream bytes a chunk holds before it is sent.
 pub const CHUNK_TARGET: u64 = 512 * 1024;
+/// After a short read, how long the relay waits for more of QEMU's stream before it sends the
+/// chunk it has.
+const TOP_UP: Duration = Duration::from_micros(500);
+/// The longest a chunk waits for more of QEMU's stream once a read was short.
+const TOP_UP_MAX: Duration = Duration::from_millis(5);
 /// Raw stream bytes the relay lets be unacknowledged by the receiver.
 pub const DEFAULT_WINDOW: u64 = 8 << 20;
 
@@ -251,10 +256,20 @@ pub fn relay_source(
     let mut events = Vec::new();
     let io = |source| AgentError::Network { what: "cannot read the source QEMU's migration stream".into(), source };
     let mut total = 0u64;
+    // Whether the reads wait at most TOP_UP (the chunk is not full and the last read was short):
+    // since when.
+    let mut topping_up: Option<Instant> = None;
     loop {
         let n = match qemu.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if topping_up.is_some() && matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                // QEMU has nothing more for now: the chunk goes.
+                topping_up = None;
+                qemu.set_read_timeout(None).map_err(io)?;
+                st.flush()?;
+                continue;
+            }
             Err(e) => return Err(io(e)),
         };
         if n == 0 {
@@ -271,9 +286,19 @@ pub fn relay_source(
         st.stats().raw_bytes = total;
         // Once the RAM is done (or passes verbatim) QEMU waits for the destination's answer on
         // the return path: everything read must go at once, or both sides wait forever. Before,
-        // a chunk goes when full, or when QEMU has nothing more for now.
-        if st.checkpointed || st.pend.raw >= CHUNK_TARGET || n < buf.len() {
+        // a chunk goes when full, or when QEMU has nothing more for now: after a short read,
+        // reads wait at most TOP_UP for more (a read returns as soon as QEMU wrote anything,
+        // often a few pages, and a chunk of a few pages cannot be encoded on several threads),
+        // and a chunk waits at most TOP_UP_MAX in all.
+        let waited_enough = topping_up.is_some_and(|t| t.elapsed() >= TOP_UP_MAX);
+        if st.checkpointed || st.pend.raw >= CHUNK_TARGET || waited_enough {
             st.flush()?;
+            if topping_up.take().is_some() {
+                qemu.set_read_timeout(None).map_err(io)?;
+            }
+        } else if n < buf.len() && topping_up.is_none() && !st.pend.items.is_empty() {
+            qemu.set_read_timeout(Some(TOP_UP)).map_err(io)?;
+            topping_up = Some(Instant::now());
         }
     }
     let finished = st.parser.finish(&mut |e| events.push(e));
@@ -547,27 +572,32 @@ impl Pending {
     }
 }
 
-/// Fewest pages a share of a chunk has: below, the chunk is split over fewer threads.
-const MIN_SHARE: usize = 16;
+/// Pages of a batch: the unit of work the relay thread and the workers take from a chunk.
+const BATCH: usize = 8;
 
-/// A worker's share of a chunk's pages (moved to the worker and back).
-struct Job {
+/// A batch of a chunk's pages (moved to whoever prepares it, and back).
+struct Batch {
     enc: Arc<RwLock<Encoder>>,
     index: usize,
     slots: Vec<Slot>,
 }
 
-/// A prepared share, or `None` for a worker that panicked in it.
+/// A prepared batch, or `None` for a worker that panicked in it.
 type Done = (usize, Option<Vec<Slot>>);
 
-/// The encoding workers of one migration: `threads - 1`, started once.
+/// The encoding workers of one migration: `threads - 1`, started once. A chunk's pages go in
+/// batches of [`BATCH`] into one queue that the workers and the relay thread all take from, so a
+/// worker the host does not schedule in time delays its chunk by one batch at most.
 struct Pool {
-    jobs: Vec<Sender<Job>>,
+    workers: usize,
+    work: Sender<Batch>,
+    /// The relay thread's end of the same queue.
+    take: Receiver<Batch>,
     done: Receiver<Done>,
     scratch: Scratch,
-    /// Share vectors to reuse.
+    /// Batch vectors to reuse.
     spare: Vec<Vec<Slot>>,
-    /// Shares handed out, by index (1..): back from the workers.
+    /// Batches prepared, by index.
     back: Vec<Option<Vec<Slot>>>,
 }
 
@@ -577,9 +607,9 @@ fn prepare_slots(enc: &Encoder, slots: &mut [Slot], scratch: &mut Scratch) {
     }
 }
 
-fn pool_worker(jobs: &Receiver<Job>, done: &Sender<Done>) {
+fn pool_worker(work: &Receiver<Batch>, done: &Sender<Done>) {
     let mut scratch = Scratch::default();
-    for Job { enc, index, mut slots } in jobs {
+    for Batch { enc, index, mut slots } in work {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prepare_slots(&read(&enc), &mut slots, &mut scratch)));
         drop(enc);
         if done.send((index, r.ok().map(|()| slots))).is_err() {
@@ -588,47 +618,58 @@ fn pool_worker(jobs: &Receiver<Job>, done: &Sender<Done>) {
     }
 }
 
+/// Most batches queued at once (a chunk has at most about (CHUNK_TARGET + one read) / 4 KiB
+/// pages; more are prepared by the relay thread as they are split).
+const QUEUE: usize = 64;
+
 impl Pool {
     fn start(threads: usize) -> Result<Pool, AgentError> {
         let threads = threads.clamp(1, crate::pipeline::MAX_THREADS);
-        let (done_tx, done) = bounded::<Done>(threads);
-        let mut jobs = Vec::with_capacity(threads - 1);
+        let (work, take) = bounded::<Batch>(QUEUE);
+        let (done_tx, done) = bounded::<Done>(QUEUE);
         for i in 1..threads {
-            let (tx, rx) = bounded::<Job>(1);
-            let done_tx = done_tx.clone();
+            let (take, done_tx) = (take.clone(), done_tx.clone());
             std::thread::Builder::new()
                 .name(format!("livemig-relay-enc-{i}"))
-                .spawn(move || pool_worker(&rx, &done_tx))
+                .spawn(move || pool_worker(&take, &done_tx))
                 .map_err(|e| AgentError::Internal(format!("cannot start an encoder thread: {e}")))?;
-            jobs.push(tx);
         }
-        Ok(Pool { jobs, done, scratch: Scratch::default(), spare: Vec::new(), back: Vec::new() })
+        Ok(Pool { workers: threads - 1, work, take, done, scratch: Scratch::default(), spare: Vec::new(), back: Vec::new() })
     }
 
     /// Prepares `slots` on the workers and this thread when they are enough to split; returns
     /// whether it did (else nothing is prepared: the caller encodes one page after the other).
     fn prepare(&mut self, enc: &Arc<RwLock<Encoder>>, slots: &mut Vec<Slot>) -> Result<bool, AgentError> {
-        let shares = (self.jobs.len() + 1).min(slots.len() / MIN_SHARE);
-        if shares < 2 {
+        if self.workers == 0 || slots.len() < 2 * BATCH {
             return Ok(false);
         }
-        let per = slots.len().div_ceil(shares);
-        // The tail shares go to workers (last share first), the head stays here.
+        let batches = slots.len().div_ceil(BATCH);
         self.back.clear();
-        self.back.resize_with(shares, || None);
-        let mut handed = 0;
-        for index in (1..shares).rev() {
-            let start = (index * per).min(slots.len());
+        self.back.resize_with(batches, || None);
+        // Queued in stream order; a batch the queue has no room for is prepared here at once.
+        let mut rest = slots.drain(..);
+        let mut queued = 0;
+        for index in 0..batches {
             let mut v = self.spare.pop().unwrap_or_default();
-            v.extend(slots.drain(start..));
-            self.jobs[index - 1]
-                .send(Job { enc: Arc::clone(enc), index, slots: v })
-                .map_err(|_| AgentError::Internal("an encoder thread ended".into()))?;
-            handed += 1;
+            v.extend(rest.by_ref().take(BATCH));
+            match self.work.try_send(Batch { enc: Arc::clone(enc), index, slots: v }) {
+                Ok(()) => queued += 1,
+                Err(e) => {
+                    let Batch { mut slots, .. } = e.into_inner();
+                    prepare_slots(&read(enc), &mut slots, &mut self.scratch);
+                    self.back[index] = Some(slots);
+                }
+            }
         }
-        prepare_slots(&read(enc), slots, &mut self.scratch);
+        drop(rest);
+        // This thread takes from the queue too, until it is empty.
         let mut failed = false;
-        for _ in 0..handed {
+        while let Ok(Batch { index, mut slots, .. }) = self.take.try_recv() {
+            prepare_slots(&read(enc), &mut slots, &mut self.scratch);
+            self.back[index] = Some(slots);
+            queued -= 1;
+        }
+        for _ in 0..queued {
             let (index, v) = self.done.recv().map_err(|_| AgentError::Internal("an encoder thread ended".into()))?;
             match v {
                 Some(v) => self.back[index] = Some(v),
@@ -638,8 +679,8 @@ impl Pool {
         if failed {
             return Err(AgentError::Internal("an encoder thread panicked".into()));
         }
-        for v in self.back.iter_mut().skip(1) {
-            let mut v = v.take().expect("every share came back");
+        for v in &mut self.back {
+            let mut v = v.take().expect("every batch came back");
             slots.append(&mut v);
             self.spare.push(v);
         }
