@@ -239,8 +239,9 @@ impl Observer for Catch {
 
 /// CPU seconds of the source relay's threads (`livemig-relay`: parsing, hashing, committing,
 /// building chunks; `livemig-relay-enc-N`: preparing pages), sampled every 10 ms until `stop`
-/// (the threads end with the relay: at most the last 10 ms of each is missed).
-fn relay_cpu(stop: &std::sync::atomic::AtomicBool) -> f64 {
+/// (the threads end with the relay: at most the last 10 ms of each is missed): all of them, and
+/// `livemig-relay` alone (the part that stays on one thread).
+fn relay_cpu(stop: &std::sync::atomic::AtomicBool) -> (f64, f64) {
     let mut seen: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
     loop {
         let last = stop.load(std::sync::atomic::Ordering::Relaxed);
@@ -250,14 +251,15 @@ fn relay_cpu(stop: &std::sync::atomic::AtomicBool) -> f64 {
                 let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
                 if comm.starts_with("livemig-relay") {
                     if let Ok(c) = stat_cpu_seconds(&dir.join("stat")) {
-                        let e = seen.entry(dir.display().to_string()).or_insert(0.0);
+                        let e = seen.entry(format!("{} {}", dir.display(), comm.trim_end())).or_insert(0.0);
                         *e = e.max(c);
                     }
                 }
             }
         }
         if last {
-            return seen.values().sum();
+            let main = seen.iter().filter(|(k, _)| k.ends_with(" livemig-relay")).map(|(_, v)| v).sum();
+            return (seen.values().sum(), main);
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -280,6 +282,10 @@ pub struct StreamRun {
     cpu_seconds: f64,
     /// Of which the source relay's threads (parsing, encoding, chunks): what `--threads` splits.
     relay_cpu_seconds: f64,
+    /// Of which the relay's own thread (`livemig-relay`: reading, parsing, the stream digest,
+    /// committing, building chunks, and its share of the preparing): with several threads, the
+    /// part that did not move to the workers.
+    relay_main_cpu_seconds: f64,
     /// Guest RAM GB (10^9 bytes) per second.
     gb_per_s: f64,
     /// Guest RAM GB per CPU second.
@@ -339,7 +345,7 @@ fn run_one(s: &Synthetic, comp: Comp, threads: usize, transport: &Transport) -> 
     let cpu = cpu_seconds()? - c0;
     let (sr, sres) = sender.join().map_err(|_| anyhow::anyhow!("tunnel send panicked"))?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let relay_cpu_seconds = sampler.join().map_err(|_| anyhow::anyhow!("the CPU sampler panicked"))?;
+    let (relay_cpu_seconds, relay_main_cpu_seconds) = sampler.join().map_err(|_| anyhow::anyhow!("the CPU sampler panicked"))?;
     let (rr, rres) = receiver.join().map_err(|_| anyhow::anyhow!("tunnel receive panicked"))?;
     check("tunnel send", &sr, sres)?;
     check("tunnel receive", &rr, rres)?;
@@ -361,6 +367,7 @@ fn run_one(s: &Synthetic, comp: Comp, threads: usize, transport: &Transport) -> 
         seconds,
         cpu_seconds: cpu,
         relay_cpu_seconds,
+        relay_main_cpu_seconds,
         gb_per_s: gb / seconds,
         gb_per_cpu_s: gb / cpu.max(0.01),
         stream_gb_per_s: stream_bytes as f64 / 1e9 / seconds,
@@ -424,12 +431,12 @@ pub fn run(a: &Args, threads: usize, tls: Option<&TlsSetup>) -> Result<()> {
         a.transport,
         a.repeat
     )?;
-    writeln!(stdout, "| compressor | threads | wire MB | s | GB/s RAM | GB/s stream | CPU s (relay) | GB per CPU s |")?;
-    writeln!(stdout, "|---|---|---|---|---|---|---|---|")?;
+    writeln!(stdout, "| compressor | threads | wire MB | s | GB/s RAM | GB/s stream | CPU s | relay CPU s (its own thread) | GB per CPU s |")?;
+    writeln!(stdout, "|---|---|---|---|---|---|---|---|---|")?;
     for r in &out.runs {
         writeln!(
             stdout,
-            "| {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} ({:.2}) | {:.2} |",
+            "| {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} ({:.2}) | {:.2} |",
             r.compressor.name(),
             r.threads,
             r.wire_bytes as f64 / 1e6,
@@ -438,6 +445,7 @@ pub fn run(a: &Args, threads: usize, tls: Option<&TlsSetup>) -> Result<()> {
             r.stream_gb_per_s,
             r.cpu_seconds,
             r.relay_cpu_seconds,
+            r.relay_main_cpu_seconds,
             r.gb_per_cpu_s
         )?;
     }
