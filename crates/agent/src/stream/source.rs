@@ -6,15 +6,18 @@
 //!
 //! Encoding on several threads ([`SourceConfig::threads`]): a chunk's items are gathered as they
 //! are parsed (opaque spans and record headers copied, page data kept in its box) and encoded
-//! when the chunk is flushed. Its pages are split into batches of [`BATCH`] pages queued on a
-//! bounded channel; `threads - 1` workers started once per migration and this thread take
-//! batches from it and prepare them against the encoder's state ([`Encoder::prepare`], read
-//! only), then this thread commits every page in stream order ([`Encoder::commit`], which re-encodes a
-//! page whose dup source or delta base an earlier page of the chunk changed) and builds the
-//! chunk. The stream, the mirrored cache and the resends stay exact; what a chunk's parallel
-//! encoding cannot see is a duplicate of a page earlier in the same chunk (it goes compressed
-//! instead of as a `dup`). Prepared records, page boxes and batch vectors are reused. With one
-//! thread (or a chunk too small to split) pages are encoded one after the other as before.
+//! when the chunk is sent off. Its pages are split into batches of [`BATCH`] pages queued on a
+//! bounded channel; `threads - 1` workers started once per migration, and this thread when it
+//! comes to the chunk, take batches from it and prepare them against the encoder's state
+//! ([`Encoder::prepare`], read only); then this thread commits every page in stream order
+//! ([`Encoder::commit`], which re-encodes a page whose dup source or delta base an earlier page
+//! of the chunk changed) and builds the chunk. A full chunk while QEMU keeps writing stays in
+//! flight (the workers prepare it while this thread reads and parses the next one) until the
+//! next one is sent off; a pause of QEMU's sends it. The stream, the mirrored cache and the
+//! resends stay exact; what a chunk's parallel encoding cannot see is a duplicate of a page
+//! earlier in the same chunk (it goes compressed instead of as a `dup`). Prepared records, page
+//! boxes and batch vectors are reused. With one thread (or a chunk too small to split) pages
+//! are encoded one after the other as before.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
@@ -240,6 +243,8 @@ pub fn relay_source(
         enc: None,
         bases: HashMap::new(),
         pend: Pending::default(),
+        inflight: Pending::default(),
+        queued: None,
         pool,
         pages: Vec::new(),
         seq: 0,
@@ -292,8 +297,15 @@ pub fn relay_source(
         // and a chunk waits at most TOP_UP_MAX in all.
         let waited_enough = topping_up.is_some_and(|t| t.elapsed() >= TOP_UP_MAX);
         if st.checkpointed || st.pend.raw >= CHUNK_TARGET || waited_enough {
-            st.flush()?;
-            if topping_up.take().is_some() {
+            // A full chunk while QEMU keeps writing is prepared while the next one is read; a
+            // pause of QEMU's must not keep it: reads then wait at most TOP_UP.
+            st.next_chunk(!st.checkpointed && !waited_enough)?;
+            if !st.inflight.items.is_empty() {
+                if topping_up.is_none() {
+                    qemu.set_read_timeout(Some(TOP_UP)).map_err(io)?;
+                }
+                topping_up = Some(Instant::now());
+            } else if topping_up.take().is_some() {
                 qemu.set_read_timeout(None).map_err(io)?;
             }
         } else if n < buf.len() && topping_up.is_none() && !st.pend.items.is_empty() {
@@ -323,6 +335,10 @@ struct State {
     enc: Option<Arc<RwLock<Encoder>>>,
     bases: HashMap<BlockName, (u64, u64)>,
     pend: Pending,
+    /// The chunk whose pages the pool prepares while this thread gathers the next one.
+    inflight: Pending,
+    /// Batches of it queued in the pool, if it went to the pool.
+    queued: Option<usize>,
     pool: Pool,
     pages: Pages,
     seq: u64,
@@ -352,8 +368,33 @@ impl State {
         }
     }
 
+    /// Sends everything gathered: the chunk in flight, then the one being gathered.
     fn flush(&mut self) -> Result<(), AgentError> {
+        self.next_chunk(false)
+    }
+
+    /// Finishes the chunk in flight and sends off the one gathered; with `overlap` (a full chunk
+    /// while QEMU keeps writing) its pages may stay in flight, prepared by the workers while this
+    /// thread reads and parses the next one, and go at the next call.
+    fn next_chunk(&mut self, overlap: bool) -> Result<(), AgentError> {
+        self.finish_inflight()?;
         if self.pend.items.is_empty() {
+            return Ok(());
+        }
+        std::mem::swap(&mut self.pend, &mut self.inflight);
+        self.queued = match &self.enc {
+            Some(enc) if !self.inflight.slots.is_empty() => self.pool.queue(enc, &mut self.inflight.slots)?,
+            _ => None,
+        };
+        if !overlap || self.queued.is_none() {
+            self.finish_inflight()?;
+        }
+        Ok(())
+    }
+
+    /// Commits the chunk in flight, if any, and sends it.
+    fn finish_inflight(&mut self) -> Result<(), AgentError> {
+        if self.inflight.items.is_empty() {
             return Ok(());
         }
         let chunk = self.encode_chunk()?;
@@ -368,13 +409,17 @@ impl State {
         self.send(Out::Frame(FrameKind::Stream, chunk.finish()))
     }
 
-    /// Encodes the gathered items into chunk `self.seq` (their pages into `self.pages`, for
-    /// resends) and empties the gathering.
+    /// Encodes the chunk in flight into chunk `self.seq` (its pages into `self.pages`, for
+    /// resends) and empties it: commits the pages the pool prepared (after taking back every
+    /// batch), or encodes them one after the other.
     fn encode_chunk(&mut self) -> Result<ChunkBuilder, AgentError> {
         let mut chunk = ChunkBuilder::new(self.seq);
-        let mut slots = std::mem::take(&mut self.pend.slots);
-        let parallel = match &self.enc {
-            Some(enc) if !slots.is_empty() => self.pool.prepare(enc, &mut slots)?,
+        let mut slots = std::mem::take(&mut self.inflight.slots);
+        let parallel = match (self.queued.take(), &self.enc) {
+            (Some(q), Some(enc)) => {
+                self.pool.collect(enc, &mut slots, q)?;
+                true
+            }
             _ => false,
         };
         if parallel {
@@ -382,9 +427,10 @@ impl State {
         }
         let mut enc = self.enc.as_ref().map(|e| e.write().unwrap_or_else(std::sync::PoisonError::into_inner));
         let mut slot_iter = slots.drain(..);
-        for it in self.pend.items.drain(..) {
+        let fl = &mut self.inflight;
+        for it in fl.items.drain(..) {
             match it {
-                Item::Opaque(r) => chunk.opaque(&self.pend.bytes[r]),
+                Item::Opaque(r) => chunk.opaque(&fl.bytes[r]),
                 Item::Page(h) => {
                     let slot = slot_iter.next().expect("a slot per page item");
                     let enc = enc.as_mut().expect("pages are gathered only once the encoder exists");
@@ -394,17 +440,17 @@ impl State {
                         enc.push(slot.page, &slot.data);
                     }
                     let rec = enc.take();
-                    let item = chunk.page(&self.pend.bytes[h], &rec);
+                    let item = chunk.page(&fl.bytes[h], &rec);
                     enc.recycle(rec);
                     self.pages.push((item, slot.data));
-                    self.pend.prepared.push(slot.prepared);
+                    fl.prepared.push(slot.prepared);
                 }
             }
         }
         drop(slot_iter);
-        self.pend.slots = slots;
-        self.pend.bytes.clear();
-        self.pend.raw = 0;
+        fl.slots = slots;
+        fl.bytes.clear();
+        fl.raw = 0;
         Ok(chunk)
     }
 
@@ -637,11 +683,12 @@ impl Pool {
         Ok(Pool { workers: threads - 1, work, take, done, scratch: Scratch::default(), spare: Vec::new(), back: Vec::new() })
     }
 
-    /// Prepares `slots` on the workers and this thread when they are enough to split; returns
-    /// whether it did (else nothing is prepared: the caller encodes one page after the other).
-    fn prepare(&mut self, enc: &Arc<RwLock<Encoder>>, slots: &mut Vec<Slot>) -> Result<bool, AgentError> {
+    /// Queues `slots` for the workers in batches when they are enough to split (the slots then
+    /// are in the pool until [`Pool::collect`]); returns how many batches are queued, or `None`
+    /// (nothing queued or prepared: the caller encodes one page after the other).
+    fn queue(&mut self, enc: &Arc<RwLock<Encoder>>, slots: &mut Vec<Slot>) -> Result<Option<usize>, AgentError> {
         if self.workers == 0 || slots.len() < 2 * BATCH {
-            return Ok(false);
+            return Ok(None);
         }
         let batches = slots.len().div_ceil(BATCH);
         self.back.clear();
@@ -661,8 +708,12 @@ impl Pool {
                 }
             }
         }
-        drop(rest);
-        // This thread takes from the queue too, until it is empty.
+        Ok(Some(queued))
+    }
+
+    /// Takes back the `queued` batches of the last [`Pool::queue`] into `slots`, in order,
+    /// preparing here those no worker has taken yet.
+    fn collect(&mut self, enc: &Arc<RwLock<Encoder>>, slots: &mut Vec<Slot>, mut queued: usize) -> Result<(), AgentError> {
         let mut failed = false;
         while let Ok(Batch { index, mut slots, .. }) = self.take.try_recv() {
             prepare_slots(&read(enc), &mut slots, &mut self.scratch);
@@ -684,7 +735,7 @@ impl Pool {
             slots.append(&mut v);
             self.spare.push(v);
         }
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -767,10 +818,18 @@ mod tests {
         }
     }
 
-    /// QEMU pauses with a chunk far from full: what it wrote goes (the relay does not wait for
-    /// more, or a QEMU waiting for an answer would wait forever), and the stream stays exact.
+    /// QEMU pauses with a chunk far from full, or one in flight: what it wrote goes (the relay
+    /// does not wait for more, or a QEMU waiting for an answer would wait forever), and the
+    /// stream stays exact.
     #[test]
     fn what_qemu_wrote_goes_when_it_pauses_before_a_chunk_is_full() {
+        // Before the first chunk is full, and after a few (one may be in flight then).
+        for first in [100_000, 1_500_000] {
+            relay_with_a_pause(first);
+        }
+    }
+
+    fn relay_with_a_pause(first: usize) {
         let data = stream();
         let key = PageKey::from_bytes([9; 32]);
         let (qemu, mut feed) = UnixStream::pair().unwrap();
@@ -782,7 +841,6 @@ mod tests {
             let window = Arc::clone(&window);
             std::thread::spawn(move || relay_source(qemu, out, window, stats, cfg))
         };
-        let first = 100_000;
         feed.write_all(&data[..first]).unwrap();
         // All of it but a record the parser holds incomplete at the cut.
         let mut outs = Vec::new();
