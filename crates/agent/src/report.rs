@@ -166,8 +166,9 @@ pub struct Report {
     pub policy: String,
     /// Tracker.
     pub tracker: String,
-    /// Shared engine: the most threads its tracker and page encoder used (`--threads`), or on
-    /// the receiver its decoding threads.
+    /// The most threads the shared engine's tracker and page encoder, or the stream engine's
+    /// page encoder, used (`--threads`); on the shared engine's receiver, its decoding threads
+    /// (`receive --threads`).
     pub threads: Option<usize>,
     /// Shared engine: the connections the pages went over (`send --connections`).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -161,7 +161,7 @@ pub(crate) struct SendArgs {
     /// `auto` uses soft-dirty where the self-test passes, else content.
     #[arg(long, value_enum, default_value_t = TrackerArg::Auto)]
     tracker: TrackerArg,
-    /// Most threads the shared engine's tracker and page encoder use (1-64; default: every
+    /// Most threads the shared engine's tracker and page encoder, or the stream engine's page encoder, use (1-64; default: every
     /// core), so that a migration leaves cores to the host's other VMs.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: Option<u16>,

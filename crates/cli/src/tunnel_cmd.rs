@@ -71,6 +71,10 @@ pub(crate) struct TunnelSendArgs {
     /// Send whole pages uncompressed (same as --compressor none).
     #[arg(long)]
     no_compress: bool,
+    /// Most threads that encode QEMU's page records (1-64; default: every core), so that a
+    /// migration leaves cores to the host's other VMs.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: Option<u16>,
     #[command(flatten)]
     disks: DiskArgs,
     /// Write the JSON report here.
@@ -122,6 +126,9 @@ fn run_send(a: &TunnelSendArgs) -> anyhow::Result<u8> {
         (_, CompressorArg::Lz4) => livemig_compact::Compressor::Lz4,
         (_, CompressorArg::Zstd) => livemig_compact::Compressor::Zstd,
     };
+    if let Some(t) = a.threads {
+        o.threads = usize::from(t);
+    }
     o.disk_images = a.disks.disk_images.clone();
     o.disk_align = a.disks.disk_align;
     if let Some(c) = &a.disks.index_cache {

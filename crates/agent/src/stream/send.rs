@@ -311,12 +311,14 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     let dispatcher = spawn_dispatcher(frames, Arc::clone(&window), Arc::clone(&gate), in_tx)
         .map_err(|source| AgentError::Network { what: "cannot start the dispatch thread".into(), source })?;
     let stats = Arc::new(Mutex::new(RelayStats::default()));
+    report.threads = Some(opts.threads.clamp(1, crate::pipeline::MAX_THREADS));
     let cfg = SourceConfig {
         encode: EncodeOptions { compressor: opts.compressor, ..EncodeOptions::default() },
         disks,
         key,
         snapshot,
         keep: keeper.as_ref().map(Keeper::feed),
+        threads: opts.threads,
     };
     let relay = {
         let (out, window, stats) = (writer.sender(), Arc::clone(&window), Arc::clone(&stats));

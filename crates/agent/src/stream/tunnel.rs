@@ -92,6 +92,9 @@ pub struct TunnelSendOptions {
     pub accept_timeout: Duration,
     /// Compressor of whole pages.
     pub compressor: Compressor,
+    /// Most threads that encode page records (at least 1, at most
+    /// [`crate::pipeline::MAX_THREADS`]; default: every core), as `SendOptions::threads`.
+    pub threads: usize,
     /// Raw disk images both hosts hold: pages equal to one of their blocks go as references.
     pub disk_images: Vec<PathBuf>,
     /// Where disk indexes are cached.
@@ -115,6 +118,7 @@ impl TunnelSendOptions {
             connect_timeout: Duration::from_secs(30),
             accept_timeout: Duration::from_secs(600),
             compressor: Compressor::Lz4,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             disk_images: Vec::new(),
             index_cache: holdings::default_index_cache(),
             disk_align: livemig_index::Align::Auto,
@@ -428,7 +432,8 @@ fn relay(
     let dispatcher = spawn_dispatcher(frames, Arc::clone(&window), gate, in_tx)
         .map_err(|source| AgentError::Network { what: "cannot start the dispatch thread".into(), source })?;
     let stats = Arc::new(Mutex::new(RelayStats::default()));
-    let cfg = SourceConfig { encode: EncodeOptions { compressor: opts.compressor, ..EncodeOptions::default() }, disks, key, snapshot: None, keep: None };
+    report.threads = Some(opts.threads.clamp(1, crate::pipeline::MAX_THREADS));
+    let cfg = SourceConfig { encode: EncodeOptions { compressor: opts.compressor, ..EncodeOptions::default() }, disks, key, snapshot: None, keep: None, threads: opts.threads };
     let closer = qemu.try_clone().map_err(|source| AgentError::Network { what: "cannot configure QEMU's migration socket".into(), source })?;
     let (done_tx, done) = crossbeam_channel::bounded(1);
     let relay = {

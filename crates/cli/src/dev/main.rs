@@ -5,11 +5,13 @@
 //! - `livemig-dev demo`: a real VM migrated on this machine through `livemig send/receive`;
 //! - `livemig-dev bench`: livemig against QEMU's own migration on a shaped link;
 //! - `livemig-dev guest build`: the test guest;
-//! - `livemig-dev pipeline`: the page pipeline's throughput (no VM, no `livemig` binary).
+//! - `livemig-dev pipeline`: the page pipeline's throughput (no VM, no `livemig` binary);
+//!   `--engine stream`: the stream engine's relay on a synthetic QEMU stream.
 
 mod bench;
 mod demo;
 mod pipeline;
+mod stream_bench;
 mod synth;
 // Shared with `livemig` (not all of each is used here).
 #[allow(dead_code)]
@@ -42,6 +44,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Pushes a synthetic guest memory through the real sender pipeline, TLS over loopback and
     /// the real decoder into a destination memory; reports GB/s of guest RAM and per core.
+    /// `--engine stream`: a synthetic QEMU stream through the real tunnel send and receive.
     Pipeline(pipeline::Args),
     /// The test guest.
     Guest {

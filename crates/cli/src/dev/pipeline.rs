@@ -35,12 +35,17 @@ use crate::synth;
 /// Options of `livemig-dev pipeline`.
 #[derive(ClapArgs, Debug)]
 pub struct Args {
+    /// Which engine: `shared` (the shared engine's page pipeline, below) or `stream` (the stream
+    /// engine's relay on a synthetic QEMU migration stream, through `livemig tunnel send` and
+    /// `receive`, with 1 thread and with --threads: see `stream_bench.rs`).
+    #[arg(long, value_enum, default_value_t = Engine::Shared)]
+    engine: Engine,
     /// Guest RAM, MiB.
     #[arg(long, default_value_t = 1024)]
-    ram_mib: u64,
+    pub(crate) ram_mib: u64,
     /// Compressors to measure, one run each.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Comp::None, Comp::Lz4, Comp::Zstd])]
-    compressor: Vec<Comp>,
+    pub(crate) compressor: Vec<Comp>,
     /// Encoder threads (default: the available cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -52,39 +57,45 @@ pub struct Args {
     receive_threads: Option<usize>,
     /// Transport: TLS 1.3 with certificates, or plain TCP.
     #[arg(long, value_enum, default_value_t = Link::Tls)]
-    transport: Link,
+    pub(crate) transport: Link,
     /// Seed of the synthetic memory.
     #[arg(long, default_value_t = 1)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Directory of the two memory files (tmpfs, like a memfd).
     #[arg(long, default_value = "/dev/shm")]
     dir: PathBuf,
     /// Runs per compressor; the one with the median GB/s (both passes) is reported, with every
     /// run's GB/s (`tries_gb_per_s`): on a shared machine a single run is noisy.
     #[arg(long, default_value_t = 1)]
-    repeat: usize,
+    pub(crate) repeat: usize,
     /// Print the results as JSON.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Engine {
+    Shared,
+    Stream,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
-enum Comp {
+pub(crate) enum Comp {
     None,
     Lz4,
     Zstd,
 }
 
 impl Comp {
-    fn compressor(self) -> Compressor {
+    pub(crate) fn compressor(self) -> Compressor {
         match self {
             Comp::None => Compressor::None,
             Comp::Lz4 => Compressor::Lz4,
             Comp::Zstd => Compressor::Zstd,
         }
     }
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Comp::None => "none",
             Comp::Lz4 => "lz4",
@@ -95,7 +106,7 @@ impl Comp {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
-enum Link {
+pub(crate) enum Link {
     Tls,
     Plain,
 }
@@ -151,7 +162,7 @@ struct Output {
 }
 
 /// CPU seconds (user + system) of a /proc stat file (a process's or a thread's).
-fn stat_cpu_seconds(path: &Path) -> Result<f64> {
+pub(crate) fn stat_cpu_seconds(path: &Path) -> Result<f64> {
     let stat = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     // Fields after the command (which is in parentheses and may hold spaces).
     let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
@@ -162,7 +173,7 @@ fn stat_cpu_seconds(path: &Path) -> Result<f64> {
 }
 
 /// CPU seconds of this process so far (every thread, ended ones included).
-fn cpu_seconds() -> Result<f64> {
+pub(crate) fn cpu_seconds() -> Result<f64> {
     stat_cpu_seconds(Path::new("/proc/self/stat"))
 }
 
@@ -444,6 +455,10 @@ pub fn run(a: &Args) -> Result<()> {
         }
         Link::Plain => None,
     };
+    if a.engine == Engine::Stream {
+        ensure!(a.repeat >= 1, "--repeat must be at least 1");
+        return crate::stream_bench::run(a, threads, tls.as_ref());
+    }
     let mut runs = Vec::new();
     ensure!(a.repeat >= 1, "--repeat must be at least 1");
     for (&c, &n) in a.compressor.iter().flat_map(|c| a.connections.iter().map(move |n| (c, n))) {
