@@ -243,7 +243,7 @@ fn receive(
     first: Box<dyn std::io::Read + Send>,
     data: Vec<(u32, TcpStream, Box<dyn std::io::Read + Send>)>,
     (mem, key, threads): (&GuestMemory, &PageKey, usize),
-    ends: &Sender<(u32, Instant)>,
+    (ends, measured): (&Sender<(u32, Instant)>, &crossbeam_channel::Receiver<()>),
 ) -> Result<(livemig_track::Digest, u64)> {
     let total = mem.total_pages();
     let sources = livemig_agent::apply::NoSources;
@@ -274,7 +274,10 @@ fn receive(
                         misses += feeder.wait_idle()?.len() as u64;
                         let _ = ends.send((index, Instant::now()));
                         if last {
-                            // The sender closes every connection next, in no set order.
+                            // The receiving threads' CPU time is read after this pass: they
+                            // must not end before. The sender closes every connection next,
+                            // in no set order.
+                            let _ = measured.recv();
                             return Ok(());
                         }
                     }
@@ -360,12 +363,13 @@ fn run_one(a: &Args, (comp, connections): (Comp, u32), (threads, rx_threads): (u
         data.push((index, socket, r));
     }
     let (ends_tx, ends_rx) = crossbeam_channel::unbounded();
+    let (measured_tx, measured_rx) = crossbeam_channel::bounded::<()>(1);
     let dst = Arc::new(dst);
     let rx_mem = Arc::clone(&dst);
     let rx_key = key.clone();
     let receiver = std::thread::Builder::new()
         .name("bench-receive".into())
-        .spawn(move || receive(r, data, (&rx_mem, &rx_key, rx_threads), &ends_tx))?;
+        .spawn(move || receive(r, data, (&rx_mem, &rx_key, rx_threads), (&ends_tx, &measured_rx)))?;
 
     let mut ledger = Ledger::zeroed(total, key.clone());
     let opts = EncodeOptions { compressor: comp.compressor(), ..EncodeOptions::for_ram(bytes) };
@@ -397,6 +401,7 @@ fn run_one(a: &Args, (comp, connections): (Comp, u32), (threads, rx_threads): (u
         let cpu = (cpu_seconds()? - c0, receiver_cpu_seconds()? - r0);
         passes.push(pass_result(pass, sent, links.total_bytes() - w0, secs, cpu));
     }
+    let _ = measured_tx.send(());
     links.finish()?;
     let (rx_digest, misses) = receiver.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))??;
 
