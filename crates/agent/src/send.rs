@@ -107,8 +107,9 @@ pub struct SendOptions {
     pub threads: usize,
     /// Connections the shared engine's pages go over (1 to [`livemig_wire::MAX_CONNECTIONS`]),
     /// each its own TLS session; more than one needs a receiver speaking protocol 6 (an older
-    /// one gets one, said in the report). The stream engine uses one.
-    pub connections: u32,
+    /// one gets one, said in the report). `None`: [`default_connections`]. The stream engine
+    /// uses one (a warning if more were asked for).
+    pub connections: Option<u32>,
     /// Dirty-page tracker (shared engine).
     pub tracker: TrackerKind,
     /// Which engine moves the RAM.
@@ -120,8 +121,18 @@ pub struct SendOptions {
     pub cancel: Arc<AtomicBool>,
 }
 
-/// Default of [`SendOptions::connections`].
-pub const DEFAULT_CONNECTIONS: u32 = 1;
+/// Default of [`SendOptions::connections`] on this host: a quarter of its cores, 1 to 4.
+///
+/// From `livemig-dev pipeline` on this project's 2-core machine (BENCHMARKS.md, "Several
+/// connections"): each connection costs about 0.8 CPU seconds per GB on its reading end (TLS
+/// decryption, the frame reader) and 0.6 on its writing end, each on one thread, so one
+/// connection carries at most about 1.25 GB/s (10 Gbit/s) however many cores decode; and more
+/// connections than the cores can run gained nothing (1, 2 and 4 connections moved 0.74, 0.80
+/// and 0.77 GB/s on 2 cores). A quarter of the cores leaves the rest to encoding and decoding.
+pub fn default_connections() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    u32::try_from(cores / 4).unwrap_or(4).clamp(1, 4)
+}
 
 impl SendOptions {
     /// Options with defaults for everything but the endpoints.
@@ -138,7 +149,7 @@ impl SendOptions {
             timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
             compressor: Compressor::Lz4,
-            connections: DEFAULT_CONNECTIONS,
+            connections: None,
             disk_images: Vec::new(),
             index_cache: holdings::default_index_cache(),
             disk_align: livemig_index::Align::Auto,
@@ -424,7 +435,7 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
             plan = Some(id);
         }
     }
-    let connections = connections_for(opts.connections, version, join.as_deref(), obs, report)?;
+    let connections = connections_for(opts.connections.unwrap_or_else(default_connections), version, join.as_deref(), obs, report)?;
     livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: plan, connections })?;
     // The reader thread waits as long as the migration lasts (the receiver is silent while a
     // pass is applied); every wait for an answer is bounded by `Inbox::next`'s own timeout

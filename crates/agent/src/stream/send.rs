@@ -270,10 +270,10 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         (Some(store), Some(vm)) => Some(Keeper::spawn(store.clone(), vm.clone())?),
         _ => None,
     };
-    if opts.connections > 1 {
+    if let Some(n) = opts.connections.filter(|&n| n > 1) {
         let w = format!(
             "the stream engine carries QEMU's stream over one connection: --connections {} applies to the shared engine only",
-            opts.connections
+            n
         );
         obs.progress(crate::Progress::Phase(&w));
         report.warnings.push(w);

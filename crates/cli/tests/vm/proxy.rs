@@ -1,6 +1,6 @@
 //! A TCP fault proxy between `livemig send` and `livemig receive`.
 //!
-//! It accepts one connection from the sender, connects to the receiver, and copies both
+//! It accepts the sender's connection, connects to the receiver, and copies both
 //! directions on threads while parsing livemig's frames (plain TCP, `--insecure`: sender ->
 //! receiver after the 8-byte magic, receiver -> sender from the start). When its trigger fires it
 //! applies one fault, once: cut both connections, flip one byte inside the triggering frame's
@@ -8,8 +8,9 @@
 //! protocol step).
 //!
 //! [`Proxy::raw`] parses nothing, for TLS between the agents (issue 14 item 9): it cuts or
-//! stalls the connection after a number of bytes from the sender. [`Proxy::raw_on`] forwards
-//! every connection the sender opens (`send --connections`) and cuts only one of them.
+//! stalls the connection after a number of bytes from the sender. Every connection the sender
+//! opens (`send --connections`) is forwarded; the fault is on the first, or with
+//! [`Proxy::raw_on`] on the one it names (its two sockets cut, the others left as they are).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -240,19 +241,19 @@ fn serve(listener: &TcpListener, target: &mpsc::Receiver<String>, sh: &Arc<Share
         let _ = receiver.set_nodelay(true);
         sh.sockets.lock().unwrap().extend([sender.try_clone().unwrap(), receiver.try_clone().unwrap()]);
         let (s2, r2) = (sender.try_clone().unwrap(), receiver.try_clone().unwrap());
-        let raw = sh.raw;
+        // The fault is on the first connection, or on the one `raw_on` names; any other
+        // (`send --connections`) is forwarded as bytes, untouched.
+        let faulty = sh.only_conn.map_or(conn == 0, |c| c == conn);
+        let raw = sh.raw || !faulty;
         let up = {
             let sh = Arc::clone(sh);
-            std::thread::spawn(move || if raw { pump_raw(sender, receiver, Dir::FromSender, &sh, conn) } else { pump(sender, receiver, Dir::FromSender, &sh) })
+            std::thread::spawn(move || if raw { pump_raw(sender, receiver, Dir::FromSender, &sh, faulty) } else { pump(sender, receiver, Dir::FromSender, &sh) })
         };
         let down = {
             let sh = Arc::clone(sh);
-            std::thread::spawn(move || if raw { pump_raw(r2, s2, Dir::FromReceiver, &sh, conn) } else { pump(r2, s2, Dir::FromReceiver, &sh) })
+            std::thread::spawn(move || if raw { pump_raw(r2, s2, Dir::FromReceiver, &sh, faulty) } else { pump(r2, s2, Dir::FromReceiver, &sh) })
         };
         pumps.extend([up, down]);
-        if sh.only_conn.is_none() {
-            break;
-        }
     }
     for p in pumps {
         let _ = p.join();
@@ -369,7 +370,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>) {
 
 /// Copies `from` to `to` as bytes (TLS records), applying a byte-count cut or stall, or one the
 /// test fired.
-fn pump_raw(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>, conn: usize) {
+fn pump_raw(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>, faulty: bool) {
     use std::sync::atomic::Ordering::SeqCst;
     let mut total: u64 = 0;
     let mut buf = vec![0u8; 64 << 10];
@@ -388,7 +389,7 @@ fn pump_raw(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>, 
         total += n as u64;
         let mut keep = n;
         let mut action = None;
-        if dir == Dir::FromSender && sh.only_conn.is_none_or(|c| c == conn) {
+        if dir == Dir::FromSender && faulty {
             let mut f = sh.fault.lock().unwrap();
             if let Some((Trigger::SenderBytes(at), _)) = f.as_ref() {
                 if total >= *at {
@@ -412,6 +413,7 @@ fn pump_raw(mut from: TcpStream, mut to: TcpStream, dir: Dir, sh: &Arc<Shared>, 
                 let _ = to.flush();
                 let _ = from.shutdown(Shutdown::Both);
                 let _ = to.shutdown(Shutdown::Both);
+                let conn = sh.only_conn.unwrap_or(0);
                 sh.fire(format!("connection {conn} cut after {} bytes from the sender", total - (n - keep) as u64));
                 return;
             }
