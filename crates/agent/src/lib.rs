@@ -1,6 +1,7 @@
 //! The `send` and `receive` agents: wire the parts together, own failure handling and reports.
 
 pub mod arrival;
+pub mod autocomp;
 pub mod error;
 pub mod holdings;
 pub mod link;

@@ -125,8 +125,9 @@ impl Drop for PanicGuard<'_> {
 /// the hash of exactly the bytes sent: a write racing with the copy shows up as a changed page
 /// in the next scan. Up to `threads` threads (this one included) copy, hash and prepare (see
 /// the module).
-/// After every batch handed to the writer, `after_batch(pages sent so far, writer)` runs
-/// (progress, cancellation); its error stops the sending. Returns the pages sent.
+/// After every batch handed to the writer, `after_batch(pages sent so far, writer, encoder)`
+/// runs (progress, cancellation, the compressor chosen by the link); its error stops the
+/// sending. Returns the pages sent.
 pub fn send_pages(
     mem: &GuestMemory,
     list: &[(u64, bool)],
@@ -134,7 +135,7 @@ pub fn send_pages(
     encoder: &mut Encoder,
     writer: &mut Writer,
     threads: usize,
-    mut after_batch: impl FnMut(u64, &Writer) -> Result<(), AgentError>,
+    mut after_batch: impl FnMut(u64, &Writer, &mut Encoder) -> Result<(), AgentError>,
 ) -> Result<u64, AgentError> {
     if list.is_empty() {
         return Ok(0);
@@ -215,7 +216,7 @@ pub fn send_pages(
                         enc.recycle(b);
                     }
                     writer.send(Out::Frame(FrameKind::Pages, enc.take()))?;
-                    after_batch(sent, writer)?;
+                    after_batch(sent, writer, &mut enc)?;
                 }
             }
         }

@@ -87,7 +87,7 @@ fn round_trip(pages: u64, threads: usize, compressor: Compressor, passes: &[Vec<
             for &(p, _) in list {
                 src.write_page(p, &content(p, v)).unwrap();
             }
-            let sent = send_pages(&src, list, &mut ledger, &mut encoder, &mut writer, threads, |_, _| Ok(())).unwrap();
+            let sent = send_pages(&src, list, &mut ledger, &mut encoder, &mut writer, threads, |_, _, _| Ok(())).unwrap();
             assert_eq!(sent, list.len() as u64);
         }
         writer.finish().unwrap();
@@ -120,7 +120,7 @@ proptest! {
     #[test]
     fn any_threads_compressor_and_passes(
         threads in 1usize..6,
-        comp in prop_oneof![Just(Compressor::None), Just(Compressor::Lz4), Just(Compressor::Zstd)],
+        comp in prop_oneof![Just(Compressor::None), Just(Compressor::Lz4), Just(Compressor::Zstd(1))],
         steps in proptest::collection::vec((1u64..6, 0u64..5), 1..4),
     ) {
         let pages = 700;

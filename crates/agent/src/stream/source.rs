@@ -17,6 +17,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::chunk::ChunkBuilder;
 use super::keep::KeepFeed;
+use crate::autocomp::StreamAuto;
 use crate::error::AgentError;
 use crate::link::Out;
 
@@ -116,6 +117,11 @@ impl Window {
         Ok(())
     }
 
+    /// Raw bytes unacknowledged, and the window's limit.
+    pub fn fill(&self) -> (u64, u64) {
+        (self.lock().raw, self.limit)
+    }
+
     /// Raw bytes the receiver acknowledged in total.
     pub fn acked_bytes(&self) -> u64 {
         self.lock().acked_raw
@@ -169,13 +175,18 @@ pub struct RelayStats {
     pub ram_bytes: u64,
     /// The stream digest at the checkpoint (what the receiver checked).
     pub checkpoint_digest: Option<u128>,
+    /// The compressor of whole pages: what was chosen, when and why.
+    pub compressor: Option<crate::autocomp::CompressorReport>,
 }
 
 /// The configuration of the source relay.
 #[derive(Clone)]
 pub struct SourceConfig {
-    /// Encoder options (compressor, delta cache); `refs_need_cache` is forced on.
+    /// Encoder options (delta cache); `refs_need_cache` is forced on, the compressor is
+    /// `compressor`'s.
     pub encode: EncodeOptions,
+    /// The compressor of whole pages: chosen by the link, or forced.
+    pub compressor: crate::autocomp::CompressorMode,
     /// Disk images both hosts hold.
     pub disks: Option<Arc<dyn DiskLookup>>,
     /// The migration's page key: the records' fingerprints and the stream digest.
@@ -206,7 +217,11 @@ pub fn relay_source(
     stats: Arc<Mutex<RelayStats>>,
     cfg: SourceConfig,
 ) -> Result<u64, AgentError> {
+    // The relay encodes on this one thread.
+    let mut auto = StreamAuto::new(cfg.compressor, 1);
+    stats.lock().unwrap_or_else(|e| e.into_inner()).compressor = Some(auto.auto.report());
     let mut st = State {
+        auto,
         parser: Parser::new(),
         enc: None,
         bases: HashMap::new(),
@@ -262,12 +277,14 @@ pub fn relay_source(
     if let Some(enc) = &st.enc {
         st.stats().classes = *enc.stats();
     }
+    st.stats().compressor = Some(st.auto.auto.report());
     st.stats().ended = true;
     st.send(Out::Message(Message::StreamEnd { bytes: total }))?;
     Ok(total)
 }
 
 struct State {
+    auto: StreamAuto,
     parser: Parser,
     enc: Option<Encoder>,
     bases: HashMap<BlockName, (u64, u64)>,
@@ -307,6 +324,12 @@ impl State {
         let chunk = std::mem::replace(&mut self.chunk, ChunkBuilder::new(self.seq + 1));
         let raw = chunk.raw_bytes();
         self.window.wait_room(raw);
+        if let Some(enc) = self.enc.as_mut() {
+            let pages = self.pages.iter().map(|(_, p)| &**p);
+            if let Some(r) = self.auto.after_chunk(pages, (raw, chunk.len() as u64), &self.window, self.seq, enc) {
+                self.stats.lock().unwrap_or_else(|e| e.into_inner()).compressor = Some(r);
+            }
+        }
         self.window.insert(self.seq, raw, std::mem::take(&mut self.pages));
         self.seq += 1;
         if let Some(enc) = &self.enc {
@@ -323,7 +346,8 @@ impl State {
         let (bases, total) = super::keep::numbering(&self.parser);
         self.bases = bases;
         let blocks: Vec<(String, u64)> = self.parser.blocks().iter().map(|b| (b.name.to_string_lossy(), b.used_length)).collect();
-        let mut enc = Encoder::new(total, EncodeOptions { refs_need_cache: true, ..self.cfg.encode }, self.cfg.key.clone());
+        let compressor = self.auto.auto.current();
+        let mut enc = Encoder::new(total, EncodeOptions { refs_need_cache: true, compressor, ..self.cfg.encode }, self.cfg.key.clone());
         if let Some(d) = &self.cfg.disks {
             enc.set_disk_lookup(Arc::clone(d));
         }

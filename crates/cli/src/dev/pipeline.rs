@@ -21,7 +21,9 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
 use crossbeam_channel::Sender;
 use livemig_agent::link::{self, Out, Writer};
+use livemig_agent::autocomp::{CompressorMode, CompressorReport, SharedAuto};
 use livemig_agent::pipeline::ZeroRuns;
+use livemig_agent::Quiet;
 use livemig_compact::{decode_batch, ClassStats, Compressor, EncodeOptions, Encoder, PageClass, PageKey, PAGE_SIZE};
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_tls::{Auth, TlsSetup, CA_FILE};
@@ -40,6 +42,9 @@ pub struct Args {
     /// Compressors to measure, one run each.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Comp::None, Comp::Lz4, Comp::Zstd])]
     compressor: Vec<Comp>,
+    /// Cap of the sender's writer, Mbit/s (as `send --bandwidth`; default: none).
+    #[arg(long)]
+    bandwidth_mbit: Option<u64>,
     /// Encoder threads (default: the available cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -67,6 +72,8 @@ enum Comp {
     None,
     Lz4,
     Zstd,
+    /// Chosen by the link, as `send --compressor auto`.
+    Auto,
 }
 
 impl Comp {
@@ -74,7 +81,14 @@ impl Comp {
         match self {
             Comp::None => Compressor::None,
             Comp::Lz4 => Compressor::Lz4,
-            Comp::Zstd => Compressor::Zstd,
+            Comp::Zstd => Compressor::Zstd(1),
+            Comp::Auto => CompressorMode::Auto.initial(),
+        }
+    }
+    fn mode(self) -> CompressorMode {
+        match self {
+            Comp::Auto => CompressorMode::Auto,
+            c => CompressorMode::Forced(c.compressor()),
         }
     }
     fn name(self) -> &'static str {
@@ -82,6 +96,7 @@ impl Comp {
             Comp::None => "none",
             Comp::Lz4 => "lz4",
             Comp::Zstd => "zstd",
+            Comp::Auto => "auto",
         }
     }
 }
@@ -133,6 +148,8 @@ struct RunResult {
     verified: bool,
     /// GB/s (both passes) of every run of this compressor (`--repeat`), ascending.
     tries_gb_per_s: Vec<f64>,
+    /// What the compressor choice did (as `send`'s report).
+    compressor_choice: CompressorReport,
 }
 
 #[derive(Debug, Serialize)]
@@ -341,7 +358,8 @@ fn run_one(a: &Args, comp: Comp, threads: usize, tls: Option<&TlsSetup>) -> Resu
         .name("bench-receive".into())
         .spawn(move || receive(r, &rx_mem, &rx_key, &ends_tx))?;
 
-    let mut writer = Writer::spawn(w, None);
+    let mut writer = Writer::spawn(w, a.bandwidth_mbit.map(|m| m * 1_000_000 / 8));
+    let mut auto = SharedAuto::new(comp.mode(), threads, &mut Quiet);
     let mut ledger = Ledger::zeroed(total, key.clone());
     let opts = EncodeOptions { compressor: comp.compressor(), ..EncodeOptions::for_ram(bytes) };
     let mut encoder = Encoder::new(total, opts, key.clone());
@@ -363,7 +381,10 @@ fn run_one(a: &Args, comp: Comp, threads: usize, tls: Option<&TlsSetup>) -> Resu
             dirty.into_iter().map(|p| (p, false)).collect()
         };
         let (c0, r0, t0, w0) = (cpu_seconds()?, receiver_cpu_seconds()?, Instant::now(), writer.total_bytes());
-        let sent = livemig_agent::pipeline::send_pages(&src, &list, &mut ledger, &mut encoder, &mut writer, threads, |_, _| Ok(()))?;
+        auto.start_pass();
+        let sent = livemig_agent::pipeline::send_pages(&src, &list, &mut ledger, &mut encoder, &mut writer, threads, |sent, w, enc| {
+            auto.after_batch(&src, &list, sent, w, enc, pass, &mut Quiet)
+        })?;
         writer.send(Out::Message(Message::IterationEnd { index: pass, pages: sent, last: pass == 2 }))?;
         let (index, at) = ends_rx.recv_timeout(Duration::from_secs(600)).context("the receiver did not finish the pass")?;
         ensure!(index == pass, "pass {index} ended, expected {pass}");
@@ -407,6 +428,7 @@ fn run_one(a: &Args, comp: Comp, threads: usize, tls: Option<&TlsSetup>) -> Resu
         scan_gb_per_cpu_s: scan.1,
         verified: true,
         tries_gb_per_s: Vec::new(),
+        compressor_choice: auto.auto.report(),
     })
 }
 
@@ -471,6 +493,24 @@ pub fn run(a: &Args) -> Result<()> {
         }
         let classes: Vec<String> = r.classes.iter().map(|(n, c)| format!("{n} {c}")).collect();
         writeln!(stdout, "|   | classes: {} | | | | | | | |", classes.join(", "))?;
+        let c = &r.compressor_choice;
+        let changes: Vec<String> = c
+            .changes
+            .iter()
+            .map(|ch| match (&ch.from, ch.iteration) {
+                (Some(f), Some(i)) => format!("{f} -> {} in pass {i} at {:.1} MB", ch.to, ch.wire_bytes as f64 / 1e6),
+                _ => format!("{} first", ch.to),
+            })
+            .collect();
+        writeln!(
+            stdout,
+            "|   | compressor {} ({}): {}; {} pages sampled in {:.1} ms | | | | | | | |",
+            c.chosen,
+            c.mode,
+            changes.join(", "),
+            c.sampled_pages,
+            c.sampling_ms
+        )?;
     }
     Ok(())
 }
