@@ -46,9 +46,12 @@ impl CompressorMode {
     }
 }
 
-/// The candidates, cheapest first. zstd 3 is smaller than zstd 1 on guest pages at about
-/// twice its CPU: it pays on slow links (BENCHMARKS.md, "Compressor chosen by the link").
-pub const CANDIDATES: [Compressor; 4] = [Compressor::None, Compressor::Lz4, Compressor::Zstd(1), Compressor::Zstd(3)];
+/// The candidates, cheapest first. No zstd level above 1: on 4 KiB pages they hardly pay
+/// (the test guest's root disk in 4 KiB blocks, `zstd -b<level> -B4096`: level 1 3.76x, 3
+/// 3.81x, 6 3.98x at 2.8x the CPU, 19 4.11x at 60x; BENCHMARKS.md), less than the [`MARGIN`] a
+/// change needs even on a link the CPU outruns, and each candidate costs sampling time. The
+/// policy and the encoder take any level ([`Compressor::Zstd`]).
+pub const CANDIDATES: [Compressor; 3] = [Compressor::None, Compressor::Lz4, Compressor::Zstd(1)];
 
 /// One non-zero page in this many is sampled with every candidate.
 pub const SAMPLE_EVERY: usize = 256;
@@ -614,8 +617,10 @@ impl SharedAuto {
 /// The stream engine's side (the relay's thread, [`crate::stream::source`]): after each
 /// chunk, samples one page in [`SAMPLE_EVERY`] of its PAGE records, measures the link from
 /// what the receiver acknowledges ([`crate::stream::source::Window::drain_rate`], raw stream
-/// bytes, times the wire/raw ratio of the recent chunks) and whether the window was the
-/// bottleneck (at least half full), and decides.
+/// bytes, times the wire/raw ratio of the recent chunks) and whether the link was the
+/// bottleneck (the window or the writer's queue at least half full: with QEMU writing in small
+/// pieces the relay's small chunks fill the writer's 16-frame queue before the window), and
+/// decides.
 #[derive(Debug)]
 pub struct StreamAuto {
     /// The choice.
@@ -643,13 +648,15 @@ impl StreamAuto {
     }
 
     /// After chunk `seq` (`raw` stream bytes, `wire` bytes of its frame, its `pages`) and
-    /// before it enters `window`. Returns the report when the choice changed (the encoder's
-    /// compressor is set).
+    /// before it enters `window`; `queue`: the writer's queue (frames queued, its capacity).
+    /// Returns the report when the choice changed (the encoder's compressor is set).
+    #[allow(clippy::too_many_arguments)]
     pub fn after_chunk<'a>(
         &mut self,
         pages: impl Iterator<Item = &'a [u8; PAGE_SIZE]>,
         (raw, wire): (u64, u64),
         window: &crate::stream::source::Window,
+        queue: (usize, Option<usize>),
         seq: u64,
         encoder: &mut Encoder,
     ) -> Option<CompressorReport> {
@@ -670,7 +677,8 @@ impl StreamAuto {
         }
         let (unacked, limit) = window.fill();
         self.observations += 1;
-        self.backlogged += u32::from(unacked * 2 >= limit);
+        let queued = queue.1.is_some_and(|c| queue.0 * 2 >= c);
+        self.backlogged += u32::from(unacked * 2 >= limit || queued);
         let start = *self.window_start.get_or_insert(now);
         if now.saturating_duration_since(start) >= LINK_WINDOW {
             let (r, w) = self.recent.iter().fold((0u64, 0u64), |(r, w), c| (r + c.1, w + c.2));

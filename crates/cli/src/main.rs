@@ -143,7 +143,7 @@ pub(crate) struct SendArgs {
     #[arg(long, default_value = "30s", value_parser = units::parse_duration_ms)]
     connect_timeout: f64,
     /// Compressor of whole pages: auto (chosen from the measured link rate and each
-    /// candidate's cost on the guest's pages: none, lz4, zstd 1 or 3; the report says what and
+    /// candidate's cost on the guest's pages: none, lz4 or zstd; the report says what and
     /// why), or forced: lz4 (fast), zstd (level 1: smaller, about 2x the CPU) or none.
     #[arg(long, value_enum, default_value_t = CompressorArg::Auto)]
     compressor: CompressorArg,

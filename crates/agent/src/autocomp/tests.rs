@@ -111,7 +111,7 @@ fn a_change_needs_dwell_decisions_in_a_row_and_is_reported_with_its_numbers() {
     let c = a.decide_on(&text_costs(), at(200)).expect("a change").clone();
     assert_eq!((c.from.as_deref(), c.to.as_str(), c.chunk, c.wire_bytes), (Some("lz4"), "zstd3", Some(200), 200 << 20));
     assert_eq!(c.link, Some(LinkReport { bytes_per_s: slow, kind: "measured".into() }));
-    assert_eq!(c.predictions.len(), CANDIDATES.len());
+    assert_eq!(c.predictions.len(), text_costs().len(), "the policy takes any candidates, zstd 3 too");
     assert_eq!(a.current(), Compressor::Zstd(3));
     let r = a.report();
     assert_eq!((r.chosen.as_str(), r.changes.len()), ("zstd3", 2));
@@ -170,10 +170,9 @@ fn measuring_known_pages_gives_sane_ratios() {
     let bytes = |c: Compressor| costs.iter().find(|(k, _)| *k == c).unwrap().1.bytes_per_page;
     let header = RECORD_HEADER as f64;
     assert_eq!(bytes(Compressor::None), PAGE_SIZE as f64 + header);
-    // Rust source: lz4 takes it to well under 3/4, zstd further, zstd 3 at least as far.
+    // Rust source: lz4 takes it to well under 3/4, zstd further.
     assert!(bytes(Compressor::Lz4) < 0.75 * PAGE_SIZE as f64, "{costs:?}");
     assert!(bytes(Compressor::Zstd(1)) < bytes(Compressor::Lz4), "{costs:?}");
-    assert!(bytes(Compressor::Zstd(3)) <= bytes(Compressor::Zstd(1)) * 1.01, "{costs:?}");
     assert!(bytes(Compressor::Zstd(1)) > 0.1 * PAGE_SIZE as f64, "not absurdly small: {costs:?}");
     assert!(costs.iter().all(|(_, c)| c.ns_per_page > 0.0), "{costs:?}");
 

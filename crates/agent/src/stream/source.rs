@@ -326,7 +326,8 @@ impl State {
         self.window.wait_room(raw);
         if let Some(enc) = self.enc.as_mut() {
             let pages = self.pages.iter().map(|(_, p)| &**p);
-            if let Some(r) = self.auto.after_chunk(pages, (raw, chunk.len() as u64), &self.window, self.seq, enc) {
+            let queue = (self.out.len(), self.out.capacity());
+            if let Some(r) = self.auto.after_chunk(pages, (raw, chunk.len() as u64), &self.window, queue, self.seq, enc) {
                 self.stats.lock().unwrap_or_else(|e| e.into_inner()).compressor = Some(r);
             }
         }
