@@ -225,11 +225,17 @@ pub fn choose(input: &PolicyInput<'_>) -> Verdict {
     Verdict { best, reason, predictions: predictions.into_iter().map(|(_, p)| p).collect() }
 }
 
-/// Measures the candidates on sampled pages: CPU time and record bytes, averaged (a moving
-/// average over about the last 64 samples).
+/// Samples whose median is a candidate's CPU time per page.
+const RECENT: usize = 31;
+
+/// Measures the candidates on sampled pages: record bytes as a moving average over about the
+/// last 64 samples, CPU time as the median of the last [`RECENT`] (a sample the scheduler
+/// preempted takes 100x the time: on the shared test machine one such made zstd look 5x dearer
+/// in an average).
 pub struct Sampler {
     scratch: Vec<Scratch>,
     sums: Vec<Cost>,
+    recent_ns: Vec<std::collections::VecDeque<f64>>,
     samples: u64,
     offered: usize,
     spent: Duration,
@@ -256,7 +262,14 @@ impl Sampler {
         for (s, &c) in scratch.iter_mut().zip(CANDIDATES.iter()) {
             s.compress_page(c, &page);
         }
-        Sampler { scratch, sums: vec![Cost { ns_per_page: 0.0, bytes_per_page: 0.0 }; CANDIDATES.len()], samples: 0, offered: 0, spent: Duration::ZERO }
+        Sampler {
+            scratch,
+            sums: vec![Cost { ns_per_page: 0.0, bytes_per_page: 0.0 }; CANDIDATES.len()],
+            recent_ns: vec![std::collections::VecDeque::with_capacity(RECENT); CANDIDATES.len()],
+            samples: 0,
+            offered: 0,
+            spent: Duration::ZERO,
+        }
     }
 
     /// A page being sent: one non-zero page in [`SAMPLE_EVERY`] is measured.
@@ -282,12 +295,19 @@ impl Sampler {
         let base = t.elapsed().as_secs_f64() * 1e9;
         self.samples += 1;
         let weight = 1.0 / (self.samples.min(64) as f64);
-        for ((s, &c), sum) in self.scratch.iter_mut().zip(CANDIDATES.iter()).zip(self.sums.iter_mut()) {
+        let slots = self.scratch.iter_mut().zip(CANDIDATES.iter()).zip(self.sums.iter_mut()).zip(self.recent_ns.iter_mut());
+        for (((s, &c), sum), recent) in slots {
             let t0 = Instant::now();
             let (_, n) = s.compress_page(c, std::hint::black_box(page));
             let ns = base + t0.elapsed().as_secs_f64() * 1e9;
             let bytes = (n + RECORD_HEADER) as f64;
-            sum.ns_per_page += (ns - sum.ns_per_page) * weight;
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(ns);
+            let mut sorted: Vec<f64> = recent.iter().copied().collect();
+            sorted.sort_by(f64::total_cmp);
+            sum.ns_per_page = sorted[sorted.len() / 2];
             sum.bytes_per_page += (bytes - sum.bytes_per_page) * weight;
         }
         self.spent += t.elapsed();

@@ -193,6 +193,28 @@ fn measuring_known_pages_gives_sane_ratios() {
     assert!(costs.iter().all(|(_, c)| (c.bytes_per_page - (PAGE_SIZE as f64 + header)).abs() < 0.5), "{costs:?}");
 }
 
+/// A candidate's CPU time is the median of its recent samples: a preempted sample (a spike of
+/// 50 ms among ~1-3 us ones, set here directly since a test cannot make the scheduler preempt)
+/// does not move it.
+#[test]
+fn the_cpu_time_is_the_median_of_the_recent_samples() {
+    let mut s = Sampler::new();
+    let page = [5u8; PAGE_SIZE];
+    for _ in 0..RECENT {
+        s.measure(&page);
+    }
+    // Replace one candidate's samples by known times, one of them a preemption spike.
+    let mut known: std::collections::VecDeque<f64> = (1..=RECENT).map(|i| i as f64 * 100.0).collect();
+    known[3] = 5e7;
+    s.recent_ns[1].clone_from(&known);
+    s.measure(&page); // drops the oldest (100 ns), adds one real sample
+    let mut sorted: Vec<f64> = s.recent_ns[1].iter().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    let cost = s.costs().unwrap()[1].1;
+    assert_eq!(cost.ns_per_page, sorted[RECENT / 2]);
+    assert!(cost.ns_per_page < 1e6, "the spike does not move the median: {cost:?}");
+}
+
 #[test]
 fn offer_samples_one_non_zero_page_in_sample_every() {
     let mut s = Sampler::new();
