@@ -5,11 +5,11 @@
 //!   pages per second, is `min(threads x its pages per CPU second, link rate / its bytes per
 //!   page)`; the best one is taken if it beats the current one by [`MARGIN`].
 //! - [`Sampler`] measures the candidates: one non-zero page in [`SAMPLE_EVERY`] sent is also
-//!   compressed with every candidate ([`CANDIDATES`]) and timed. Its cost, measured on the
-//!   pipeline benchmark's guest (`livemig-dev pipeline --compressor auto`, BENCHMARKS.md): one
-//!   sample of the four candidates takes about 60 us, i.e. about 0.25 us per page sent, about
-//!   1-2 % of the encoder's CPU per page (lz4 ~15 us, zstd ~23 us per page in the whole
-//!   pipeline); the report gives the figure of each migration (`sampling_ms`).
+//!   compressed with every candidate ([`CANDIDATES`]) and timed. Its cost, measured with the
+//!   pipeline benchmark (`livemig-dev pipeline --compressor auto`, BENCHMARKS.md, a loaded
+//!   2-core machine): 40-90 us per sampled page, 0.6-1.3 % of the run's CPU time (244 pages in
+//!   9-22 ms of 1.5-1.7 CPU s at 100 Mbit/s; 482 pages in 19.6 ms of 1.75 CPU s on loopback);
+//!   the report gives each migration's figure (`sampled_pages`, `sampling_ms`).
 //! - [`LinkMeter`] measures the link during a pass: wire bytes written per second over windows
 //!   of at least [`LINK_WINDOW`], and whether the link was the bottleneck (the writer's queue
 //!   mostly full) or the sender was (then the link carried all it was given: its rate is only a
