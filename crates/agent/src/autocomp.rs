@@ -13,7 +13,7 @@
 //! - [`LinkMeter`] measures the link during a pass: wire bytes written per second over windows
 //!   of at least [`LINK_WINDOW`], and whether the link was the bottleneck (the writer's queue
 //!   mostly full) or the sender was (then the link carried all it was given: its rate is only a
-//!   lower bound, [`Link::AtLeast`]).
+//!   lower bound, [`Link::AtLeast`], and the choice trades no bytes for CPU).
 //! - [`AutoCompressor`] holds the state of one migration: the current choice, the samples, the
 //!   link, the hysteresis ([`DWELL`] consecutive decisions must agree before a change) and the
 //!   report of every choice with the numbers behind it. Before any measurement it uses lz4 and
@@ -152,10 +152,14 @@ pub const CPU_SAVING: f64 = 1.5;
 /// pages per CPU second, link rate / bytes per page)`. Of the candidates within [`MARGIN`] of
 /// the fastest, the one that takes the least CPU is the target (a compressor that gains the
 /// link almost nothing, or pages that do not compress, are not worth the CPU). The current
-/// compressor stays if it is itself within [`MARGIN`] of the fastest and costs at most
-/// [`CPU_SAVING`] times the target's CPU (hysteresis). With the link's limit unknown
-/// ([`Link::AtLeast`]) only the CPU term counts, so the cheapest candidate is tried, which
-/// measures the link. With nothing measured the current compressor stays.
+/// compressor stays if it is itself within [`MARGIN`] of the fastest, unless the target saves
+/// [`CPU_SAVING`] times its CPU and is within half the margin of its rate (hysteresis, with a
+/// dead band between 5 and 10 %). With the link's limit unknown
+/// ([`Link::AtLeast`]: the sender, the source QEMU or the encoder, was the bottleneck) no bytes
+/// are traded for CPU: only a candidate that sends as few bytes (within [`MARGIN`]) for at
+/// least [`CPU_SAVING`] times less CPU replaces the current one (pages that do not compress go
+/// raw); a source QEMU that writes slower than the link would otherwise get the link's worth of
+/// raw pages for nothing. With nothing measured the current compressor stays.
 pub fn choose(input: &PolicyInput<'_>) -> Verdict {
     let threads = input.threads.max(1) as f64;
     let mut predictions: Vec<(Compressor, Prediction)> = input
@@ -193,6 +197,30 @@ pub fn choose(input: &PolicyInput<'_>) -> Verdict {
     let stays = |why: String| (input.current, why);
     let (best, reason) = match (input.link, predictions.first()) {
         (Link::Unmeasured, _) | (_, None) => stays(format!("{} stays: {}", input.current.name(), input.link.describe())),
+        (Link::AtLeast(_), Some(_)) => {
+            let current = predictions.iter().find(|(c, _)| *c == input.current).map(|(_, p)| p.clone());
+            let cheaper = current.as_ref().and_then(|cp| {
+                predictions
+                    .iter()
+                    .filter(|(c, p)| {
+                        *c != input.current
+                            && p.bytes_per_page <= cp.bytes_per_page * (1.0 + MARGIN)
+                            && p.ns_per_page * CPU_SAVING <= cp.ns_per_page
+                    })
+                    .min_by(|a, b| a.1.ns_per_page.total_cmp(&b.1.ns_per_page))
+            });
+            match cheaper {
+                Some((c, _)) => (*c, format!(
+                    "{} sends as few bytes (within {:.0} %) at less CPU; {numbers}",
+                    c.name(),
+                    MARGIN * 100.0
+                )),
+                None => stays(format!(
+                    "{} stays: the link's limit is unknown, and no candidate takes less CPU without sending more bytes; {numbers}",
+                    input.current.name()
+                )),
+            }
+        }
         (_, Some((fastest, top))) => {
             let good = |p: &Prediction| p.pages_per_s * (1.0 + MARGIN) >= top.pages_per_s;
             let (target, tp) = predictions
@@ -211,12 +239,19 @@ pub fn choose(input: &PolicyInput<'_>) -> Verdict {
                     fastest.name()
                 )
             };
+            // A current compressor near the top gives way only to one that saves CPU_SAVING x
+            // its CPU and is within half the margin of it (a dead band between 5 and 10 %: at
+            // a gain of 10 % both ways would otherwise hold, and the choice flap).
+            let gives_way = |cp: &Prediction| {
+                cp.ns_per_page >= tp.ns_per_page * CPU_SAVING && tp.pages_per_s * (1.0 + MARGIN / 2.0) >= cp.pages_per_s
+            };
             match current {
-                Some(cp) if *target != input.current && good(cp) && cp.ns_per_page <= tp.ns_per_page * CPU_SAVING => stays(format!(
-                    "{} stays: within {:.0} % of the fastest, and {} would not save {CPU_SAVING}x its CPU; {numbers}",
+                Some(cp) if *target != input.current && good(cp) && !gives_way(cp) => stays(format!(
+                    "{} stays: within {:.0} % of the fastest, and {} would not save {CPU_SAVING}x its CPU within {:.0} % of its rate; {numbers}",
                     input.current.name(),
                     MARGIN * 100.0,
-                    target.name()
+                    target.name(),
+                    MARGIN * 50.0
                 )),
                 _ => (*target, format!("{why_target}: {numbers}")),
             }
