@@ -13,7 +13,8 @@
 //! - [`LinkMeter`] measures the link during a pass: wire bytes written per second over windows
 //!   of at least [`LINK_WINDOW`], and whether the link was the bottleneck (the writer's queue
 //!   mostly full) or the sender was (then the link carried all it was given: its rate is only a
-//!   lower bound, [`Link::AtLeast`], and the choice trades no bytes for CPU).
+//!   lower bound, [`Link::AtLeast`]: the shared engine then tries the cheapest candidate, the
+//!   stream engine trades no bytes for CPU, its source QEMU may be what was slow).
 //! - [`AutoCompressor`] holds the state of one migration: the current choice, the samples, the
 //!   link, the hysteresis ([`DWELL`] consecutive decisions must agree before a change) and the
 //!   report of every choice with the numbers behind it. Before any measurement it uses lz4 and
@@ -48,8 +49,9 @@ impl CompressorMode {
 
 /// The candidates, cheapest first. No zstd level above 1: on 4 KiB pages they hardly pay
 /// (the test guest's root disk in 4 KiB blocks, `zstd -b<level> -B4096`: level 1 3.76x, 3
-/// 3.81x, 6 3.98x at 2.8x the CPU, 19 4.11x at 60x; BENCHMARKS.md), less than the [`MARGIN`] a
-/// change needs even on a link the CPU outruns, and each candidate costs sampling time. The
+/// 3.81x, 6 3.98x at 2.8x the CPU, 19 4.11x at 60x; BENCHMARKS.md): a few percent at best, about
+/// the [`MARGIN`] a change needs and the sampling noise of the bytes per page, for 3x the CPU;
+/// and each candidate costs sampling time. The
 /// policy and the encoder take any level ([`Compressor::Zstd`]).
 pub const CANDIDATES: [Compressor; 3] = [Compressor::None, Compressor::Lz4, Compressor::Zstd(1)];
 
@@ -60,7 +62,7 @@ pub const SAMPLE_EVERY: usize = 256;
 pub const MIN_SAMPLES: u64 = 8;
 
 /// A candidate replaces the current compressor only if it is predicted this much faster.
-pub const MARGIN: f64 = 0.10;
+pub const MARGIN: f64 = 0.05;
 
 /// Consecutive decisions that must name the same better candidate before it is taken.
 pub const DWELL: u32 = 3;
@@ -114,6 +116,10 @@ pub struct PolicyInput<'a> {
     pub costs: &'a [(Compressor, Cost)],
     /// The compressor in use.
     pub current: Compressor,
+    /// When the link was not the bottleneck, the sender's own CPU was (the shared engine reads
+    /// guest memory itself), so a cheaper candidate is faster; false where a slower source may
+    /// have been (the stream engine's source QEMU).
+    pub cpu_bound_sender: bool,
 }
 
 /// A candidate's predicted rate and the numbers behind it.
@@ -154,12 +160,14 @@ pub const CPU_SAVING: f64 = 1.5;
 /// link almost nothing, or pages that do not compress, are not worth the CPU). The current
 /// compressor stays if it is itself within [`MARGIN`] of the fastest, unless the target saves
 /// [`CPU_SAVING`] times its CPU and is within half the margin of its rate (hysteresis, with a
-/// dead band between 5 and 10 %). With the link's limit unknown
-/// ([`Link::AtLeast`]: the sender, the source QEMU or the encoder, was the bottleneck) no bytes
-/// are traded for CPU: only a candidate that sends as few bytes (within [`MARGIN`]) for at
-/// least [`CPU_SAVING`] times less CPU replaces the current one (pages that do not compress go
-/// raw); a source QEMU that writes slower than the link would otherwise get the link's worth of
-/// raw pages for nothing. With nothing measured the current compressor stays.
+/// dead band between 2.5 and 5 %). With the link's limit unknown ([`Link::AtLeast`]: the
+/// sender was the bottleneck): where that is the sender's CPU
+/// ([`PolicyInput::cpu_bound_sender`], the shared engine) only the CPU term counts, so the
+/// cheapest candidate is tried, which then measures the link if it becomes the bottleneck;
+/// elsewhere (the stream engine, whose source QEMU may write slower than the link) no bytes are
+/// traded for CPU: only a candidate that sends as few bytes (within [`MARGIN`]) for at least
+/// [`CPU_SAVING`] times less CPU replaces the current one (pages that do not compress go raw).
+/// With nothing measured the current compressor stays.
 pub fn choose(input: &PolicyInput<'_>) -> Verdict {
     let threads = input.threads.max(1) as f64;
     let mut predictions: Vec<(Compressor, Prediction)> = input
@@ -197,7 +205,7 @@ pub fn choose(input: &PolicyInput<'_>) -> Verdict {
     let stays = |why: String| (input.current, why);
     let (best, reason) = match (input.link, predictions.first()) {
         (Link::Unmeasured, _) | (_, None) => stays(format!("{} stays: {}", input.current.name(), input.link.describe())),
-        (Link::AtLeast(_), Some(_)) => {
+        (Link::AtLeast(_), Some(_)) if !input.cpu_bound_sender => {
             let current = predictions.iter().find(|(c, _)| *c == input.current).map(|(_, p)| p.clone());
             let cheaper = current.as_ref().and_then(|cp| {
                 predictions
@@ -240,8 +248,8 @@ pub fn choose(input: &PolicyInput<'_>) -> Verdict {
                 )
             };
             // A current compressor near the top gives way only to one that saves CPU_SAVING x
-            // its CPU and is within half the margin of it (a dead band between 5 and 10 %: at
-            // a gain of 10 % both ways would otherwise hold, and the choice flap).
+            // its CPU and is within half the margin of it (a dead band between 2.5 and 5 %: at
+            // a gain of exactly the margin both ways would otherwise hold, and the choice flap).
             let gives_way = |cp: &Prediction| {
                 cp.ns_per_page >= tp.ns_per_page * CPU_SAVING && tp.pages_per_s * (1.0 + MARGIN / 2.0) >= cp.pages_per_s
             };
@@ -469,6 +477,7 @@ pub struct AutoCompressor {
     link: Link,
     streak: Option<(Compressor, u32)>,
     report: CompressorReport,
+    cpu_bound_sender: bool,
 }
 
 impl AutoCompressor {
@@ -499,7 +508,24 @@ impl AutoCompressor {
             }],
             ..CompressorReport::default()
         };
-        AutoCompressor { mode, threads: threads.max(1), current, sampler: Sampler::new(), link: Link::Unmeasured, streak: None, report }
+        AutoCompressor {
+            mode,
+            threads: threads.max(1),
+            current,
+            sampler: Sampler::new(),
+            link: Link::Unmeasured,
+            streak: None,
+            report,
+            cpu_bound_sender: false,
+        }
+    }
+
+    /// The sender's own CPU is what limits it when the link does not
+    /// ([`PolicyInput::cpu_bound_sender`]).
+    #[must_use]
+    pub fn cpu_bound_sender(mut self, yes: bool) -> Self {
+        self.cpu_bound_sender = yes;
+        self
     }
 
     /// The compressor in use.
@@ -554,7 +580,7 @@ impl AutoCompressor {
         if !self.is_auto() {
             return None;
         }
-        let v = choose(&PolicyInput { link: self.link, threads: self.threads, costs, current: self.current });
+        let v = choose(&PolicyInput { link: self.link, threads: self.threads, costs, current: self.current, cpu_bound_sender: self.cpu_bound_sender });
         if v.best == self.current {
             self.streak = None;
             return None;
@@ -623,7 +649,9 @@ pub struct SharedAuto {
 impl SharedAuto {
     /// The choice of a shared-engine migration, its first choice said on `obs`.
     pub fn new(mode: CompressorMode, threads: usize, obs: &mut dyn Observer) -> Self {
-        let mut auto = AutoCompressor::new(mode, threads);
+        // The shared engine reads guest memory itself: when the link is not its bottleneck, its
+        // own CPU is.
+        let mut auto = AutoCompressor::new(mode, threads).cpu_bound_sender(true);
         announce(Some(&auto.report()), &mut 0, obs);
         SharedAuto { auto, meter: LinkMeter::default(), next: 0, buf: Box::new(livemig_memory::PageBuf::zeroed()) }
     }
