@@ -3,12 +3,14 @@
 //!
 //! - [`choose`] is the policy, a pure function: the predicted rate of a candidate, in whole
 //!   pages per second, is `min(threads x its pages per CPU second, link rate / its bytes per
-//!   page)`; the best one is taken if it beats the current one by [`MARGIN`].
-//! - [`Sampler`] measures the candidates: one non-zero page in [`SAMPLE_EVERY`] sent is also
+//!   page)`; of those within [`MARGIN`] of the fastest the one taking the least CPU, with
+//!   hysteresis (see there).
+//! - [`Sampler`] measures the candidates: one page in [`SAMPLE_EVERY`] sent (zero pages skipped) is also
 //!   compressed with every candidate ([`CANDIDATES`]) and timed. Its cost, measured with the
 //!   pipeline benchmark (`livemig-dev pipeline --compressor auto`, BENCHMARKS.md, a loaded
 //!   2-core machine): 40-90 us per sampled page, 0.6-1.3 % of the run's CPU time (244 pages in
-//!   9-22 ms of 1.5-1.7 CPU s at 100 Mbit/s; 482 pages in 19.6 ms of 1.75 CPU s on loopback);
+//!   9-22 ms of 1.5-1.8 CPU s at 100 Mbit/s; 481 pages in 17-21 ms of 1.7-1.95 CPU s on
+//!   loopback);
 //!   the report gives each migration's figure (`sampled_pages`, `sampling_ms`).
 //! - [`LinkMeter`] measures the link during a pass: wire bytes written per second over windows
 //!   of at least [`LINK_WINDOW`], and whether the link was the bottleneck (the writer's queue
