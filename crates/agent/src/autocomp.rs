@@ -467,6 +467,9 @@ pub struct CompressorReport {
     pub sampling_ms: f64,
     /// The first choice and every change.
     pub changes: Vec<CompressorChange>,
+    /// The policy's last verdict, with its numbers (also when it kept the compressor); none
+    /// when it never decided (forced, or too little measured).
+    pub last_decision: Option<String>,
 }
 
 /// The compressor choice of one migration.
@@ -583,6 +586,7 @@ impl AutoCompressor {
             return None;
         }
         let v = choose(&PolicyInput { link: self.link, threads: self.threads, costs, current: self.current, cpu_bound_sender: self.cpu_bound_sender });
+        self.report.last_decision = Some(v.reason.clone());
         if v.best == self.current {
             self.streak = None;
             return None;

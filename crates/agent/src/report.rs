@@ -260,7 +260,8 @@ impl Report {
         }
         if let Some(c) = &self.compressor {
             let changes = c.changes.len().saturating_sub(1);
-            let _ = writeln!(s, "compressor:   {} ({}, {changes} change(s)): {}", c.chosen, c.mode, c.changes.last().map_or("", |l| l.reason.as_str()));
+            let why = c.last_decision.as_deref().or(c.changes.last().map(|l| l.reason.as_str())).unwrap_or("");
+            let _ = writeln!(s, "compressor:   {} ({}, {changes} change(s)): {why}", c.chosen, c.mode);
         }
         if self.resent_pages > 0 {
             let _ = writeln!(s, "resent:       {} pages the destination could not resolve", self.resent_pages);

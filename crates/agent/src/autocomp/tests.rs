@@ -154,6 +154,9 @@ fn a_change_needs_dwell_decisions_in_a_row_and_is_reported_with_its_numbers() {
     assert_eq!(a.current(), Compressor::Zstd(3));
     let r = a.report();
     assert_eq!((r.chosen.as_str(), r.changes.len()), ("zstd3", 2));
+    // The last verdict is kept, also when it changes nothing.
+    assert!(a.decide_on(&text_costs(), at(201)).is_none());
+    assert!(a.report().last_decision.is_some_and(|d| d.starts_with("zstd3 is predicted fastest")), "{:?}", a.report().last_decision);
     assert!(phase_line(&c).starts_with("compressor: lz4 -> zstd3 (chunk 200, 200.0 MiB sent): zstd3 is predicted fastest"), "{}", phase_line(&c));
 }
 
@@ -188,6 +191,7 @@ fn a_forced_compressor_never_changes() {
         assert_eq!(a.current(), forced);
         let r = a.report();
         assert_eq!((r.mode.as_str(), r.changes.len(), r.sampled_pages), ("forced", 1, 0));
+        assert_eq!(r.last_decision, None);
         assert!(r.changes[0].reason.starts_with("forced (--compressor "), "{}", r.changes[0].reason);
     }
 }

@@ -27,6 +27,7 @@ fn assert_chose_zstd(m: &Migration) {
     assert!(zstd["wire_bytes"].as_u64().unwrap() > 0, "{zstd:#}");
     assert!(c["chosen"].as_str().unwrap().starts_with("zstd"), "{c:#}");
     assert!(c["sampled_pages"].as_u64().unwrap() >= 8, "{c:#}");
+    assert!(c["last_decision"].as_str().is_some_and(|d| d.contains("MB/s")), "the last verdict and its numbers: {c:#}");
     // Both sides know how the whole pages travelled.
     let zstd_pages = s["whole_pages"]["zstd"].as_u64().unwrap();
     assert!(zstd_pages > 1000, "{:#}", s["whole_pages"]);
