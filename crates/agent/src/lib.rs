@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod arrival;
+pub mod autocomp;
 pub mod error;
 pub mod holdings;
 pub mod link;

@@ -298,6 +298,12 @@ impl Links {
         self.conns.iter().flat_map(Writer::recycled)
     }
 
+    /// Every connection's queue is at least half full: the link (or the connections' TLS
+    /// threads), not the encoder, holds the pages back.
+    pub fn backlogged(&self) -> bool {
+        self.conns.iter().all(|w| w.tx.as_ref().is_some_and(|tx| tx.capacity().is_some_and(|c| tx.len() * 2 >= c)))
+    }
+
     /// Bytes written so far on all connections.
     pub fn total_bytes(&self) -> u64 {
         self.conns.iter().map(Writer::total_bytes).sum()

@@ -124,8 +124,9 @@ impl Drop for PanicGuard<'_> {
 /// the hash of exactly the bytes sent: a write racing with the copy shows up as a changed page
 /// in the next scan. Up to `threads` threads (this one included) copy, hash and prepare (see
 /// the module).
-/// After every batch handed to the connections, `after_batch(pages sent so far, links)` runs
-/// (progress, cancellation); its error stops the sending. Returns the pages sent.
+/// After every batch handed to the connections, `after_batch(pages sent so far, links,
+/// encoder)` runs (progress, cancellation, the compressor chosen by the link); its error stops
+/// the sending. Returns the pages sent.
 ///
 /// The list is one pass the destination may apply in any order (several connections, several
 /// decoding threads: [`Encoder::begin_pass`]).
@@ -136,7 +137,7 @@ pub fn send_pages(
     encoder: &mut Encoder,
     links: &mut Links,
     threads: usize,
-    after_batch: impl FnMut(u64, &Links) -> Result<(), AgentError>,
+    after_batch: impl FnMut(u64, &Links, &mut Encoder) -> Result<(), AgentError>,
 ) -> Result<u64, AgentError> {
     if list.is_empty() {
         return Ok(0);
@@ -154,7 +155,7 @@ fn send_pass(
     encoder: &mut Encoder,
     links: &mut Links,
     threads: usize,
-    mut after_batch: impl FnMut(u64, &Links) -> Result<(), AgentError>,
+    mut after_batch: impl FnMut(u64, &Links, &mut Encoder) -> Result<(), AgentError>,
 ) -> Result<u64, AgentError> {
     let threads = threads.clamp(1, MAX_THREADS).min(list.len().div_ceil(ROUND_PAGES));
     let key = ledger.key().clone();
@@ -232,7 +233,7 @@ fn send_pass(
                         enc.recycle(b);
                     }
                     links.send_pages(enc.take())?;
-                    after_batch(sent, links)?;
+                    after_batch(sent, links, &mut enc)?;
                 }
             }
         }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use livemig_compact::ClassStats;
+use livemig_compact::{ClassStats, PageClass};
 use livemig_control::{Decision, Fit, IterationStats};
 use serde::Serialize;
 
@@ -131,6 +131,12 @@ pub struct Report {
     pub pages: BTreeMap<String, u64>,
     /// Wire bytes of page records (headers included), by class.
     pub page_bytes: BTreeMap<String, u64>,
+    /// Whole pages (the `raw` class) by how they travelled: `raw` (uncompressed), `lz4`, `zstd`
+    /// (any level). Both sides know it.
+    pub whole_pages: BTreeMap<String, u64>,
+    /// The sender's compressor of whole pages: `auto` (chosen by the link) or `forced`, what was
+    /// chosen, when (iteration or chunk, wire bytes) and why (the numbers behind it).
+    pub compressor: Option<crate::autocomp::CompressorReport>,
     /// Bytes of the non-zero pages sent, as whole uncompacted pages (4096 each).
     pub uncompacted_bytes: u64,
     /// `uncompacted_bytes` / wire bytes of page records.
@@ -208,6 +214,9 @@ impl Report {
             self.page_bytes.insert(name.to_string(), c.wire_bytes);
         }
         self.uncompacted_bytes = stats.whole_page_bytes();
+        for class in [PageClass::Raw, PageClass::Lz4, PageClass::Zstd] {
+            self.whole_pages.insert(class.name().to_string(), stats.get(class).pages);
+        }
     }
 
     /// Sets `compaction_ratio` and `wire_fraction` from the counts and `wire_bytes`.
@@ -253,6 +262,11 @@ impl Report {
                 mib(self.uncompacted_bytes),
                 mib(self.wire_bytes)
             );
+        }
+        if let Some(c) = &self.compressor {
+            let changes = c.changes.len().saturating_sub(1);
+            let why = c.last_decision.as_deref().or(c.changes.last().map(|l| l.reason.as_str())).unwrap_or("");
+            let _ = writeln!(s, "compressor:   {} ({}, {changes} change(s)): {why}", c.chosen, c.mode);
         }
         if self.resent_pages > 0 {
             let _ = writeln!(s, "resent:       {} pages the destination could not resolve", self.resent_pages);

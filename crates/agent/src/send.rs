@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use std::collections::BTreeSet;
 
-use livemig_compact::{Compressor, EncodeOptions, Encoder};
+use livemig_compact::{EncodeOptions, Encoder};
 use livemig_index::snapshot::SnapshotStore;
 use livemig_control::{
     AdaptivePolicy, Decision, DowntimeController, FixedPolicy, IterationStats, Limits, OnNoConverge, Pending,
@@ -20,6 +20,7 @@ use livemig_qmp::Qmp;
 use livemig_track::Ledger;
 use livemig_wire::{FrameKind, Holdings, Message, RegionInfo, MAX_RESEND_PAGES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
+use crate::autocomp::{CompressorMode, SharedAuto};
 use crate::error::AgentError;
 use crate::qemu::QemuVersion;
 use crate::scanner::{Scanner, TrackerKind};
@@ -86,8 +87,8 @@ pub struct SendOptions {
     pub timeout: Duration,
     /// How long to retry connecting to a receiver that is not listening yet.
     pub connect_timeout: Duration,
-    /// Compressor of whole pages.
-    pub compressor: Compressor,
+    /// Compressor of whole pages: chosen by the link (auto), or forced.
+    pub compressor: CompressorMode,
     /// Raw disk images both hosts hold (the guest's disks): pages equal to one of their blocks
     /// go as references.
     pub disk_images: Vec<PathBuf>,
@@ -148,7 +149,7 @@ impl SendOptions {
             bandwidth: None,
             timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
-            compressor: Compressor::Lz4,
+            compressor: CompressorMode::Auto,
             connections: None,
             disk_images: Vec::new(),
             index_cache: holdings::default_index_cache(),
@@ -421,7 +422,8 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     };
     transport::report_page_key(report, obs, &key, tls_key.is_some());
     let mut encoder =
-        Encoder::new(total, EncodeOptions { compressor: opts.compressor, ..EncodeOptions::for_ram(report.ram_bytes) }, key);
+        Encoder::new(total, EncodeOptions { compressor: opts.compressor.initial(), ..EncodeOptions::for_ram(report.ram_bytes) }, key);
+    let mut auto = SharedAuto::new(opts.compressor, threads, obs);
     report.disk_images_used = holds.disks.len();
     if let Some(d) = SenderDisks::new(indexes, &holds.disks) {
         encoder.set_disk_lookup(d);
@@ -463,7 +465,8 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
         }
         None => Vec::new(),
     };
-    let mut r = precopy_and_switchover(opts, obs, report, st, &mem, total, &inbox, &mut links, &mut encoder, &mut tracker);
+    let mut r = precopy_and_switchover(opts, obs, report, st, &mem, total, &inbox, &mut links, &mut encoder, &mut tracker, &mut auto);
+    report.compressor = Some(auto.auto.report());
     report.wire_bytes = links.total_bytes();
     report.set_class_stats(encoder.stats());
     if let Err(AgentError::Wire(_)) = &r {
@@ -518,6 +521,7 @@ fn precopy_and_switchover(
     links: &mut Links,
     encoder: &mut Encoder,
     tracker: &mut Scanner,
+    auto: &mut SharedAuto,
 ) -> Result<(), AgentError> {
     let src = MemSource(mem);
     // Pages the destination could not resolve: sent whole in the next pass.
@@ -582,7 +586,7 @@ fn precopy_and_switchover(
         }
         let throttle_level = throttler.as_ref().map_or(0.0, Throttler::level);
         let t0 = Instant::now();
-        let sent = send_pages(opts, obs, mem, &scan.dirty, &mut forced, &mut ledger, links, encoder, index)?;
+        let sent = send_pages(opts, obs, mem, &scan.dirty, &mut forced, &mut ledger, links, encoder, index, auto)?;
         links.fence(index)?;
         links.send(Out::Message(Message::IterationEnd { index, pages: sent, last: false }))?;
         let ack = links.marker(opts.timeout)?;
@@ -650,7 +654,7 @@ fn precopy_and_switchover(
     let scan_ms = ms(scan.duration);
     let pending = Pending { index, dirty_pages: scan.dirty.len() as u64, scan_ms };
     take_resends(inbox, encoder, &mut forced, total, report)?;
-    let mut sent = send_pages(opts, obs, mem, &scan.dirty, &mut forced, &mut ledger, links, encoder, index)?;
+    let mut sent = send_pages(opts, obs, mem, &scan.dirty, &mut forced, &mut ledger, links, encoder, index, auto)?;
     // The destination acknowledges the final pass once applied; pages it could not resolve come
     // before the acknowledgement and are sent whole until none is left.
     let mut end = index;
@@ -668,7 +672,7 @@ fn precopy_and_switchover(
             });
         }
         end += 1;
-        sent = send_pages(opts, obs, mem, &[], &mut forced, &mut ledger, links, encoder, end)?;
+        sent = send_pages(opts, obs, mem, &[], &mut forced, &mut ledger, links, encoder, end, auto)?;
     }
     let digest = ledger.digest();
     links.send(Out::Message(Message::Switchover { digest: digest.to_string(), pages: total }))?;
@@ -1095,14 +1099,17 @@ fn send_pages(
     links: &mut Links,
     encoder: &mut Encoder,
     iteration: u32,
+    auto: &mut SharedAuto,
 ) -> Result<u64, AgentError> {
     let whole = std::mem::take(forced);
     let mut list: Vec<(u64, bool)> = dirty.iter().filter(|p| !whole.contains(p)).map(|&p| (p, false)).collect();
     list.extend(whole.iter().map(|&p| (p, true)));
     list.sort_unstable();
     let n = list.len() as u64;
-    let sent = crate::pipeline::send_pages(mem, &list, ledger, encoder, links, opts.threads, |sent, w| {
+    auto.start_pass();
+    let sent = crate::pipeline::send_pages(mem, &list, ledger, encoder, links, opts.threads, |sent, w, enc| {
         obs.progress(Progress::Sending { iteration, sent, dirty: n, wire_bytes: w.total_bytes() });
+        auto.after_batch(mem, &list, sent, w, enc, iteration, obs)?;
         check_cancel(opts)
     })?;
     obs.progress(Progress::Sending { iteration, sent, dirty: n, wire_bytes: links.total_bytes() });

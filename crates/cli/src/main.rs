@@ -142,8 +142,10 @@ pub(crate) struct SendArgs {
     /// How long to retry connecting while the receiver is not listening yet.
     #[arg(long, default_value = "30s", value_parser = units::parse_duration_ms)]
     connect_timeout: f64,
-    /// Compressor of whole pages: lz4 (fast), zstd (smaller, about 2x the CPU) or none.
-    #[arg(long, value_enum, default_value_t = CompressorArg::Lz4)]
+    /// Compressor of whole pages: auto (chosen from the measured link rate and each
+    /// candidate's cost on the guest's pages: none, lz4 or zstd; the report says what and
+    /// why), or forced: lz4 (fast), zstd (level 1: smaller, about 2x the CPU) or none.
+    #[arg(long, value_enum, default_value_t = CompressorArg::Auto)]
     compressor: CompressorArg,
     /// Send whole pages uncompressed (same as --compressor none).
     #[arg(long)]
@@ -232,9 +234,24 @@ enum TrackerArg {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum CompressorArg {
+    Auto,
     Lz4,
     Zstd,
     None,
+}
+
+impl CompressorArg {
+    /// The mode; `--no-compress` forces none whatever `--compressor` says.
+    fn mode(self, no_compress: bool) -> livemig_agent::autocomp::CompressorMode {
+        use livemig_agent::autocomp::CompressorMode::{Auto, Forced};
+        use livemig_compact::Compressor;
+        match (no_compress, self) {
+            (true, _) | (_, CompressorArg::None) => Forced(Compressor::None),
+            (_, CompressorArg::Auto) => Auto,
+            (_, CompressorArg::Lz4) => Forced(Compressor::Lz4),
+            (_, CompressorArg::Zstd) => Forced(Compressor::Zstd(1)),
+        }
+    }
 }
 
 /// What a host holds besides the guest RAM: disk images and memory snapshots.
@@ -336,11 +353,7 @@ fn run_send(a: &SendArgs) -> anyhow::Result<u8> {
     o.bandwidth = a.bandwidth;
     o.timeout = dur(a.timeout);
     o.connect_timeout = dur(a.connect_timeout);
-    o.compressor = match (a.no_compress, a.compressor) {
-        (true, _) | (_, CompressorArg::None) => livemig_compact::Compressor::None,
-        (_, CompressorArg::Lz4) => livemig_compact::Compressor::Lz4,
-        (_, CompressorArg::Zstd) => livemig_compact::Compressor::Zstd,
-    };
+    o.compressor = a.compressor.mode(a.no_compress);
     if let Some(t) = a.threads {
         o.threads = usize::from(t);
     }

@@ -65,8 +65,10 @@ pub(crate) struct TunnelSendArgs {
     /// Longest wait for the source QEMU to connect.
     #[arg(long, default_value = "10m", value_parser = units::parse_duration_ms)]
     accept_timeout: f64,
-    /// Compressor of whole pages: lz4 (fast), zstd (smaller, about 2x the CPU) or none.
-    #[arg(long, value_enum, default_value_t = CompressorArg::Lz4)]
+    /// Compressor of whole pages: auto (chosen from the measured link rate and each
+    /// candidate's cost on the guest's pages: none, lz4 or zstd; the report says what and
+    /// why), or forced: lz4 (fast), zstd (level 1: smaller, about 2x the CPU) or none.
+    #[arg(long, value_enum, default_value_t = CompressorArg::Auto)]
     compressor: CompressorArg,
     /// Send whole pages uncompressed (same as --compressor none).
     #[arg(long)]
@@ -121,11 +123,7 @@ fn run_send(a: &TunnelSendArgs) -> anyhow::Result<u8> {
     o.timeout = dur(a.timeout);
     o.connect_timeout = dur(a.connect_timeout);
     o.accept_timeout = dur(a.accept_timeout);
-    o.compressor = match (a.no_compress, a.compressor) {
-        (true, _) | (_, CompressorArg::None) => livemig_compact::Compressor::None,
-        (_, CompressorArg::Lz4) => livemig_compact::Compressor::Lz4,
-        (_, CompressorArg::Zstd) => livemig_compact::Compressor::Zstd,
-    };
+    o.compressor = a.compressor.mode(a.no_compress);
     if let Some(t) = a.threads {
         o.threads = usize::from(t);
     }

@@ -177,7 +177,7 @@ fn bench_classes(c: &mut Criterion) {
     let cases: [(&str, Kind, Compressor); 8] = [
         ("zero", Kind::Zero, Compressor::Lz4),
         ("text_lz4", Kind::Text, Compressor::Lz4),
-        ("text_zstd1", Kind::Text, Compressor::Zstd),
+        ("text_zstd1", Kind::Text, Compressor::Zstd(1)),
         ("text_none", Kind::Text, Compressor::None),
         ("random_lz4", Kind::Random, Compressor::Lz4),
         ("dup", Kind::Dup, Compressor::Lz4),
@@ -190,7 +190,7 @@ fn bench_classes(c: &mut Criterion) {
         let want = match (kind, compressor) {
             (Kind::Zero, _) => PageClass::Zero,
             (Kind::Text, Compressor::Lz4) => PageClass::Lz4,
-            (Kind::Text, Compressor::Zstd) => PageClass::Zstd,
+            (Kind::Text, Compressor::Zstd(1)) => PageClass::Zstd,
             (Kind::Text | Kind::Random, _) => PageClass::Raw,
             (Kind::Dup, _) => PageClass::Dup,
             (Kind::Delta, _) => PageClass::Delta,
@@ -232,7 +232,7 @@ fn bench_mix(c: &mut Criterion) {
     let w = mix();
     let mut g = c.benchmark_group("encode_mix");
     g.throughput(Throughput::Elements(w.second.len() as u64));
-    for (name, compressor) in [("lz4", Compressor::Lz4), ("zstd1", Compressor::Zstd)] {
+    for (name, compressor) in [("lz4", Compressor::Lz4), ("zstd1", Compressor::Zstd(1))] {
         let opts = EncodeOptions { compressor, ..EncodeOptions::default() };
         let mut e = encoder(&w, opts);
         let before = *e.stats();

@@ -142,7 +142,7 @@ pub enum PageClass {
     Raw = 2,
     /// LZ4 block compressed page.
     Lz4 = 3,
-    /// zstd (level 1) compressed page.
+    /// zstd compressed page (any level).
     Zstd = 4,
     /// Equal to the destination's current content of another (or the same) page.
     Dup = 5,

@@ -215,7 +215,7 @@ fn delta_runs_roundtrip() {
 
 #[test]
 fn every_class_roundtrips() {
-    for compressor in [Compressor::Lz4, Compressor::Zstd, Compressor::None] {
+    for compressor in [Compressor::Lz4, Compressor::Zstd(1), Compressor::None] {
         let (mut e, mut d) = setup(32, EncodeOptions { compressor, ..EncodeOptions::default() });
         let text = page_from(3, true);
         let random = page_from(5, false);
@@ -227,7 +227,7 @@ fn every_class_roundtrips() {
                 text,
                 match compressor {
                     Compressor::Lz4 => PageClass::Lz4,
-                    Compressor::Zstd => PageClass::Zstd,
+                    Compressor::Zstd(_) => PageClass::Zstd,
                     Compressor::None => PageClass::Raw,
                 },
             ),
@@ -441,7 +441,7 @@ fn malformed_batches_are_errors() {
 
 #[test]
 fn corrupt_compressed_and_delta_are_errors() {
-    for compressor in [Compressor::Lz4, Compressor::Zstd] {
+    for compressor in [Compressor::Lz4, Compressor::Zstd(1)] {
         let mut e = Encoder::new(10, EncodeOptions { compressor, ..EncodeOptions::default() }, key());
         e.push(1, &page_from(3, true));
         let mut batch = e.take();
@@ -518,7 +518,7 @@ fn apply(op: &Op, src: &mut [Page]) -> (u64, bool) {
 }
 
 fn compressor_of(i: u8) -> Compressor {
-    [Compressor::Lz4, Compressor::Zstd, Compressor::None][usize::from(i % 3)]
+    [Compressor::Lz4, Compressor::Zstd(1), Compressor::None][usize::from(i % 3)]
 }
 
 proptest! {
@@ -677,15 +677,19 @@ fn recycled_buffers_and_compressor_switch() {
     assert_eq!(e.push(0, &text).0, PageClass::Lz4);
     e.set_compressor(Compressor::None);
     assert_eq!(e.push(1, &mutate(&text, 1, 300)).0, PageClass::Raw);
-    e.set_compressor(Compressor::Zstd);
+    e.set_compressor(Compressor::Zstd(1));
     assert_eq!(e.push(2, &mutate(&text, 2, 300)).0, PageClass::Zstd);
+    // Another level on the same context: the decoder does not need to know it.
+    e.set_compressor(Compressor::Zstd(9));
+    assert_eq!(e.push(3, &mutate(&text, 3, 300)).0, PageClass::Zstd);
+    e.set_compressor(Compressor::Zstd(1));
     let mut batches = 0;
     let unique = |i: u64| {
         let mut p = page_from(u8::try_from(i % 251).unwrap(), false);
         p[..8].copy_from_slice(&i.to_le_bytes());
         p
     };
-    for i in 3..600u64 {
+    for i in 4..600u64 {
         e.push(i, &unique(i));
         if e.is_full() {
             let b = e.take();
@@ -698,7 +702,27 @@ fn recycled_buffers_and_compressor_switch() {
     let b = e.take();
     assert!(decode_batch(&b, 600, &key(), &mut d).unwrap().misses.is_empty());
     assert_eq!(d.ram[2], mutate(&text, 2, 300));
+    assert_eq!(d.ram[3], mutate(&text, 3, 300));
     assert_eq!(d.ram[599], unique(599));
+}
+
+/// `Scratch::compress_page` says what the encoder would send: the same class and data length.
+#[test]
+fn compress_page_measures_what_the_encoder_sends() {
+    let mut scratch = Scratch::default();
+    let text = page_from(5, true);
+    let noise = page_from(6, false);
+    for c in [Compressor::None, Compressor::Lz4, Compressor::Zstd(1), Compressor::Zstd(3), Compressor::Zstd(1)] {
+        for (i, page) in [text, noise].iter().enumerate() {
+            let mut e = Encoder::new(4, EncodeOptions { compressor: c, ..EncodeOptions::default() }, key());
+            let (class, record) = e.push_whole(u64::try_from(i).unwrap(), page);
+            assert_eq!(scratch.compress_page(c, page), (class, record - RECORD_HEADER), "{c:?} page {i}");
+        }
+    }
+    assert_eq!(scratch.compress_page(Compressor::None, &text), (PageClass::Raw, PAGE_SIZE));
+    assert_eq!(scratch.compress_page(Compressor::Lz4, &noise), (PageClass::Raw, PAGE_SIZE), "noise does not compress");
+    let (class, n) = scratch.compress_page(Compressor::Zstd(1), &text);
+    assert!(class == PageClass::Zstd && n < PAGE_SIZE / 2, "text compresses: {n}");
 }
 
 #[test]

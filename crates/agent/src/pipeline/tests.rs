@@ -113,7 +113,7 @@ fn round_trip(pages: u64, threads: usize, (conns, rx_threads): (usize, usize), c
             for &(p, _) in list {
                 src.write_page(p, &content(p, v)).unwrap();
             }
-            let sent = send_pages(&src, list, &mut ledger, &mut encoder, &mut links, threads, |_, _| Ok(())).unwrap();
+            let sent = send_pages(&src, list, &mut ledger, &mut encoder, &mut links, threads, |_, _, _| Ok(())).unwrap();
             assert_eq!(sent, list.len() as u64);
             // As the sender: the next pass only after the destination applied this one.
             links.fence(index).unwrap();
@@ -154,7 +154,7 @@ proptest! {
         conns in 1usize..=4,
         threads in 1usize..6,
         rx_threads in 1usize..4,
-        comp in prop_oneof![Just(Compressor::None), Just(Compressor::Lz4), Just(Compressor::Zstd)],
+        comp in prop_oneof![Just(Compressor::None), Just(Compressor::Lz4), Just(Compressor::Zstd(1))],
         steps in proptest::collection::vec((1u64..6, 0u64..5), 1..4),
     ) {
         let pages = 700;

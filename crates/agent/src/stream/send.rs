@@ -313,7 +313,8 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     let stats = Arc::new(Mutex::new(RelayStats::default()));
     report.threads = Some(opts.threads.clamp(1, crate::pipeline::MAX_THREADS));
     let cfg = SourceConfig {
-        encode: EncodeOptions { compressor: opts.compressor, ..EncodeOptions::default() },
+        encode: EncodeOptions { compressor: opts.compressor.initial(), ..EncodeOptions::default() },
+        compressor: opts.compressor,
         disks,
         key,
         snapshot,
@@ -330,6 +331,7 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     let r = steer(opts, obs, report, st, &inbound, &mut writer, &window, &stats, &gate, throttle);
     let s = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
     report.set_class_stats(&s.classes);
+    report.compressor = s.compressor.clone();
     report.ram_bytes = s.ram_bytes;
     // What follows the RAM in QEMU's stream: the device state (with EOF and the vmdesc).
     report.device_state_bytes = s.checkpoint_bytes.filter(|_| s.ram_done).map_or(0, |c| s.raw_bytes.saturating_sub(c));
@@ -483,6 +485,7 @@ fn steer(
     let mut throttle_max = 0.0f64;
     let mut predicted = None;
     let stats_of = || stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut compressor_shown = 0;
     loop {
         if opts.cancel.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(AgentError::Cancelled);
@@ -542,6 +545,7 @@ fn steer(
             throttle_max = throttle_max.max(t / 100.0);
         }
         let s = stats_of();
+        crate::autocomp::announce(s.compressor.as_ref(), &mut compressor_shown, obs);
         if s.completion_started.is_some() || source_done {
             if released_at.is_some_and(|t| t.elapsed() > opts.timeout) {
                 return Err(AgentError::Timeout { what: "the source QEMU to complete its switchover".into(), secs: opts.timeout.as_secs_f64() });

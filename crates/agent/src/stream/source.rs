@@ -36,6 +36,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::chunk::ChunkBuilder;
 use super::keep::KeepFeed;
+use crate::autocomp::StreamAuto;
 use crate::error::AgentError;
 use crate::link::Out;
 
@@ -140,6 +141,11 @@ impl Window {
         Ok(())
     }
 
+    /// Raw bytes unacknowledged, and the window's limit.
+    pub fn fill(&self) -> (u64, u64) {
+        (self.lock().raw, self.limit)
+    }
+
     /// Raw bytes the receiver acknowledged in total.
     pub fn acked_bytes(&self) -> u64 {
         self.lock().acked_raw
@@ -196,13 +202,18 @@ pub struct RelayStats {
     /// Chunks whose pages were encoded on several threads (the others had too few pages to
     /// split, or one thread was asked for).
     pub parallel_chunks: u64,
+    /// The compressor of whole pages: what was chosen, when and why.
+    pub compressor: Option<crate::autocomp::CompressorReport>,
 }
 
 /// The configuration of the source relay.
 #[derive(Clone)]
 pub struct SourceConfig {
-    /// Encoder options (compressor, delta cache); `refs_need_cache` is forced on.
+    /// Encoder options (delta cache); `refs_need_cache` is forced on, the compressor is
+    /// `compressor`'s.
     pub encode: EncodeOptions,
+    /// The compressor of whole pages: chosen by the link, or forced.
+    pub compressor: crate::autocomp::CompressorMode,
     /// Disk images both hosts hold.
     pub disks: Option<Arc<dyn DiskLookup>>,
     /// The migration's page key: the records' fingerprints and the stream digest.
@@ -238,7 +249,11 @@ pub fn relay_source(
     cfg: SourceConfig,
 ) -> Result<u64, AgentError> {
     let pool = Pool::start(cfg.threads)?;
+    // The policy's CPU term: the relay encodes on this many threads.
+    let mut auto = StreamAuto::new(cfg.compressor, cfg.threads.clamp(1, crate::pipeline::MAX_THREADS));
+    stats.lock().unwrap_or_else(|e| e.into_inner()).compressor = Some(auto.auto.report());
     let mut st = State {
+        auto,
         parser: Parser::new(),
         enc: None,
         bases: HashMap::new(),
@@ -325,12 +340,14 @@ pub fn relay_source(
         let classes = *read(enc).stats();
         st.stats().classes = classes;
     }
+    st.stats().compressor = Some(st.auto.auto.report());
     st.stats().ended = true;
     st.send(Out::Message(Message::StreamEnd { bytes: total }))?;
     Ok(total)
 }
 
 struct State {
+    auto: StreamAuto,
     parser: Parser,
     enc: Option<Arc<RwLock<Encoder>>>,
     bases: HashMap<BlockName, (u64, u64)>,
@@ -400,6 +417,16 @@ impl State {
         let chunk = self.encode_chunk()?;
         let raw = chunk.raw_bytes();
         self.window.wait_room(raw);
+        if let Some(enc) = self.enc.as_mut() {
+            let pages = self.pages.iter().map(|(_, p)| &**p);
+            let queue = (self.out.len(), self.out.capacity());
+            // No batch is with the pool here (the chunk in flight was taken back, the next one
+            // is queued after this): the write lock is free.
+            let mut enc = enc.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(r) = self.auto.after_chunk(pages, (raw, chunk.len() as u64), &self.window, queue, self.seq, &mut enc) {
+                self.stats.lock().unwrap_or_else(|e| e.into_inner()).compressor = Some(r);
+            }
+        }
         self.window.insert(self.seq, raw, std::mem::take(&mut self.pages));
         self.seq += 1;
         if let Some(enc) = &self.enc {
@@ -462,7 +489,8 @@ impl State {
         let (bases, total) = super::keep::numbering(&self.parser);
         self.bases = bases;
         let blocks: Vec<(String, u64)> = self.parser.blocks().iter().map(|b| (b.name.to_string_lossy(), b.used_length)).collect();
-        let mut enc = Encoder::new(total, EncodeOptions { refs_need_cache: true, ..self.cfg.encode }, self.cfg.key.clone());
+        let compressor = self.auto.auto.current();
+        let mut enc = Encoder::new(total, EncodeOptions { refs_need_cache: true, compressor, ..self.cfg.encode }, self.cfg.key.clone());
         if let Some(d) = &self.cfg.disks {
             enc.set_disk_lookup(Arc::clone(d));
         }
@@ -758,7 +786,8 @@ mod tests {
         let (out, rx) = crossbeam_channel::unbounded();
         let window = Arc::new(Window::new(u64::MAX / 2));
         let stats = Arc::new(Mutex::new(RelayStats::default()));
-        let cfg = SourceConfig { encode: EncodeOptions::default(), disks: None, key: key.clone(), snapshot: None, keep: None, threads };
+        let compressor = crate::autocomp::CompressorMode::Forced(EncodeOptions::default().compressor);
+        let cfg = SourceConfig { encode: EncodeOptions::default(), compressor, disks: None, key: key.clone(), snapshot: None, keep: None, threads };
         let n = relay_source(qemu, out, Arc::clone(&window), Arc::clone(&stats), cfg).unwrap_or_else(|e| panic!("{}", e.chain()));
         writer.join().unwrap();
         assert_eq!(n, data.len() as u64);
@@ -836,7 +865,8 @@ mod tests {
         let (out, rx) = crossbeam_channel::unbounded();
         let window = Arc::new(Window::new(u64::MAX / 2));
         let stats = Arc::new(Mutex::new(RelayStats::default()));
-        let cfg = SourceConfig { encode: EncodeOptions::default(), disks: None, key: key.clone(), snapshot: None, keep: None, threads: 2 };
+        let compressor = crate::autocomp::CompressorMode::Forced(EncodeOptions::default().compressor);
+        let cfg = SourceConfig { encode: EncodeOptions::default(), compressor, disks: None, key: key.clone(), snapshot: None, keep: None, threads: 2 };
         let relay = {
             let window = Arc::clone(&window);
             std::thread::spawn(move || relay_source(qemu, out, window, stats, cfg))

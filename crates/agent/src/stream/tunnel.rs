@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use livemig_compact::{Compressor, EncodeOptions};
+use livemig_compact::EncodeOptions;
 use livemig_stream::{ReturnPathParser, RpEvent, RpKind};
 use livemig_wire::{
     Frame, FrameKind, Message, WireError, ENGINE_SHARED, ENGINE_STREAM, ENGINE_TUNNEL, MIN_PROTOCOL_VERSION,
@@ -91,7 +91,7 @@ pub struct TunnelSendOptions {
     /// Longest wait for the source QEMU to connect.
     pub accept_timeout: Duration,
     /// Compressor of whole pages.
-    pub compressor: Compressor,
+    pub compressor: crate::autocomp::CompressorMode,
     /// Most threads that encode page records (at least 1, at most
     /// [`crate::pipeline::MAX_THREADS`]; default: every core), as `SendOptions::threads`.
     pub threads: usize,
@@ -117,7 +117,7 @@ impl TunnelSendOptions {
             timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
             accept_timeout: Duration::from_secs(600),
-            compressor: Compressor::Lz4,
+            compressor: crate::autocomp::CompressorMode::Auto,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             disk_images: Vec::new(),
             index_cache: holdings::default_index_cache(),
@@ -433,7 +433,15 @@ fn relay(
         .map_err(|source| AgentError::Network { what: "cannot start the dispatch thread".into(), source })?;
     let stats = Arc::new(Mutex::new(RelayStats::default()));
     report.threads = Some(opts.threads.clamp(1, crate::pipeline::MAX_THREADS));
-    let cfg = SourceConfig { encode: EncodeOptions { compressor: opts.compressor, ..EncodeOptions::default() }, disks, key, snapshot: None, keep: None, threads: opts.threads };
+    let cfg = SourceConfig {
+        encode: EncodeOptions { compressor: opts.compressor.initial(), ..EncodeOptions::default() },
+        compressor: opts.compressor,
+        disks,
+        key,
+        snapshot: None,
+        keep: None,
+        threads: opts.threads,
+    };
     let closer = qemu.try_clone().map_err(|source| AgentError::Network { what: "cannot configure QEMU's migration socket".into(), source })?;
     let (done_tx, done) = crossbeam_channel::bounded(1);
     let relay = {
@@ -448,6 +456,7 @@ fn relay(
     let r = watch(opts, obs, report, sock, &inbound, &mut writer, &window, &stats, &done);
     let s = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
     report.set_class_stats(&s.classes);
+    report.compressor = s.compressor.clone();
     report.ram_bytes = s.ram_bytes;
     report.device_state_bytes = s.checkpoint_bytes.filter(|_| s.ram_done).map_or(0, |c| s.raw_bytes.saturating_sub(c));
     report.stream = Some(StreamReport {
@@ -520,6 +529,7 @@ fn watch(
         Some(Instant::now())
     }
     let stats_of = || stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut compressor_shown = 0;
     let mut verified = false;
     let mut loaded = false;
     let mut ended: Option<Instant> = None;
@@ -581,6 +591,7 @@ fn watch(
         }
         sock.second_connection()?;
         let s = stats_of();
+        crate::autocomp::announce(s.compressor.as_ref(), &mut compressor_shown, obs);
         if !said_completion && s.completion_started.is_some() {
             said_completion = true;
             obs.progress(Progress::Phase("the source QEMU began its completion (its guest is stopped): its last pages and the device state follow"));

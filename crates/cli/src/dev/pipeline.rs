@@ -22,7 +22,9 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
 use crossbeam_channel::Sender;
 use livemig_agent::apply::{DataConnections, Pool, Target};
+use livemig_agent::autocomp::{CompressorMode, CompressorReport, SharedAuto};
 use livemig_agent::link::{self, Links, Out, Writer};
+use livemig_agent::Quiet;
 use livemig_compact::{Compressor, EncodeOptions, Encoder, PageClass, PageKey, PAGE_SIZE};
 use livemig_memory::{GuestMemory, PageBuf};
 use livemig_tls::{Auth, TlsSetup, CA_FILE};
@@ -46,6 +48,10 @@ pub struct Args {
     /// Compressors to measure, one run each.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Comp::None, Comp::Lz4, Comp::Zstd])]
     pub(crate) compressor: Vec<Comp>,
+    /// Cap of the sender's writers, Mbit/s, shared out among the connections (as `send
+    /// --bandwidth`; default: none).
+    #[arg(long)]
+    bandwidth_mbit: Option<u64>,
     /// Encoder threads (default: the available cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -85,6 +91,8 @@ pub(crate) enum Comp {
     None,
     Lz4,
     Zstd,
+    /// Chosen by the link, as `send --compressor auto`.
+    Auto,
 }
 
 impl Comp {
@@ -92,7 +100,14 @@ impl Comp {
         match self {
             Comp::None => Compressor::None,
             Comp::Lz4 => Compressor::Lz4,
-            Comp::Zstd => Compressor::Zstd,
+            Comp::Zstd => Compressor::Zstd(1),
+            Comp::Auto => CompressorMode::Auto.initial(),
+        }
+    }
+    pub(crate) fn mode(self) -> CompressorMode {
+        match self {
+            Comp::Auto => CompressorMode::Auto,
+            c => CompressorMode::Forced(c.compressor()),
         }
     }
     pub(crate) fn name(self) -> &'static str {
@@ -100,6 +115,7 @@ impl Comp {
             Comp::None => "none",
             Comp::Lz4 => "lz4",
             Comp::Zstd => "zstd",
+            Comp::Auto => "auto",
         }
     }
 }
@@ -152,6 +168,8 @@ struct RunResult {
     verified: bool,
     /// GB/s (both passes) of every run of this compressor (`--repeat`), ascending.
     tries_gb_per_s: Vec<f64>,
+    /// What the compressor choice did (as `send`'s report).
+    compressor_choice: CompressorReport,
 }
 
 #[derive(Debug, Serialize)]
@@ -355,11 +373,12 @@ fn run_one(a: &Args, (comp, connections): (Comp, u32), (threads, rx_threads): (u
 
     // Each connection its own TLS session; the first one's key is the migration's.
     let (w, _, r, key) = connect(a.transport, tls)?;
-    let mut links = Links::new(Writer::spawn(w, None));
+    let rate = a.bandwidth_mbit.map(|m| (m * 1_000_000 / 8 / u64::from(connections)).max(1));
+    let mut links = Links::new(Writer::spawn(w, rate));
     let mut data = Vec::new();
     for index in 1..connections {
         let (w, socket, r, _) = connect(a.transport, tls)?;
-        links.add(Writer::spawn(w, None));
+        links.add(Writer::spawn(w, rate));
         data.push((index, socket, r));
     }
     let (ends_tx, ends_rx) = crossbeam_channel::unbounded();
@@ -371,6 +390,7 @@ fn run_one(a: &Args, (comp, connections): (Comp, u32), (threads, rx_threads): (u
         .name("bench-receive".into())
         .spawn(move || receive(r, data, (&rx_mem, &rx_key, rx_threads), (&ends_tx, &measured_rx)))?;
 
+    let mut auto = SharedAuto::new(comp.mode(), threads, &mut Quiet);
     let mut ledger = Ledger::zeroed(total, key.clone());
     let opts = EncodeOptions { compressor: comp.compressor(), ..EncodeOptions::for_ram(bytes) };
     let mut encoder = Encoder::new(total, opts, key.clone());
@@ -392,7 +412,10 @@ fn run_one(a: &Args, (comp, connections): (Comp, u32), (threads, rx_threads): (u
             dirty.into_iter().map(|p| (p, false)).collect()
         };
         let (c0, r0, t0, w0) = (cpu_seconds()?, receiver_cpu_seconds()?, Instant::now(), links.total_bytes());
-        let sent = livemig_agent::pipeline::send_pages(&src, &list, &mut ledger, &mut encoder, &mut links, threads, |_, _| Ok(()))?;
+        auto.start_pass();
+        let sent = livemig_agent::pipeline::send_pages(&src, &list, &mut ledger, &mut encoder, &mut links, threads, |sent, w, enc| {
+            auto.after_batch(&src, &list, sent, w, enc, pass, &mut Quiet)
+        })?;
         links.fence(pass)?;
         links.send(Out::Message(Message::IterationEnd { index: pass, pages: sent, last: pass == 2 }))?;
         let (index, at) = ends_rx.recv_timeout(Duration::from_secs(600)).context("the receiver did not finish the pass")?;
@@ -439,6 +462,7 @@ fn run_one(a: &Args, (comp, connections): (Comp, u32), (threads, rx_threads): (u
         scan_gb_per_cpu_s: scan.1,
         verified: true,
         tries_gb_per_s: Vec::new(),
+        compressor_choice: auto.auto.report(),
     })
 }
 
@@ -514,6 +538,24 @@ pub fn run(a: &Args) -> Result<()> {
         }
         let classes: Vec<String> = r.classes.iter().map(|(n, c)| format!("{n} {c}")).collect();
         writeln!(stdout, "|   | | classes: {} | | | | | | | |", classes.join(", "))?;
+        let c = &r.compressor_choice;
+        let changes: Vec<String> = c
+            .changes
+            .iter()
+            .map(|ch| match (&ch.from, ch.iteration) {
+                (Some(f), Some(i)) => format!("{f} -> {} in pass {i} at {:.1} MB", ch.to, ch.wire_bytes as f64 / 1e6),
+                _ => format!("{} first", ch.to),
+            })
+            .collect();
+        writeln!(
+            stdout,
+            "|   | compressor {} ({}): {}; {} pages sampled in {:.1} ms | | | | | | | |",
+            c.chosen,
+            c.mode,
+            changes.join(", "),
+            c.sampled_pages,
+            c.sampling_ms
+        )?;
     }
     Ok(())
 }

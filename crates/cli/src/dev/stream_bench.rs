@@ -327,7 +327,7 @@ fn run_one(s: &Synthetic, comp: Comp, threads: usize, transport: &Transport) -> 
     let mut so = TunnelSendOptions::new(src.clone(), addr.to_string());
     so.transport = transport.clone();
     so.server_name = Some("localhost".into());
-    so.compressor = comp.compressor();
+    so.compressor = comp.mode();
     so.threads = threads;
     so.timeout = T;
     so.connect_timeout = T;

@@ -72,7 +72,7 @@ pub(crate) fn pages(r: &Value, class: &str) -> u64 {
 /// reads it (the source stays paused in `postmigrate` with its memory as at the switchover).
 /// The digests are keyed with the migration's page key: on the plain link these tests use, both
 /// reports carry it (the same), so the test can hash with it.
-fn assert_byte_exact(src_qmp: &Path, m: &Migration) {
+pub(crate) fn assert_byte_exact(src_qmp: &Path, m: &Migration) {
     let key = m.recv_report["page_key_hex"].as_str().expect("a plain-link migration reports its page key");
     assert_eq!(m.send_report["page_key_hex"].as_str(), Some(key), "both sides used the same key");
     let ours = harness::memory_digest(src_qmp, key);

@@ -2,6 +2,7 @@
 //! They need the test guest (`livemig-dev guest build`, done by `.ci/run`) and run one at a time
 //! (a pair of TCG guests takes both cores).
 
+mod autocomp;
 mod commit;
 mod compaction;
 mod disks;

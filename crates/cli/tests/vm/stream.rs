@@ -61,10 +61,10 @@ fn private_ram_guest_migrates_through_the_stream_engine() {
 /// destination loaded and waiting for livemig's `commit`): what [`Action::Before`] at the commit
 /// records. Each VM through its second QMP monitor (livemig holds the first).
 #[derive(Debug)]
-struct PausedRams {
+pub(crate) struct PausedRams {
     source_status: String,
     destination_status: String,
-    diff: livemig_lab::ram::RamDiff,
+    pub(crate) diff: livemig_lab::ram::RamDiff,
 }
 
 fn read_both_rams(src: (&std::path::Path, u32), dst: (&std::path::Path, u32)) -> PausedRams {
@@ -86,7 +86,7 @@ fn read_both_rams(src: (&std::path::Path, u32), dst: (&std::path::Path, u32)) ->
 /// reads both RAMs from outside (`/proc/PID/mem`): every page equal. The migration then completes.
 /// A stream-engine migration from `src` to `dst` through a proxy that, at the sender's commit
 /// (both VMs paused), reads both RAMs: completed, and every page equal.
-fn compared_at_commit(src: &Vm, dst: &Vm, dir: &std::path::Path, tag: &str, send_args: &[&str], recv_args: &[&str]) -> (Migration, PausedRams) {
+pub(crate) fn compared_at_commit(src: &Vm, dst: &Vm, dir: &std::path::Path, tag: &str, send_args: &[&str], recv_args: &[&str]) -> (Migration, PausedRams) {
     let seen: Arc<Mutex<Option<PausedRams>>> = Arc::new(Mutex::new(None));
     let proxy = {
         let seen = Arc::clone(&seen);

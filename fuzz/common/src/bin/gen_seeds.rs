@@ -86,7 +86,7 @@ impl SnapshotLookup for Snap {
 /// Page batches as the sender makes them against the fake destination's disk and snapshot.
 fn batches() -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
-    for (name, compressor) in [("lz4", Compressor::Lz4), ("zstd", Compressor::Zstd), ("raw", Compressor::None)] {
+    for (name, compressor) in [("lz4", Compressor::Lz4), ("zstd", Compressor::Zstd(1)), ("raw", Compressor::None)] {
         let mut enc =
             Encoder::new(common::RAM_PAGES, EncodeOptions::for_ram(common::RAM_PAGES * PAGE_SIZE as u64), common::page_key().clone());
         enc.set_compressor(compressor);
