@@ -122,17 +122,18 @@ pub struct SendOptions {
     pub cancel: Arc<AtomicBool>,
 }
 
-/// Default of [`SendOptions::connections`] on this host: a quarter of its cores, 1 to 4.
+/// Default of [`SendOptions::connections`] on this host: a quarter of its cores, at least 2,
+/// at most 4.
 ///
-/// From `livemig-dev pipeline` on this project's 2-core machine (BENCHMARKS.md, "Several
-/// connections"): each connection costs about 0.8 CPU seconds per GB on its reading end (TLS
-/// decryption, the frame reader) and 0.6 on its writing end, each on one thread, so one
-/// connection carries at most about 1.25 GB/s (10 Gbit/s) however many cores decode; and more
-/// connections than the cores can run gained nothing (1, 2 and 4 connections moved 0.74, 0.80
-/// and 0.77 GB/s on 2 cores). A quarter of the cores leaves the rest to encoding and decoding.
+/// Measured on this project's 2-core machine (BENCHMARKS.md, "Several connections"): a 4 GiB
+/// guest with 2.9 GiB written (`livemig-dev bench --scenario large --link unshaped`) took 7.18 s
+/// over one connection and 5.85 and 6.62 s over two (the TLS of each connection on threads of
+/// its own, both ends on the same cores); each connection costs about 0.8 CPU seconds per GB on
+/// its reading end, on one thread, so one carries at most about 1.25 GB/s (10 Gbit/s) however
+/// many cores decode. A quarter of the cores leaves the rest to encoding and decoding.
 pub fn default_connections() -> u32 {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    u32::try_from(cores / 4).unwrap_or(4).clamp(1, 4)
+    u32::try_from(cores / 4).unwrap_or(4).clamp(2, 4)
 }
 
 impl SendOptions {

@@ -168,7 +168,7 @@ pub(crate) struct SendArgs {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: Option<u16>,
     /// Connections the shared engine's pages go over (1-16; default: a quarter of this host's
-    /// cores, 1 to 4), each its own TLS session with its own encryption thread; the receiver
+    /// cores, 2 to 4), each its own TLS session with its own encryption thread; the receiver
     /// decodes from all of them at once. One carries at most about 10 Gbit/s (measured: its TLS
     /// reading end takes a core for that). More than one needs a receiver of protocol 6 (an
     /// older one gets one, said in the report); the stream engine uses one (said too).
@@ -450,7 +450,7 @@ mod tests {
         assert_eq!(send_args(&["--threads", "64"]).unwrap().threads, Some(64));
         assert_eq!(send_args(&[]).unwrap().connections, None);
         assert_eq!(send_args(&["--connections", "4"]).unwrap().connections, Some(4));
-        assert!((1..=4).contains(&livemig_agent::send::default_connections()));
+        assert!((2..=4).contains(&livemig_agent::send::default_connections()));
         for bad in ["0", "17", "-1", "x"] {
             assert!(send_args(&["--connections", bad]).is_err(), "--connections {bad} accepted");
         }
