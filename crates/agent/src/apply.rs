@@ -119,6 +119,9 @@ impl<'a, 'w> Target<'a, 'w> {
     }
 }
 
+/// A `dup` record left for the end of its pass: (page, source, fingerprint, record length).
+type Dup = (u64, u64, u128, usize);
+
 /// What the threads did so far.
 #[derive(Debug, Default)]
 struct Progress {
@@ -126,6 +129,9 @@ struct Progress {
     applied: u64,
     /// Pages whose reference or delta did not resolve, since the last [`Feeder::wait_idle`].
     misses: Vec<u64>,
+    /// `dup` records of the pass, resolved once it is applied: (page, source, fingerprint,
+    /// record length).
+    dups: Vec<Dup>,
     error: Option<AgentError>,
     stats: ClassStats,
     zeroed: Zeroed,
@@ -220,17 +226,27 @@ impl Feeder<'_> {
         self.tx.send(payload).map_err(|_| AgentError::Internal("the decoding threads ended".into()))
     }
 
-    /// Waits until every batch handed over is applied; returns the pages that did not resolve
-    /// since the last call (ascending), or the first error.
-    pub fn wait_idle(&self) -> Result<Vec<u64>, AgentError> {
+    /// Waits until every batch handed over is applied, then resolves the pass's `dup` records
+    /// (their sources are written by then); returns the pages that did not resolve since the
+    /// last call (ascending), or the first error.
+    pub fn wait_idle(&self, target: &Target<'_, '_>) -> Result<Vec<u64>, AgentError> {
+        let dups = {
+            let mut p = self.state.lock();
+            while p.applied < p.handed && p.error.is_none() {
+                p = self.state.changed.wait(p).unwrap_or_else(PoisonError::into_inner);
+            }
+            if let Some(e) = p.error.take() {
+                return Err(e);
+            }
+            std::mem::take(&mut p.dups)
+        };
+        let mut stats = ClassStats::default();
+        let mut missed = Vec::new();
+        resolve_dups(target, &dups, &mut stats, &mut missed)?;
         let mut p = self.state.lock();
-        while p.applied < p.handed && p.error.is_none() {
-            p = self.state.changed.wait(p).unwrap_or_else(PoisonError::into_inner);
-        }
-        if let Some(e) = p.error.take() {
-            return Err(e);
-        }
+        p.stats.merge(&stats);
         let mut misses = std::mem::take(&mut p.misses);
+        misses.extend(missed);
         misses.sort_unstable();
         Ok(misses)
     }
@@ -263,6 +279,7 @@ struct ThreadDest<'t, 'a, 'w> {
     zeros: &'t mut ZeroRuns,
     hashes: &'t mut Hashes<'a>,
     stats: &'t mut ClassStats,
+    dups: &'t mut Vec<Dup>,
 }
 
 impl Destination for ThreadDest<'_, '_, '_> {
@@ -280,6 +297,12 @@ impl Destination for ThreadDest<'_, '_, '_> {
 
     fn read_snapshot_page(&mut self, page: u64, out: &mut [u8; PAGE_SIZE]) -> bool {
         self.target.sources.read_snapshot_page(page, out)
+    }
+
+    fn defer_dup(&mut self, page: u64, src: u64, fp: u128, record_len: usize) -> bool {
+        // The source may be written by another batch of the pass, on another thread.
+        self.dups.push((page, src, fp, record_len));
+        true
     }
 
     fn write_page(&mut self, page: u64, class: PageClass, data: &[u8; PAGE_SIZE], record_len: usize) -> Result<(), AgentError> {
@@ -310,6 +333,34 @@ impl Drop for PanicGuard<'_> {
     }
 }
 
+/// Resolves `dup` records once their pass is applied: each source's content checked against the
+/// record's keyed fingerprint, then written (a mismatch is a miss: the page is sent whole again).
+fn resolve_dups(target: &Target<'_, '_>, dups: &[Dup], stats: &mut ClassStats, missed: &mut Vec<u64>) -> Result<(), AgentError> {
+    let mut buf = [0u8; PAGE_SIZE];
+    let mut hashes = Hashes { key: target.key, list: Vec::with_capacity(dups.len()) };
+    for &(page, src, fp, record_len) in dups {
+        if target.mem.read_page_into(src, &mut buf).is_err() || target.key.fingerprint(&buf) != fp {
+            missed.push(page);
+            continue;
+        }
+        target.mem.write_page(page, &buf)?;
+        hashes.list.push((page, PageKey::hash_of(fp)));
+        stats.add(PageClass::Dup, record_len);
+        let mut keep = target.keep.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(w) = keep.as_mut() {
+            if let Err(e) = w.write_page(page, &buf) {
+                *target.keep_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(crate::with_sources(&e));
+                *keep = None;
+            }
+        }
+    }
+    let mut ledger = target.ledger();
+    for (page, hash) in hashes.list {
+        ledger.record_hash(page, hash);
+    }
+    Ok(())
+}
+
 /// Runs of fewer pages are left to fault in as they are written.
 const POPULATE_MIN_PAGES: u64 = 4;
 
@@ -331,12 +382,13 @@ fn prefault(target: &Target<'_, '_>, payload: &[u8]) {
 fn worker(target: &Target<'_, '_>, rx: &Receiver<Vec<u8>>, state: &State) {
     let mut zeros = ZeroRuns::default();
     let mut hashes = Hashes { key: target.key, list: Vec::with_capacity(512) };
+    let mut dups = Vec::new();
     for payload in rx {
         let guard = PanicGuard(state);
         prefault(target, &payload);
         let mut stats = ClassStats::default();
         let decoded = {
-            let mut dest = ThreadDest { target, zeros: &mut zeros, hashes: &mut hashes, stats: &mut stats };
+            let mut dest = ThreadDest { target, zeros: &mut zeros, hashes: &mut hashes, stats: &mut stats, dups: &mut dups };
             decode_batch(&payload, target.total, target.key, &mut dest)
         };
         // Zero runs end with the batch: another thread may read those pages next.
@@ -356,6 +408,7 @@ fn worker(target: &Target<'_, '_>, rx: &Receiver<Vec<u8>>, state: &State) {
             }
         }
         p.stats.merge(&stats);
+        p.dups.append(&mut dups);
         let z = std::mem::take(&mut zeros.done);
         p.zeroed.punched += z.punched;
         p.zeroed.written += z.written;

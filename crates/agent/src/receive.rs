@@ -441,7 +441,7 @@ fn apply_loop(
                 Message::IterationEnd { index, pages, last } => {
                     // Every batch of the iteration, from every connection, applied.
                     data.wait_fences(index, opts.timeout)?;
-                    let misses = feeder.wait_idle()?;
+                    let misses = feeder.wait_idle(target)?;
                     let (_, zeroed) = feeder.totals();
                     report.zero_pages_punched = Some(zeroed.punched);
                     report.zero_pages_written = Some(zeroed.written);
@@ -488,7 +488,7 @@ fn apply_loop(
                     livemig_wire::write_message(writer, &Message::EndAck { index })?;
                 }
                 Message::Switchover { digest, pages } => {
-                    feeder.wait_idle()?;
+                    feeder.wait_idle(target)?;
                     let ours = if opts.verify_reread {
                         // Prove the memory itself, not the record of what was written.
                         obs.progress(Progress::Phase("re-reading the destination memory"));

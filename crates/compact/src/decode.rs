@@ -37,6 +37,15 @@ pub trait Destination {
         data: &[u8; PAGE_SIZE],
         record_len: usize,
     ) -> Result<(), Self::Error>;
+
+    /// A `dup` of page `page` from page `src` (below the page count) with keyed fingerprint
+    /// `fp`: true if the destination resolves it later (a destination that applies the batches
+    /// of a pass in any order resolves them once the pass is applied, since the source may be
+    /// written by another batch of the same pass), false to resolve it now. The default: now.
+    fn defer_dup(&mut self, page: u64, src: u64, fp: u128, record_len: usize) -> bool {
+        let _ = (page, src, fp, record_len);
+        false
+    }
 }
 
 /// Why a reference or delta was not written.
@@ -180,8 +189,12 @@ pub fn decode_batch<D: Destination>(
             }
             PageClass::Dup => {
                 let src = le_u64(data);
+                let fp = le_u128(&data[8..]);
+                if src < total_pages && dest.defer_dup(page, src, fp, record_len) {
+                    continue;
+                }
                 let ok = src < total_pages && dest.read_page(src, &mut out);
-                (Some(le_u128(&data[8..])), ok)
+                (Some(fp), ok)
             }
             PageClass::DiskRef => {
                 let r = DiskRef::from_wire(u16::from_le_bytes([data[0], data[1]]), le_u64(&data[2..]));

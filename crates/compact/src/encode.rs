@@ -349,11 +349,12 @@ impl Encoder {
     }
 
     /// Starts a pass whose records the destination may apply in any order (several connections,
-    /// several decoding threads; protocol 6): until [`Encoder::end_pass`], a page of `pages` is
-    /// never named as another page's `dup` source, since the destination may not have written
-    /// its new version yet, or may be writing it while it reads (the reference would then fail
-    /// its fingerprint check and cost a resend, never wrong data). A delta's base is the page's
-    /// own earlier version, sent in an earlier pass: unaffected.
+    /// several decoding threads; protocol 6), resolving its `dup` records once the pass is
+    /// applied ([`crate::Destination::defer_dup`]): until [`Encoder::end_pass`], a page of
+    /// `pages` not committed yet is never named as another page's `dup` source (the source must
+    /// hold, at the end of the pass, the content the record names; a page committed earlier in
+    /// the pass does, one sent later would not). A delta's base is the page's own version from
+    /// an earlier pass: unaffected.
     pub fn begin_pass(&mut self, pages: impl IntoIterator<Item = u64>) {
         let words = self.held.len().div_ceil(64);
         self.in_pass.clear();
@@ -370,6 +371,7 @@ impl Encoder {
         self.in_pass.clear();
     }
 
+    /// Page `page` is in the current pass and not committed yet.
     fn sent_in_pass(&self, page: u64) -> bool {
         usize::try_from(page / 64).ok().and_then(|i| self.in_pass.get(i)).is_some_and(|w| w & (1 << (page % 64)) != 0)
     }
@@ -537,7 +539,11 @@ impl Encoder {
         let still_valid = match p.dep {
             Dep::None => true,
             Dep::Dup { src } => self.held(src) == p.fp && (!self.opts.refs_need_cache || self.cache.get(src, p.fp).is_some()),
-            Dep::Delta { base } => self.held(p.page) == base,
+            // With a mirrored cache the base must still be in it: a page committed since the
+            // prepare may have taken its slot.
+            Dep::Delta { base } => {
+                self.held(p.page) == base && (!self.opts.refs_need_cache || base == self.zero_fp || self.cache.get(p.page, base).is_some())
+            }
         };
         if still_valid {
             return self.commit_valid(p, data);
@@ -561,6 +567,9 @@ impl Encoder {
         self.stats.add(p.class, record_len);
 
         let idx = usize::try_from(p.page).expect("page index");
+        if let Some(w) = self.in_pass.get_mut(idx / 64) {
+            *w &= !(1 << (idx % 64));
+        }
         let old = std::mem::replace(&mut self.held[idx], p.fp);
         if old != p.fp && self.by_fp.get(&old) == Some(&p.page) {
             self.by_fp.remove(&old);

@@ -756,25 +756,28 @@ fn a_disk_ref_with_a_zero_tail_decodes_to_the_data_then_zeros() {
     assert_eq!(d.ram[1], page);
 }
 
-/// In a pass whose records may be applied in any order, a page sent in the same pass is never
-/// another page's `dup` source; a page sent before the pass is, and after the pass ends every
-/// page is again.
+/// In a pass whose records may be applied in any order (and whose dups are resolved once the
+/// pass is applied), a page of the pass not committed yet is never another page's `dup` source:
+/// at the end of the pass it will hold other content. A page committed earlier in the pass, or
+/// sent before it, is a source.
 #[test]
-fn a_page_of_the_current_pass_is_no_dup_source() {
+fn a_page_the_pass_sends_later_is_no_dup_source() {
     let a = page_from(11, true);
     let b = page_from(12, false);
+    let c = page_from(13, true);
     let mut e = Encoder::new(16, EncodeOptions::default(), key());
     e.push(0, &a);
+    e.push(5, &c);
     e.take();
-    e.begin_pass([1, 2, 3]);
-    // Page 1 gets b in this pass; page 2 with the same content must not point at page 1.
+    e.begin_pass([1, 2, 3, 5]);
     assert_ne!(e.push(1, &b).0, PageClass::Dup);
-    assert_ne!(e.push(2, &b).0, PageClass::Dup, "a source written in the same pass");
-    // Page 0 was sent before the pass: a source.
-    assert_eq!(e.push(3, &a).0, PageClass::Dup);
+    assert_eq!(e.push(2, &b).0, PageClass::Dup, "page 1 was committed earlier in the pass");
+    // Page 5 holds c from before the pass but is sent later in it: no source.
+    assert_ne!(e.push(3, &c).0, PageClass::Dup, "a source the pass rewrites later");
+    e.push(5, &page_from(14, false));
     e.end_pass();
     e.take();
-    assert_eq!(e.push(4, &b).0, PageClass::Dup, "after the pass, its pages are sources again");
+    assert_eq!(e.push(4, &a).0, PageClass::Dup, "sent before the pass");
 }
 
 /// `data_runs` lists the consecutive pages a batch writes with data, zero records excluded.

@@ -95,7 +95,7 @@ fn round_trip(pages: u64, threads: usize, (conns, rx_threads): (usize, usize), c
                     Ok(f) => match f.message().unwrap() {
                         Message::IterationEnd { index, .. } => {
                             data.wait_fences(index, std::time::Duration::from_secs(30)).unwrap();
-                            assert_eq!(feeder.wait_idle().unwrap(), Vec::<u64>::new(), "no page missed");
+                            assert_eq!(feeder.wait_idle(target).unwrap(), Vec::<u64>::new(), "no page missed");
                             acks_tx.send(index).unwrap();
                             if index + 1 == last {
                                 // The sender closes every connection next, in no set order.

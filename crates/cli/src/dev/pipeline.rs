@@ -289,7 +289,7 @@ fn receive(
                 FrameKind::Control => match frame.message()? {
                     Message::IterationEnd { index, last, .. } => {
                         data.wait_fences(index, Duration::from_secs(600))?;
-                        misses += feeder.wait_idle()?.len() as u64;
+                        misses += feeder.wait_idle(&target)?.len() as u64;
                         let _ = ends.send((index, Instant::now()));
                         if last {
                             // The receiving threads' CPU time is read after this pass: they
