@@ -3,10 +3,11 @@
 //! several (`send --connections`).
 //!
 //! The batches of one iteration are applied in any order, concurrently: within an iteration
-//! each page is sent once, a delta's base is the page's own version from an earlier iteration,
-//! and the sender names no page of the same iteration as a `dup` source
-//! ([`livemig_compact::Encoder::begin_pass`]); every reference is checked against its keyed
-//! fingerprint anyway, so a race costs a resend, never wrong data. Between iterations the
+//! each page is sent once and a delta's base is the page's own version from an earlier
+//! iteration; `dup` records are resolved once every batch of the iteration is applied (their
+//! source may be written by another batch), and the sender names no page the iteration sends
+//! later as a source ([`livemig_compact::Encoder::begin_pass`]). Every reference is checked
+//! against its keyed fingerprint anyway, so a race costs a resend, never wrong data. Between iterations the
 //! receiver waits until every batch handed over is applied ([`Feeder::wait_idle`]) before it
 //! acknowledges the iteration, and the sender starts the next one only after that
 //! acknowledgement.

@@ -35,10 +35,10 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 ///
 /// 6: several connections (shared engine): [`Message::Welcome`]'s `join` token,
 /// [`Message::Plan`]'s `connections`, the data connections' [`Message::Join`] and
-/// [`Message::Fence`]; the destination applies the batches of one iteration in any order, so
-/// the sender names as `dup` sources only pages it does not send in the same iteration. A
-/// version-5 peer is still spoken with (one connection; its sender's same-iteration dups cost a
-/// resend at worst, never wrong data: every reference is verified).
+/// [`Message::Fence`]; the destination applies the batches of one iteration in any order and
+/// resolves its `dup` records once the iteration is applied, so the sender names as a `dup`
+/// source no page the iteration sends later. A version-5 peer is still spoken with (one
+/// connection, applied in order).
 pub const PROTOCOL_VERSION: u32 = 6;
 /// Oldest peer version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 5;
