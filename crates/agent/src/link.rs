@@ -158,11 +158,14 @@ impl Writer {
     /// Waits until everything queued before is written; returns what was written since the last marker.
     pub fn marker(&mut self, timeout: Duration) -> Result<MarkerAck, AgentError> {
         self.send(Out::Marker)?;
+        self.marker_ack(timeout, "the connection to drain")
+    }
+
+    /// The acknowledgement of a marker queued before (`what` names the wait in a timeout).
+    fn marker_ack(&mut self, timeout: Duration, what: &str) -> Result<MarkerAck, AgentError> {
         match self.acks.recv_timeout(timeout) {
             Ok(a) => Ok(a),
-            Err(RecvTimeoutError::Timeout) => {
-                Err(AgentError::Timeout { what: "the connection to drain".into(), secs: timeout.as_secs_f64() })
-            }
+            Err(RecvTimeoutError::Timeout) => Err(AgentError::Timeout { what: what.into(), secs: timeout.as_secs_f64() }),
             Err(RecvTimeoutError::Disconnected) => Err(self.failure()),
         }
     }
@@ -280,13 +283,7 @@ impl Links {
         }
         let mut ack = self.conns[0].marker(timeout)?;
         for w in &mut self.conns[1..] {
-            let a = match w.acks.recv_timeout(timeout) {
-                Ok(a) => a,
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(AgentError::Timeout { what: "a data connection to drain".into(), secs: timeout.as_secs_f64() })
-                }
-                Err(RecvTimeoutError::Disconnected) => return Err(w.failure()),
-            };
+            let a = w.marker_ack(timeout, "a data connection to drain")?;
             ack.bytes += a.bytes;
             ack.active = ack.active.max(a.active);
         }

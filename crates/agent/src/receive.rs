@@ -373,7 +373,7 @@ fn run(
         // Dropped when this closure returns: the data connections are shut, so their readers end
         // before the scope waits for them.
         let data = DataConnections::start(s, joined.into_iter().map(|j| (j.index, j.stream, j.reader)).collect(), &feeder)?;
-        apply_loop(opts, obs, report, qmp, writer, fed, &incoming, (reader, &feeder, data), (&target, &key, total), &wire_bytes)
+        apply_loop(opts, obs, report, qmp, writer, fed, &incoming, (reader, &feeder, data), &target, &wire_bytes)
     })
 }
 
@@ -389,10 +389,10 @@ fn apply_loop(
     fed: &mut Fed,
     incoming: &std::path::Path,
     (reader, feeder, mut data): (Counting<Box<dyn Read + Send>>, &crate::apply::Feeder<'_>, DataConnections),
-    (target, key, total): (&crate::apply::Target<'_, '_>, &PageKey, u64),
+    target: &crate::apply::Target<'_, '_>,
     wire_bytes: &dyn Fn() -> u64,
 ) -> Result<(), AgentError> {
-    let mem = target.mem;
+    let (mem, key, total) = (target.mem, target.key, target.total);
     let mut dev: Option<UnixStream> = None;
     let mut dev_bytes = 0u64;
     let mut loaded = false;
