@@ -51,6 +51,23 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> LabError {
 
 /// Cache dir of the built guest: `$LIVEMIG_CACHE/guest` or `$HOME/.cache/livemig/guest`
 /// (the same rule as `guest/build.sh`).
+/// The machine's VM lock, `$TMPDIR/livemig-vm-tests.lock`: a pair of TCG guests takes both cores
+/// of this machine, so the VM tests and the benchmarks take turns instead of starving each other's
+/// guests (and a benchmark's figures mean something only on an otherwise idle machine). Held until
+/// the returned file is dropped. `waiting` is called once if another process holds it.
+pub fn machine_lock(waiting: impl FnOnce(&Path)) -> Result<fs::File, LabError> {
+    let path = std::env::temp_dir().join("livemig-vm-tests.lock");
+    let io = |source| LabError::Io { context: format!("cannot lock {}", path.display()), source };
+    let file = fs::File::options().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => return Ok(file),
+        Err(fs::TryLockError::WouldBlock) => waiting(&path),
+        Err(fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.lock().map_err(io)?;
+    Ok(file)
+}
+
 pub fn guest_cache_dir() -> PathBuf {
     match std::env::var_os("LIVEMIG_CACHE") {
         Some(c) if !c.is_empty() => PathBuf::from(c).join("guest"),

@@ -24,14 +24,7 @@ pub struct VmGuard {
 /// on one machine take turns instead of starving each other's guests.
 pub fn vm_lock() -> VmGuard {
     let thread = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let path = std::env::temp_dir().join("livemig-vm-tests.lock");
-    let file = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
-    file.lock().unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
+    let file = livemig_lab::machine_lock(|_| {}).unwrap_or_else(|e| panic!("{e}"));
     VmGuard { _thread: thread, _process: file }
 }
 

@@ -12,7 +12,7 @@ use livemig_qmp::Qmp;
 use serde_json::{json, Value};
 
 use super::net::Hosts;
-use super::procs::{compare_ram, process_cpu_ms, thread_cpu_ms, Proc};
+use super::procs::{compare_ram, process_cpu_ms, thread_cpu_ms, Noise, NoiseProbe, Proc};
 use super::tls::TlsFiles;
 use super::Migrator;
 
@@ -42,6 +42,8 @@ pub(crate) struct Leg {
     pub send_report: Option<Value>,
     /// Guest writes per second on the source during the leg (from its verifier lines).
     pub guest_rate: Option<f64>,
+    /// What else the machine did meanwhile.
+    pub noise: Option<Noise>,
 }
 
 /// Guest writes (the `writes=` total of `LIVEMIG-VERIFY` lines) as they appear on a console.
@@ -193,6 +195,7 @@ fn livemig(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     }
     rate.poll(ctx.from); // lines printed before the start are not part of the window
     let (tx0, back0) = ctx.tx()?;
+    let probe = NoiseProbe::start(&[ctx.from.pid(), ctx.to.pid()]);
     let t0 = Instant::now();
     let mut sender =
         Proc::new(sc.stdin(Stdio::null()).stdout(send_log.try_clone()?).stderr(send_log).spawn().context("cannot start livemig send")?);
@@ -223,6 +226,7 @@ fn livemig(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     leg.wire_bytes = Some(tx1 - tx0);
     leg.wire_back = Some(back1 - back0);
     leg.cpu_ms = Some(send_end.1 + recv_end.1);
+    leg.noise = probe.finish(send_end.1 + recv_end.1);
     leg.guest_rate = rate.rate(t0, t1);
     let report: Value = std::fs::read_to_string(&send_report).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or(Value::Null);
     leg.total_ms = report.get("total_time_ms").and_then(Value::as_f64);
@@ -369,6 +373,7 @@ fn native(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     let cpu0 = non_vcpu_cpu(spid, &sv) + non_vcpu_cpu(dpid, &dv);
     rate.poll(ctx.from); // lines printed before the start are not part of the window
     let (tx0, back0) = ctx.tx()?;
+    let probe = NoiseProbe::start(&[spid, dpid]);
     let t0 = Instant::now();
     src.migrate(&uri)?;
     let info = loop {
@@ -414,6 +419,7 @@ fn native(ctx: &LegCtx<'_>, rate: &mut WriteRate) -> anyhow::Result<Leg> {
     leg.wire_bytes = Some(tx1 - tx0);
     leg.wire_back = Some(back1 - back0);
     leg.cpu_ms = Some(cpu1 - cpu0);
+    leg.noise = probe.finish(0.0);
     leg.guest_rate = rate.rate(t0, t1);
     let Some(info) = info else {
         leg.end = Some(LegEnd::Timeout);

@@ -259,6 +259,9 @@ pub(crate) struct RunResult {
     /// Guest writes/s on the source before the migration and during it (verifier lines).
     pub guest_rate_before: Option<f64>,
     pub guest_rate_during: Option<f64>,
+    /// Other work and steal on the machine during the migration (absent in older files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<procs::Noise>,
     pub settings: Vec<String>,
     pub wall_s: f64,
     pub workdir: PathBuf,
@@ -287,6 +290,7 @@ impl RunResult {
             bad_pages: None,
             guest_rate_before: None,
             guest_rate_during: None,
+            noise: None,
             settings: Vec::new(),
             wall_s: 0.0,
             workdir,
@@ -876,6 +880,7 @@ fn run_one(env: &Env<'_>, spec: &RunSpec<'_>, st: &mut Status, idx: usize, n: us
     r.cpu_ms = leg.cpu_ms;
     r.differing_pages = leg.differing_pages;
     r.guest_rate_during = leg.guest_rate;
+    r.noise = leg.noise;
     r.settings = leg.capabilities;
     r.settings.push(backend_name(&cfg.backend));
     r.send_report = leg.send_report;
@@ -943,6 +948,7 @@ pub(crate) fn run(a: &BenchArgs) -> anyhow::Result<i32> {
     for c in &plan {
         link_rate(&c.link).map_err(|e| anyhow::anyhow!("--link {}: {e}", c.link))?;
     }
+    let _machine = livemig_lab::machine_lock(|p| eprintln!("bench: waiting for the VM tests or another benchmark to finish (lock {})", p.display()))?;
     let cancel = signal::cancel_flag();
     let removed = net::remove_leftovers();
     if !removed.is_empty() {

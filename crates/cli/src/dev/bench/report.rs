@@ -30,12 +30,25 @@ pub(crate) fn cell_summary(r: &RunResult) -> String {
         return r.mark.name().to_string();
     }
     format!(
-        "ok, total {:.0} ms, downtime {:.0} ms, wire {:.1} MiB, cpu {:.1} s",
+        "ok, total {:.0} ms, downtime {:.0} ms, wire {:.1} MiB, cpu {:.1} s{}",
         r.total_ms.unwrap_or(f64::NAN),
         r.downtime_ms.unwrap_or(f64::NAN),
         mib(r.wire_bytes.unwrap_or(0)),
-        r.cpu_ms.unwrap_or(f64::NAN) / 1000.0
+        r.cpu_ms.unwrap_or(f64::NAN) / 1000.0,
+        busy_note(r).map(|n| format!("; WARNING: {n}")).unwrap_or_default()
     )
+}
+
+/// Says so when the machine did other work during the run (its times are then not comparable).
+pub(crate) fn busy_note(r: &RunResult) -> Option<String> {
+    let n = r.noise.filter(|n| n.busy())?;
+    Some(format!(
+        "busy machine: {:.1} CPU s of other processes and {:.1} s stolen by the hypervisor during the {:.1} s migration ({} cores): its times are not comparable",
+        n.other_cpu_ms / 1000.0,
+        n.steal_ms / 1000.0,
+        n.window_ms / 1000.0,
+        n.cores
+    ))
 }
 
 /// Median, min, max.
@@ -372,6 +385,7 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
     md.push_str("- **total**: QEMU's `total-time`; livemig's report `total_time_ms` (start of `send` to the end). **downtime**: QEMU's `downtime`; livemig's `downtime_ms` (source `stop` to the destination's confirmed `cont`).\n");
     md.push_str("- **wire**: bytes transmitted by the sending veth end during the migration (`/sys/class/net/<veth>/statistics/tx_bytes` in its namespace), IP/TCP headers included, the same for every migrator.\n");
     md.push_str("- **CPU**: livemig: utime+stime of the `send` and `receive` processes (wait4 rusage); the QEMUs' own share (device state, a few hundred KiB) is not counted. QEMU native: utime+stime of both QEMU processes during the migration minus their vCPU threads (`query-cpus-fast` thread ids), i.e. the migration thread, multifd threads and the main loop (which also serves the console and timers).\n");
+    md.push_str("- **busy machine**: during every migration the bench takes the machine's CPU time (/proc/stat) minus that of its own processes (itself, both QEMUs, `send` and `receive`), and the time the hypervisor stole; a run where other processes took more than 10 % of the CPU time there was, or steal more than 5 %, says so in its note and on the console: its times are not comparable (byte counts are). **fresh memory**: just before each migration the bench allocates 256 MiB no process had and writes it once; the rate (in each run's note) bounds how fast a destination can take its memory. On a machine that is itself a VM whose host takes freed pages back (free page reporting), each fresh page costs a fault on the host too, and that rate varies with the host's state.\n");
     md.push_str("- **guest w/s**: the writing guest's own rate (writes/s from its verifier lines on the source console) before the migration and during it; blank when the migration was shorter than two verifier lines.\n\n");
 
     md.push_str("## Summary (median of ok runs, range in parentheses)\n\n");
@@ -471,8 +485,13 @@ pub(crate) fn write_all(a: &BenchArgs, results: &[RunResult], started: &str, fin
 
     md.push_str("\n## Every run\n\n| scenario | link | migrator | run | mark | total (s) | downtime (ms) | wire (MiB) | CPU (s) | note |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for r in results {
-        let note = r.detail.replace('|', "/");
-        let note: String = note.chars().take(160).collect();
+        let detail: String = r.detail.chars().take(160).collect();
+        let fresh = r.noise.and_then(|n| n.fresh_mb_per_s).map(|f| format!("fresh memory {:.1} GB/s; ", f / 1000.0)).unwrap_or_default();
+        let note = match busy_note(r) {
+            Some(b) => format!("**{b}**; {fresh}{detail}"),
+            None => format!("{fresh}{detail}"),
+        };
+        let note = note.replace('|', "/");
         if r.mark == Mark::Ok {
             let _ = writeln!(
                 md,
