@@ -9,6 +9,7 @@ mod disks;
 mod faults;
 mod harness;
 mod lane;
+mod memory;
 mod proxy;
 mod qemu_versions;
 mod stream;
