@@ -274,18 +274,93 @@ fn the_link_meter_measures_windows_and_who_was_the_bottleneck() {
     let mut m = LinkMeter::default();
     let t0 = Instant::now();
     let ms = |n: u64| t0 + Duration::from_millis(n);
-    assert_eq!(m.observe(ms(0), 1000, true), None, "a window starts");
-    assert_eq!(m.observe(ms(500), 6_000_000, true), None, "shorter than the window");
-    let (r, link_bound) = m.observe(ms(1000), 12_501_000, true).expect("a window ended");
-    assert!((r - 12.5e6).abs() < 1.0 && link_bound, "{r}");
+    assert_eq!(m.observe(ms(0), 1000, 0, true), None, "a window starts");
+    assert_eq!(m.observe(ms(500), 6_000_000, 100, true), None, "shorter than the window");
+    let (r, pages, link_bound) = m.observe(ms(1000), 12_501_000, 3000, true).expect("a window ended");
+    assert!((r - 12.5e6).abs() < 1.0 && (pages - 3000.0).abs() < 1e-6 && link_bound, "{r} {pages}");
     // The queue mostly empty: the sender was the bottleneck.
-    m.observe(ms(1500), 20_000_000, false);
-    m.observe(ms(1800), 22_000_000, false);
-    let (r, link_bound) = m.observe(ms(2000), 25_001_000, true).expect("a window ended");
-    assert!((r - 12.5e6).abs() < 1.0 && !link_bound, "{r}");
+    m.observe(ms(1500), 20_000_000, 4000, false);
+    m.observe(ms(1800), 22_000_000, 5000, false);
+    let (r, pages, link_bound) = m.observe(ms(2000), 25_001_000, 6000, true).expect("a window ended");
+    assert!((r - 12.5e6).abs() < 1.0 && (pages - 3000.0).abs() < 1e-6 && !link_bound, "{r} {pages}");
     // After a restart the time between passes does not count.
     m.restart();
-    assert_eq!(m.observe(ms(9000), 30_000_000, true), None);
-    let (r, _) = m.observe(ms(10_000), 31_000_000, true).expect("a window ended");
-    assert!((r - 1e6).abs() < 1.0, "{r}");
+    assert_eq!(m.observe(ms(9000), 30_000_000, 0, true), None);
+    let (r, pages, _) = m.observe(ms(10_000), 31_000_000, 500, true).expect("a window ended");
+    assert!((r - 1e6).abs() < 1.0 && (pages - 500.0).abs() < 1e-6, "{r} {pages}");
+}
+
+/// Drives `a` with `windows` link windows: in window `k` under compressor `c` the link carries
+/// `rates(c, k)` = (wire bytes/s, pages/s) with the queue full, and a decision follows. Returns
+/// the compressor after each window.
+fn drive(a: &mut AutoCompressor, windows: usize, rates: impl Fn(Compressor, usize) -> (f64, f64)) -> Vec<Compressor> {
+    let mut seen = Vec::new();
+    for k in 0..windows {
+        let (bytes, pages) = rates(a.current(), k);
+        a.observe_link(bytes, true);
+        a.observe_window(bytes, pages);
+        a.decide_on(&text_costs(), Position { iteration: Some(0), chunk: None, wire_bytes: k as u64 }).map(|c| c.to.clone());
+        seen.push(a.current());
+    }
+    seen
+}
+
+#[test]
+fn a_change_that_does_not_pay_goes_back_and_is_ruled_out_for_a_while() {
+    // The "link" is a receiver on the same cores: 30 MB/s of wire under lz4, but zstd's pages
+    // cost it more to decode than they save, so it moves fewer of them.
+    let mut a = AutoCompressor::new(CompressorMode::Auto, 2);
+    let size = |c: Compressor| text_costs().iter().find(|(x, _)| *x == c).map_or(4109.0, |(_, x)| x.bytes_per_page);
+    let receiver = |c: Compressor, _| {
+        let pages = match c {
+            Compressor::None => 7_000.0,
+            Compressor::Lz4 => 16_000.0,
+            _ => 10_000.0,
+        };
+        (pages * size(c), pages)
+    };
+    // Under lz4 the "link" carries 16k x 1800 B = 28.8 MB/s, which predicts zstd3 (the smallest
+    // pages) fastest: 26k pages/s.
+    let seen = drive(&mut a, 40, receiver);
+    let r = a.report();
+    let reverts: Vec<&CompressorChange> = r.changes.iter().filter(|c| c.reason.contains("did not pay")).collect();
+    assert!(!reverts.is_empty(), "{:#?}", r.changes);
+    let first = reverts[0];
+    assert_eq!((first.from.as_deref(), first.to.as_str()), (Some("zstd3"), "lz4"), "{first:?}");
+    assert!(first.reason.contains("10000 pages/s and 11.0 MB/s against 16000 and 28.8 under lz4"), "{}", first.reason);
+    assert!(first.reason.contains("ruled out for 10 link windows"), "{}", first.reason);
+    // Ruled out, zstd is not tried again while the hold lasts: at most one try per hold.
+    let tries = seen.windows(2).filter(|w| !matches!(w[0], Compressor::Zstd(_)) && matches!(w[1], Compressor::Zstd(_))).count();
+    assert!(tries <= 40 / HOLD_WINDOWS as usize + 1, "{tries} tries of zstd in 40 windows: {seen:?}");
+    // Without the check it would sit on zstd3 from the first change on: far more zstd windows.
+    let zstd_windows = seen.iter().filter(|c| matches!(c, Compressor::Zstd(_))).count();
+    assert!(zstd_windows <= 2 * tries, "{zstd_windows} windows on zstd: {seen:?}");
+}
+
+#[test]
+fn a_change_that_pays_stays() {
+    // A real 100 Mbit/s link: the smaller the pages, the more of them per second; and the
+    // guest's pages compress better in some windows than in others (the sampled costs do not
+    // follow), so the pages per second swing by 3x while the link's bytes per second hold.
+    let mut a = AutoCompressor::new(CompressorMode::Auto, 2);
+    let link = 12.5e6;
+    let seen = drive(&mut a, 20, |c, k| {
+        let bytes = text_costs().iter().find(|(x, _)| *x == c).map_or(4109.0, |(_, x)| x.bytes_per_page);
+        (link, link / bytes * if k % 2 == 0 { 3.0 } else { 1.0 })
+    });
+    assert_eq!(*seen.last().unwrap(), Compressor::Zstd(3), "{seen:?}");
+    assert!(a.report().changes.iter().all(|c| !c.reason.contains("did not pay")), "{:#?}", a.report().changes);
+}
+
+#[test]
+fn a_new_pass_leaves_a_change_untested() {
+    let mut a = AutoCompressor::new(CompressorMode::Auto, 2);
+    let mut seen = drive(&mut a, 4, |_, _| (28.8e6, 16_000.0));
+    assert!(matches!(seen.pop(), Some(Compressor::Zstd(_))), "changed to zstd after DWELL windows");
+    // The next pass is small: fewer pages per second, for reasons of its own.
+    a.new_pass();
+    a.observe_link(28.8e6, true);
+    assert!(a.observe_window(1e6, 1_000.0).is_none(), "the window of the change is not whole");
+    assert!(a.observe_window(1e6, 1_000.0).is_none(), "no trial left to judge");
+    assert!(matches!(a.current(), Compressor::Zstd(_)));
 }
