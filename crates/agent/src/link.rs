@@ -290,6 +290,25 @@ impl Links {
         Ok(ack)
     }
 
+    /// Another producer for every connection, the first one first (the stream engine's relay
+    /// thread spreads its chunks over them: `crate::stream::conns::Spread`).
+    pub fn senders(&self) -> Vec<Sender<Out>> {
+        self.conns.iter().map(Writer::sender).collect()
+    }
+
+    /// The error of a connection whose writer stopped (its socket failed), if one did: a data
+    /// connection's names it. For a loop that does not write itself (the stream engine's relay
+    /// writes on a thread of its own) and must still see a connection go.
+    pub fn failed(&mut self) -> Option<AgentError> {
+        let of = u32::try_from(self.conns.len()).unwrap_or(u32::MAX);
+        let i = self.conns.iter().position(|w| w.tx.is_some() && w.handle.as_ref().is_some_and(JoinHandle::is_finished))?;
+        let e = self.conns[i].failure();
+        Some(match i {
+            0 => e,
+            i => AgentError::DataConnection { index: u32::try_from(i).unwrap_or(u32::MAX), of, source: Box::new(e) },
+        })
+    }
+
     /// Page batch buffers written on any connection, for reuse ([`Writer::recycled`]).
     pub fn recycled(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
         self.conns.iter().flat_map(Writer::recycled)
