@@ -106,10 +106,11 @@ pub struct SendOptions {
     /// Most threads of the shared engine's tracker and of its page encoder (at least 1, at most
     /// [`crate::pipeline::MAX_THREADS`]; default: every core).
     pub threads: usize,
-    /// Connections the shared engine's pages go over (1 to [`livemig_wire::MAX_CONNECTIONS`]),
-    /// each its own TLS session; more than one needs a receiver speaking protocol 6 (an older
-    /// one gets one, said in the report). `None`: [`default_connections`]. The stream engine
-    /// uses one (a warning if more were asked for).
+    /// Connections the shared engine's pages, or the stream engine's chunks of QEMU's stream, go
+    /// over (1 to [`livemig_wire::MAX_CONNECTIONS`]), each its own TLS session; more than one
+    /// needs a receiver speaking protocol 6 (shared engine) or 7 (stream engine); an older one
+    /// gets one, said in the report. `None`: [`default_connections`] for the shared engine,
+    /// [`crate::stream::send::DEFAULT_CONNECTIONS`] (1) for the stream engine.
     pub connections: Option<u32>,
     /// Dirty-page tracker (shared engine).
     pub tracker: TrackerKind,

@@ -34,6 +34,19 @@ use crate::report::{IterationRecord, Report, ThrottleReport};
 use crate::send::{SendOptions, SourceState};
 use crate::{Observer, Progress, SOFTWARE};
 
+/// Connections of the stream engine when `--connections` is not given: one, not the shared
+/// engine's [`crate::send::default_connections`] (2 on this project's 2-core machine).
+///
+/// Measured (BENCHMARKS.md, "The stream engine over several connections"): the relay between
+/// a fake source and destination QEMU, both ends on the same 2 cores, TLS,
+/// `livemig-dev pipeline --engine stream --compressor lz4 --connections 1,2 --repeat 5`:
+/// 0.54 GB/s of guest RAM over one connection against 0.36 over two (one encoder thread; 0.57
+/// against 0.43 with two), and more CPU seconds over two. What limits the stream engine here is
+/// its serial relay and rebuild, not one connection's TLS; the extra reader, reorder and TLS
+/// threads only compete for the same cores. Where a link needs several TCP connections (a long
+/// fat network), `--connections N` says so.
+pub const DEFAULT_CONNECTIONS: u32 = 1;
+
 /// How often the controller samples QEMU's migration (an iteration is at least this long and
 /// ends at a sample after QEMU synced its dirty bitmap again).
 const SAMPLE: Duration = Duration::from_millis(250);
@@ -271,7 +284,7 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         (Some(store), Some(vm)) => Some(Keeper::spawn(store.clone(), vm.clone())?),
         _ => None,
     };
-    let wanted = opts.connections.unwrap_or_else(crate::send::default_connections);
+    let wanted = opts.connections.unwrap_or(DEFAULT_CONNECTIONS);
     let needs = (welcomed.version, livemig_wire::STREAM_CONNECTIONS_PROTOCOL_VERSION, " for the stream engine");
     let connections = crate::send::connections_from(wanted, needs, welcomed.join.as_deref(), obs, report)?;
     livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: plan, connections })?;
