@@ -497,6 +497,32 @@ mod tests {
         assert!(!e.chain().chars().any(char::is_control), "{}", e.chain());
     }
 
+    /// A data connection whose writer failed (its peer gone) is found by `Links::failed`, named
+    /// by its number; healthy connections are not.
+    #[test]
+    fn links_name_a_failed_data_connection() {
+        let (a, _keep) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (b, gone) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(gone);
+        let mut links = Links::new(Writer::spawn(Box::new(a), None));
+        links.add(Writer::spawn(Box::new(b), None));
+        assert!(links.failed().is_none(), "nothing written yet: nothing failed");
+        let data = links.senders().pop().unwrap();
+        // Written until the writer thread notices its peer is gone (its channel then closes).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while data.send(Out::Frame(FrameKind::Stream, vec![0; 100_000])).is_ok() && Instant::now() < deadline {}
+        let e = loop {
+            if let Some(e) = links.failed() {
+                break e;
+            }
+            assert!(Instant::now() < deadline, "the failed data connection was never found");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(matches!(e, AgentError::DataConnection { index: 1, of: 2, .. }), "{e:?}");
+        assert!(e.chain().starts_with("data connection 1 of 2 failed"), "{}", e.chain());
+        assert!(links.failed().is_none(), "reported once; the first connection is fine");
+    }
+
     #[test]
     fn writer_error_surfaces() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
