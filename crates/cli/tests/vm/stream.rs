@@ -142,8 +142,21 @@ fn stream_every_class_arrives_and_the_destination_ram_equals_the_source_ram() {
 /// way back's commit both RAMs are read: every page equal.
 #[test]
 fn stream_return_trip_references_the_snapshot_and_a_damaged_snapshot_page_is_resent() {
+    return_trip("stream-return", "1");
+}
+
+/// The same return trip, the way back over three connections (plain TCP, so the proxy reads
+/// both RAMs at the commit): the snapshot references, the misses and their resends, and the
+/// mirrored cache come out as over one, every page equal.
+#[test]
+fn stream_return_trip_over_three_connections_resends_the_damaged_snapshot_pages() {
+    return_trip("stream-return3", "3");
+}
+
+/// A -> B, 64 pages of A's snapshot damaged, B -> A over `back_connections` connections.
+fn return_trip(name: &str, back_connections: &str) {
     let _g = harness::vm_lock();
-    let pair = private_ram("stream-return", harness::dirty_guest(8, 1));
+    let pair = private_ram(name, harness::dirty_guest(8, 1));
     let (snaps_a, snaps_b) = (pair.dir.join("snaps-a"), pair.dir.join("snaps-b"));
     let (a, b) = (snaps_a.display().to_string(), snaps_b.display().to_string());
     // Integrity is the point, not the downtime: both legs get a maximum a loaded machine fits
@@ -171,12 +184,14 @@ fn stream_return_trip_references_the_snapshot_and_a_damaged_snapshot_page_is_res
         &home,
         &pair.dir,
         "back-",
-        &stream_args(&["--vm-id", "vm-s", "--snapshot-dir", &b, "--max-downtime", "3s"]),
+        &stream_args(&["--vm-id", "vm-s", "--snapshot-dir", &b, "--max-downtime", "3s", "--connections", back_connections]),
         &["--snapshot-dir", &a],
     );
     assert!(rams.diff.nonzero > 5_000, "{}", rams.diff);
     let s = &back.send_report;
     assert_eq!(s["engine"], "stream", "{s:#}");
+    assert_eq!(s["connections"].to_string(), back_connections, "{s:#}");
+    assert_eq!(back.recv_report["connections"].to_string(), back_connections);
     assert_eq!(s["snapshot_used"].as_str(), Some(kept.as_str()), "{s:#}");
     assert_eq!(back.recv_report["snapshot_used"].as_str(), Some(kept.as_str()));
     use crate::compaction::pages;
