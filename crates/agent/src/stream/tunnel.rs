@@ -25,7 +25,9 @@
 //! state but was never resumed: that is its owner's job too.
 //!
 //! Protocol between the two ends (livemig's wire protocol, version 3): `hello` (engine
-//! `tunnel`) -> `welcome`; the source QEMU connects -> `stream_setup` (no capabilities) -> the
+//! `tunnel`) -> `welcome`; over several connections (`connections`, version 7) a `plan` and
+//! the data connections' `join`s, as `send --engine stream` (see [`super::conns`]); the source
+//! QEMU connects -> `stream_setup` (no capabilities) -> the
 //! receiver connects to the destination QEMU -> `stream_ready`; then the stream engine's chunks,
 //! acks, resends, checkpoint, `stream_end`; the destination QEMU's result (its return path's
 //! SHUT) -> `loaded`. A `livemig receive` refuses a tunnel sender, and a tunnel receiver any
