@@ -290,6 +290,25 @@ impl Links {
         Ok(ack)
     }
 
+    /// Another producer for every connection, the first one first (the stream engine's relay
+    /// thread spreads its chunks over them: `crate::stream::conns::Spread`).
+    pub fn senders(&self) -> Vec<Sender<Out>> {
+        self.conns.iter().map(Writer::sender).collect()
+    }
+
+    /// The error of a connection whose writer stopped (its socket failed), if one did: a data
+    /// connection's names it. For a loop that does not write itself (the stream engine's relay
+    /// writes on a thread of its own) and must still see a connection go.
+    pub fn failed(&mut self) -> Option<AgentError> {
+        let of = u32::try_from(self.conns.len()).unwrap_or(u32::MAX);
+        let i = self.conns.iter().position(|w| w.tx.is_some() && w.handle.as_ref().is_some_and(JoinHandle::is_finished))?;
+        let e = self.conns[i].failure();
+        Some(match i {
+            0 => e,
+            i => AgentError::DataConnection { index: u32::try_from(i).unwrap_or(u32::MAX), of, source: Box::new(e) },
+        })
+    }
+
     /// Page batch buffers written on any connection, for reuse ([`Writer::recycled`]).
     pub fn recycled(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
         self.conns.iter().flat_map(Writer::recycled)
@@ -476,6 +495,32 @@ mod tests {
             "the destination aborted the migration: disk full\\u{1b}[2J\\r\\nlivemig: migration completed"
         );
         assert!(!e.chain().chars().any(char::is_control), "{}", e.chain());
+    }
+
+    /// A data connection whose writer failed (its peer gone) is found by `Links::failed`, named
+    /// by its number; healthy connections are not.
+    #[test]
+    fn links_name_a_failed_data_connection() {
+        let (a, _keep) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (b, gone) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(gone);
+        let mut links = Links::new(Writer::spawn(Box::new(a), None));
+        links.add(Writer::spawn(Box::new(b), None));
+        assert!(links.failed().is_none(), "nothing written yet: nothing failed");
+        let data = links.senders().pop().unwrap();
+        // Written until the writer thread notices its peer is gone (its channel then closes).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while data.send(Out::Frame(FrameKind::Stream, vec![0; 100_000])).is_ok() && Instant::now() < deadline {}
+        let e = loop {
+            if let Some(e) = links.failed() {
+                break e;
+            }
+            assert!(Instant::now() < deadline, "the failed data connection was never found");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(matches!(e, AgentError::DataConnection { index: 1, of: 2, .. }), "{e:?}");
+        assert!(e.chain().starts_with("data connection 1 of 2 failed"), "{}", e.chain());
+        assert!(links.failed().is_none(), "reported once; the first connection is fine");
     }
 
     #[test]

@@ -298,11 +298,21 @@ fn run(
         return Err(refuse(writer, reason));
     }
     if matches!(&hello, Message::Hello { engine, .. } if engine == ENGINE_STREAM) {
-        // One connection: every later one is refused by the kernel.
-        drop(listener);
         report.engine = ENGINE_STREAM.into();
         report.tracker = "qemu".into();
-        return receive_stream(opts, obs, report, qmp, hello, reader, conn_slot, &stream, &incoming, (&indexes, store.as_ref()), (&key, welcome_key), fed);
+        return receive_stream(
+            opts,
+            obs,
+            report,
+            qmp,
+            hello,
+            (reader, conn_slot, &stream),
+            (listener, &wait),
+            &incoming,
+            (&indexes, store.as_ref()),
+            (&key, welcome_key),
+            fed,
+        );
     }
     report.engine = ENGINE_SHARED.into();
     let mem = GuestMemory::open(qmp)?;
@@ -564,6 +574,10 @@ fn apply_loop(
     }
 }
 
+/// The sender's first connection: its reading half, the slot of its writing half (kept by the
+/// caller, so a failure can still tell the sender why), its socket.
+type FirstConnection<'a> = (Counting<Box<dyn Read + Send>>, &'a mut Option<Box<dyn Write + Send>>, &'a TcpStream);
+
 /// The stream engine's side of the handshake and set-up, then [`crate::stream::receive::run`].
 #[allow(clippy::too_many_arguments)]
 fn receive_stream(
@@ -572,9 +586,8 @@ fn receive_stream(
     report: &mut Report,
     qmp: &mut Qmp,
     hello: Message,
-    mut reader: Counting<Box<dyn Read + Send>>,
-    conn_slot: &mut Option<Box<dyn Write + Send>>,
-    stream: &TcpStream,
+    (mut reader, conn_slot, stream): FirstConnection<'_>,
+    (listener, wait): (TcpListener, &arrival::Wait<'_>),
     incoming: &std::path::Path,
     (indexes, store): (&[livemig_index::DiskIndex], Option<&SnapshotStore>),
     (key, welcome_key): (&PageKey, Option<String>),
@@ -592,22 +605,35 @@ fn receive_stream(
         (Some(store), Some(vm)) => holdings::snapshot_ids(store, vm)?,
         _ => Vec::new(),
     };
-    let rdisks = crate::stream::receive::welcome_sender(writer, hello, (&opts.disk_images, indexes), (welcome_key, snapshots), report, &who)?;
-    let snapshot: Option<Snapshot> = match livemig_wire::read_message(&mut reader)? {
-        Message::Plan { connections, .. } if connections != 1 => {
-            return Err(AgentError::Protocol { expected: "a plan of one connection (stream engine)".into(), got: format!("{connections} connections") })
+    let (rdisks, join) = crate::stream::receive::welcome_sender(writer, hello, (&opts.disk_images, indexes), (welcome_key, snapshots), report, &who)?;
+    let (snapshot, connections): (Option<Snapshot>, u32) = match livemig_wire::read_message(&mut reader)? {
+        Message::Plan { connections, .. } if connections == 0 || connections > MAX_CONNECTIONS || (connections > 1 && join.is_none()) => {
+            return Err(refuse(
+                writer,
+                format!("the source plans {connections} connections; this destination takes 1 to {MAX_CONNECTIONS} (more than 1 with the stream engine from protocol 7)"),
+            ))
         }
-        Message::Plan { snapshot: None, .. } => None,
-        Message::Plan { snapshot: Some(id), .. } => {
+        Message::Plan { snapshot: None, connections } => (None, connections),
+        Message::Plan { snapshot: Some(id), connections } => {
             let (Some(store), Some(vm)) = (store, &vm) else {
                 return Err(AgentError::Protocol { expected: "no snapshot (none was offered)".into(), got: format!("snapshot {id}") });
             };
             report.snapshot_used = Some(id.clone());
-            Some(holdings::open_snapshot(store, vm, holdings::parse_id(&id)?)?)
+            (Some(holdings::open_snapshot(store, vm, holdings::parse_id(&id)?)?), connections)
         }
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
         other => return Err(AgentError::Protocol { expected: "plan".into(), got: other.name().into() }),
     };
+    report.connections = Some(connections);
+    let joined = match join.as_deref().filter(|_| connections > 1) {
+        Some(token) => {
+            obs.progress(Progress::Phase(&format!("waiting for the sender's {} data connections", connections - 1)));
+            arrival::accept_joins(&listener, wait, token, connections, obs, report).inspect_err(|e| refuse_with(writer, e))?
+        }
+        None => Vec::new(),
+    };
+    // Every later connection is refused by the kernel.
+    drop(listener);
     let keeper = match (store, &vm) {
         (Some(store), Some(vm)) => Some(crate::stream::keep::Keeper::spawn(store.clone(), vm.clone())?),
         _ => None,
@@ -633,14 +659,16 @@ fn receive_stream(
     fed.fed = true;
     livemig_wire::write_message(writer, &Message::StreamReady)?;
     stream.set_read_timeout(None).map_err(|source| AgentError::Network { what: "cannot configure the socket".into(), source })?;
-    let count = Arc::clone(&reader.count);
-    let frames = link::read_frames(reader, 64);
+    let counts: Vec<Arc<std::sync::atomic::AtomicU64>> =
+        std::iter::once(Arc::clone(&reader.count)).chain(joined.iter().map(|j| Arc::clone(&j.reader.count))).collect();
+    let data: Vec<(u32, TcpStream, Box<dyn Read + Send>)> = joined.into_iter().map(|j| (j.index, j.stream, Box::new(j.reader) as Box<dyn Read + Send>)).collect();
+    let frames = crate::stream::conns::Ordered::start(link::read_frames(reader, 64), data, connections, crate::stream::conns::REORDER_CAP)?;
     let w = conn_slot.take().expect("connected");
     let mut writer = link::Writer::spawn(w, None);
     obs.progress(Progress::Phase("rebuilding QEMU's stream into the destination QEMU"));
     let held = crate::stream::receive::Held { disks: &rdisks, snapshot: snapshot.as_ref(), keep: keeper.as_ref().map(crate::stream::keep::Keeper::feed) };
-    let r = crate::stream::receive::run(opts, obs, report, qmp, qemu_sock, &frames, &mut writer, held, key);
-    report.wire_bytes = count.load(Ordering::Relaxed);
+    let r = crate::stream::receive::run(opts, obs, report, qmp, qemu_sock, frames.frames(), &mut writer, held, key);
+    report.wire_bytes = counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
     if let (Ok(()), Some(k)) = (&r, keeper) {
         // The destination runs with the memory the stream carried up to its checked digest.
         let id = report.verification.source_digest.as_deref().and_then(|d| u128::from_str_radix(d, 16).ok());
@@ -745,17 +773,18 @@ fn handshake(
     };
     let disks_held = held.len();
     // Data connections present this secret (protocol 6; an older sender would refuse the field).
-    let join = if v >= CONNECTIONS_PROTOCOL_VERSION {
-        let k = livemig_tls::random_key().map_err(|e| AgentError::Tls { what: "cannot make the join secret".into(), source: Box::new(e) })?;
-        Some(k[..16].iter().map(|b| format!("{b:02x}")).collect::<String>())
-    } else {
-        None
-    };
+    let join = if v >= CONNECTIONS_PROTOCOL_VERSION { Some(join_secret()?) } else { None };
     livemig_wire::write_message(
         writer,
         &Message::Welcome { version: v, software: SOFTWARE.into(), holds: holdings::holdings(held, snapshots), page_key, join: join.clone() },
     )?;
     Ok(Peer { vm, disks: rdisks, disks_held, join })
+}
+
+/// A random secret for the data connections' `join` (32 hex digits).
+pub(crate) fn join_secret() -> Result<String, AgentError> {
+    let k = livemig_tls::random_key().map_err(|e| AgentError::Tls { what: "cannot make the join secret".into(), source: Box::new(e) })?;
+    Ok(k[..16].iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 /// Zeroes every page of the destination that is not zero, so the destination starts from the

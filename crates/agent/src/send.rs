@@ -106,10 +106,11 @@ pub struct SendOptions {
     /// Most threads of the shared engine's tracker and of its page encoder (at least 1, at most
     /// [`crate::pipeline::MAX_THREADS`]; default: every core).
     pub threads: usize,
-    /// Connections the shared engine's pages go over (1 to [`livemig_wire::MAX_CONNECTIONS`]),
-    /// each its own TLS session; more than one needs a receiver speaking protocol 6 (an older
-    /// one gets one, said in the report). `None`: [`default_connections`]. The stream engine
-    /// uses one (a warning if more were asked for).
+    /// Connections the shared engine's pages, or the stream engine's chunks of QEMU's stream, go
+    /// over (1 to [`livemig_wire::MAX_CONNECTIONS`]), each its own TLS session; more than one
+    /// needs a receiver speaking protocol 6 (shared engine) or 7 (stream engine); an older one
+    /// gets one, said in the report. `None`: [`default_connections`] for the shared engine,
+    /// [`crate::stream::send::DEFAULT_CONNECTIONS`] (1) for the stream engine.
     pub connections: Option<u32>,
     /// Dirty-page tracker (shared engine).
     pub tracker: TrackerKind,
@@ -784,11 +785,23 @@ pub(crate) fn connect_receiver(
 /// How many connections the pages go over: `wanted`, or 1 where the receiver cannot take more
 /// (protocol < 6: said in the log and the report).
 fn connections_for(wanted: u32, version: u32, join: Option<&str>, obs: &mut dyn Observer, report: &mut Report) -> Result<u32, AgentError> {
+    connections_from(wanted, (version, livemig_wire::CONNECTIONS_PROTOCOL_VERSION, ""), join, obs, report)
+}
+
+/// [`connections_for`] of an engine whose several connections need protocol `needs` (`what`
+/// after "one connection" in the warning: "" or " for the stream engine").
+pub(crate) fn connections_from(
+    wanted: u32,
+    (version, needs, what): (u32, u32, &str),
+    join: Option<&str>,
+    obs: &mut dyn Observer,
+    report: &mut Report,
+) -> Result<u32, AgentError> {
     if wanted == 0 || wanted > livemig_wire::MAX_CONNECTIONS {
         return Err(AgentError::Incompatible(format!("--connections must be 1 to {}, not {wanted}", livemig_wire::MAX_CONNECTIONS)));
     }
-    let n = if wanted > 1 && (version < livemig_wire::CONNECTIONS_PROTOCOL_VERSION || join.is_none()) {
-        let w = format!("the receiver speaks protocol {version}, which has one connection: the pages go over one, not {wanted}");
+    let n = if wanted > 1 && (version < needs || join.is_none()) {
+        let w = format!("the receiver speaks protocol {version}, which has one connection{what}: the pages go over one, not {wanted}");
         obs.progress(Progress::Phase(&w));
         report.warnings.push(w);
         1
@@ -803,7 +816,7 @@ fn connections_for(wanted: u32, version: u32, join: Option<&str>, obs: &mut dyn 
 /// session (the receiver's name checked as for the first), sends the magic and a `join` with
 /// the welcome's secret, and gets a writer thread of its own, added to `links`. Returns their
 /// reading halves, kept open as long as the migration (the receiver sends nothing on them).
-fn open_data_connections(
+pub(crate) fn open_data_connections(
     opts: &SendOptions,
     token: &str,
     n: u32,
@@ -1136,6 +1149,19 @@ mod tests {
         assert!(report.warnings[0].contains("speaks protocol 5, which has one connection"), "{:?}", report.warnings);
         assert!(connections_for(0, 6, Some("ab"), &mut crate::Quiet, &mut report).is_err());
         assert!(connections_for(17, 6, Some("ab"), &mut crate::Quiet, &mut report).is_err());
+    }
+
+    /// The stream engine's several connections need protocol 7: a receiver of 6 (which sends a
+    /// join secret for the shared engine only) gets one, said.
+    #[test]
+    fn the_stream_engine_falls_back_to_one_connection_below_protocol_7_and_says_so() {
+        let stream = |v| (v, livemig_wire::STREAM_CONNECTIONS_PROTOCOL_VERSION, " for the stream engine");
+        let mut report = Report::default();
+        assert_eq!(connections_from(3, stream(7), Some("ab"), &mut crate::Quiet, &mut report).unwrap(), 3);
+        assert!(report.warnings.is_empty());
+        assert_eq!(connections_from(3, stream(6), Some("ab"), &mut crate::Quiet, &mut report).unwrap(), 1);
+        assert_eq!(report.connections, Some(1));
+        assert!(report.warnings[0].contains("speaks protocol 6, which has one connection for the stream engine"), "{:?}", report.warnings);
     }
     use std::io::{BufRead, BufReader, Write};
 

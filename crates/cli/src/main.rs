@@ -167,11 +167,13 @@ pub(crate) struct SendArgs {
     /// core), so that a migration leaves cores to the host's other VMs.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: Option<u16>,
-    /// Connections the shared engine's pages go over (1-16; default: a quarter of this host's
-    /// cores, 2 to 4), each its own TLS session with its own encryption thread; the receiver
-    /// decodes from all of them at once. One carries at most about 10 Gbit/s (measured: its TLS
-    /// reading end takes a core for that). More than one needs a receiver of protocol 6 (an
-    /// older one gets one, said in the report); the stream engine uses one (said too).
+    /// Connections the pages (shared engine) or QEMU's compacted stream (stream engine) go over
+    /// (1-16; default: shared engine a quarter of this host's cores, 2 to 4; stream engine 1,
+    /// measured faster on 2 cores), each its own TLS session with its own encryption thread; the
+    /// receiver reads all of them at once (the stream engine's puts the chunks back in order).
+    /// One carries at most about 10 Gbit/s (measured: its TLS reading end takes a core for
+    /// that). More than one needs a receiver of protocol 6 (shared engine) or 7 (stream engine);
+    /// an older one gets one, said in the log and the report.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16))]
     connections: Option<u32>,
     /// Identity of the VM for memory snapshots (default: QEMU's -name, else its UUID).

@@ -77,6 +77,11 @@ pub(crate) struct TunnelSendArgs {
     /// migration leaves cores to the host's other VMs.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: Option<u16>,
+    /// Connections QEMU's compacted stream goes over (1-16), each its own TLS session; the
+    /// receiver puts the chunks back in order. More than one needs a tunnel receiver of
+    /// protocol 7 (an older one gets one, said in the log and the report).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    connections: u32,
     #[command(flatten)]
     disks: DiskArgs,
     /// Write the JSON report here.
@@ -127,6 +132,7 @@ fn run_send(a: &TunnelSendArgs) -> anyhow::Result<u8> {
     if let Some(t) = a.threads {
         o.threads = usize::from(t);
     }
+    o.connections = a.connections;
     o.disk_images = a.disks.disk_images.clone();
     o.disk_align = a.disks.disk_align;
     if let Some(c) = &a.disks.index_cache {

@@ -176,6 +176,16 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// The sequence number of a chunk payload, read from its first 9 bytes without parsing its
+/// items (for a receiver that puts chunks from several connections back in order; [`parse`]
+/// checks the rest later). `None` for a resend, or a payload that is no chunk.
+pub fn chunk_seq(payload: &[u8]) -> Option<u64> {
+    match payload {
+        [KIND_CHUNK, rest @ ..] => rest.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))),
+        _ => None,
+    }
+}
+
 /// Parses a Stream frame payload.
 pub fn parse(payload: &[u8]) -> Result<Payload<'_>, ChunkError> {
     let mut c = Cursor { b: payload, at: 0 };
@@ -261,6 +271,7 @@ mod tests {
             let payload = b.finish();
             let Payload::Chunk { seq: s, items: got } = parse(&payload).unwrap() else { panic!("not a chunk") };
             prop_assert_eq!(s, seq);
+            prop_assert_eq!(chunk_seq(&payload), Some(seq));
             prop_assert_eq!(got.len(), items.len());
             for (g, m) in got.iter().zip(&items) {
                 match (g, m) {
@@ -288,6 +299,8 @@ mod tests {
     fn resend_roundtrip_and_rejections() {
         let page = [9u8; PAGE_SIZE];
         let p = resend_payload(5, 7, &page);
+        assert_eq!(chunk_seq(&p), None, "a resend has no place in the order");
+        assert_eq!(chunk_seq(&[KIND_CHUNK, 1, 2]), None, "too short to be a chunk");
         assert_eq!(parse(&p).unwrap(), Payload::Resend { seq: 5, item: 7, data: &page });
         assert!(parse(&p[..p.len() - 1]).is_err());
         assert!(parse(&[0]).is_err(), "kind 0 is reserved");

@@ -39,7 +39,13 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 /// resolves its `dup` records once the iteration is applied, so the sender names as a `dup`
 /// source no page the iteration sends later. A version-5 peer is still spoken with (one
 /// connection, applied in order).
-pub const PROTOCOL_VERSION: u32 = 6;
+///
+/// 7: the stream engine (and the tunnel) over several connections: a stream welcome carries
+/// the `join` secret too, `Stream` chunks go over any connection, and every control message of
+/// the sender's relay is preceded on the first connection by a [`Message::StreamOrder`] that
+/// gives it its place among the chunks; the destination restores that order by the sequence
+/// numbers. A version-6 peer is still spoken with (the stream engine then uses one connection).
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Oldest peer version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 5;
 /// Largest payload accepted from the wire (a batch of pages plus its record headers).
@@ -381,6 +387,8 @@ pub const MAX_HANDSHAKE_ITEMS: usize = 64;
 pub const MAX_CONNECTIONS: u32 = 16;
 /// The first protocol version with several connections.
 pub const CONNECTIONS_PROTOCOL_VERSION: u32 = 6;
+/// The first protocol version with the stream engine (and the tunnel) over several connections.
+pub const STREAM_CONNECTIONS_PROTOCOL_VERSION: u32 = 7;
 
 fn one() -> u32 {
     1
@@ -564,6 +572,15 @@ pub enum Message {
         /// Bytes of the whole stream.
         bytes: u64,
     },
+    /// Stream engine over several connections (version 7), source -> destination, on the first
+    /// connection only: the control message that follows it on this connection takes number
+    /// `seq` of the chunks' sequence (no chunk has it): it comes after every chunk below, which
+    /// may travel on any connection, and before every chunk above. The destination acts on it
+    /// in that place.
+    StreamOrder {
+        /// Its place in the chunks' sequence.
+        seq: u64,
+    },
     /// Either side: the migration is abandoned, with the reason.
     Abort {
         /// Why, one sentence.
@@ -623,7 +640,8 @@ impl Message {
             | Message::StreamAck { .. }
             | Message::StreamResend { .. }
             | Message::StreamVerified { .. }
-            | Message::StreamEnd { .. } => {}
+            | Message::StreamEnd { .. }
+            | Message::StreamOrder { .. } => {}
         }
         self
     }
@@ -653,6 +671,7 @@ impl Message {
             Message::StreamCheckpoint { .. } => "stream-checkpoint",
             Message::StreamVerified { .. } => "stream-verified",
             Message::StreamEnd { .. } => "stream-end",
+            Message::StreamOrder { .. } => "stream-order",
             Message::Abort { .. } => "abort",
         }
     }
@@ -754,6 +773,7 @@ mod tests {
             Message::StreamCheckpoint { bytes: 9, digest: "00".into(), at: "ram-done".into() },
             Message::StreamVerified { bytes: 9 },
             Message::StreamEnd { bytes: 10 },
+            Message::StreamOrder { seq: 11 },
         ];
         for m in msgs {
             let mut buf = Vec::new();
@@ -887,9 +907,10 @@ mod tests {
         // version 2 and 3 peers check unkeyed fingerprints: refused
         assert_eq!(negotiate(2, 2), None);
         assert_eq!(negotiate(2, 3), None, "a version-3 peer (unkeyed fingerprints) is refused");
-        assert_eq!(negotiate(3, 9), Some(6), "a peer that speaks 6 too is spoken with at 6");
+        assert_eq!(negotiate(3, 9), Some(7), "a peer that speaks 7 too is spoken with at 7");
+        assert_eq!(negotiate(3, 6), Some(6), "a version-6 peer is still spoken with (the stream engine on one connection)");
         assert_eq!(negotiate(3, 5), Some(5), "a version-5 peer is still spoken with (one connection)");
-        assert_eq!(negotiate(7, 9), None);
+        assert_eq!(negotiate(8, 9), None);
         assert_eq!(negotiate(0, 0), None);
     }
 

@@ -5,12 +5,15 @@
 //!
 //! - [`chunk`]: the frame payload (opaque spans, page records) and its codec (in `livemig-stream`,
 //!   beside QEMU's stream codec, so the fuzzer reaches it without the agent);
+//! - [`conns`]: over several connections, the sender's spread of chunks and the receiver's
+//!   reorder;
 //! - [`cache`]: the receiver's bounded page cache, mirrored with the sender's encoder;
 //! - [`source`]: the source half of the relay (QEMU socket -> frames), no QMP;
 //! - [`send`] / [`receive`]: the two agents' QMP-driven phases;
 //! - [`tunnel`]: the relay alone between two QEMU unix sockets, no QMP (`livemig tunnel`).
 
 pub mod cache;
+pub mod conns;
 pub mod keep;
 pub use livemig_stream::chunk;
 pub mod receive;

@@ -131,7 +131,7 @@ pub(crate) fn run(
     report: &mut Report,
     qmp: &mut Qmp,
     qemu_sock: UnixStream,
-    frames: &crossbeam_channel::Receiver<Result<Frame, WireError>>,
+    frames: &crossbeam_channel::Receiver<Result<Frame, AgentError>>,
     writer: &mut Writer,
     held: Held<'_>,
     key: &PageKey,
@@ -203,7 +203,9 @@ pub(crate) struct Parties<'a> {
 /// receivers: negotiates the version (at least the stream protocol's), checks the page size,
 /// answers the disk offers and sends `welcome` (with the page key on a plain link, and the ids of
 /// the VM's `snapshots` this host holds). A refusal is
-/// sent as `abort` and returned as [`AgentError::Incompatible`]. Returns the disks both hold.
+/// sent as `abort` and returned as [`AgentError::Incompatible`]. Returns the disks both hold,
+/// and the secret the sender's data connections present (protocol 7: the stream engine over
+/// several connections), sent in the welcome.
 pub(crate) fn welcome_sender(
     writer: &mut dyn std::io::Write,
     hello: Message,
@@ -211,7 +213,7 @@ pub(crate) fn welcome_sender(
     (welcome_key, snapshots): (Option<String>, Vec<String>),
     report: &mut Report,
     who: &Parties<'_>,
-) -> Result<ReceiverDisks, AgentError> {
+) -> Result<(ReceiverDisks, Option<String>), AgentError> {
     let Message::Hello { version, min_version, software, page_size, disks, .. } = hello else {
         return Err(refuse(writer, format!("{} began with `{}`, not hello", who.sender, hello.name())));
     };
@@ -231,11 +233,18 @@ pub(crate) fn welcome_sender(
     }
     let (rdisks, held) = ReceiverDisks::answer(&disks, images, indexes).map_err(|e| refuse(writer, e.chain()))?;
     report.disk_images_used = held.len();
+    let join = if v >= livemig_wire::STREAM_CONNECTIONS_PROTOCOL_VERSION { Some(crate::receive::join_secret()?) } else { None };
     livemig_wire::write_message(
         writer,
-        &Message::Welcome { version: v, software: crate::SOFTWARE.into(), holds: crate::holdings::holdings(held, snapshots), page_key: welcome_key, join: None },
+        &Message::Welcome {
+            version: v,
+            software: crate::SOFTWARE.into(),
+            holds: crate::holdings::holdings(held, snapshots),
+            page_key: welcome_key,
+            join: join.clone(),
+        },
     )?;
-    Ok(rdisks)
+    Ok((rdisks, join))
 }
 
 /// Rebuilds QEMU's stream from the sender's frames into `qemu_sock` until the destination
@@ -248,7 +257,7 @@ pub(super) fn rebuild(
     report: &mut Report,
     dest: &mut dyn Incoming,
     qemu_sock: UnixStream,
-    frames: &crossbeam_channel::Receiver<Result<Frame, WireError>>,
+    frames: &crossbeam_channel::Receiver<Result<Frame, AgentError>>,
     writer: &mut Writer,
     held: Held<'_>,
     key: &PageKey,
@@ -423,7 +432,7 @@ pub(super) fn rebuild(
 
 /// Waits for the resend of (`seq`, `item`), keeping other frames for later.
 fn wait_resend(
-    frames: &crossbeam_channel::Receiver<Result<Frame, WireError>>,
+    frames: &crossbeam_channel::Receiver<Result<Frame, AgentError>>,
     later: &mut VecDeque<Frame>,
     seq: u64,
     item: u32,

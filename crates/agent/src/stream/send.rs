@@ -27,11 +27,25 @@ use super::source::{relay_source, RelayStats, SourceConfig, Window, DEFAULT_WIND
 use crate::error::AgentError;
 use super::keep::Keeper;
 use crate::holdings::{self, SenderDisks, SenderSnapshot};
-use crate::link::{self, Out, Writer};
+use super::conns::Spread;
+use crate::link::{self, Links, Out, Writer};
 use crate::qemu::QemuVersion;
 use crate::report::{IterationRecord, Report, ThrottleReport};
 use crate::send::{SendOptions, SourceState};
 use crate::{Observer, Progress, SOFTWARE};
+
+/// Connections of the stream engine when `--connections` is not given: one, not the shared
+/// engine's [`crate::send::default_connections`] (2 on this project's 2-core machine).
+///
+/// Measured (BENCHMARKS.md, "The stream engine over several connections"): the relay between
+/// a fake source and destination QEMU, both ends on the same 2 cores, TLS,
+/// `livemig-dev pipeline --engine stream --compressor lz4 --connections 1,2 --repeat 5`:
+/// 0.54 GB/s of guest RAM over one connection against 0.36 over two (one encoder thread; 0.57
+/// against 0.43 with two), and more CPU seconds over two. What limits the stream engine here is
+/// its serial relay and rebuild, not one connection's TLS; the extra reader, reorder and TLS
+/// threads only compete for the same cores. Where a link needs several TCP connections (a long
+/// fat network), `--connections N` says so.
+pub const DEFAULT_CONNECTIONS: u32 = 1;
 
 /// How often the controller samples QEMU's migration (an iteration is at least this long and
 /// ends at a sample after QEMU synced its dirty bitmap again).
@@ -270,17 +284,15 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         (Some(store), Some(vm)) => Some(Keeper::spawn(store.clone(), vm.clone())?),
         _ => None,
     };
-    if let Some(n) = opts.connections.filter(|&n| n > 1) {
-        let w = format!(
-            "the stream engine carries QEMU's stream over one connection: --connections {} applies to the shared engine only",
-            n
-        );
-        obs.progress(crate::Progress::Phase(&w));
-        report.warnings.push(w);
-    }
-    report.connections = Some(1);
-    livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: plan, connections: 1 })?;
-    livemig_wire::write_message(&mut writer_half, &Message::StreamSetup { capabilities: caps.clone() })?;
+    let wanted = opts.connections.unwrap_or(DEFAULT_CONNECTIONS);
+    let needs = (welcomed.version, livemig_wire::STREAM_CONNECTIONS_PROTOCOL_VERSION, " for the stream engine");
+    let connections = crate::send::connections_from(wanted, needs, welcomed.join.as_deref(), obs, report)?;
+    livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: plan, connections })?;
+    // The rate cap is shared out among the connections.
+    let each = opts.bandwidth.map(|b| (b / u64::from(connections)).max(1));
+    let mut links = Links::new(Writer::spawn(writer_half, each));
+    let _data_readers = open_stream_connections(opts, welcomed.join.as_deref(), connections, each, &mut links, obs)?;
+    links.send(Out::Message(Message::StreamSetup { capabilities: caps.clone() }))?;
     match livemig_wire::read_message(&mut reader)? {
         Message::StreamReady => {}
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
@@ -288,7 +300,6 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     }
     stream.set_read_timeout(None).map_err(|source| AgentError::Network { what: "cannot configure the socket".into(), source })?;
     let frames = link::read_frames(reader, 64);
-    let mut writer = Writer::spawn(writer_half, opts.bandwidth);
 
     // QEMU migrates into a socket of ours.
     let dir = crate::private_dir("send")?;
@@ -322,13 +333,13 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         threads: opts.threads,
     };
     let relay = {
-        let (out, window, stats) = (writer.sender(), Arc::clone(&window), Arc::clone(&stats));
+        let (out, window, stats) = (Spread::new(links.senders()), Arc::clone(&window), Arc::clone(&stats));
         std::thread::Builder::new()
             .name("livemig-relay".into())
             .spawn(move || relay_source(qemu, out, window, stats, cfg))
             .map_err(|source| AgentError::Network { what: "cannot start the relay thread".into(), source })?
     };
-    let r = steer(opts, obs, report, st, &inbound, &mut writer, &window, &stats, &gate, throttle);
+    let r = steer(opts, obs, report, st, &inbound, &mut links, &window, &stats, &gate, throttle);
     let s = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
     report.set_class_stats(&s.classes);
     report.compressor = s.compressor.clone();
@@ -351,7 +362,7 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         obs.progress(Progress::Phase(&w));
         report.warnings.push(w);
     }
-    report.wire_bytes = writer.total_bytes();
+    report.wire_bytes = links.total_bytes();
     if r.is_err() {
         window.close();
         let _ = closer.shutdown(std::net::Shutdown::Both);
@@ -368,8 +379,8 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     };
     if let Err(e) = &r {
         if !matches!(e, AgentError::Wire(_)) {
-            let _ = writer.send(Out::Message(Message::Abort { reason: e.chain() }));
-            let _ = writer.marker(Duration::from_secs(2));
+            let _ = links.send(Out::Message(Message::Abort { reason: e.chain() }));
+            let _ = links.control().marker(Duration::from_secs(2));
         }
     }
     drop(inbound);
@@ -378,7 +389,7 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
         // the writer.
         let _ = stream.shutdown(std::net::Shutdown::Both);
     }
-    let _ = writer.finish();
+    let _ = links.finish();
     // The receiver is done (or gone): end the reader under the dispatcher (the socket has no
     // read timeout, and a stalled link brings no end).
     let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -392,6 +403,25 @@ pub(crate) fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Repor
     r
 }
 
+/// Opens the data connections 1 to `n - 1` of the stream engine or the tunnel
+/// ([`crate::send::open_data_connections`]); a failure is said to the receiver, which waits for
+/// them. Returns their reading halves, kept open as long as the migration.
+pub(crate) fn open_stream_connections(
+    opts: &SendOptions,
+    join: Option<&str>,
+    n: u32,
+    rate: Option<u64>,
+    links: &mut Links,
+    obs: &mut dyn Observer,
+) -> Result<Vec<Box<dyn std::io::Read + Send>>, AgentError> {
+    let Some(token) = join.filter(|_| n > 1) else { return Ok(Vec::new()) };
+    obs.progress(Progress::Phase(&format!("opening {} more connections to the receiver", n - 1)));
+    crate::send::open_data_connections(opts, token, n, rate, links).inspect_err(|e| {
+        let _ = links.send(Out::Message(Message::Abort { reason: e.chain() }));
+        let _ = links.control().marker(Duration::from_secs(2));
+    })
+}
+
 /// What the receiver's `welcome` settled, for the stream engine and the tunnel.
 pub(crate) struct Welcomed {
     /// The disk images both hold, for references.
@@ -400,6 +430,10 @@ pub(crate) struct Welcomed {
     pub(crate) key: livemig_compact::PageKey,
     /// The snapshots of the VM the receiver holds (ids, newest first).
     pub(crate) snapshots: Vec<String>,
+    /// The protocol version both speak.
+    pub(crate) version: u32,
+    /// The secret the data connections present (a receiver of protocol 7 or later).
+    pub(crate) join: Option<String>,
 }
 
 /// The stream engine's and the tunnel's side of the handshake: `hello` offering the disk images
@@ -432,15 +466,15 @@ pub(crate) fn hello_and_welcome(
             engine: engine.into(),
         },
     )?;
-    let (holds, key): (Holdings, _) = match livemig_wire::read_message(reader)? {
-        Message::Welcome { version, holds, software, page_key, join: _ } => {
+    let (holds, key, version, join): (Holdings, _, _, _) = match livemig_wire::read_message(reader)? {
+        Message::Welcome { version, holds, software, page_key, join } => {
             let needs = STREAM_PROTOCOL_VERSION.max(MIN_PROTOCOL_VERSION);
             if version < needs {
                 return Err(AgentError::Incompatible(format!(
                     "the receiver ({software}) speaks protocol {version}, {who} needs {needs}"
                 )));
             }
-            (holds, crate::transport::sender_page_key(tls_key, page_key.as_deref())?)
+            (holds, crate::transport::sender_page_key(tls_key, page_key.as_deref())?, version, join)
         }
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
         other => return Err(AgentError::Protocol { expected: "welcome".into(), got: other.name().into() }),
@@ -448,7 +482,7 @@ pub(crate) fn hello_and_welcome(
     report.disk_images_used = holds.disks.len();
     crate::transport::report_page_key(report, obs, &key, tls_key.is_some());
     let disks = SenderDisks::new(indexes, &holds.disks).map(|d| d as Arc<dyn livemig_compact::DiskLookup>);
-    Ok(Welcomed { disks, key, snapshots: holds.snapshots })
+    Ok(Welcomed { disks, key, snapshots: holds.snapshots, version, join })
 }
 
 /// The precopy, switchover and commit phases: relays the return path (holding the
@@ -460,7 +494,7 @@ fn steer(
     report: &mut Report,
     st: &mut SourceState,
     inbound: &crossbeam_channel::Receiver<Inbound>,
-    writer: &mut Writer,
+    links: &mut Links,
     window: &Window,
     stats: &Mutex<RelayStats>,
     gate: &Gate,
@@ -503,7 +537,7 @@ fn steer(
                         got: format!("chunk {seq} item {item}"),
                     })?;
                     report.resent_pages += 1;
-                    writer.send(Out::Frame(FrameKind::Stream, resend_payload(seq, item, &page)))?;
+                    links.send(Out::Frame(FrameKind::Stream, resend_payload(seq, item, &page)))?;
                 }
                 Message::StreamVerified { bytes } => {
                     verified = true;
@@ -520,6 +554,10 @@ fn steer(
         }
         if source_done && loaded {
             break;
+        }
+        // A connection lost (the relay writes on its own thread): the migration fails.
+        if let Some(e) = links.failed() {
+            return Err(e);
         }
         window.check_progress(opts.timeout)?;
         // In the downtime (QEMU has stopped the guest) every millisecond of polling is downtime.
@@ -569,7 +607,7 @@ fn steer(
         }
         last_sync = sync;
         last_pass_note = Instant::now();
-        let wire = writer.total_bytes();
+        let wire = links.total_bytes();
         // Pages the relay parsed; after a fallback it parses none: QEMU's own count then.
         let pages = if s.fallback.is_some() {
             ["normal", "duplicate"].iter().filter_map(|k| info.raw["ram"][k].as_u64()).sum()
@@ -658,7 +696,7 @@ fn steer(
     let t_stop = s.completion_started.unwrap_or_else(Instant::now);
     obs.progress(Progress::Phase("switchover: resuming the destination"));
     st.committed = true;
-    if let Err(e) = writer.send(Out::Message(Message::Commit)).and_then(|()| writer.marker(opts.timeout).map(drop)) {
+    if let Err(e) = links.send(Out::Message(Message::Commit)).and_then(|()| links.control().marker(opts.timeout).map(drop)) {
         return Err(AgentError::Unconfirmed(e.chain()));
     }
     match inbound.recv_timeout(opts.timeout) {

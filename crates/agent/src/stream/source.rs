@@ -31,14 +31,14 @@ use livemig_compact::{
     ClassStats, DiskLookup, EncodeOptions, Encoder, PageKey, PageRef, Prepared, Scratch, SnapshotLookup, PAGE_SIZE,
 };
 use livemig_stream::{BlockName, Event, Parser};
-use livemig_wire::{FrameKind, Message};
+use livemig_wire::Message;
 use xxhash_rust::xxh3::Xxh3;
 
 use super::chunk::ChunkBuilder;
+use super::conns::Spread;
 use super::keep::KeepFeed;
 use crate::autocomp::StreamAuto;
 use crate::error::AgentError;
-use crate::link::Out;
 
 /// Raw stream bytes a chunk holds before it is sent.
 pub const CHUNK_TARGET: u64 = 512 * 1024;
@@ -239,11 +239,12 @@ impl std::fmt::Debug for SourceConfig {
     }
 }
 
-/// Reads QEMU's stream from `qemu` until EOF and queues it on `out`. Returns the stream's
-/// length. Stops with an error when `out` is closed (the connection failed).
+/// Reads QEMU's stream from `qemu` until EOF and queues it on `out` (one connection or several).
+/// Returns the stream's length. Stops with an error when a connection of `out` is closed (it
+/// failed).
 pub fn relay_source(
     mut qemu: UnixStream,
-    out: crossbeam_channel::Sender<Out>,
+    out: Spread,
     window: Arc<Window>,
     stats: Arc<Mutex<RelayStats>>,
     cfg: SourceConfig,
@@ -342,7 +343,7 @@ pub fn relay_source(
     }
     st.stats().compressor = Some(st.auto.auto.report());
     st.stats().ended = true;
-    st.send(Out::Message(Message::StreamEnd { bytes: total }))?;
+    st.control(Message::StreamEnd { bytes: total })?;
     Ok(total)
 }
 
@@ -362,7 +363,7 @@ struct State {
     hasher: Xxh3,
     hashed: u64,
     checkpointed: bool,
-    out: crossbeam_channel::Sender<Out>,
+    out: Spread,
     window: Arc<Window>,
     stats: Arc<Mutex<RelayStats>>,
     cfg: SourceConfig,
@@ -374,8 +375,10 @@ impl State {
         self.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn send(&self, o: Out) -> Result<(), AgentError> {
-        self.out.send(o).map_err(|_| AgentError::Wire(livemig_wire::WireError::Closed))
+    /// A control message, after every chunk sent so far (over several connections it takes a
+    /// number of the chunks' sequence).
+    fn control(&mut self, m: Message) -> Result<(), AgentError> {
+        self.out.control(m, &mut self.seq)
     }
 
     fn hash(&mut self, b: &[u8]) {
@@ -419,7 +422,7 @@ impl State {
         self.window.wait_room(raw);
         if let Some(enc) = self.enc.as_mut() {
             let pages = self.pages.iter().map(|(_, p)| &**p);
-            let queue = (self.out.len(), self.out.capacity());
+            let queue = self.out.fill();
             // No batch is with the pool here (the chunk in flight was taken back, the next one
             // is queued after this): the write lock is free.
             let mut enc = enc.write().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -433,7 +436,7 @@ impl State {
             let classes = *read(enc).stats();
             self.stats().classes = classes;
         }
-        self.send(Out::Frame(FrameKind::Stream, chunk.finish()))
+        self.out.chunk(chunk.finish())
     }
 
     /// Encodes the chunk in flight into chunk `self.seq` (its pages into `self.pages`, for
@@ -503,7 +506,7 @@ impl State {
         self.enc = Some(Arc::new(RwLock::new(enc)));
         // The blocks reach the receiver before the first page that needs them.
         self.flush()?;
-        self.send(Out::Message(Message::StreamBlocks { blocks, cache_pages }))
+        self.control(Message::StreamBlocks { blocks, cache_pages })
     }
 
     fn checkpoint(&mut self, at: String) -> Result<(), AgentError> {
@@ -517,7 +520,7 @@ impl State {
         self.cfg.keep = None;
         self.stats().checkpoint_bytes = Some(self.hashed);
         self.stats().checkpoint_digest = Some(d);
-        self.send(Out::Message(Message::StreamCheckpoint { bytes: self.hashed, digest, at }))
+        self.control(Message::StreamCheckpoint { bytes: self.hashed, digest, at })
     }
 
     fn event(&mut self, e: Event) -> Result<(), AgentError> {
@@ -770,6 +773,8 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link::Out;
+    use livemig_wire::FrameKind;
 
     use crate::holdings::ReceiverDisks;
     use crate::stream::cache::{PageCache, StreamDest};
@@ -788,7 +793,7 @@ mod tests {
         let stats = Arc::new(Mutex::new(RelayStats::default()));
         let compressor = crate::autocomp::CompressorMode::Forced(EncodeOptions::default().compressor);
         let cfg = SourceConfig { encode: EncodeOptions::default(), compressor, disks: None, key: key.clone(), snapshot: None, keep: None, threads };
-        let n = relay_source(qemu, out, Arc::clone(&window), Arc::clone(&stats), cfg).unwrap_or_else(|e| panic!("{}", e.chain()));
+        let n = relay_source(qemu, Spread::one(out), Arc::clone(&window), Arc::clone(&stats), cfg).unwrap_or_else(|e| panic!("{}", e.chain()));
         writer.join().unwrap();
         assert_eq!(n, data.len() as u64);
         let s = stats.lock().unwrap().clone();
@@ -869,7 +874,7 @@ mod tests {
         let cfg = SourceConfig { encode: EncodeOptions::default(), compressor, disks: None, key: key.clone(), snapshot: None, keep: None, threads: 2 };
         let relay = {
             let window = Arc::clone(&window);
-            std::thread::spawn(move || relay_source(qemu, out, window, stats, cfg))
+            std::thread::spawn(move || relay_source(qemu, Spread::one(out), window, stats, cfg))
         };
         feed.write_all(&data[..first]).unwrap();
         // All of it but a record the parser holds incomplete at the cut.

@@ -25,7 +25,9 @@
 //! state but was never resumed: that is its owner's job too.
 //!
 //! Protocol between the two ends (livemig's wire protocol, version 3): `hello` (engine
-//! `tunnel`) -> `welcome`; the source QEMU connects -> `stream_setup` (no capabilities) -> the
+//! `tunnel`) -> `welcome`; over several connections (`connections`, version 7) a `plan` and
+//! the data connections' `join`s, as `send --engine stream` (see [`super::conns`]); the source
+//! QEMU connects -> `stream_setup` (no capabilities) -> the
 //! receiver connects to the destination QEMU -> `stream_ready`; then the stream engine's chunks,
 //! acks, resends, checkpoint, `stream_end`; the destination QEMU's result (its return path's
 //! SHUT) -> `loaded`. A `livemig receive` refuses a tunnel sender, and a tunnel receiver any
@@ -55,7 +57,8 @@ use super::StreamReport;
 use crate::error::AgentError;
 use crate::receive::refuse;
 use crate::holdings;
-use crate::link::{self, Out, Writer};
+use super::conns::{Ordered, Spread, REORDER_CAP};
+use crate::link::{self, Links, Out, Writer};
 use crate::receive::ReceiveOptions;
 use crate::report::Report;
 use crate::send::SendOptions;
@@ -101,6 +104,10 @@ pub struct TunnelSendOptions {
     pub index_cache: PathBuf,
     /// Bytes between indexed 4 KiB windows of the disk images (auto: from their filesystems).
     pub disk_align: livemig_index::Align,
+    /// Connections QEMU's stream goes over (1 to [`livemig_wire::MAX_CONNECTIONS`]), each its
+    /// own TLS session; more than one needs a tunnel receiver of protocol 7 (an older one gets
+    /// one, said in the report).
+    pub connections: u32,
     /// Set by a signal handler to cancel.
     pub cancel: Arc<AtomicBool>,
 }
@@ -122,6 +129,7 @@ impl TunnelSendOptions {
             disk_images: Vec::new(),
             index_cache: holdings::default_index_cache(),
             disk_align: livemig_index::Align::Auto,
+            connections: 1,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -369,7 +377,7 @@ fn send_run(opts: &TunnelSendOptions, obs: &mut dyn Observer, report: &mut Repor
     }
     let indexes = holdings::load_indexes(&opts.disk_images, &opts.index_cache, opts.disk_align, obs, report)?;
     let (stream, mut reader, mut writer_half, tls_key) = crate::send::connect_receiver(&opts.connection(), obs, report)?;
-    let super::send::Welcomed { disks, key, .. } = hello_and_welcome(
+    let super::send::Welcomed { disks, key, version, join, .. } = hello_and_welcome(
         &mut reader,
         &mut writer_half,
         (indexes, None),
@@ -380,6 +388,16 @@ fn send_run(opts: &TunnelSendOptions, obs: &mut dyn Observer, report: &mut Repor
         obs,
         tls_key,
     )?;
+    let needs = (version, livemig_wire::STREAM_CONNECTIONS_PROTOCOL_VERSION, " for a tunnel");
+    let connections = crate::send::connections_from(opts.connections, needs, join.as_deref(), obs, report)?;
+    if connections > 1 {
+        // Only then: a receiver of protocol 7 expects a plan before the stream's setup, an
+        // older one none.
+        livemig_wire::write_message(&mut writer_half, &Message::Plan { snapshot: None, connections })?;
+    }
+    let each = opts.bandwidth.map(|b| (b / u64::from(connections)).max(1));
+    let mut links = Links::new(Writer::spawn(writer_half, each));
+    let data_readers = super::send::open_stream_connections(&opts.connection(), join.as_deref(), connections, each, &mut links, obs)?;
     obs.progress(Progress::Phase(&format!(
         "the tunnel receiver accepted: waiting for the source QEMU to migrate to unix:{}",
         sock.path.display()
@@ -390,7 +408,8 @@ fn send_run(opts: &TunnelSendOptions, obs: &mut dyn Observer, report: &mut Repor
     let net = |source| AgentError::Network { what: "cannot configure QEMU's migration socket".into(), source };
     let qemu_w = qemu.try_clone().map_err(net)?;
     let closer = qemu.try_clone().map_err(net)?;
-    let r = relay(opts, obs, report, &sock, qemu, qemu_w, &stream, reader, writer_half, disks, key);
+    let r = relay(opts, obs, report, &sock, qemu, qemu_w, &stream, reader, links, disks, key);
+    drop(data_readers);
     if r.is_err() {
         // The source QEMU sees its migration fail; QEMU keeps (or puts) its VM running.
         let _ = closer.shutdown(std::net::Shutdown::Both);
@@ -411,11 +430,11 @@ fn relay(
     qemu_w: UnixStream,
     stream: &TcpStream,
     mut reader: Box<dyn Read + Send>,
-    mut writer_half: Box<dyn Write + Send>,
+    mut links: Links,
     disks: Option<Arc<dyn livemig_compact::DiskLookup>>,
     key: livemig_compact::PageKey,
 ) -> Result<(), AgentError> {
-    livemig_wire::write_message(&mut writer_half, &Message::StreamSetup { capabilities: Vec::new() })?;
+    links.send(Out::Message(Message::StreamSetup { capabilities: Vec::new() }))?;
     match livemig_wire::read_message(&mut reader)? {
         Message::StreamReady => {}
         Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "destination", reason }),
@@ -424,7 +443,6 @@ fn relay(
     stream.set_read_timeout(None).map_err(|source| AgentError::Network { what: "cannot configure the socket".into(), source })?;
     obs.progress(Progress::Phase("the destination QEMU is connected: relaying the migration"));
     let frames = link::read_frames(reader, 64);
-    let mut writer = Writer::spawn(writer_half, opts.bandwidth);
     let window = Arc::new(Window::new(DEFAULT_WINDOW));
     // Open: the tunnel steers nothing, the switchover-ack goes to QEMU as it comes.
     let gate = Arc::new(Gate::new(qemu_w, true));
@@ -445,7 +463,7 @@ fn relay(
     let closer = qemu.try_clone().map_err(|source| AgentError::Network { what: "cannot configure QEMU's migration socket".into(), source })?;
     let (done_tx, done) = crossbeam_channel::bounded(1);
     let relay = {
-        let (out, window, stats) = (writer.sender(), Arc::clone(&window), Arc::clone(&stats));
+        let (out, window, stats) = (Spread::new(links.senders()), Arc::clone(&window), Arc::clone(&stats));
         std::thread::Builder::new()
             .name("livemig-relay".into())
             .spawn(move || {
@@ -453,7 +471,7 @@ fn relay(
             })
             .map_err(|source| AgentError::Network { what: "cannot start the relay thread".into(), source })?
     };
-    let r = watch(opts, obs, report, sock, &inbound, &mut writer, &window, &stats, &done);
+    let r = watch(opts, obs, report, sock, &inbound, &mut links, &window, &stats, &done);
     let s = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
     report.set_class_stats(&s.classes);
     report.compressor = s.compressor.clone();
@@ -475,7 +493,7 @@ fn relay(
         obs.progress(Progress::Phase(&w));
         report.warnings.push(w);
     }
-    report.wire_bytes = writer.total_bytes();
+    report.wire_bytes = links.total_bytes();
     if r.is_err() {
         window.close();
         let _ = closer.shutdown(std::net::Shutdown::Both);
@@ -490,8 +508,8 @@ fn relay(
     };
     if let Err(e) = &r {
         if !matches!(e, AgentError::Wire(_) | AgentError::PeerAborted { .. }) {
-            let _ = writer.send(Out::Message(Message::Abort { reason: e.chain() }));
-            let _ = writer.marker(Duration::from_secs(2));
+            let _ = links.send(Out::Message(Message::Abort { reason: e.chain() }));
+            let _ = links.control().marker(Duration::from_secs(2));
         }
     }
     drop(inbound);
@@ -499,7 +517,7 @@ fn relay(
         // Nothing more to say: a receiver that stopped reading must not hold the writer.
         let _ = stream.shutdown(std::net::Shutdown::Both);
     }
-    let _ = writer.finish();
+    let _ = links.finish();
     // The receiver is done (or gone): end the reader under the dispatcher.
     let _ = stream.shutdown(std::net::Shutdown::Both);
     let _ = relay.join();
@@ -516,7 +534,7 @@ fn watch(
     report: &mut Report,
     sock: &SourceSocket,
     inbound: &crossbeam_channel::Receiver<Inbound>,
-    writer: &mut Writer,
+    links: &mut Links,
     window: &Window,
     stats: &Mutex<RelayStats>,
     done: &crossbeam_channel::Receiver<Result<u64, AgentError>>,
@@ -560,7 +578,7 @@ fn watch(
                         got: format!("chunk {seq} item {item}"),
                     })?;
                     report.resent_pages += 1;
-                    writer.send(Out::Frame(FrameKind::Stream, resend_payload(seq, item, &page)))?;
+                    links.send(Out::Frame(FrameKind::Stream, resend_payload(seq, item, &page)))?;
                 }
                 Message::StreamVerified { bytes } => {
                     verified = true;
@@ -577,6 +595,10 @@ fn watch(
             Ok(Err(e)) => return Err(e),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(AgentError::Wire(WireError::Closed)),
+        }
+        // A connection lost (the relay writes on its own thread): the migration fails.
+        if let Some(e) = links.failed() {
+            return Err(e);
         }
         window.check_progress(opts.timeout)?;
         if ended.is_none() {
@@ -608,7 +630,7 @@ fn watch(
             obs.progress(Progress::Phase(&format!(
                 "relayed {:.1} MiB of QEMU's stream as {:.1} MiB on the wire: {} pages compacted, {} zero records, {} `ram` sections",
                 mib(s.raw_bytes),
-                mib(writer.total_bytes()),
+                mib(links.total_bytes()),
                 s.pages,
                 s.zero_records,
                 s.ram_sections
@@ -792,22 +814,42 @@ fn receive_run(
     let wait = crate::arrival::Wait::new(&opts.transport, (opts.timeout, opts.accept_timeout), &ropts.cancel, "the tunnel's sender");
     let crate::arrival::Arrived { stream, mut reader, writer, hello, key, welcome_key } =
         crate::arrival::receive_sender(&listener, &wait, obs, report)?;
-    drop(listener);
     let writer = conn_slot.insert(writer);
     let count = Arc::clone(&reader.count);
     if let Some(reason) = tunnel_refuses(&hello) {
         return Err(refuse(writer, reason));
     }
     let who = super::receive::Parties { sender: "the tunnel's sender", with: "", me: "this receiver" };
-    let rdisks = super::receive::welcome_sender(writer, hello, (&opts.disk_images, &indexes), (welcome_key, Vec::new()), report, &who)?;
+    let (rdisks, join) = super::receive::welcome_sender(writer, hello, (&opts.disk_images, &indexes), (welcome_key, Vec::new()), report, &who)?;
     obs.progress(Progress::Phase("the tunnel's sender is connected: waiting for its source QEMU to migrate"));
     let net = |source| AgentError::Network { what: "cannot configure the socket".into(), source };
     stream.set_read_timeout(Some(opts.accept_timeout)).map_err(net)?;
-    match livemig_wire::read_message(&mut reader)? {
-        Message::StreamSetup { .. } => {}
-        Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
-        other => return Err(AgentError::Protocol { expected: "stream-setup".into(), got: other.name().into() }),
+    // Over several connections (protocol 7) a plan comes first, and its data connections.
+    let mut connections = 1;
+    let mut joined = Vec::new();
+    loop {
+        match livemig_wire::read_message(&mut reader)? {
+            Message::StreamSetup { .. } => break,
+            Message::Plan { connections: n, .. } if connections == 1 && joined.is_empty() => {
+                let Some(token) = join.as_deref().filter(|_| (2..=livemig_wire::MAX_CONNECTIONS).contains(&n)) else {
+                    return Err(refuse(
+                        writer,
+                        format!("the tunnel's sender plans {n} connections; this receiver takes 2 to {} in a plan (protocol 7)", livemig_wire::MAX_CONNECTIONS),
+                    ));
+                };
+                obs.progress(Progress::Phase(&format!("waiting for the tunnel sender's {} data connections", n - 1)));
+                joined = crate::arrival::accept_joins(&listener, &wait, token, n, obs, report).inspect_err(|e| {
+                    let _ = livemig_wire::write_message(writer, &Message::Abort { reason: format!("destination: {}", e.chain()) });
+                })?;
+                connections = n;
+            }
+            Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
+            other => return Err(AgentError::Protocol { expected: "stream-setup".into(), got: other.name().into() }),
+        }
     }
+    // Every later connection is refused by the kernel.
+    drop(listener);
+    report.connections = Some(connections);
     stream.set_read_timeout(Some(opts.timeout)).map_err(net)?;
     obs.progress(Progress::Phase(&format!(
         "the source QEMU migrates: connecting to the destination QEMU at unix:{}",
@@ -821,7 +863,9 @@ fn receive_run(
     livemig_wire::write_message(writer, &Message::StreamReady)?;
     stream.set_read_timeout(None).map_err(net)?;
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let frames = read_frames_noting(reader, Arc::clone(&seen));
+    let counts: Vec<Arc<std::sync::atomic::AtomicU64>> = std::iter::once(Arc::clone(&count)).chain(joined.iter().map(|j| Arc::clone(&j.reader.count))).collect();
+    let data: Vec<(u32, TcpStream, Box<dyn Read + Send>)> = joined.into_iter().map(|j| (j.index, j.stream, Box::new(j.reader) as Box<dyn Read + Send>)).collect();
+    let frames = Ordered::start(read_frames_noting(reader, Arc::clone(&seen)), data, connections, REORDER_CAP)?;
     let mut writer = Writer::spawn(conn_slot.take().expect("connected"), None);
     let rp_state = Arc::new(Mutex::new(RpState::default()));
     let rp = spawn_return_path(rp_read, writer.sender(), Arc::clone(&rp_state))
@@ -829,7 +873,7 @@ fn receive_run(
     obs.progress(Progress::Phase("rebuilding QEMU's stream into the destination QEMU"));
     let mut dest = ReturnPathResult { state: Arc::clone(&rp_state), unconfirmed: false };
     let held = super::receive::Held { disks: &rdisks, snapshot: None, keep: None };
-    let r = rebuild(&ropts, obs, report, &mut dest, qemu_sock, &frames, &mut writer, held, &key);
+    let r = rebuild(&ropts, obs, report, &mut dest, qemu_sock, frames.frames(), &mut writer, held, &key);
     // Success: QEMU closed it already. Failure: QEMU sees its incoming migration fail.
     let _ = closer.shutdown(std::net::Shutdown::Both);
     let _ = rp.join();
@@ -849,7 +893,7 @@ fn receive_run(
     if let Some(f) = &seen.fallback {
         report.warnings.push(format!("the sender's parser fell back to passing QEMU's stream verbatim (not compacted) from there on: {f}"));
     }
-    report.wire_bytes = count.load(Ordering::Relaxed);
+    report.wire_bytes = counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
     report.destination_state = Some(match (&r, dest.unconfirmed) {
         (Ok(()), false) => "loaded (SHUT 0 on its return path): its owner resumes it".into(),
         (Ok(()), true) => "read the whole stream and closed it; without a return path its load result is unknown".into(),

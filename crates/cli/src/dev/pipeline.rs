@@ -55,9 +55,9 @@ pub struct Args {
     /// Encoder threads (default: the available cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Connections, one run each (e.g. `1,2,4`).
+    /// Connections, one run each (e.g. `1,2,4`; both engines).
     #[arg(long, value_delimiter = ',', default_values_t = [1u32])]
-    connections: Vec<u32>,
+    pub(crate) connections: Vec<u32>,
     /// The receiver's decoding threads (default: the available cores).
     #[arg(long)]
     receive_threads: Option<usize>,

@@ -16,6 +16,9 @@
 //! section after SWITCHOVER_START), a device section, EOF and the vmdesc; `ram` sections of 1024
 //! records, as QEMU's iterations cut them.
 //!
+//! The stream goes over `--connections` connections (each list entry a run: `1,2,4`; each its
+//! own TLS session; the tunnel receiver puts the chunks back in order, as `receive` does).
+//!
 //! Each compressor runs with 1 thread and with `--threads` (default: every core), one after the
 //! other in the same invocation, so both see the same load of a shared machine. Everything runs
 //! in this process: the CPU seconds are both ends' (and the fake QEMUs') together.
@@ -269,6 +272,8 @@ fn relay_cpu(stop: &std::sync::atomic::AtomicBool) -> (f64, f64) {
 #[derive(Debug, Serialize)]
 pub struct StreamRun {
     compressor: Comp,
+    /// Connections the stream went over (`--connections`).
+    connections: u32,
     threads: usize,
     /// Guest RAM bytes the stream's page records carry (PAGE and ZERO records x 4096).
     ram_bytes: u64,
@@ -309,7 +314,7 @@ fn check(who: &str, r: &Report, res: Result<(), livemig_agent::AgentError>) -> R
     Ok(())
 }
 
-fn run_one(s: &Synthetic, comp: Comp, threads: usize, transport: &Transport) -> Result<StreamRun> {
+fn run_one(s: &Synthetic, (comp, connections): (Comp, u32), threads: usize, transport: &Transport) -> Result<StreamRun> {
     let dir = tempfile::Builder::new().prefix("livemig-dev-stream-").tempdir().context("cannot create a socket directory")?;
     let (src, dst): (PathBuf, PathBuf) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
     let listener = UnixListener::bind(&dst).context("cannot listen as the destination QEMU")?;
@@ -329,6 +334,7 @@ fn run_one(s: &Synthetic, comp: Comp, threads: usize, transport: &Transport) -> 
     so.server_name = Some("localhost".into());
     so.compressor = comp.mode();
     so.threads = threads;
+    so.connections = connections;
     so.timeout = T;
     so.connect_timeout = T;
     so.accept_timeout = T;
@@ -352,6 +358,12 @@ fn run_one(s: &Synthetic, comp: Comp, threads: usize, transport: &Transport) -> 
     let stream_bytes = sr.stream.as_ref().map_or(0, |x| x.raw_bytes);
     ensure!(stream_bytes == s.data.len() as u64, "the relay read {stream_bytes} bytes of {}", s.data.len());
     ensure!(sr.threads == Some(threads.clamp(1, livemig_agent::pipeline::MAX_THREADS)), "the relay used {:?} threads", sr.threads);
+    ensure!(
+        sr.connections == Some(connections) && rr.connections == Some(connections),
+        "{connections} connections asked, the ends used {:?} and {:?}",
+        sr.connections,
+        rr.connections
+    );
 
     let seconds = t1.duration_since(t0).as_secs_f64();
     let ram_bytes = (s.pages[0] + s.pages[1]) * PAGE_SIZE as u64;
@@ -360,6 +372,7 @@ fn run_one(s: &Synthetic, comp: Comp, threads: usize, transport: &Transport) -> 
     classes.sort();
     Ok(StreamRun {
         compressor: comp,
+        connections,
         threads,
         ram_bytes,
         stream_bytes,
@@ -400,11 +413,14 @@ pub fn run(a: &Args, threads: usize, tls: Option<&TlsSetup>) -> Result<()> {
         counts.push(threads);
     }
     let mut runs = Vec::new();
-    for &c in &a.compressor {
+    for (&c, &conns) in a.compressor.iter().flat_map(|c| a.connections.iter().map(move |n| (c, n))) {
         for &n in &counts {
             let mut tries = Vec::with_capacity(a.repeat);
             for _ in 0..a.repeat {
-                tries.push(run_one(&s, c, n, &transport).with_context(|| format!("run with compressor {} on {n} thread(s)", c.name()))?);
+                tries.push(
+                    run_one(&s, (c, conns), n, &transport)
+                        .with_context(|| format!("run with compressor {} over {conns} connection(s) on {n} thread(s)", c.name()))?,
+                );
             }
             tries.sort_by(|x, y| x.gb_per_s.total_cmp(&y.gb_per_s));
             let all: Vec<f64> = tries.iter().map(|t| t.gb_per_s).collect();
@@ -431,13 +447,14 @@ pub fn run(a: &Args, threads: usize, tls: Option<&TlsSetup>) -> Result<()> {
         a.transport,
         a.repeat
     )?;
-    writeln!(stdout, "| compressor | threads | wire MB | s | GB/s RAM | GB/s stream | CPU s | relay CPU s (its own thread) | GB per CPU s |")?;
-    writeln!(stdout, "|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(stdout, "| compressor | connections | threads | wire MB | s | GB/s RAM | GB/s stream | CPU s | relay CPU s (its own thread) | GB per CPU s |")?;
+    writeln!(stdout, "|---|---|---|---|---|---|---|---|---|---|")?;
     for r in &out.runs {
         writeln!(
             stdout,
-            "| {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} ({:.2}) | {:.2} |",
+            "| {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} ({:.2}) | {:.2} |",
             r.compressor.name(),
+            r.connections,
             r.threads,
             r.wire_bytes as f64 / 1e6,
             r.seconds,
@@ -451,7 +468,7 @@ pub fn run(a: &Args, threads: usize, tls: Option<&TlsSetup>) -> Result<()> {
     }
     for r in &out.runs {
         let classes: Vec<String> = r.classes.iter().map(|(n, c)| format!("{n} {c}")).collect();
-        writeln!(stdout, "classes ({}, {} threads): {}", r.compressor.name(), r.threads, classes.join(", "))?;
+        writeln!(stdout, "classes ({}, {} connection(s), {} threads): {}", r.compressor.name(), r.connections, r.threads, classes.join(", "))?;
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ pub(crate) fn certs(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-fn cert_args(dir: &Path) -> Vec<String> {
+pub(crate) fn cert_args(dir: &Path) -> Vec<String> {
     let f = |n: &str| dir.join(n).display().to_string();
     vec!["--tls-cert".into(), f("localhost.pem"), "--tls-key".into(), f("localhost-key.pem"), "--tls-ca".into(), f("ca.pem")]
 }
