@@ -67,6 +67,8 @@ fn messages() -> Vec<Message> {
         Message::Commit,
         Message::Resumed,
         Message::Abort { reason: "the guest \"stopped\" \u{e9}".into() },
+        Message::StreamEnd { bytes: 10 },
+        Message::StreamOrder { seq: 11 },
     ]
 }
 
