@@ -74,6 +74,18 @@ pub struct Pair {
     pub image: GuestImage,
 }
 
+/// Kills both VMs; the work dir (logs, reports, copies of disks: up to 400 MiB) goes too unless the
+/// test failed, so a run of the suite does not leave gigabytes in $TMPDIR.
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.src.kill();
+        self.dst.kill();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 impl Pair {
     pub fn start(name: &str, workload: Vec<(String, String)>, dst_cfg: impl FnOnce(VmConfig) -> VmConfig) -> Pair {
         Self::start_with_backend(name, workload, RamBackend::ShmFile, dst_cfg)
