@@ -334,31 +334,14 @@ fn run(
     let peer = handshake(hello, writer, &mem, &opts.disk_images, &indexes, store.as_ref(), welcome_key)?;
     report.vm = peer.vm.clone();
     report.disk_images_used = peer.disks_held;
-    let (snapshot, connections): (Option<Snapshot>, u32) = match livemig_wire::read_message(&mut reader)? {
-        Message::Plan { connections, .. } if connections == 0 || connections > MAX_CONNECTIONS || (connections > 1 && peer.join.is_none()) => {
-            return Err(refuse(writer, format!("the source plans {connections} connections; this destination takes 1 to {MAX_CONNECTIONS} (more than 1 from protocol 6)")))
-        }
-        Message::Plan { snapshot: None, connections } => (None, connections),
-        Message::Plan { snapshot: Some(id), connections } => {
-            let (Some(store), Some(vm)) = (&store, &peer.vm) else {
-                return Err(AgentError::Protocol { expected: "no snapshot (none was offered)".into(), got: format!("snapshot {id}") });
-            };
-            report.snapshot_used = Some(id.clone());
-            (Some(holdings::open_snapshot(store, vm, holdings::parse_id(&id)?)?), connections)
-        }
-        Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
-        other => return Err(AgentError::Protocol { expected: "plan".into(), got: other.name().into() }),
-    };
-    report.connections = Some(connections);
-    let joined = match peer.join.as_deref().filter(|_| connections > 1) {
-        Some(token) => {
-            obs.progress(Progress::Phase(&format!("waiting for the sender's {} data connections", connections - 1)));
-            arrival::accept_joins(&listener, &wait, token, connections, obs, report).inspect_err(|e| refuse_with(writer, e))?
-        }
-        None => Vec::new(),
-    };
-    // Every later connection is refused by the kernel.
-    drop(listener);
+    let (snapshot, _, joined) = plan_and_joins(
+        (&mut reader, writer),
+        (listener, &wait),
+        (peer.join.as_deref(), "from protocol 6"),
+        (store.as_ref(), peer.vm.as_ref()),
+        obs,
+        report,
+    )?;
     // The received memory, kept as a snapshot of the VM once it runs here.
     let keep: Option<SnapshotWriter<'_>> = match (&store, &peer.vm) {
         (Some(store), Some(vm)) => match store.writer(vm, total) {
@@ -574,6 +557,45 @@ fn apply_loop(
     }
 }
 
+/// Reads the sender's plan (a snapshot of the VM this host holds, or none; its number of
+/// connections, within [`MAX_CONNECTIONS`] and more than 1 only if this host offered a `join`
+/// secret; `protocol` says from which protocol in the refusal) and accepts its data connections
+/// on `listener`, which is then closed: every later connection is refused by the kernel.
+fn plan_and_joins(
+    (reader, writer): (&mut Counting<Box<dyn Read + Send>>, &mut Box<dyn Write + Send>),
+    (listener, wait): (TcpListener, &arrival::Wait<'_>),
+    (join, protocol): (Option<&str>, &str),
+    (store, vm): (Option<&SnapshotStore>, Option<&String>),
+    obs: &mut dyn Observer,
+    report: &mut Report,
+) -> Result<(Option<Snapshot>, u32, Vec<arrival::Joined>), AgentError> {
+    let (snapshot, connections): (Option<Snapshot>, u32) = match livemig_wire::read_message(reader)? {
+        Message::Plan { connections, .. } if connections == 0 || connections > MAX_CONNECTIONS || (connections > 1 && join.is_none()) => {
+            return Err(refuse(writer, format!("the source plans {connections} connections; this destination takes 1 to {MAX_CONNECTIONS} (more than 1 {protocol})")))
+        }
+        Message::Plan { snapshot: None, connections } => (None, connections),
+        Message::Plan { snapshot: Some(id), connections } => {
+            let (Some(store), Some(vm)) = (store, vm) else {
+                return Err(AgentError::Protocol { expected: "no snapshot (none was offered)".into(), got: format!("snapshot {id}") });
+            };
+            report.snapshot_used = Some(id.clone());
+            (Some(holdings::open_snapshot(store, vm, holdings::parse_id(&id)?)?), connections)
+        }
+        Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
+        other => return Err(AgentError::Protocol { expected: "plan".into(), got: other.name().into() }),
+    };
+    report.connections = Some(connections);
+    let joined = match join.filter(|_| connections > 1) {
+        Some(token) => {
+            obs.progress(Progress::Phase(&format!("waiting for the sender's {} data connections", connections - 1)));
+            arrival::accept_joins(&listener, wait, token, connections, obs, report).inspect_err(|e| refuse_with(writer, e))?
+        }
+        None => Vec::new(),
+    };
+    drop(listener);
+    Ok((snapshot, connections, joined))
+}
+
 /// The sender's first connection: its reading half, the slot of its writing half (kept by the
 /// caller, so a failure can still tell the sender why), its socket.
 type FirstConnection<'a> = (Counting<Box<dyn Read + Send>>, &'a mut Option<Box<dyn Write + Send>>, &'a TcpStream);
@@ -606,34 +628,8 @@ fn receive_stream(
         _ => Vec::new(),
     };
     let (rdisks, join) = crate::stream::receive::welcome_sender(writer, hello, (&opts.disk_images, indexes), (welcome_key, snapshots), report, &who)?;
-    let (snapshot, connections): (Option<Snapshot>, u32) = match livemig_wire::read_message(&mut reader)? {
-        Message::Plan { connections, .. } if connections == 0 || connections > MAX_CONNECTIONS || (connections > 1 && join.is_none()) => {
-            return Err(refuse(
-                writer,
-                format!("the source plans {connections} connections; this destination takes 1 to {MAX_CONNECTIONS} (more than 1 with the stream engine from protocol 7)"),
-            ))
-        }
-        Message::Plan { snapshot: None, connections } => (None, connections),
-        Message::Plan { snapshot: Some(id), connections } => {
-            let (Some(store), Some(vm)) = (store, &vm) else {
-                return Err(AgentError::Protocol { expected: "no snapshot (none was offered)".into(), got: format!("snapshot {id}") });
-            };
-            report.snapshot_used = Some(id.clone());
-            (Some(holdings::open_snapshot(store, vm, holdings::parse_id(&id)?)?), connections)
-        }
-        Message::Abort { reason } => return Err(AgentError::PeerAborted { peer: "source", reason }),
-        other => return Err(AgentError::Protocol { expected: "plan".into(), got: other.name().into() }),
-    };
-    report.connections = Some(connections);
-    let joined = match join.as_deref().filter(|_| connections > 1) {
-        Some(token) => {
-            obs.progress(Progress::Phase(&format!("waiting for the sender's {} data connections", connections - 1)));
-            arrival::accept_joins(&listener, wait, token, connections, obs, report).inspect_err(|e| refuse_with(writer, e))?
-        }
-        None => Vec::new(),
-    };
-    // Every later connection is refused by the kernel.
-    drop(listener);
+    let (snapshot, connections, joined) =
+        plan_and_joins((&mut reader, writer), (listener, wait), (join.as_deref(), "with the stream engine from protocol 7"), (store, vm.as_ref()), obs, report)?;
     let keeper = match (store, &vm) {
         (Some(store), Some(vm)) => Some(crate::stream::keep::Keeper::spawn(store.clone(), vm.clone())?),
         _ => None,
