@@ -438,15 +438,7 @@ pub struct DataConnections {
     events: crossbeam_channel::Receiver<DataEvent>,
     /// Kept so `events` never reports every reader gone (a loop selecting on it would spin).
     _events_tx: crossbeam_channel::Sender<DataEvent>,
-    sockets: Vec<TcpStream>,
-}
-
-impl Drop for DataConnections {
-    fn drop(&mut self) {
-        for s in &self.sockets {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
+    sockets: crate::link::ShutOnDrop,
 }
 
 impl DataConnections {
@@ -459,9 +451,9 @@ impl DataConnections {
     ) -> Result<DataConnections, AgentError> {
         let (events_tx, events) = crossbeam_channel::unbounded::<DataEvent>();
         let count = u32::try_from(conns.len()).unwrap_or(u32::MAX);
-        let mut data = DataConnections { count, fences: vec![None; conns.len()], events, _events_tx: events_tx.clone(), sockets: Vec::new() };
+        let mut data = DataConnections { count, fences: vec![None; conns.len()], events, _events_tx: events_tx.clone(), sockets: crate::link::ShutOnDrop::default() };
         for (index, stream, reader) in conns {
-            data.sockets.push(stream);
+            data.sockets.0.push(stream);
             let (feeder, events) = (feeder.clone(), events_tx.clone());
             std::thread::Builder::new()
                 .name(format!("livemig-data-{index}"))

@@ -413,6 +413,19 @@ impl Inbox {
     }
 }
 
+/// The sockets of a migration's data connections, shut down when dropped, so the threads
+/// reading them end (the receiver's `apply::DataConnections` and `stream::conns::Ordered`).
+#[derive(Debug, Default)]
+pub(crate) struct ShutOnDrop(pub(crate) Vec<TcpStream>);
+
+impl Drop for ShutOnDrop {
+    fn drop(&mut self) {
+        for s in &self.0 {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 /// Connects to `addr`, retrying while the peer is not listening yet, until `timeout`.
 pub fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, AgentError> {
     let deadline = Instant::now() + timeout;

@@ -254,15 +254,7 @@ impl Reorder {
 #[derive(Debug)]
 pub(crate) struct Ordered {
     rx: Receiver<Result<Frame, AgentError>>,
-    sockets: Vec<TcpStream>,
-}
-
-impl Drop for Ordered {
-    fn drop(&mut self) {
-        for s in &self.sockets {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
+    _sockets: crate::link::ShutOnDrop,
 }
 
 impl Ordered {
@@ -295,7 +287,7 @@ impl Ordered {
         drop(data_tx);
         let (tx, rx) = bounded(64);
         std::thread::Builder::new().name("livemig-order".into()).spawn(move || order(&first, &data_rx, n, cap, &tx)).map_err(spawn_err)?;
-        Ok(Ordered { rx, sockets })
+        Ok(Ordered { rx, _sockets: crate::link::ShutOnDrop(sockets) })
     }
 
     /// The frames in order; an error (a connection lost, named, or out of order) ends them.
