@@ -231,11 +231,9 @@ fn paused_source_cut_after_loaded_gets_its_images_back_and_stays_paused() {
     remove(disk.path.parent().unwrap());
 }
 
-/// [`assert_migrated_and_intact`], then the run's files and the disk removed.
+/// [`assert_migrated_and_intact`], then the disk removed (the pair removes the run's files).
 fn migrated_and_intact(pair: Pair, disk: &DataDisk, m: &Migration) {
-    let dir = pair.dir.clone();
     assert_migrated_and_intact(pair, disk, m);
-    remove(&dir);
     remove(disk.path.parent().unwrap());
 }
 
