@@ -141,6 +141,21 @@ pub(crate) struct Joined {
     pub(crate) reader: Counting<Box<dyn Read + Send>>,
 }
 
+/// The bytes read so far on a migration's first connection and on each of its data connections
+/// (their [`Counting`] readers' counts), for the report's `wire_bytes`.
+pub(crate) struct WireCounts(Vec<Arc<AtomicU64>>);
+
+impl WireCounts {
+    pub(crate) fn new(first: &Arc<AtomicU64>, joined: &[Joined]) -> WireCounts {
+        WireCounts(std::iter::once(Arc::clone(first)).chain(joined.iter().map(|j| Arc::clone(&j.reader.count))).collect())
+    }
+
+    /// Their sum so far.
+    pub(crate) fn total(&self) -> u64 {
+        self.0.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
 /// Accepts the `n - 1` data connections of a migration on `listener`, as [`accept_sender`] its
 /// first: each authenticated by the transport, and its first message a `join` with `token` and a
 /// number from 1 to `n - 1` not taken yet. Anything else is refused (said and reported) and the

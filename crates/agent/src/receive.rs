@@ -358,9 +358,8 @@ fn run(
     target.keep = std::sync::Mutex::new(keep);
     let pool = crate::apply::Pool::new(opts.threads);
     report.threads = Some(pool.threads());
-    let counts: Vec<Arc<std::sync::atomic::AtomicU64>> =
-        std::iter::once(Arc::clone(&count)).chain(joined.iter().map(|j| Arc::clone(&j.reader.count))).collect();
-    let wire_bytes = || counts.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
+    let counts = arrival::WireCounts::new(&count, &joined);
+    let wire_bytes = || counts.total();
     std::thread::scope(|s| {
         let feeder = pool.start(s, &target)?;
         // Dropped when this closure returns: the data connections are shut, so their readers end
@@ -655,16 +654,14 @@ fn receive_stream(
     fed.fed = true;
     livemig_wire::write_message(writer, &Message::StreamReady)?;
     stream.set_read_timeout(None).map_err(|source| AgentError::Network { what: "cannot configure the socket".into(), source })?;
-    let counts: Vec<Arc<std::sync::atomic::AtomicU64>> =
-        std::iter::once(Arc::clone(&reader.count)).chain(joined.iter().map(|j| Arc::clone(&j.reader.count))).collect();
-    let data: Vec<(u32, TcpStream, Box<dyn Read + Send>)> = joined.into_iter().map(|j| (j.index, j.stream, Box::new(j.reader) as Box<dyn Read + Send>)).collect();
-    let frames = crate::stream::conns::Ordered::start(link::read_frames(reader, 64), data, connections, crate::stream::conns::REORDER_CAP)?;
+    let counts = arrival::WireCounts::new(&reader.count, &joined);
+    let frames = crate::stream::conns::Ordered::start_joined(link::read_frames(reader, 64), joined, connections)?;
     let w = conn_slot.take().expect("connected");
     let mut writer = link::Writer::spawn(w, None);
     obs.progress(Progress::Phase("rebuilding QEMU's stream into the destination QEMU"));
     let held = crate::stream::receive::Held { disks: &rdisks, snapshot: snapshot.as_ref(), keep: keeper.as_ref().map(crate::stream::keep::Keeper::feed) };
     let r = crate::stream::receive::run(opts, obs, report, qmp, qemu_sock, frames.frames(), &mut writer, held, key);
-    report.wire_bytes = counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    report.wire_bytes = counts.total();
     if let (Ok(()), Some(k)) = (&r, keeper) {
         // The destination runs with the memory the stream carried up to its checked digest.
         let id = report.verification.source_digest.as_deref().and_then(|d| u128::from_str_radix(d, 16).ok());

@@ -290,6 +290,13 @@ impl Ordered {
         Ok(Ordered { rx, _sockets: crate::link::ShutOnDrop(sockets) })
     }
 
+    /// [`Ordered::start`] with the data connections as [`crate::arrival::accept_joins`] gave them,
+    /// holding at most [`REORDER_CAP`] out of order.
+    pub(crate) fn start_joined(first: Receiver<Result<Frame, WireError>>, joined: Vec<crate::arrival::Joined>, n: u32) -> Result<Ordered, AgentError> {
+        let data = joined.into_iter().map(|j| (j.index, j.stream, Box::new(j.reader) as Box<dyn Read + Send>)).collect();
+        Ordered::start(first, data, n, REORDER_CAP)
+    }
+
     /// The frames in order; an error (a connection lost, named, or out of order) ends them.
     pub(crate) fn frames(&self) -> &Receiver<Result<Frame, AgentError>> {
         &self.rx

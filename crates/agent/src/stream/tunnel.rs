@@ -57,7 +57,7 @@ use super::StreamReport;
 use crate::error::AgentError;
 use crate::receive::refuse;
 use crate::holdings;
-use super::conns::{Ordered, Spread, REORDER_CAP};
+use super::conns::{Ordered, Spread};
 use crate::link::{self, Links, Out, Writer};
 use crate::receive::ReceiveOptions;
 use crate::report::Report;
@@ -863,9 +863,8 @@ fn receive_run(
     livemig_wire::write_message(writer, &Message::StreamReady)?;
     stream.set_read_timeout(None).map_err(net)?;
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let counts: Vec<Arc<std::sync::atomic::AtomicU64>> = std::iter::once(Arc::clone(&count)).chain(joined.iter().map(|j| Arc::clone(&j.reader.count))).collect();
-    let data: Vec<(u32, TcpStream, Box<dyn Read + Send>)> = joined.into_iter().map(|j| (j.index, j.stream, Box::new(j.reader) as Box<dyn Read + Send>)).collect();
-    let frames = Ordered::start(read_frames_noting(reader, Arc::clone(&seen)), data, connections, REORDER_CAP)?;
+    let counts = crate::arrival::WireCounts::new(&count, &joined);
+    let frames = Ordered::start_joined(read_frames_noting(reader, Arc::clone(&seen)), joined, connections)?;
     let mut writer = Writer::spawn(conn_slot.take().expect("connected"), None);
     let rp_state = Arc::new(Mutex::new(RpState::default()));
     let rp = spawn_return_path(rp_read, writer.sender(), Arc::clone(&rp_state))
@@ -893,7 +892,7 @@ fn receive_run(
     if let Some(f) = &seen.fallback {
         report.warnings.push(format!("the sender's parser fell back to passing QEMU's stream verbatim (not compacted) from there on: {f}"));
     }
-    report.wire_bytes = counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    report.wire_bytes = counts.total();
     report.destination_state = Some(match (&r, dest.unconfirmed) {
         (Ok(()), false) => "loaded (SHUT 0 on its return path): its owner resumes it".into(),
         (Ok(()), true) => "read the whole stream and closed it; without a return path its load result is unknown".into(),
