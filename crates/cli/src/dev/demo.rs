@@ -195,10 +195,47 @@ fn check_guest(vm: &Vm, passes: usize, dirty: bool) -> anyhow::Result<(Value, bo
         if lines.len() >= passes || lines.iter().any(|l| l.bad > 0) || Instant::now() > deadline {
             let bad: u64 = lines.iter().map(|l| l.bad).sum();
             let ok = lines.len() >= passes && bad == 0;
-            return Ok((json!({"checked": true, "verify_passes": lines.len(), "bad_pages": bad, "bad_lines": vm.bad_lines()}), ok));
+            let mut g = json!({"checked": true, "verify_passes": lines.len(), "bad_pages": bad, "bad_lines": vm.bad_lines()});
+            if lines.len() < passes && bad == 0 {
+                // A guest silent after the switchover: whether its vCPUs still run says whether
+                // it hangs (halted, or spinning in one place) or only its console went quiet.
+                g["silent"] = silent_guest(vm);
+                eprintln!("demo: the {} guest printed {} of {passes} verifier passes in 180 s: {}", vm.name(), lines.len(), g["silent"]);
+            }
+            return Ok((g, ok));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// What a silent guest's QEMU says of it: its run state, its console's last lines, and each
+/// vCPU's instruction pointer and halt state read twice, a second apart.
+fn silent_guest(vm: &Vm) -> Value {
+    let mut qmp = match livemig_qmp::Qmp::connect(&vm.observer_qmp_path(), Duration::from_secs(5)) {
+        Ok(q) => q,
+        Err(e) => return json!({"qmp": e.to_string()}),
+    };
+    let status = qmp.execute("query-status", None).unwrap_or_else(|e| json!(e.to_string()));
+    let mut cpus = Vec::new();
+    for _ in 0..2 {
+        let regs = qmp.execute("human-monitor-command", Some(json!({"command-line": "info registers -a"})));
+        let rips: Vec<String> = match regs {
+            Ok(Value::String(text)) => text
+                .lines()
+                .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("RIP=") || w.starts_with("EIP=")).map(str::to_string).map(|r| {
+                    let hlt = l.contains("HLT=1");
+                    format!("{r}{}", if hlt { " HLT" } else { "" })
+                }))
+                .collect(),
+            Ok(other) => vec![other.to_string()],
+            Err(e) => vec![e.to_string()],
+        };
+        cpus.push(rips);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let console = vm.console();
+    let tail: Vec<&str> = console.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+    json!({"status": status, "rip_then_1s_later": cpus, "console_bytes": console.len(), "console_tail": tail})
 }
 
 fn s(v: &[&str]) -> Vec<String> {
