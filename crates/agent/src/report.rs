@@ -246,6 +246,18 @@ impl Report {
             let qemu = self.qemu_downtime_ms.map(|q| format!(", QEMU's own figure {q:.0} ms")).unwrap_or_default();
             let _ = writeln!(s, "downtime:     {d:.0} ms{pred}{qemu}");
         }
+        if let Some(so) = self.stream.as_ref().and_then(|st| st.switchover.as_ref()) {
+            let fin = so.final_raw_bytes.map(|b| format!(", then QEMU's final pass and device state {:.1} MiB", mib(b))).unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "switchover:   QEMU's downtime-limit {:.0} ms at {:.1} MB/s; {:.1} MiB of its pass left, {:.1} MiB held by the relay ({:.0} ms){fin}",
+                so.qemu_downtime_limit_ms,
+                so.raw_bytes_per_s.unwrap_or(0.0) / 1e6,
+                mib(so.qemu_remaining_bytes),
+                mib(so.relay_queued_bytes),
+                so.queued_ms
+            );
+        }
         let _ = writeln!(s, "guest RAM:    {:.0} MiB", mib(self.ram_bytes));
         let _ = writeln!(
             s,

@@ -547,7 +547,7 @@ fn precopy_and_switchover(
         let throttle_level = throttler.as_ref().map_or(0.0, Throttler::level);
         let (scan, pause) = tracker.scan(&src, &ledger, &qmp, !st.was_running)?;
         let scan_ms = ms(scan.duration);
-        let pending = Pending { index, dirty_pages: scan.dirty.len() as u64, scan_ms };
+        let pending = Pending { index, dirty_pages: scan.dirty.len() as u64, scan_ms, bytes_per_page: None };
         // The final scan in downtime costs what this one did, plus the soft-dirty tracker's full
         // content check.
         let final_cost = Pending { scan_ms: scan_ms + tracker.final_check_ms(), ..pending };
@@ -654,7 +654,7 @@ fn precopy_and_switchover(
         }
     }
     let scan_ms = ms(scan.duration);
-    let pending = Pending { index, dirty_pages: scan.dirty.len() as u64, scan_ms };
+    let pending = Pending { index, dirty_pages: scan.dirty.len() as u64, scan_ms, bytes_per_page: None };
     take_resends(inbox, encoder, &mut forced, total, report)?;
     let mut sent = send_pages(opts, obs, mem, &scan.dirty, &mut forced, &mut ledger, links, encoder, index, auto)?;
     // The destination acknowledges the final pass once applied; pages it could not resolve come

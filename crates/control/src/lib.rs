@@ -32,8 +32,14 @@ pub struct Pending {
     pub index: u32,
     /// Pages the latest scan found dirty.
     pub dirty_pages: u64,
-    /// Time of that scan (a final scan in downtime costs about as much).
+    /// Time of that scan (a final scan in downtime costs about as much); the stream engine: the
+    /// time to drain what its relay holds, which goes before the pending pages.
     pub scan_ms: f64,
+    /// Wire bytes a pending page will cost, where the engine knows better than the recent
+    /// iterations' mean (the stream engine: what its re-sent pages cost, where the iterations
+    /// after the first pass still mix in first-sent cold pages that compress far better).
+    #[serde(default)]
+    pub bytes_per_page: Option<f64>,
 }
 
 /// Bounds set by the operator.
@@ -177,6 +183,7 @@ pub const DEVICE_STATE_ESTIMATE_BYTES: f64 = 512.0 * 1024.0;
 /// no rate was measured yet.
 pub fn predict_downtime_ms(history: &[IterationStats], pending: &Pending, limits: &Limits) -> f64 {
     let (bpp, rate) = link_estimate(history);
+    let bpp = pending.bytes_per_page.unwrap_or(bpp);
     if rate <= 0.0 {
         return f64::INFINITY;
     }
@@ -418,7 +425,7 @@ mod tests {
             // Test data: small non-negative values.
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             let w = (w as f64 * (1.0 - current_throttle(&history))).round() as u64;
-            let pending = Pending { index, dirty_pages: w, scan_ms: 10.0 };
+            let pending = Pending { index, dirty_pages: w, scan_ms: 10.0, bytes_per_page: None };
             let d = c.decide(&history, &pending);
             let stop = !matches!(d, Decision::Continue { .. } | Decision::Throttle { .. });
             if let Decision::Throttle { fraction, .. } = d {
@@ -457,7 +464,7 @@ mod tests {
 
     #[test]
     fn no_rate_yet_means_infinite_prediction() {
-        let p = Pending { index: 0, dirty_pages: 10, scan_ms: 1.0 };
+        let p = Pending { index: 0, dirty_pages: 10, scan_ms: 1.0, bytes_per_page: None };
         assert!(predict_downtime_ms(&[], &p, &Limits::default()).is_infinite());
     }
 

@@ -208,7 +208,7 @@ pub fn simulate(trace: &Trace, policy: &mut dyn DowntimeController, link: LinkMo
     let scan_ms = link.scan_ms;
     let mut throttle = 0.0;
     loop {
-        let pending = Pending { index, dirty_pages: dirty, scan_ms };
+        let pending = Pending { index, dirty_pages: dirty, scan_ms, bytes_per_page: None };
         let decision = policy.decide(&history, &pending);
         match decision {
             Decision::Switchover { .. } => {

@@ -44,4 +44,33 @@ pub struct StreamReport {
     pub switchover_ack_held: bool,
     /// QEMU's own downtime figure (source `query-migrate`).
     pub qemu_downtime_ms: Option<f64>,
+    /// What livemig told QEMU when it released the switchover-ack, and what QEMU then sent.
+    pub switchover: Option<SwitchoverReport>,
+}
+
+/// The stream engine's switchover. QEMU switches over once its pending pages fit its
+/// `downtime-limit` at its bandwidth; the stream the relay holds unacknowledged (QEMU wrote it,
+/// it has not crossed the link) is not in QEMU's check, and goes first in the downtime.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SwitchoverReport {
+    /// QEMU's `remaining` at the release: bytes of dirty pages left in its pass.
+    pub qemu_remaining_bytes: u64,
+    /// Raw stream bytes the relay held unacknowledged at the release.
+    pub relay_queued_bytes: u64,
+    /// Raw stream bytes per second of the final pass, given to QEMU as
+    /// `avail-switchover-bandwidth`: the link's rate at the re-sent pages' raw/wire ratio, at most
+    /// the relay's drain rate over the last 2 s; none measured yet: QEMU's own estimate stays.
+    pub raw_bytes_per_s: Option<f64>,
+    /// Wire bytes per re-sent page (what the controller's prediction priced QEMU's pending
+    /// pages at), once enough pages were re-sent.
+    pub resent_bytes_per_page: Option<f64>,
+    /// The stream the relay holds: its time on the link.
+    pub queued_ms: f64,
+    /// The estimated device state's time on the link.
+    pub device_ms: f64,
+    /// The `downtime-limit` given to QEMU: the maximum less the overhead, the device state and the
+    /// queued stream (at least a quarter of the maximum).
+    pub qemu_downtime_limit_ms: f64,
+    /// Raw stream bytes QEMU wrote from its completion on: its final pass and the device state.
+    pub final_raw_bytes: Option<u64>,
 }

@@ -54,8 +54,10 @@ type Pages = Vec<(u32, Box<[u8; PAGE_SIZE]>)>;
 
 #[derive(Debug, Default)]
 struct WinInner {
-    chunks: VecDeque<(u64, u64, Pages)>,
+    /// Sequence number, raw bytes, wire bytes, pages.
+    chunks: VecDeque<(u64, u64, u64, Pages)>,
     raw: u64,
+    wire: u64,
     acked_raw: u64,
     acked_at: Vec<(Instant, u64)>,
     closed: bool,
@@ -64,7 +66,7 @@ struct WinInner {
     waiting_since: Option<Instant>,
 }
 
-/// Unacknowledged chunks: their raw size and their pages (for resends).
+/// Unacknowledged chunks: their raw and wire sizes and their pages (for resends).
 #[derive(Debug)]
 pub struct Window {
     inner: Mutex<WinInner>,
@@ -90,10 +92,11 @@ impl Window {
         }
     }
 
-    fn insert(&self, seq: u64, raw: u64, pages: Pages) {
+    pub(crate) fn insert(&self, seq: u64, raw: u64, wire: u64, pages: Pages) {
         let mut g = self.lock();
         g.raw += raw;
-        g.chunks.push_back((seq, raw, pages));
+        g.wire += wire;
+        g.chunks.push_back((seq, raw, wire, pages));
         if g.waiting_since.is_none() {
             g.waiting_since = Some(Instant::now());
         }
@@ -103,8 +106,9 @@ impl Window {
     pub fn ack(&self, seq: u64) {
         let mut g = self.lock();
         while g.chunks.front().is_some_and(|c| c.0 <= seq) {
-            let (_, raw, _) = g.chunks.pop_front().expect("front exists");
+            let (_, raw, wire, _) = g.chunks.pop_front().expect("front exists");
             g.raw -= raw;
+            g.wire -= wire;
             g.acked_raw += raw;
         }
         let total = g.acked_raw;
@@ -120,7 +124,7 @@ impl Window {
     pub fn page(&self, seq: u64, item: u32) -> Option<Box<[u8; PAGE_SIZE]>> {
         let g = self.lock();
         let c = g.chunks.iter().find(|c| c.0 == seq)?;
-        c.2.iter().find(|(i, _)| *i == item).map(|(_, p)| p.clone())
+        c.3.iter().find(|(i, _)| *i == item).map(|(_, p)| p.clone())
     }
 
     /// How long unacknowledged chunks have waited with no acknowledgement at all (zero when
@@ -144,6 +148,11 @@ impl Window {
     /// Raw bytes unacknowledged, and the window's limit.
     pub fn fill(&self) -> (u64, u64) {
         (self.lock().raw, self.limit)
+    }
+
+    /// Wire bytes (chunk payloads) unacknowledged.
+    pub fn queued_wire(&self) -> u64 {
+        self.lock().wire
     }
 
     /// Raw bytes the receiver acknowledged in total.
@@ -187,6 +196,12 @@ pub struct RelayStats {
     pub ram_done: bool,
     /// When the source QEMU started its completion (END section or SWITCHOVER_START).
     pub completion_started: Option<Instant>,
+    /// Bytes of the stream read before the completion started (within one read): what follows
+    /// is the final pass and the device state.
+    pub raw_at_completion: Option<u64>,
+    /// The pages QEMU sent again (dirtied after they were sent): a switchover's final pass is
+    /// such pages, and they compress unlike the first pass's.
+    pub resent: ResentStats,
     /// Per-class counts of the encoded pages.
     pub classes: ClassStats,
     /// Slots of the mirrored cache, once known.
@@ -204,6 +219,38 @@ pub struct RelayStats {
     pub parallel_chunks: u64,
     /// The compressor of whole pages: what was chosen, when and why.
     pub compressor: Option<crate::autocomp::CompressorReport>,
+}
+
+/// Pages sent again and what they took.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ResentStats {
+    /// Page records.
+    pub pages: u64,
+    /// Their bytes in QEMU's stream (header and page).
+    pub raw_bytes: u64,
+    /// Their bytes in the chunks (the compacted record).
+    pub wire_bytes: u64,
+}
+
+impl ResentStats {
+    /// What was added since `earlier`.
+    pub fn since(&self, earlier: &ResentStats) -> ResentStats {
+        ResentStats {
+            pages: self.pages - earlier.pages,
+            raw_bytes: self.raw_bytes - earlier.raw_bytes,
+            wire_bytes: self.wire_bytes - earlier.wire_bytes,
+        }
+    }
+}
+
+impl RelayStats {
+    /// The source QEMU started its completion (the first END section or SWITCHOVER_START).
+    fn completion(&mut self) {
+        if self.completion_started.is_none() {
+            self.completion_started = Some(Instant::now());
+            self.raw_at_completion = Some(self.raw_bytes);
+        }
+    }
 }
 
 /// The configuration of the source relay.
@@ -263,6 +310,8 @@ pub fn relay_source(
         queued: None,
         pool,
         pages: Vec::new(),
+        sent: Vec::new(),
+        resent: ResentStats::default(),
         seq: 0,
         hasher: cfg.key.stream_hasher(),
         hashed: 0,
@@ -359,6 +408,9 @@ struct State {
     queued: Option<usize>,
     pool: Pool,
     pages: Pages,
+    /// A bit per guest page: sent before (what is sent again counts in [`RelayStats::resent`]).
+    sent: Vec<u64>,
+    resent: ResentStats,
     seq: u64,
     hasher: Xxh3,
     hashed: u64,
@@ -430,11 +482,13 @@ impl State {
                 self.stats.lock().unwrap_or_else(|e| e.into_inner()).compressor = Some(r);
             }
         }
-        self.window.insert(self.seq, raw, std::mem::take(&mut self.pages));
+        self.window.insert(self.seq, raw, chunk.len() as u64, std::mem::take(&mut self.pages));
         self.seq += 1;
         if let Some(enc) = &self.enc {
             let classes = *read(enc).stats();
-            self.stats().classes = classes;
+            let mut st = self.stats();
+            st.classes = classes;
+            st.resent = self.resent;
         }
         self.out.chunk(chunk.finish())
     }
@@ -470,8 +524,18 @@ impl State {
                         enc.push(slot.page, &slot.data);
                     }
                     let rec = enc.take();
+                    let (header, before) = (fl.bytes[h.clone()].len() as u64, chunk.len() as u64);
                     let item = chunk.page(&fl.bytes[h], &rec);
                     enc.recycle(rec);
+                    if let Some(w) = self.sent.get_mut((slot.page / 64) as usize) {
+                        let bit = 1u64 << (slot.page % 64);
+                        if *w & bit != 0 {
+                            self.resent.pages += 1;
+                            self.resent.raw_bytes += header + PAGE_SIZE as u64;
+                            self.resent.wire_bytes += chunk.len() as u64 - before;
+                        }
+                        *w |= bit;
+                    }
                     self.pages.push((item, slot.data));
                     fl.prepared.push(slot.prepared);
                 }
@@ -491,6 +555,7 @@ impl State {
         }
         let (bases, total) = super::keep::numbering(&self.parser);
         self.bases = bases;
+        self.sent = vec![0; usize::try_from(total.div_ceil(64)).unwrap_or(0)];
         let blocks: Vec<(String, u64)> = self.parser.blocks().iter().map(|b| (b.name.to_string_lossy(), b.used_length)).collect();
         let compressor = self.auto.auto.current();
         let mut enc = Encoder::new(total, EncodeOptions { refs_need_cache: true, compressor, ..self.cfg.encode }, self.cfg.key.clone());
@@ -565,7 +630,7 @@ impl State {
             }
             Event::RamSectionStart { kind, .. } => {
                 if kind == livemig_stream::SectionKind::End {
-                    self.stats().completion_started.get_or_insert_with(Instant::now);
+                    self.stats().completion();
                 }
                 self.encoder()?;
             }
@@ -573,9 +638,7 @@ impl State {
                 self.stats().ram_sections += 1;
                 self.encoder()?;
             }
-            Event::SwitchoverStart => {
-                self.stats().completion_started.get_or_insert_with(Instant::now);
-            }
+            Event::SwitchoverStart => self.stats().completion(),
             Event::RamDone => {
                 self.stats().ram_done = true;
                 self.checkpoint("ram-done".into())?;
@@ -910,6 +973,11 @@ mod tests {
             assert_eq!(classes, st.classes, "{threads} threads: the receiver decoded what the relay encoded");
             assert_eq!(st.pages, 1024 - 128 + 128 + 2);
             assert_eq!(st.classes.pages(), st.pages);
+            // Sent again: the second pass's 128 changed pages, and pages 1 and 3 in the final one
+            // (what prices a switchover's final pass).
+            assert_eq!(st.resent.pages, 128 + 2, "{threads} threads");
+            assert!(st.resent.raw_bytes > 130 * PAGE_SIZE as u64, "{:?}", st.resent);
+            assert!(st.resent.wire_bytes > 0 && st.resent.wire_bytes < st.resent.raw_bytes / 4, "deltas: {:?}", st.resent);
             if threads == 1 {
                 assert_eq!(st.parallel_chunks, 0);
             } else {
@@ -923,8 +991,8 @@ mod tests {
         let w = Window::new(1 << 20);
         let t = Duration::from_millis(50);
         assert!(w.check_progress(t).is_ok(), "nothing unacknowledged");
-        w.insert(0, 100, Vec::new());
-        w.insert(1, 100, Vec::new());
+        w.insert(0, 100, 50, Vec::new());
+        w.insert(1, 100, 50, Vec::new());
         std::thread::sleep(Duration::from_millis(80));
         let e = w.check_progress(t).expect_err("two chunks waited 80 ms");
         assert!(e.chain().contains("no progress within the timeout"), "{}", e.chain());

@@ -487,6 +487,7 @@ fn relay(
         cache_pages: s.cache_pages,
         switchover_ack_held: false,
         qemu_downtime_ms: None,
+        switchover: None,
     });
     if let Some(f) = &s.fallback {
         let w = format!("the stream parser fell back to passing QEMU's stream verbatim (not compacted) from there on: {f}");
