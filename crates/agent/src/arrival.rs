@@ -77,6 +77,9 @@ pub(crate) struct Wait<'a> {
     /// Bound of one connection's handshake.
     pub(crate) handshake_bound: Duration,
     pub(crate) cancel: &'a AtomicBool,
+    /// Set when the sender went away or gave up on its first connection (read while its data
+    /// connections are awaited: [`accept_joins_watching`]).
+    pub(crate) peer_gone: Option<&'a AtomicBool>,
     /// Who is awaited, for messages ("the sender", "the tunnel's sender").
     pub(crate) who: &'a str,
 }
@@ -85,7 +88,7 @@ impl<'a> Wait<'a> {
     /// A wait for `who` with the link's `timeout` and `accept_timeout`; each handshake bounded
     /// by [`HANDSHAKE_BOUND`], or `timeout` if shorter.
     pub(crate) fn new(transport: &'a Transport, (timeout, accept_timeout): (Duration, Duration), cancel: &'a AtomicBool, who: &'a str) -> Self {
-        Wait { transport, timeout, accept_timeout, handshake_bound: HANDSHAKE_BOUND.min(timeout), cancel, who }
+        Wait { transport, timeout, accept_timeout, handshake_bound: HANDSHAKE_BOUND.min(timeout), cancel, peer_gone: None, who }
     }
 }
 
@@ -186,6 +189,71 @@ pub(crate) fn accept_joins(
     Ok(joined)
 }
 
+/// [`accept_joins`] while the sender's first connection is read: a sender that gives up on its
+/// data connections says so there (an `abort`), and that ends the wait at once with its reason,
+/// as does the first connection closing, instead of the link's timeout. A frame that arrives there
+/// otherwise (the sender starts as soon as its own joins are written) is put back: the caller
+/// reads it next.
+pub(crate) fn accept_joins_watching(
+    listener: &TcpListener,
+    w: &Wait<'_>,
+    (token, n): (&str, u32),
+    (first, socket): (&mut Counting<Box<dyn Read + Send>>, &TcpStream),
+    obs: &mut dyn Observer,
+    report: &mut crate::report::Report,
+) -> Result<Vec<Joined>, AgentError> {
+    let gone = AtomicBool::new(false);
+    let inner = &mut first.inner;
+    let (joined, frame) = std::thread::scope(|s| {
+        let watcher = std::thread::Builder::new()
+            .name("livemig-first-conn".into())
+            .spawn_scoped(s, || {
+                let r = livemig_wire::read_frame(inner);
+                let abort = match &r {
+                    Ok(f) => matches!(f.message(), Ok(Message::Abort { .. })),
+                    Err(_) => true,
+                };
+                if abort {
+                    gone.store(true, Ordering::Relaxed);
+                }
+                r
+            })
+            .map_err(|source| AgentError::Network { what: "cannot start the first connection's reader".into(), source })?;
+        let w = Wait { peer_gone: Some(&gone), ..*w };
+        let joined = accept_joins(listener, &w, token, n, obs, report);
+        let joined = match joined {
+            // The wait failed on its own: the watcher's read must end (the sender may still be
+            // told why on the writing half), and the wait's error is the answer.
+            Err(e) if !gone.load(Ordering::Relaxed) => {
+                let _ = socket.shutdown(Shutdown::Read);
+                Err(Some(e))
+            }
+            // The watcher ended it: its frame or error says why.
+            Err(_) => Err(None),
+            Ok(j) => Ok(j),
+        };
+        let frame = watcher.join().map_err(|_| AgentError::Protocol { expected: "a frame".into(), got: "a panic reading it".into() })?;
+        Ok::<_, AgentError>((joined, frame))
+    })?;
+    match (joined, frame) {
+        (Err(Some(e)), _) => Err(e),
+        (_, Ok(f)) if matches!(f.message(), Ok(Message::Abort { .. })) => {
+            let Ok(Message::Abort { reason }) = f.message() else { unreachable!("matched") };
+            Err(AgentError::PeerAborted { peer: "source", reason })
+        }
+        (_, Err(e)) => Err(AgentError::Wire(e)),
+        (Err(None), Ok(f)) => Err(AgentError::Protocol { expected: "an abort".into(), got: format!("a {:?} frame", f.kind) }),
+        (Ok(joined), Ok(f)) => {
+            // Put back in front of the rest of the connection, as it came.
+            let mut bytes = Vec::with_capacity(f.payload.len() + livemig_wire::HEADER_LEN);
+            livemig_wire::write_frame(&mut bytes, f.kind, &f.payload)?;
+            let rest = std::mem::replace(&mut first.inner, Box::new(std::io::empty()));
+            first.inner = Box::new(std::io::Cursor::new(bytes).chain(rest));
+            Ok(joined)
+        }
+    }
+}
+
 /// Equal, compared in time that depends on the lengths only.
 fn equal_secrets(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -274,6 +342,9 @@ fn accept(
         }
         if w.cancel.load(Ordering::Relaxed) {
             break Err(AgentError::Cancelled);
+        }
+        if w.peer_gone.is_some_and(|g| g.load(Ordering::Relaxed)) {
+            break Err(AgentError::Wire(livemig_wire::WireError::Closed));
         }
         match listener.accept() {
             Ok((s, addr)) => {
@@ -404,7 +475,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let c = std::thread::spawn(move || clients(addr));
         let cancel = AtomicBool::new(false);
-        let w = Wait { transport: t, timeout: Duration::from_secs(5), accept_timeout, handshake_bound: bound, cancel: &cancel, who: "the sender" };
+        let w = Wait { transport: t, timeout: Duration::from_secs(5), accept_timeout, handshake_bound: bound, cancel: &cancel, peer_gone: None, who: "the sender" };
         let (mut refused, mut total) = (Vec::new(), 0);
         let arrival = accept_sender(&listener, &w, &mut crate::Quiet, &mut refused, &mut total).map(|mut a| {
             a.writer.write_all(b"ok").unwrap();
@@ -558,6 +629,81 @@ mod tests {
         assert!(all.contains("a join as connection 3 (this migration has 3)"), "{all}");
         assert!(all.contains("TLS handshake"), "{all}");
         assert!(all.contains("a join as a connection that had already joined"), "{all}");
+    }
+
+    /// A sender's first connection (plain TCP): its writing end, and the receiver's reading half
+    /// and socket.
+    fn first_connection() -> (TcpStream, Counting<Box<dyn Read + Send>>, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let reader: Box<dyn Read + Send> = Box::new(server.try_clone().unwrap());
+        (client, Counting { inner: reader, count: Arc::new(AtomicU64::new(0)) }, server)
+    }
+
+    fn watch(first: &mut Counting<Box<dyn Read + Send>>, socket: &TcpStream, listener: &TcpListener, timeout: Duration, n: u32) -> Result<Vec<Joined>, AgentError> {
+        let cancel = AtomicBool::new(false);
+        let t = Transport::Insecure;
+        let w = Wait::new(&t, (timeout, Duration::from_secs(30)), &cancel, "the sender");
+        let mut report = crate::report::Report::default();
+        accept_joins_watching(listener, &w, ("ab", n), (first, socket), &mut crate::Quiet, &mut report)
+    }
+
+    /// While its data connections are awaited, the sender gives up and says so on its first
+    /// connection: the wait ends with its reason (not at the 60 s the wait allows).
+    #[test]
+    fn an_abort_on_the_first_connection_ends_the_wait_for_the_data_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (mut client, mut first, socket) = first_connection();
+        livemig_wire::write_message(&mut client, &Message::Abort { reason: "cannot open connection 2: refused".into() }).unwrap();
+        let e = watch(&mut first, &socket, &listener, Duration::from_secs(60), 3).err().expect("the sender gave up");
+        match e {
+            AgentError::PeerAborted { peer, reason } => {
+                assert_eq!(peer, "source");
+                assert_eq!(reason, "cannot open connection 2: refused");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The first connection closing ends it too.
+        let (client, mut first, socket) = first_connection();
+        drop(client);
+        let e = watch(&mut first, &socket, &listener, Duration::from_secs(60), 3).err().expect("the sender is gone");
+        assert!(matches!(e, AgentError::Wire(_)), "{e:?}");
+    }
+
+    /// The sender's first frame after its joins may come before the receiver has taken the last
+    /// join: it is put back, and read next, byte for byte.
+    #[test]
+    fn a_frame_on_the_first_connection_while_the_joins_arrive_is_read_next() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (mut client, mut first, socket) = first_connection();
+        let (done_tx, done) = mpsc::channel::<()>();
+        let clients = std::thread::spawn(move || {
+            livemig_wire::write_message(&mut client, &Message::StreamReady).unwrap();
+            livemig_wire::write_message(&mut client, &Message::Loaded).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            let one = join(addr, &Transport::Insecure, "ab", 1);
+            done.recv().unwrap();
+            drop((one, client));
+        });
+        let joined = watch(&mut first, &socket, &listener, Duration::from_secs(60), 2).map_err(|e| e.chain()).unwrap();
+        assert_eq!(joined.len(), 1);
+        assert_eq!(livemig_wire::read_message(&mut first).unwrap(), Message::StreamReady);
+        assert_eq!(livemig_wire::read_message(&mut first).unwrap(), Message::Loaded);
+        done_tx.send(()).unwrap();
+        clients.join().unwrap();
+    }
+
+    /// No data connection comes and the first connection stays silent: the wait's own timeout,
+    /// and the first connection's reader does not hold it up.
+    #[test]
+    fn a_silent_sender_without_data_connections_is_the_waits_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (client, mut first, socket) = first_connection();
+        let e = watch(&mut first, &socket, &listener, Duration::from_millis(500), 2).err().expect("nobody joined");
+        assert!(matches!(e, AgentError::Timeout { .. }), "{e:?}");
+        drop(client);
     }
 
     #[test]

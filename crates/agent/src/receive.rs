@@ -335,7 +335,7 @@ fn run(
     report.vm = peer.vm.clone();
     report.disk_images_used = peer.disks_held;
     let (snapshot, _, joined) = plan_and_joins(
-        (&mut reader, writer),
+        (&mut reader, writer, &stream),
         (listener, &wait),
         (peer.join.as_deref(), "from protocol 6"),
         (store.as_ref(), peer.vm.as_ref()),
@@ -561,7 +561,7 @@ fn apply_loop(
 /// secret; `protocol` says from which protocol in the refusal) and accepts its data connections
 /// on `listener`, which is then closed: every later connection is refused by the kernel.
 fn plan_and_joins(
-    (reader, writer): (&mut Counting<Box<dyn Read + Send>>, &mut Box<dyn Write + Send>),
+    (reader, writer, socket): (&mut Counting<Box<dyn Read + Send>>, &mut Box<dyn Write + Send>, &TcpStream),
     (listener, wait): (TcpListener, &arrival::Wait<'_>),
     (join, protocol): (Option<&str>, &str),
     (store, vm): (Option<&SnapshotStore>, Option<&String>),
@@ -587,7 +587,7 @@ fn plan_and_joins(
     let joined = match join.filter(|_| connections > 1) {
         Some(token) => {
             obs.progress(Progress::Phase(&format!("waiting for the sender's {} data connections", connections - 1)));
-            arrival::accept_joins(&listener, wait, token, connections, obs, report).inspect_err(|e| refuse_with(writer, e))?
+            arrival::accept_joins_watching(&listener, wait, (token, connections), (reader, socket), obs, report).inspect_err(|e| refuse_with(writer, e))?
         }
         None => Vec::new(),
     };
@@ -628,7 +628,7 @@ fn receive_stream(
     };
     let (rdisks, join) = crate::stream::receive::welcome_sender(writer, hello, (&opts.disk_images, indexes), (welcome_key, snapshots), report, &who)?;
     let (snapshot, connections, joined) =
-        plan_and_joins((&mut reader, writer), (listener, wait), (join.as_deref(), "with the stream engine from protocol 7"), (store, vm.as_ref()), obs, report)?;
+        plan_and_joins((&mut reader, writer, stream), (listener, wait), (join.as_deref(), "with the stream engine from protocol 7"), (store, vm.as_ref()), obs, report)?;
     let keeper = match (store, &vm) {
         (Some(store), Some(vm)) => Some(crate::stream::keep::Keeper::spawn(store.clone(), vm.clone())?),
         _ => None,

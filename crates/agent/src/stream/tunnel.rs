@@ -839,7 +839,7 @@ fn receive_run(
                     ));
                 };
                 obs.progress(Progress::Phase(&format!("waiting for the tunnel sender's {} data connections", n - 1)));
-                joined = crate::arrival::accept_joins(&listener, &wait, token, n, obs, report).inspect_err(|e| {
+                joined = crate::arrival::accept_joins_watching(&listener, &wait, (token, n), (&mut reader, &stream), obs, report).inspect_err(|e| {
                     let _ = livemig_wire::write_message(writer, &Message::Abort { reason: format!("destination: {}", e.chain()) });
                 })?;
                 connections = n;
