@@ -655,7 +655,7 @@ fn receive_stream(
     livemig_wire::write_message(writer, &Message::StreamReady)?;
     stream.set_read_timeout(None).map_err(|source| AgentError::Network { what: "cannot configure the socket".into(), source })?;
     let counts = arrival::WireCounts::new(&reader.count, &joined);
-    let frames = crate::stream::conns::Ordered::start_joined(link::read_frames(reader, 64), joined, connections)?;
+    let frames = crate::stream::conns::Ordered::start_joined(link::read_frames(reader, 64), joined, connections, opts.timeout)?;
     let w = conn_slot.take().expect("connected");
     let mut writer = link::Writer::spawn(w, None);
     obs.progress(Progress::Phase("rebuilding QEMU's stream into the destination QEMU"));

@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Read;
 use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use livemig_wire::{Frame, FrameKind, Message, WireError};
@@ -126,6 +127,10 @@ pub(crate) struct Reorder {
     /// Payload bytes held (`early` and `first`).
     bytes: usize,
     cap: usize,
+    /// When each connection's last frame came (or the start).
+    last_seen: Vec<Instant>,
+    /// Since when frames are held waiting for an earlier one.
+    held_since: Option<Instant>,
 }
 
 fn size(f: &Frame) -> usize {
@@ -144,7 +149,51 @@ fn seq_of(f: &Frame) -> Option<u64> {
 impl Reorder {
     /// For `n` connections, holding at most `cap` bytes out of order.
     pub(crate) fn new(n: u32, cap: usize) -> Reorder {
-        Reorder { n, next: 0, early: BTreeMap::new(), first: VecDeque::new(), numbered: None, barrier: 0, bytes: 0, cap }
+        let now = Instant::now();
+        Reorder {
+            n,
+            next: 0,
+            early: BTreeMap::new(),
+            first: VecDeque::new(),
+            numbered: None,
+            barrier: 0,
+            bytes: 0,
+            cap,
+            last_seen: vec![now; n.max(1) as usize],
+            held_since: None,
+        }
+    }
+
+    fn seen(&mut self, conn: u32) {
+        if let Some(t) = self.last_seen.get_mut(conn as usize) {
+            *t = Instant::now();
+        }
+    }
+
+    /// A connection that stalled: frames have waited `limit` for an earlier one, and the
+    /// connection silent the longest has sent nothing for as long (it holds the one due).
+    pub(crate) fn stalled(&self, now: Instant, limit: Duration) -> Option<AgentError> {
+        let since = self.held_since?;
+        if now.duration_since(since) < limit {
+            return None;
+        }
+        let (index, last) = self.last_seen.iter().enumerate().min_by_key(|(_, t)| **t)?;
+        if now.duration_since(*last) < limit {
+            return None;
+        }
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        Some(AgentError::DataConnection {
+            index,
+            of: self.n,
+            source: Box::new(AgentError::Timeout {
+                what: format!(
+                    "connection {index}, silent while chunk {} was due and {} later frames were held (the connection stalled)",
+                    self.next,
+                    self.early.len() + self.first.len()
+                ),
+                secs: now.duration_since(*last).as_secs_f64(),
+            }),
+        })
     }
 
     fn hold(&mut self, f: &Frame) -> Result<(), AgentError> {
@@ -184,6 +233,7 @@ impl Reorder {
             out.push(f);
             return Ok(());
         }
+        self.seen(0);
         self.hold(&f)?;
         self.first.push_back(f);
         self.drain(out)
@@ -191,6 +241,7 @@ impl Reorder {
 
     /// A frame from data connection `conn` (chunks only, or an abort).
     pub(crate) fn on_data(&mut self, conn: u32, f: Frame, out: &mut Vec<Frame>) -> Result<(), AgentError> {
+        self.seen(conn);
         if is_abort(&f) {
             out.push(f);
             return Ok(());
@@ -211,6 +262,16 @@ impl Reorder {
     }
 
     fn drain(&mut self, out: &mut Vec<Frame>) -> Result<(), AgentError> {
+        let r = self.drain_due(out);
+        if self.early.is_empty() && self.first.is_empty() {
+            self.held_since = None;
+        } else if self.held_since.is_none() {
+            self.held_since = Some(Instant::now());
+        }
+        r
+    }
+
+    fn drain_due(&mut self, out: &mut Vec<Frame>) -> Result<(), AgentError> {
         loop {
             while let Some(f) = self.early.remove(&self.next) {
                 self.bytes -= size(&f);
@@ -260,12 +321,13 @@ pub(crate) struct Ordered {
 impl Ordered {
     /// Starts putting in order the frames of the first connection (`first`, read by a thread of
     /// the caller's) and of the data connections (their number, socket and reading half, past
-    /// the `join`), `n` in all, holding at most `cap` bytes out of order.
+    /// the `join`), `n` in all, holding at most `cap` bytes out of order; a connection that
+    /// holds up the others for `stall` fails, named.
     pub(crate) fn start(
         first: Receiver<Result<Frame, WireError>>,
         data: Vec<(u32, TcpStream, Box<dyn Read + Send>)>,
         n: u32,
-        cap: usize,
+        (cap, stall): (usize, Duration),
     ) -> Result<Ordered, AgentError> {
         let (data_tx, data_rx) = bounded::<(u32, Result<Frame, WireError>)>(16);
         let mut sockets = Vec::new();
@@ -286,15 +348,20 @@ impl Ordered {
         }
         drop(data_tx);
         let (tx, rx) = bounded(64);
-        std::thread::Builder::new().name("livemig-order".into()).spawn(move || order(&first, &data_rx, n, cap, &tx)).map_err(spawn_err)?;
+        std::thread::Builder::new().name("livemig-order".into()).spawn(move || order(&first, &data_rx, n, (cap, stall), &tx)).map_err(spawn_err)?;
         Ok(Ordered { rx, _sockets: crate::link::ShutOnDrop(sockets) })
     }
 
     /// [`Ordered::start`] with the data connections as [`crate::arrival::accept_joins`] gave them,
-    /// holding at most [`REORDER_CAP`] out of order.
-    pub(crate) fn start_joined(first: Receiver<Result<Frame, WireError>>, joined: Vec<crate::arrival::Joined>, n: u32) -> Result<Ordered, AgentError> {
+    /// holding at most [`REORDER_CAP`] out of order, a stall bounded by the link's `timeout`.
+    pub(crate) fn start_joined(
+        first: Receiver<Result<Frame, WireError>>,
+        joined: Vec<crate::arrival::Joined>,
+        n: u32,
+        timeout: Duration,
+    ) -> Result<Ordered, AgentError> {
         let data = joined.into_iter().map(|j| (j.index, j.stream, Box::new(j.reader) as Box<dyn Read + Send>)).collect();
-        Ordered::start(first, data, n, REORDER_CAP)
+        Ordered::start(first, data, n, (REORDER_CAP, timeout))
     }
 
     /// The frames in order; an error (a connection lost, named, or out of order) ends them.
@@ -307,10 +374,12 @@ fn order(
     first: &Receiver<Result<Frame, WireError>>,
     data: &Receiver<(u32, Result<Frame, WireError>)>,
     n: u32,
-    cap: usize,
+    (cap, stall): (usize, Duration),
     tx: &Sender<Result<Frame, AgentError>>,
 ) {
     let mut r = Reorder::new(n, cap);
+    // How often a stall is looked for.
+    let tick = (stall / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut out = Vec::new();
     // With no data connections, `data` is disconnected at once: not selected then.
     let mut data_open = n > 1;
@@ -330,6 +399,7 @@ fn order(
                         Ok(())
                     }
                 },
+                default(tick) => r.stalled(Instant::now(), stall).map_or(Ok(()), Err),
             }
         } else {
             match first.recv() {

@@ -865,7 +865,7 @@ fn receive_run(
     stream.set_read_timeout(None).map_err(net)?;
     let seen = Arc::new(Mutex::new(Seen::default()));
     let counts = crate::arrival::WireCounts::new(&count, &joined);
-    let frames = Ordered::start_joined(read_frames_noting(reader, Arc::clone(&seen)), joined, connections)?;
+    let frames = Ordered::start_joined(read_frames_noting(reader, Arc::clone(&seen)), joined, connections, opts.timeout)?;
     let mut writer = Writer::spawn(conn_slot.take().expect("connected"), None);
     let rp_state = Arc::new(Mutex::new(RpState::default()));
     let rp = spawn_return_path(rp_read, writer.sender(), Arc::clone(&rp_state))

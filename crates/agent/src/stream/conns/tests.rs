@@ -131,6 +131,11 @@ fn tcp_pair() -> (TcpStream, TcpStream) {
 
 /// Sets up `n` real TCP connections into an [`Ordered`] with `cap`: the senders' ends.
 fn ordered(n: u32, cap: usize) -> (Vec<TcpStream>, Ordered) {
+    ordered_stalling(n, cap, Duration::from_secs(3600))
+}
+
+/// [`ordered`], a connection that holds up the others failing after `stall`.
+fn ordered_stalling(n: u32, cap: usize, stall: Duration) -> (Vec<TcpStream>, Ordered) {
     let mut senders = Vec::new();
     let mut first = None;
     let mut data = Vec::new();
@@ -144,7 +149,7 @@ fn ordered(n: u32, cap: usize) -> (Vec<TcpStream>, Ordered) {
             data.push((i, b, Box::new(reader) as Box<dyn Read + Send>));
         }
     }
-    (senders, Ordered::start(first.unwrap(), data, n, cap).unwrap())
+    (senders, Ordered::start(first.unwrap(), data, n, (cap, stall)).unwrap())
 }
 
 fn write(s: &mut TcpStream, f: &Frame) {
@@ -196,6 +201,22 @@ fn a_data_connection_lost_ends_the_frames_with_an_error_naming_it() {
     assert!(e.chain().starts_with("data connection 2 of 3 failed"), "{}", e.chain());
 }
 
+/// Over real connections, a data connection that stalls (open, silent) while the chunks after
+/// its own wait: the frames end with an error naming it, after the limit.
+#[test]
+fn over_real_connections_a_stalled_data_connection_is_named() {
+    let (mut s, o) = ordered_stalling(3, REORDER_CAP, Duration::from_millis(300));
+    write(&mut s[0], &chunk(0, 10));
+    write(&mut s[2], &chunk(2, 10));
+    write(&mut s[0], &chunk(3, 10));
+    let f = o.frames().recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
+    assert_eq!(what(&f), "chunk 0");
+    let e = o.frames().recv_timeout(Duration::from_secs(20)).expect("an end").expect_err("an error, not chunk 1");
+    assert!(matches!(e, AgentError::DataConnection { index: 1, of: 3, .. }), "{e:?}");
+    assert!(e.chain().contains("the connection stalled") && e.chain().contains("chunk 1 was due"), "{}", e.chain());
+    drop(s);
+}
+
 /// A sender that sends far ahead over a data connection while the first chunk never comes is
 /// stopped at the cap, with an error that says so, over real connections too.
 #[test]
@@ -213,4 +234,32 @@ fn over_real_connections_a_sender_past_the_cap_fails_the_migration() {
     assert!(e.chain().contains("reorder buffer's cap") && e.chain().contains("1 MiB"), "{}", e.chain());
     drop(o);
     let _ = writer.join();
+}
+
+/// A connection that stalls (silent, not closed) while later chunks wait for the one it holds
+/// is named once the wait passes the limit; a wait that ends in time names nobody.
+#[test]
+fn a_stalled_connection_is_named_once_the_others_wait_past_the_limit() {
+    let mut r = Reorder::new(3, 1 << 20);
+    let mut out = Vec::new();
+    std::thread::sleep(Duration::from_millis(30));
+    // The first connection speaks (a message due at once), connection 2 sends chunk 1; chunk 0
+    // is connection 1's, which says nothing.
+    r.on_first(control(&Message::StreamReady), &mut out).unwrap();
+    r.on_data(2, chunk(1, 10), &mut out).unwrap();
+    assert_eq!(out.len(), 1, "only the message is due");
+    assert!(r.stalled(Instant::now(), Duration::from_secs(60)).is_none(), "within the limit");
+    let later = Instant::now() + Duration::from_millis(50);
+    let e = r.stalled(later, Duration::from_millis(40)).expect("held past the limit");
+    match &e {
+        AgentError::DataConnection { index, of, source } => {
+            assert_eq!((*index, *of), (1, 3), "{e:?}");
+            let why = source.to_string();
+            assert!(why.contains("chunk 0 was due") && why.contains("1 later frames"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Chunk 0 comes: nothing is held, nobody stalled.
+    r.on_data(1, chunk(0, 10), &mut out).unwrap();
+    assert!(r.stalled(Instant::now() + Duration::from_secs(3600), Duration::from_millis(40)).is_none());
 }
