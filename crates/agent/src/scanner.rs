@@ -13,13 +13,16 @@ use crate::throttle;
 /// The tracker an operator asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrackerKind {
-    /// Soft-dirty where the kernel proves it tracks, else content.
+    /// The content tracker: soft-dirty is used only when asked for (see [`SOFT_DIRTY_CAVEAT`]).
     Auto,
     /// Hash every page every iteration.
     Content,
     /// Soft-dirty bits of the QEMU process; refused where the kernel does not track them.
     SoftDirty,
 }
+
+/// Why `auto` does not choose the soft-dirty tracker, said whenever it is asked for.
+pub const SOFT_DIRTY_CAVEAT: &str = "the soft-dirty tracker is experimental: in the KVM lane (nested KVM on an emulated host) its destination guest hung right after the switchover in 2 of 4 runs on 2026-12-07 (memory digests equal, its only vCPU spinning at one address, nothing on its console), where the content tracker and the stream engine did not; the cause is not known, so `--tracker auto` uses the content tracker";
 
 /// The tracker in use.
 pub(crate) enum Scanner {
@@ -81,20 +84,17 @@ fn merge_missed(bits: &[u64], full: &[u64]) -> (Vec<u64>, Vec<u64>) {
 }
 
 impl Scanner {
-    /// The tracker for `kind`; with `Auto`, a refused soft-dirty falls back to content and the
-    /// reason is returned for the log.
+    /// The tracker for `kind`, and a note for the log and the report's warnings: the caveat of
+    /// the soft-dirty tracker when it is used.
     pub(crate) fn new(kind: TrackerKind, mem: &GuestMemory, threads: usize) -> Result<(Scanner, Option<String>), AgentError> {
         let content = ContentTracker::new(threads);
         match kind {
             TrackerKind::Content => Ok((Scanner::Content(content), None)),
             TrackerKind::SoftDirty => match soft_dirty_for(mem) {
-                Ok(sd) => Ok((Scanner::SoftDirty { sd: Box::new(sd), content, full_scan_ms: 0.0 }, None)),
+                Ok(sd) => Ok((Scanner::SoftDirty { sd: Box::new(sd), content, full_scan_ms: 0.0 }, Some(SOFT_DIRTY_CAVEAT.to_string()))),
                 Err(e) => Err(AgentError::SoftDirty(e)),
             },
-            TrackerKind::Auto => match soft_dirty_for(mem) {
-                Ok(sd) => Ok((Scanner::SoftDirty { sd: Box::new(sd), content, full_scan_ms: 0.0 }, None)),
-                Err(e) => Ok((Scanner::Content(content), Some(format!("soft-dirty tracker not usable ({e}): using the content tracker")))),
-            },
+            TrackerKind::Auto => Ok((Scanner::Content(content), None)),
         }
     }
 

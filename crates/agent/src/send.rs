@@ -379,10 +379,10 @@ fn run(opts: &SendOptions, obs: &mut dyn Observer, report: &mut Report, st: &mut
     // The tracker proves itself before anything is sent.
     let threads = opts.threads.clamp(1, crate::pipeline::MAX_THREADS);
     report.threads = Some(threads);
-    let (mut tracker, fallback) = Scanner::new(opts.tracker, &mem, threads)?;
-    if let Some(why) = fallback {
-        obs.progress(Progress::Phase(&why));
-        report.warnings.push(why);
+    let (mut tracker, note) = Scanner::new(opts.tracker, &mem, threads)?;
+    if let Some(note) = note {
+        obs.progress(Progress::Phase(&format!("WARNING: {note}")));
+        report.warnings.push(note);
     }
     report.tracker = tracker.name().into();
     st.qmp()

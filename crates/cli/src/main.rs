@@ -158,9 +158,10 @@ pub(crate) struct SendArgs {
     /// state. `auto`: stream where this QEMU allows it, else shared; the report says which and why.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     engine: EngineArg,
-    /// Dirty-page tracker of the shared engine: `soft-dirty` reads the QEMU process's soft-dirty bits (Linux with
-    /// CONFIG_MEM_SOFT_DIRTY; a self-test refuses it elsewhere), `content` hashes every page,
-    /// `auto` uses soft-dirty where the self-test passes, else content.
+    /// Dirty-page tracker of the shared engine: `content` hashes every page; `soft-dirty` reads
+    /// the QEMU process's soft-dirty bits (Linux with CONFIG_MEM_SOFT_DIRTY; a self-test refuses
+    /// it elsewhere), experimental: on KVM in the lane its destination guest hung after 2 of 4
+    /// switchovers, cause unknown; `auto` is content.
     #[arg(long, value_enum, default_value_t = TrackerArg::Auto)]
     tracker: TrackerArg,
     /// Most threads the shared engine's tracker and page encoder, or the stream engine's page encoder, use (1-64; default: every

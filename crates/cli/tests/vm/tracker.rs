@@ -1,7 +1,8 @@
-//! The soft-dirty tracker (issue 7): used only where the kernel proves it tracks soft-dirty
-//! pages. On a kernel that does (Debian's cloud kernel), `--tracker soft-dirty` migrates with a
-//! short pause per iteration; on one that does not (this machine's), it is refused before
-//! anything is sent, and `--tracker auto` falls back to the content tracker and says so.
+//! The soft-dirty tracker (issue 7): used only when asked for, and only where the kernel proves
+//! it tracks soft-dirty pages. On a kernel that does (Debian's cloud kernel), `--tracker
+//! soft-dirty` migrates with a short pause per iteration and says it is experimental; on one that
+//! does not (this machine's), it is refused before anything is sent. `--tracker auto` (the
+//! default) is the content tracker either way.
 
 use livemig_track::softdirty::SoftDirty;
 
@@ -16,12 +17,15 @@ fn soft_dirty_is_used_only_where_the_kernel_proves_it() {
         Ok(()) => {
             m.assert_completed();
             assert_eq!(m.send_report["tracker"], "soft-dirty");
+            assert!(m.send_report["warnings"].to_string().contains("the soft-dirty tracker is experimental"), "{:#}", m.send_report);
             let iterations = m.send_report["iterations"].as_array().unwrap();
             assert!(
                 iterations.iter().skip(1).filter(|i| i["last"] == false).all(|i| i["tracker_pause_ms"].as_f64().is_some()),
                 "every scan after the first pauses the guest, and says how long: {iterations:#?}"
             );
             pair.assert_destination_guest_verifies(3);
+            drop(pair);
+            auto_is_content(&Pair::start("softdirty-auto", harness::dirty_guest(16, 5), |d| d));
         }
         Err(e) => {
             assert_eq!(m.send_code, 1, "{}", m.send_stderr);
@@ -30,13 +34,18 @@ fn soft_dirty_is_used_only_where_the_kernel_proves_it() {
             assert_eq!(pair.status_of_source(), "running");
             pair.assert_source_guest_still_verifies(1);
             pair.restart_destination();
-            let auto = Migration::run(&pair, &["--tracker", "auto"], &[]);
-            auto.assert_completed();
-            assert_eq!(auto.send_report["tracker"], "content");
-            let warnings = auto.send_report["warnings"].to_string();
-            assert!(warnings.contains("soft-dirty tracker not usable"), "{warnings}");
-            assert!(auto.send_stderr.contains("using the content tracker"), "{}", auto.send_stderr);
-            pair.assert_destination_guest_verifies(3);
+            auto_is_content(&pair);
         }
     }
+}
+
+/// `auto` is the content tracker, whatever the kernel can do (the soft-dirty tracker is
+/// experimental: `scanner::SOFT_DIRTY_CAVEAT`), and says nothing of soft-dirty.
+fn auto_is_content(pair: &Pair) {
+    let auto = Migration::run(pair, &["--tracker", "auto"], &[]);
+    auto.assert_completed();
+    assert_eq!(auto.send_report["tracker"], "content");
+    let warnings = auto.send_report["warnings"].to_string();
+    assert!(!warnings.contains("soft-dirty"), "{warnings}");
+    pair.assert_destination_guest_verifies(3);
 }
