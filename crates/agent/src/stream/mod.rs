@@ -61,8 +61,8 @@ pub struct SwitchoverReport {
     /// `avail-switchover-bandwidth`: the link's rate at the re-sent pages' raw/wire ratio, at most
     /// the relay's drain rate over the last 2 s; none measured yet: QEMU's own estimate stays.
     pub raw_bytes_per_s: Option<f64>,
-    /// Wire bytes per re-sent page (what the controller's prediction priced QEMU's pending
-    /// pages at), once enough pages were re-sent.
+    /// Wire bytes per re-sent page: what the controller's prediction priced QEMU's pending pages
+    /// at (a whole page until 64 pages were re-sent).
     pub resent_bytes_per_page: Option<f64>,
     /// The stream the relay holds: its time on the link.
     pub queued_ms: f64,

@@ -665,12 +665,6 @@ fn steer(
             }
             continue;
         }
-        // An iteration is QEMU's own: it ends when QEMU synced its dirty bitmap again, at least
-        // MIN_ITERATION after the last one. Never a slice of a pass: while QEMU's first pass
-        // over RAM crawls through a slow link its `remaining` shrinks as it goes, which is not a
-        // working set shrinking (a switchover decided on that in the KVM lane, mid first pass);
-        // and QEMU, spinning on syncs while the switchover-ack is held or its own check fails,
-        // must not run the iteration cap down in seconds.
         // The working set: QEMU's largest dirty set in the iteration. `remaining` is largest
         // right after a sync and shrinks as QEMU's pass goes on, while the guest dirties pages
         // again that the pass's final sync will find: a switchover's final pass holds those
@@ -678,6 +672,12 @@ fn steer(
         // decision said 11-14).
         let remaining = info.remaining.unwrap_or(0);
         peak_remaining = peak_remaining.max(remaining);
+        // An iteration is QEMU's own: it ends when QEMU synced its dirty bitmap again, at least
+        // MIN_ITERATION after the last one. Never a slice of a pass: while QEMU's first pass
+        // over RAM crawls through a slow link its `remaining` shrinks as it goes, which is not a
+        // working set shrinking (a switchover decided on that in the KVM lane, mid first pass);
+        // and QEMU, spinning on syncs while the switchover-ack is held or its own check fails,
+        // must not run the iteration cap down in seconds.
         let sync = info.dirty_sync_count.unwrap_or(0);
         if sync == last_sync || (index > 0 && mark_t.elapsed() < MIN_ITERATION) {
             if sync == last_sync && last_pass_note.elapsed() >= PASS_NOTE {
