@@ -63,6 +63,8 @@ for tracker in "$@"; do
     for f in source.qemu.log destination.qemu.log; do cp "/tmp/demo-$t/$f" "$LANE_OUT/$t-$f" 2>/dev/null || true; done
     if [ $r != 0 ]; then
         # Why a QEMU went away is in its own log: on the console, so a failed test shows it.
+        echo "--- $t: the guest's modules (where its code is)"
+        grep LIVEMIG-MODULE "/tmp/demo-$t/source.console.log" 2>/dev/null
         for f in source.qemu.log destination.qemu.log source.console.log destination.console.log; do
             echo "--- $t: $f (last 30 lines)"
             tail -30 "/tmp/demo-$t/$f" 2>/dev/null

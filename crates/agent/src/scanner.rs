@@ -22,7 +22,7 @@ pub enum TrackerKind {
 }
 
 /// Why `auto` does not choose the soft-dirty tracker, said whenever it is asked for.
-pub const SOFT_DIRTY_CAVEAT: &str = "the soft-dirty tracker is experimental: in the KVM lane (nested KVM on an emulated host) its destination guest hung right after the switchover in 2 of 4 runs on 2026-12-07 (memory digests equal, its only vCPU spinning at one address, nothing on its console), where the content tracker and the stream engine did not; the cause is not known, so `--tracker auto` uses the content tracker";
+pub const SOFT_DIRTY_CAVEAT: &str = "the soft-dirty tracker is experimental: in the KVM lane (nested KVM on an emulated host) its destination guest hung right after the switchover in 2 of 11 runs on 2026-12-07 (memory digests equal, its only vCPU spinning at one address, nothing on its console), the content tracker in none of 10; the cause is not known, so `--tracker auto` uses the content tracker";
 
 /// The tracker in use.
 pub(crate) enum Scanner {

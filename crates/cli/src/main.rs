@@ -160,7 +160,7 @@ pub(crate) struct SendArgs {
     engine: EngineArg,
     /// Dirty-page tracker of the shared engine: `content` hashes every page; `soft-dirty` reads
     /// the QEMU process's soft-dirty bits (Linux with CONFIG_MEM_SOFT_DIRTY; a self-test refuses
-    /// it elsewhere), experimental: on KVM in the lane its destination guest hung after 2 of 4
+    /// it elsewhere), experimental: on KVM in the lane its destination guest hung after 2 of 11
     /// switchovers, cause unknown; `auto` is content.
     #[arg(long, value_enum, default_value_t = TrackerArg::Auto)]
     tracker: TrackerArg,

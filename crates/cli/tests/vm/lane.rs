@@ -6,7 +6,7 @@
 //! guest's verifier found no bad page after the switchover.
 //!
 //! The soft-dirty tracker is not run here: it is experimental and not chosen by `auto`, because
-//! its destination guest hung right after the switchover in 2 of 4 lane runs on 2026-12-07
+//! its destination guest hung right after the switchover in 2 of 11 lane runs on 2026-12-07
 //! (`scanner::SOFT_DIRTY_CAVEAT`, docs/FAILURES.md "Known gaps"). `bash lane/run lane/tests.sh
 //! soft-dirty` runs it.
 
