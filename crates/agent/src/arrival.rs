@@ -209,11 +209,7 @@ pub(crate) fn accept_joins_watching(
             .name("livemig-first-conn".into())
             .spawn_scoped(s, || {
                 let r = livemig_wire::read_frame(inner);
-                let abort = match &r {
-                    Ok(f) => matches!(f.message(), Ok(Message::Abort { .. })),
-                    Err(_) => true,
-                };
-                if abort {
+                if r.as_ref().map_or(true, |f| link::abort_reason(f).is_some()) {
                     gone.store(true, Ordering::Relaxed);
                 }
                 r
@@ -235,15 +231,16 @@ pub(crate) fn accept_joins_watching(
         let frame = watcher.join().map_err(|_| AgentError::Protocol { expected: "a frame".into(), got: "a panic reading it".into() })?;
         Ok::<_, AgentError>((joined, frame))
     })?;
-    match (joined, frame) {
-        (Err(Some(e)), _) => Err(e),
-        (_, Ok(f)) if matches!(f.message(), Ok(Message::Abort { .. })) => {
-            let Ok(Message::Abort { reason }) = f.message() else { unreachable!("matched") };
-            Err(AgentError::PeerAborted { peer: "source", reason })
-        }
-        (_, Err(e)) => Err(AgentError::Wire(e)),
-        (Err(None), Ok(f)) => Err(AgentError::Protocol { expected: "an abort".into(), got: format!("a {:?} frame", f.kind) }),
-        (Ok(joined), Ok(f)) => {
+    let (joined, f) = match (joined, frame) {
+        (Err(Some(e)), _) => return Err(e),
+        (_, Err(e)) => return Err(AgentError::Wire(e)),
+        (joined, Ok(f)) => (joined, f),
+    };
+    match (link::abort_reason(&f), joined) {
+        (Some(reason), _) => Err(AgentError::PeerAborted { peer: "source", reason }),
+        // The watcher ends the wait only with an abort or an error.
+        (None, Err(_)) => Err(AgentError::Protocol { expected: "an abort".into(), got: format!("a {:?} frame", f.kind) }),
+        (None, Ok(joined)) => {
             // Put back in front of the rest of the connection, as it came.
             let mut bytes = Vec::with_capacity(f.payload.len() + livemig_wire::HEADER_LEN);
             livemig_wire::write_frame(&mut bytes, f.kind, &f.payload)?;

@@ -413,6 +413,14 @@ impl Inbox {
     }
 }
 
+/// The reason of an `abort` frame; `None` for any other frame.
+pub(crate) fn abort_reason(f: &Frame) -> Option<String> {
+    match f.message() {
+        Ok(Message::Abort { reason }) => Some(reason),
+        _ => None,
+    }
+}
+
 /// The sockets of a migration's data connections, shut down when dropped, so the threads
 /// reading them end (the receiver's `apply::DataConnections` and `stream::conns::Ordered`).
 #[derive(Debug, Default)]

@@ -137,10 +137,6 @@ fn size(f: &Frame) -> usize {
     f.payload.len() + livemig_wire::HEADER_LEN
 }
 
-fn is_abort(f: &Frame) -> bool {
-    f.kind == FrameKind::Control && matches!(f.message(), Ok(Message::Abort { .. }))
-}
-
 /// The sequence number of a chunk frame.
 fn seq_of(f: &Frame) -> Option<u64> {
     (f.kind == FrameKind::Stream).then(|| chunk_seq(&f.payload)).flatten()
@@ -228,7 +224,7 @@ impl Reorder {
     /// A frame from the first connection; `out` gets what is due now.
     pub(crate) fn on_first(&mut self, f: Frame, out: &mut Vec<Frame>) -> Result<(), AgentError> {
         let resend = f.kind == FrameKind::Stream && chunk_seq(&f.payload).is_none();
-        if resend || is_abort(&f) {
+        if resend || crate::link::abort_reason(&f).is_some() {
             // Answers and aborts have no place in the order: at once.
             out.push(f);
             return Ok(());
@@ -242,7 +238,7 @@ impl Reorder {
     /// A frame from data connection `conn` (chunks only, or an abort).
     pub(crate) fn on_data(&mut self, conn: u32, f: Frame, out: &mut Vec<Frame>) -> Result<(), AgentError> {
         self.seen(conn);
-        if is_abort(&f) {
+        if crate::link::abort_reason(&f).is_some() {
             out.push(f);
             return Ok(());
         }
