@@ -63,7 +63,7 @@ pub struct SwitchoverReport {
     pub raw_bytes_per_s: Option<f64>,
     /// Wire bytes per re-sent page: what the controller's prediction priced QEMU's pending pages
     /// at (a whole page until 64 pages were re-sent).
-    pub resent_bytes_per_page: Option<f64>,
+    pub resent_bytes_per_page: f64,
     /// The stream the relay holds: its time on the link.
     pub queued_ms: f64,
     /// The estimated device state's time on the link.

@@ -80,7 +80,7 @@ struct Costs {
     /// The estimated device state's time on the link.
     device_ms: f64,
     /// Wire bytes per re-sent page ([`WHOLE_PAGE_RECORD`] until enough were re-sent).
-    bytes_per_page: Option<f64>,
+    bytes_per_page: f64,
     /// Raw stream bytes per second of the final pass: the link's rate at the re-sent pages'
     /// raw/wire ratio, at most the relay's drain rate; the drain rate alone before any re-send.
     raw_rate: Option<f64>,
@@ -100,7 +100,7 @@ impl Costs {
         // first pass's compaction says nothing of a hot working set's (a switchover decided
         // right after the first pass took 1.47 s where 0.62 was predicted at its ratio).
         let (wire, raw) = resent.map_or((WHOLE_PAGE_RECORD, WHOLE_PAGE_RECORD), |r| (r.wire_bytes as f64 / r.pages as f64, r.raw_bytes as f64 / r.pages as f64));
-        let bytes_per_page = Some(wire);
+        let bytes_per_page = wire;
         let raw_rate = if link > 0.0 && wire > 0.0 {
             let rate = link * raw / wire;
             Some(drain.map_or(rate, |d| rate.min(d)))
@@ -736,7 +736,7 @@ fn steer(
             index: index + 1,
             dirty_pages: wws,
             scan_ms: costs.queued_ms,
-            bytes_per_page: costs.bytes_per_page,
+            bytes_per_page: Some(costs.bytes_per_page),
         };
         let decision = controller.decide(&history, &pending);
         let record = IterationRecord::new(stats_it, &decision, controller.fit(), false);
@@ -849,7 +849,7 @@ mod tests {
         assert_eq!(c.queued_raw, 8_000_000);
         assert!((c.queued_ms - 4000.0).abs() < 1e-6, "{c:?}");
         assert!((c.device_ms - livemig_control::DEVICE_STATE_ESTIMATE_BYTES / 1e3).abs() < 1e-6, "{c:?}");
-        assert_eq!(c.bytes_per_page, Some(4000.0));
+        assert_eq!(c.bytes_per_page, 4000.0);
         let raw = c.raw_rate.unwrap();
         assert!((raw - 1.025e6).abs() < 1.0, "no drain measured: the link at the re-sent ratio: {c:?}");
 
@@ -867,7 +867,7 @@ mod tests {
         assert!((c.raw_rate.unwrap() - drain).abs() < 1.0, "{c:?}");
         // Nothing re-sent yet: pages at their whole size, so the link's rate is the raw rate.
         let c = Costs::now(&w, 1e6, None);
-        assert_eq!(c.bytes_per_page, Some(WHOLE_PAGE_RECORD));
+        assert_eq!(c.bytes_per_page, WHOLE_PAGE_RECORD);
         assert_eq!(c.raw_rate, Some(1e6));
         // No link rate yet: the drain rate prices the device state and is QEMU's rate.
         let c = Costs::now(&w, 0.0, None);

@@ -217,7 +217,10 @@ fn silent_guest(vm: &Vm) -> Value {
     };
     let status = qmp.execute("query-status", None).unwrap_or_else(|e| json!(e.to_string()));
     let mut cpus = Vec::new();
-    for _ in 0..2 {
+    for i in 0..2 {
+        if i > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
         let regs = qmp.execute("human-monitor-command", Some(json!({"command-line": "info registers -a"})));
         let rips: Vec<String> = match regs {
             Ok(Value::String(text)) => text
@@ -231,7 +234,6 @@ fn silent_guest(vm: &Vm) -> Value {
             Err(e) => vec![e.to_string()],
         };
         cpus.push(rips);
-        std::thread::sleep(Duration::from_secs(1));
     }
     let console = vm.console();
     let tail: Vec<&str> = console.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
