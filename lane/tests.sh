@@ -52,6 +52,19 @@ for tracker in "$@"; do
             --workdir "/tmp/demo-$t" --report "$LANE_OUT/$t.json" >"$LANE_OUT/$t.log" 2>&1
         r=$?
     fi
+    # A source QEMU that went away before any switchover, its guest's console showing nothing
+    # wrong (a reset under -no-reboot exits QEMU quietly: seen on 2026-12-06 with the stream
+    # engine and 2026-12-07 with the content tracker, in iteration 0, while livemig only read the
+    # guest's memory), failed in L1, not in livemig: once more, said.
+    if [ $r != 0 ] && grep -q "the source QEMU is gone" "$LANE_OUT/$t.log" && ! grep -q "switchover: pausing\|releasing the switchover-ack" "$LANE_OUT/$t.log"; then
+        echo "LANE-RETRY tracker=$t: the source QEMU went away before the switchover (its log and console follow); running it once more"
+        cat "$LANE_OUT/$t.log"
+        tail -5 "/tmp/demo-$t/source.qemu.log" "/tmp/demo-$t/source.console.log" 2>/dev/null
+        rm -rf "/tmp/demo-$t"
+        livemig-dev demo --scenario dirty --rate 4 --max-downtime 10s --mem-mib 256 $how \
+            --workdir "/tmp/demo-$t" --report "$LANE_OUT/$t.json" >"$LANE_OUT/$t.log" 2>&1
+        r=$?
+    fi
     kill $sampler 2>/dev/null
     cat "$LANE_OUT/$t.log"
     echo "LANE-TEST end tracker=$t rc=$r"
